@@ -1,0 +1,7 @@
+//! `redis-connector`: not built yet; see the tracker. It will consume its source through
+//! connector-sdk and invoke the functions subscribed to each topic.
+
+fn main() {
+    eprintln!("redis-connector is not implemented yet");
+    std::process::exit(2);
+}
