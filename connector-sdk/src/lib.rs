@@ -1,5 +1,44 @@
 //! connector-sdk: the delivery core every connector stands on.
+//!
+//! A connector consumes an event source and hands each event to the SDK as a [`Message`].
+//! The SDK finds the functions subscribed to its topic, invokes each through an
+//! OpenFaaS-compatible gateway with retries and dead letters, and tells the connector, per
+//! message, whether to acknowledge it. The connector never has to decide what a response
+//! means.
+//!
+//! Modules:
+//! - [`config`]: figment layering (defaults, TOML, environment), the shared `[connector]`
+//!   section [`SdkConfig`], OpenFaaS variable names.
+//! - [`topic_map`]: the topic → functions map, built from the gateway, swapped atomically.
+//! - [`gateway`]: the gateway client (`/system/*`, invocation headers, keep-alive pool).
+//! - [`verdict`] and [`backoff`]: what a response means; how long to wait before retrying.
+//! - [`dispatcher`]: fan-out, attempts, ordering lanes, `max_inflight` backpressure.
+//! - [`dead_letter`]: the sink each connector implements, with provenance.
+//! - [`message`]: [`Message`] in, [`MessageOutcome`] and [`Disposition`] out.
+//! - [`response`]: bounded response subscribers; the OpenFaaS print options.
+//! - [`metrics`] and [`server`]: `connector_` metrics, `/metrics`, `/healthz`, `/readyz`.
+//! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
+//!
+//! See `examples/timer_connector.rs` for a complete connector built on the public API.
 
 pub mod backoff;
 pub mod config;
+pub mod dead_letter;
+pub mod dispatcher;
+pub mod error;
+pub mod gateway;
+pub mod message;
+pub mod metrics;
+pub mod response;
+pub mod runtime;
+pub mod server;
+pub mod topic_map;
 pub mod verdict;
+
+pub use config::SdkConfig;
+pub use dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
+pub use dispatcher::{Completion, Dispatcher};
+pub use error::SdkError;
+pub use runtime::{Runtime, SourceContext};
+pub use message::{DeliveryOutcome, Disposition, Message, MessageOutcome};
+pub use topic_map::{FunctionRef, TopicMap, TopicMapHandle};

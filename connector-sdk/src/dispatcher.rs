@@ -1,0 +1,630 @@
+//! The dispatcher: from a message to one delivery per subscribed function, each with its
+//! own attempts, and back to one [`MessageOutcome`] the source turns into its ack.
+//!
+//! Life of a message:
+//!
+//! 1. [`Dispatcher::submit`] looks the topic up in the current topic map. No subscriber:
+//!    the outcome is ready at once (acknowledge; counted as `unmatched`).
+//! 2. It waits for in-flight permits, one per delivery (at most `max_inflight` in all).
+//!    This wait is the backpressure: a source awaiting `submit` is not pulling.
+//! 3. With `ordering = "key"`, the message queues behind the previous message with the
+//!    same key and starts only when that one is complete. Other keys run in parallel.
+//! 4. Each delivery invokes its function until the verdict is terminal: delivered, dropped,
+//!    dead-lettered (at once on a non-retryable status, or after `max_attempts`), or held
+//!    (dead-lettering impossible and `on_exhausted = "block"`). Retries wait an
+//!    exponential backoff with full jitter, at least `Retry-After`. A delivery that
+//!    succeeded is never repeated because a sibling is retrying.
+//! 5. When every delivery is terminal the [`Completion`] resolves. The dispatcher never
+//!    acknowledges anything itself.
+//!
+//! Shutdown has two steps. [`Dispatcher::drain`]: no new attempt starts (waiting retries
+//! and queued messages are released), running invocations go on. [`Dispatcher::abort`]:
+//! running invocations are cancelled and released.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::future::join_all;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::config::{OnExhausted, Ordering, SdkConfig};
+use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RESPONSE_EXCERPT_BYTES};
+use crate::error::SdkError;
+use crate::gateway::{GatewayClient, InvokeError};
+use crate::message::{
+    DeliveryOutcome, DeliveryReport, Disposition, InvocationResponse, Message, MessageOutcome,
+};
+use crate::metrics::{Metrics, status_class};
+use crate::response::{InvocationResult, Subscribers};
+use crate::topic_map::{FunctionRef, TopicMap, TopicMapHandle};
+use crate::verdict::{StatusClasses, Verdict};
+
+/// Finds the functions for a topic in a topic map. The default is exact match; the NATS
+/// connector matches subjects against wildcard topics.
+pub type Matcher = Arc<dyn Fn(&TopicMap, &str) -> Arc<[FunctionRef]> + Send + Sync>;
+
+/// How many times writing one dead letter is tried before the delivery is held.
+const DEAD_LETTER_WRITE_TRIES: u32 = 3;
+
+#[derive(Debug, Clone)]
+struct Policy {
+    max_attempts: u32,
+    backoff: Backoff,
+    status: StatusClasses,
+    on_exhausted: OnExhausted,
+    print_request_body: bool,
+}
+
+/// Hands messages to functions. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("available_permits", &self.inner.permits.available_permits())
+            .field("max_inflight", &self.inner.max_inflight)
+            .finish()
+    }
+}
+
+struct Inner {
+    gateway: GatewayClient,
+    topics: TopicMapHandle,
+    matcher: Option<Matcher>,
+    permits: Arc<Semaphore>,
+    max_inflight: usize,
+    ordered: bool,
+    lanes: Mutex<HashMap<Bytes, Lane>>,
+    next_lane_id: AtomicU64,
+    policy: Policy,
+    dead_letters: Option<Arc<dyn DeadLetterSink>>,
+    subscribers: Subscribers,
+    metrics: Metrics,
+    drain: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// The tail of one ordering lane: the last message queued with a key, and how to learn
+/// that it completed.
+struct Lane {
+    id: u64,
+    done: oneshot::Receiver<()>,
+}
+
+/// Builds a [`Dispatcher`].
+pub struct DispatcherBuilder {
+    gateway: GatewayClient,
+    topics: TopicMapHandle,
+    metrics: Metrics,
+    max_inflight: usize,
+    ordering: Ordering,
+    policy: Policy,
+    matcher: Option<Matcher>,
+    dead_letters: Option<Arc<dyn DeadLetterSink>>,
+    subscribers: Subscribers,
+}
+
+impl DispatcherBuilder {
+    /// Dead letters go to `sink`. Without one, a delivery that fails for good is held (or
+    /// dropped with `on_exhausted = "drop"`).
+    pub fn dead_letters(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
+        self.dead_letters = Some(sink);
+        self
+    }
+
+    /// Every invocation result is offered to `subscribers`.
+    pub fn subscribers(mut self, subscribers: Subscribers) -> Self {
+        self.subscribers = subscribers;
+        self
+    }
+
+    /// Topics are matched with `matcher` instead of exactly.
+    pub fn matcher(mut self, matcher: Matcher) -> Self {
+        self.matcher = Some(matcher);
+        self
+    }
+
+    /// Overrides the configured ordering (a connector whose source has no keys).
+    pub fn ordering(mut self, ordering: Ordering) -> Self {
+        self.ordering = ordering;
+        self
+    }
+
+    /// The dispatcher.
+    pub fn build(self) -> Dispatcher {
+        Dispatcher {
+            inner: Arc::new(Inner {
+                gateway: self.gateway,
+                topics: self.topics,
+                matcher: self.matcher,
+                permits: Arc::new(Semaphore::new(self.max_inflight)),
+                max_inflight: self.max_inflight,
+                ordered: self.ordering != Ordering::None,
+                lanes: Mutex::new(HashMap::new()),
+                next_lane_id: AtomicU64::new(0),
+                policy: self.policy,
+                dead_letters: self.dead_letters,
+                subscribers: self.subscribers,
+                metrics: self.metrics,
+                drain: CancellationToken::new(),
+                abort: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+}
+
+impl Dispatcher {
+    /// A builder invoking through `gateway`, routing with `topics`, configured by `config`
+    /// (`max_inflight`, `max_attempts`, `backoff`, `status`, `on_exhausted`, `ordering`).
+    pub fn builder(
+        gateway: GatewayClient,
+        topics: TopicMapHandle,
+        config: &SdkConfig,
+        metrics: Metrics,
+    ) -> DispatcherBuilder {
+        DispatcherBuilder {
+            gateway,
+            topics,
+            metrics,
+            max_inflight: config.max_inflight.clamp(1, Semaphore::MAX_PERMITS),
+            ordering: config.ordering,
+            policy: Policy {
+                max_attempts: config.max_attempts.max(1),
+                backoff: config.backoff,
+                status: config.status.clone(),
+                on_exhausted: config.on_exhausted,
+                print_request_body: config.print_request_body,
+            },
+            matcher: None,
+            dead_letters: None,
+            subscribers: Subscribers::default(),
+        }
+    }
+
+    /// The functions `topic` is delivered to right now.
+    pub fn functions_for(&self, topic: &str) -> Arc<[FunctionRef]> {
+        let map = self.inner.topics.current();
+        match &self.inner.matcher {
+            Some(matcher) => matcher(&map, topic),
+            None => map.lookup(topic).cloned().unwrap_or_else(|| Arc::new([])),
+        }
+    }
+
+    /// Starts delivering `message`, once there is room (this wait is the backpressure).
+    /// The returned [`Completion`] resolves when every delivery is terminal. Fails only
+    /// when the dispatcher is draining. Cancel-safe: dropping the future before it resolves
+    /// delivers nothing.
+    pub async fn submit(&self, message: Message) -> Result<Completion, SdkError> {
+        let functions = self.functions_for(&message.topic);
+        let (tx, rx) = oneshot::channel();
+        let completion = Completion { rx };
+        if functions.is_empty() {
+            tracing::debug!(topic = %message.topic, ce_id = %message.id, "no function subscribes to this topic");
+            self.inner.metrics.message_finished("unmatched");
+            let _ = tx.send(MessageOutcome {
+                id: message.id,
+                deliveries: Vec::new(),
+                interrupted: false,
+            });
+            return Ok(completion);
+        }
+        let wanted = functions.len().min(self.inner.max_inflight);
+        let permits = self
+            .inner
+            .permits
+            .clone()
+            .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| SdkError::DispatcherClosed)?;
+        let previous = self.enter_lane(&message);
+        let inner = self.inner.clone();
+        self.inner.tracker.spawn(async move {
+            let (outcome, lane) = inner.run(message, functions, permits, previous).await;
+            let disposition = match outcome.disposition() {
+                Disposition::Ack => "ack",
+                Disposition::Hold => "hold",
+                Disposition::Release => "release",
+            };
+            inner.metrics.message_finished(disposition);
+            let _ = tx.send(outcome);
+            if let Some((key, id, done)) = lane {
+                let _ = done.send(());
+                inner.leave_lane(&key, id);
+            }
+        });
+        Ok(completion)
+    }
+
+    /// Joins the message's lane, returning the lane entry to wait on and what to signal.
+    fn enter_lane(&self, message: &Message) -> Option<LaneTicket> {
+        if !self.inner.ordered {
+            return None;
+        }
+        let key = message.ordering_key.clone()?;
+        let id = self.inner.next_lane_id.fetch_add(1, AtomicOrdering::Relaxed);
+        let (done_tx, done_rx) = oneshot::channel();
+        let previous = match self.inner.lanes.lock() {
+            Ok(mut lanes) => lanes.insert(key.clone(), Lane { id, done: done_rx }),
+            // A panic elsewhere while holding the lock; ordering cannot be kept, but
+            // delivery can.
+            Err(_) => None,
+        };
+        Some(LaneTicket {
+            key,
+            id,
+            done: done_tx,
+            previous: previous.map(|lane| lane.done),
+        })
+    }
+
+    /// Stops starting new attempts: waiting retries and queued messages are released,
+    /// `submit` fails from now on; running invocations continue.
+    pub fn drain(&self) {
+        self.inner.drain.cancel();
+        self.inner.permits.close();
+    }
+
+    /// Cancels running invocations; their messages are released.
+    pub fn abort(&self) {
+        self.drain();
+        self.inner.abort.cancel();
+    }
+
+    /// Waits until every submitted message is complete. Call after [`drain`](Self::drain).
+    pub async fn wait_idle(&self) {
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+        self.inner.tracker.reopen();
+    }
+
+    /// Deliveries that may start right now before `submit` waits.
+    pub fn available_permits(&self) -> usize {
+        self.inner.permits.available_permits()
+    }
+
+    /// The metrics this dispatcher updates.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+}
+
+struct LaneTicket {
+    key: Bytes,
+    id: u64,
+    done: oneshot::Sender<()>,
+    previous: Option<oneshot::Receiver<()>>,
+}
+
+impl Inner {
+    async fn run(
+        self: &Arc<Self>,
+        message: Message,
+        functions: Arc<[FunctionRef]>,
+        mut permits: OwnedSemaphorePermit,
+        lane: Option<LaneTicket>,
+    ) -> (MessageOutcome, Option<(Bytes, u64, oneshot::Sender<()>)>) {
+        let (previous, lane) = match lane {
+            Some(t) => (t.previous, Some((t.key, t.id, t.done))),
+            None => (None, None),
+        };
+        if let Some(previous) = previous {
+            tokio::select! {
+                // An error means the previous message's task ended without signalling,
+                // which only happens if it is gone: it is complete either way.
+                _ = previous => {}
+                () = self.drain.cancelled() => {}
+            }
+        }
+        let message = Arc::new(message);
+        let mut own: Vec<OwnedSemaphorePermit> = Vec::with_capacity(functions.len());
+        while permits.num_permits() > 1 {
+            match permits.split(1) {
+                Some(p) => own.push(p),
+                None => break,
+            }
+        }
+        own.push(permits);
+        let deliveries = functions.iter().map(|function| {
+            let permit = own.pop();
+            self.deliver(message.clone(), function.clone(), permit)
+        });
+        let deliveries = join_all(deliveries).await;
+        (
+            MessageOutcome {
+                id: message.id.clone(),
+                deliveries,
+                interrupted: false,
+            },
+            lane,
+        )
+    }
+
+    fn leave_lane(&self, key: &Bytes, id: u64) {
+        if let Ok(mut lanes) = self.lanes.lock() {
+            if lanes.get(key).is_some_and(|lane| lane.id == id) {
+                lanes.remove(key);
+            }
+        }
+    }
+
+    async fn deliver(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        function: FunctionRef,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> DeliveryReport {
+        let span = tracing::info_span!(
+            "delivery",
+            function = %function,
+            topic = %message.topic,
+            ce_id = %message.id,
+        );
+        let report = async {
+            let _permit = match permit {
+                Some(p) => p,
+                None => {
+                    tokio::select! {
+                        p = self.permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return released(&function, 0),
+                        },
+                        () = self.drain.cancelled() => return released(&function, 0),
+                    }
+                }
+            };
+            self.metrics.inflight().inc();
+            let report = self.attempts(&message, &function).await;
+            self.metrics.inflight().dec();
+            report
+        }
+        .instrument(span)
+        .await;
+        self.metrics.delivery_finished(&function, report.outcome);
+        report
+    }
+
+    async fn attempts(&self, message: &Arc<Message>, function: &FunctionRef) -> DeliveryReport {
+        let policy = &self.policy;
+        let mut attempt = message.prior_attempts;
+        let mut local = 0u32;
+        let mut first_failure: Option<SystemTime> = None;
+        loop {
+            if self.drain.is_cancelled() {
+                return released(function, local);
+            }
+            attempt = attempt.saturating_add(1);
+            local += 1;
+            if policy.print_request_body {
+                tracing::info!(
+                    attempt,
+                    body = %String::from_utf8_lossy(&message.payload),
+                    "invoking"
+                );
+            }
+            let started = Instant::now();
+            let result = tokio::select! {
+                biased;
+                () = self.abort.cancelled() => return released(function, local),
+                r = self.gateway.invoke(function, message, attempt) => r,
+            };
+            let took = started.elapsed();
+            let (verdict, response, error) = match result {
+                Ok(resp) => {
+                    self.metrics
+                        .invoked(function, status_class(resp.status), took);
+                    let verdict =
+                        policy
+                            .status
+                            .classify(resp.status, &resp.headers, SystemTime::now());
+                    (verdict, Some(Arc::new(resp)), None)
+                }
+                Err(e) => {
+                    let class = match e {
+                        InvokeError::Timeout(_) => "timeout",
+                        InvokeError::Transport(_) => "error",
+                    };
+                    self.metrics.invoked(function, class, took);
+                    (
+                        policy.status.classify_transport_error(),
+                        None,
+                        Some(e.to_string()),
+                    )
+                }
+            };
+            self.subscribers.publish(
+                InvocationResult {
+                    topic: message.topic.clone(),
+                    message_id: message.id.clone(),
+                    function: function.clone(),
+                    attempt,
+                    duration: took,
+                    response: response.clone(),
+                    error: error.clone(),
+                },
+                &self.metrics,
+            );
+            let report = |outcome| DeliveryReport {
+                function: function.clone(),
+                outcome,
+                attempts: local,
+                response: response.clone(),
+                error: error.clone(),
+            };
+            match verdict {
+                Verdict::Delivered => return report(DeliveryOutcome::Delivered),
+                Verdict::Drop => {
+                    tracing::info!(status = ?response.as_ref().map(|r| r.status.as_u16()), "dropped by status");
+                    return report(DeliveryOutcome::Dropped);
+                }
+                Verdict::DeadLetter => {
+                    let now = SystemTime::now();
+                    let outcome = self
+                        .dead_letter(
+                            message,
+                            function,
+                            DeadLetterReason::Rejected,
+                            attempt,
+                            (first_failure.unwrap_or(now), now),
+                            response.as_deref(),
+                            error.as_deref(),
+                        )
+                        .await;
+                    return report(outcome);
+                }
+                Verdict::Retry { retry_after } => {
+                    let now = SystemTime::now();
+                    let first = *first_failure.get_or_insert(now);
+                    if attempt >= policy.max_attempts {
+                        let outcome = self
+                            .dead_letter(
+                                message,
+                                function,
+                                DeadLetterReason::Exhausted,
+                                attempt,
+                                (first, now),
+                                response.as_deref(),
+                                error.as_deref(),
+                            )
+                            .await;
+                        return report(outcome);
+                    }
+                    let delay = policy.backoff.delay_with_hint(local, retry_after);
+                    self.metrics.retried(function);
+                    tracing::debug!(
+                        attempt,
+                        status = ?response.as_ref().map(|r| r.status.as_u16()),
+                        error = error.as_deref().unwrap_or(""),
+                        retry_in = ?delay,
+                        "attempt failed; will retry"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.drain.cancelled() => return report(DeliveryOutcome::Released),
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn dead_letter(
+        &self,
+        message: &Arc<Message>,
+        function: &FunctionRef,
+        reason: DeadLetterReason,
+        attempts: u32,
+        (first_failure, last_failure): (SystemTime, SystemTime),
+        response: Option<&InvocationResponse>,
+        error: Option<&str>,
+    ) -> DeliveryOutcome {
+        let status = response.map(|r| r.status.as_u16());
+        let give_up = |why: &str| {
+            let outcome = match self.policy.on_exhausted {
+                OnExhausted::Block => DeliveryOutcome::Held,
+                OnExhausted::Drop => DeliveryOutcome::Dropped,
+            };
+            tracing::error!(
+                reason = reason.as_str(),
+                status,
+                attempts,
+                outcome = outcome.as_str(),
+                "delivery failed for good and {why}"
+            );
+            outcome
+        };
+        let Some(sink) = &self.dead_letters else {
+            return give_up("no dead-letter destination is configured");
+        };
+        let letter = DeadLetter {
+            message: message.clone(),
+            function: function.clone(),
+            reason,
+            status,
+            error: error.map(str::to_owned),
+            response_excerpt: response
+                .map(|r| r.body.slice(..r.body.len().min(RESPONSE_EXCERPT_BYTES)))
+                .unwrap_or_default(),
+            attempts,
+            first_failure,
+            last_failure,
+        };
+        let mut failures = self.policy.backoff.attempts();
+        for try_number in 1..=DEAD_LETTER_WRITE_TRIES {
+            let written = tokio::select! {
+                biased;
+                () = self.abort.cancelled() => return DeliveryOutcome::Released,
+                r = sink.write(&letter) => r,
+            };
+            match written {
+                Ok(()) => {
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        status,
+                        attempts,
+                        "dead-lettered"
+                    );
+                    return DeliveryOutcome::DeadLettered;
+                }
+                Err(e) => {
+                    self.metrics.dead_letter_failed(function);
+                    tracing::warn!(error = %e, try_number, "writing the dead letter failed");
+                    if try_number < DEAD_LETTER_WRITE_TRIES {
+                        tokio::select! {
+                            () = tokio::time::sleep(failures.next_delay()) => {}
+                            () = self.drain.cancelled() => return DeliveryOutcome::Released,
+                        }
+                    }
+                }
+            }
+        }
+        give_up("writing the dead letter failed")
+    }
+}
+
+fn released(function: &FunctionRef, attempts: u32) -> DeliveryReport {
+    DeliveryReport {
+        function: function.clone(),
+        outcome: DeliveryOutcome::Released,
+        attempts,
+        response: None,
+        error: None,
+    }
+}
+
+/// Resolves to the [`MessageOutcome`] of a submitted message once all its deliveries are
+/// terminal.
+#[derive(Debug)]
+pub struct Completion {
+    rx: oneshot::Receiver<MessageOutcome>,
+}
+
+impl Future for Completion {
+    type Output = MessageOutcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<MessageOutcome> {
+        Pin::new(&mut self.rx).poll(cx).map(|result| {
+            // The task only drops the sender without sending if it was torn down (runtime
+            // shutdown, panic): the message must go back to the broker.
+            result.unwrap_or_else(|_| MessageOutcome {
+                id: String::new(),
+                deliveries: Vec::new(),
+                interrupted: true,
+            })
+        })
+    }
+}

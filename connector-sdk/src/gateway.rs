@@ -1,0 +1,463 @@
+//! The gateway client: the `/system/*` calls that build the topic map, and function
+//! invocation. One `reqwest` client with a keep-alive pool serves both.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::header::{CONTENT_TYPE, USER_AGENT};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use reqwest::Url;
+
+use crate::config::{SdkConfig, Secret};
+use crate::error::SdkError;
+use crate::message::{InvocationResponse, Message};
+use crate::topic_map::{FunctionRef, FunctionStatus};
+
+/// How much of a response body is read; the rest is discarded. Functions answering more
+/// than this to a connector are almost certainly not meant to be read whole.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Gateway credentials for `/system/*`.
+#[derive(Clone, Debug)]
+pub struct BasicAuth {
+    /// User name.
+    pub user: String,
+    /// Password (never logged).
+    pub password: Secret,
+}
+
+impl BasicAuth {
+    /// The credentials `config` asks for: none unless `basic_auth`; then
+    /// `gateway_username`/`gateway_password` if set, else the files `basic-auth-user` and
+    /// `basic-auth-password` in `secret_mount_path` (trimmed, as OpenFaaS reads them).
+    pub fn from_config(config: &SdkConfig) -> Result<Option<Self>, SdkError> {
+        if !config.basic_auth {
+            return Ok(None);
+        }
+        if let (Some(user), Some(password)) = (&config.gateway_username, &config.gateway_password)
+        {
+            return Ok(Some(Self {
+                user: user.clone(),
+                password: password.clone(),
+            }));
+        }
+        let read = |file: &str| {
+            let path = config.secret_mount_path.join(file);
+            std::fs::read_to_string(&path)
+                .map(|s| s.trim().to_owned())
+                .map_err(|source| SdkError::Credentials { path, source })
+        };
+        Ok(Some(Self {
+            user: read("basic-auth-user")?,
+            password: Secret::new(read("basic-auth-password")?),
+        }))
+    }
+}
+
+/// Why an invocation got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// No answer within `upstream_timeout`.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// Connection refused, reset, DNS, TLS, or the body could not be read.
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// Talks to an OpenFaaS-compatible gateway.
+#[derive(Clone, Debug)]
+pub struct GatewayClient {
+    http: reqwest::Client,
+    base: String,
+    auth: Option<BasicAuth>,
+    timeout: Duration,
+    asynchronous: bool,
+    callback_url: Option<HeaderValue>,
+    content_type: Option<HeaderValue>,
+    connector: HeaderValue,
+    user_agent: HeaderValue,
+}
+
+static X_TOPIC: HeaderName = HeaderName::from_static("x-topic");
+static X_CONNECTOR: HeaderName = HeaderName::from_static("x-connector");
+static X_DELIVERY_ATTEMPT: HeaderName = HeaderName::from_static("x-delivery-attempt");
+static X_CALLBACK_URL: HeaderName = HeaderName::from_static("x-callback-url");
+static CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+static CE_ID: HeaderName = HeaderName::from_static("ce-id");
+static CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
+static CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
+static CE_TIME: HeaderName = HeaderName::from_static("ce-time");
+static CE_SUBJECT: HeaderName = HeaderName::from_static("ce-subject");
+
+impl GatewayClient {
+    /// A client for `config.gateway_url`, identifying itself as `connector` (the binary
+    /// name, sent as `X-Connector` and in `User-Agent`).
+    pub fn new(connector: &str, config: &SdkConfig) -> Result<Self, SdkError> {
+        let header = |key: &'static str, v: &str| {
+            HeaderValue::from_str(v).map_err(|_| SdkError::InvalidHeader { key })
+        };
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .connect_timeout(config.upstream_timeout.min(Duration::from_secs(10)))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| SdkError::HttpClient(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: config.gateway_url.trim_end_matches('/').to_owned(),
+            auth: BasicAuth::from_config(config)?,
+            timeout: config.upstream_timeout,
+            asynchronous: config.asynchronous_invocation,
+            callback_url: config
+                .callback_url
+                .as_deref()
+                .map(|v| header("callback_url", v))
+                .transpose()?,
+            content_type: config
+                .content_type
+                .as_deref()
+                .map(|v| header("content_type", v))
+                .transpose()?,
+            connector: header("connector", connector)?,
+            user_agent: header(
+                "connector",
+                &format!("{connector}/{}", env!("CARGO_PKG_VERSION")),
+            )?,
+        })
+    }
+
+    /// The gateway's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn system(&self, path: &str) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .timeout(self.timeout)
+            .header(USER_AGENT, self.user_agent.clone());
+        if let Some(auth) = &self.auth {
+            req = req.basic_auth(&auth.user, Some(auth.password.expose()));
+        }
+        req
+    }
+
+    /// `GET /system/namespaces`. A gateway without namespace support (404) lists none.
+    pub async fn list_namespaces(&self) -> Result<Vec<String>, SdkError> {
+        let url = "/system/namespaces";
+        let resp = self
+            .system(url)
+            .send()
+            .await
+            .map_err(|e| SdkError::ListFunctions {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => return Ok(Vec::new()),
+            s if s.is_success() => {}
+            s => return Err(status_error(url, s)),
+        }
+        let body = resp.bytes().await.map_err(|e| SdkError::ListFunctions {
+            url: url.into(),
+            reason: e.to_string(),
+        })?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Vec::new());
+        }
+        let namespaces: Option<Vec<String>> =
+            serde_json::from_slice(&body).map_err(|e| SdkError::ListFunctions {
+                url: url.into(),
+                reason: format!("malformed JSON: {e}"),
+            })?;
+        Ok(namespaces.unwrap_or_default())
+    }
+
+    /// `GET /system/functions[?namespace=NS]`.
+    pub async fn list_functions(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<Vec<FunctionStatus>, SdkError> {
+        let url = match namespace {
+            Some(ns) => format!("/system/functions?namespace={}", encode(ns)),
+            None => "/system/functions".to_owned(),
+        };
+        let resp = self
+            .system(&url)
+            .send()
+            .await
+            .map_err(|e| SdkError::ListFunctions {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        if !resp.status().is_success() {
+            return Err(status_error(&url, resp.status()));
+        }
+        let body = resp.bytes().await.map_err(|e| SdkError::ListFunctions {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut functions: Vec<FunctionStatus> =
+            serde_json::from_slice::<Option<Vec<FunctionStatus>>>(&body)
+                .map_err(|e| SdkError::ListFunctions {
+                    url: url.clone(),
+                    reason: format!("malformed JSON: {e}"),
+                })?
+                .unwrap_or_default();
+        if let Some(ns) = namespace {
+            for f in &mut functions {
+                if f.namespace.as_deref().is_none_or(str::is_empty) {
+                    f.namespace = Some(ns.to_owned());
+                }
+            }
+        }
+        Ok(functions)
+    }
+
+    /// Every function of every namespace; a gateway that lists no namespaces is asked
+    /// once without one.
+    pub async fn list_all_functions(&self) -> Result<Vec<FunctionStatus>, SdkError> {
+        let namespaces = self.list_namespaces().await?;
+        if namespaces.is_empty() {
+            return self.list_functions(None).await;
+        }
+        let mut all = Vec::new();
+        for ns in &namespaces {
+            all.extend(self.list_functions(Some(ns)).await?);
+        }
+        Ok(all)
+    }
+
+    /// Whether invocations go to `/async-function/`.
+    pub fn is_asynchronous(&self) -> bool {
+        self.asynchronous
+    }
+
+    /// The headers of one invocation of `function` with `message`, attempt number
+    /// `attempt` (1-based, counting the broker's earlier deliveries).
+    pub fn invocation_headers(&self, message: &Message, attempt: u32) -> HeaderMap {
+        let mut headers = message.headers.clone();
+        let mut set = |name: &HeaderName, value: HeaderValue| {
+            headers.insert(name.clone(), value);
+        };
+        if let Some(v) = header_value(&message.topic) {
+            set(&X_TOPIC, v);
+        }
+        set(&X_CONNECTOR, self.connector.clone());
+        set(&USER_AGENT, self.user_agent.clone());
+        if let Some(ct) = self.content_type.as_ref().or(message.content_type.as_ref()) {
+            set(&CONTENT_TYPE, ct.clone());
+        }
+        set(&X_DELIVERY_ATTEMPT, HeaderValue::from(attempt));
+        set(&CE_SPECVERSION, HeaderValue::from_static("1.0"));
+        if let Some(v) = header_value(&message.id) {
+            set(&CE_ID, v);
+        }
+        if let Some(v) = header_value(&message.source) {
+            set(&CE_SOURCE, v);
+        }
+        let event_type = match &message.event_type {
+            Some(t) => header_value(t),
+            None => header_value(&format!("{}.message", self.connector.to_str().unwrap_or(""))),
+        };
+        if let Some(v) = event_type {
+            set(&CE_TYPE, v);
+        }
+        let time = message.time.unwrap_or_else(SystemTime::now);
+        if let Some(v) = header_value(&humantime::format_rfc3339_millis(time).to_string()) {
+            set(&CE_TIME, v);
+        }
+        if let Some(v) = message.subject.as_deref().and_then(header_value) {
+            set(&CE_SUBJECT, v);
+        }
+        if self.asynchronous {
+            if let Some(cb) = &self.callback_url {
+                set(&X_CALLBACK_URL, cb.clone());
+            }
+        }
+        headers
+    }
+
+    /// One attempt: `POST {gateway}/function/{fn}` (or `/async-function/`). A response of
+    /// any status is `Ok`; the verdict decides what it means.
+    pub async fn invoke(
+        &self,
+        function: &FunctionRef,
+        message: &Message,
+        attempt: u32,
+    ) -> Result<InvocationResponse, InvokeError> {
+        let route = if self.asynchronous {
+            "async-function"
+        } else {
+            "function"
+        };
+        let url = format!("{}/{route}/{}", self.base, function.as_str());
+        let request = self
+            .http
+            .post(url)
+            .headers(self.invocation_headers(message, attempt))
+            .body(message.payload.clone())
+            .timeout(self.timeout);
+        let response = request.send().await.map_err(|e| self.classify(e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = read_limited(response)
+            .await
+            .map_err(|e| self.classify(e))?;
+        Ok(InvocationResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    fn classify(&self, e: reqwest::Error) -> InvokeError {
+        if e.is_timeout() {
+            InvokeError::Timeout(self.timeout)
+        } else {
+            InvokeError::Transport(error_chain(&e))
+        }
+    }
+}
+
+/// Reads at most [`MAX_RESPONSE_BYTES`] of a body, discarding the rest.
+async fn read_limited(response: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|n| n <= MAX_RESPONSE_BYTES as u64)
+    {
+        return response.bytes().await;
+    }
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let room = MAX_RESPONSE_BYTES.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    Ok(body.into())
+}
+
+fn header_value(s: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(s).ok()
+}
+
+fn status_error(url: &str, status: StatusCode) -> SdkError {
+    let hint = if status == StatusCode::UNAUTHORIZED {
+        " (check basic_auth and the credentials in secret_mount_path)"
+    } else {
+        ""
+    };
+    SdkError::ListFunctions {
+        url: url.to_owned(),
+        reason: format!("gateway answered {status}{hint}"),
+    }
+}
+
+/// The error and its causes on one line: reqwest's top-level message alone ("error
+/// sending request") hides the useful part ("connection refused").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn encode(s: &str) -> String {
+    Url::parse_with_params("http://x/", &[("n", s)])
+        .ok()
+        .and_then(|u| u.query().map(|q| q.trim_start_matches("n=").to_owned()))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(config: SdkConfig) -> GatewayClient {
+        GatewayClient::new("test-connector", &config).unwrap()
+    }
+
+    #[test]
+    fn headers_follow_the_contract() {
+        let c = client(SdkConfig::default());
+        let mut m = Message::new("orders", "x", "orders/0/42", "kafka://b/orders")
+            .with_subject("key-1")
+            .with_time(SystemTime::UNIX_EPOCH)
+            .with_content_type("application/json");
+        m.add_header("X-Kafka-Partition", "0");
+        m.add_header("X-Topic", "spoofed");
+        let h = c.invocation_headers(&m, 3);
+        let get = |k: &str| h.get(k).unwrap().to_str().unwrap().to_owned();
+        assert_eq!(get("x-topic"), "orders");
+        assert_eq!(h.get_all("x-topic").iter().count(), 1);
+        assert_eq!(get("x-connector"), "test-connector");
+        assert!(get("user-agent").starts_with("test-connector/"));
+        assert_eq!(get("content-type"), "application/json");
+        assert_eq!(get("x-delivery-attempt"), "3");
+        assert_eq!(get("ce-specversion"), "1.0");
+        assert_eq!(get("ce-id"), "orders/0/42");
+        assert_eq!(get("ce-source"), "kafka://b/orders");
+        assert_eq!(get("ce-type"), "test-connector.message");
+        assert_eq!(get("ce-time"), "1970-01-01T00:00:00.000Z");
+        assert_eq!(get("ce-subject"), "key-1");
+        assert_eq!(get("x-kafka-partition"), "0");
+        assert!(h.get("x-callback-url").is_none());
+    }
+
+    #[test]
+    fn configured_content_type_wins_and_callback_goes_with_async() {
+        let c = client(SdkConfig {
+            content_type: Some("text/plain".into()),
+            asynchronous_invocation: true,
+            callback_url: Some("http://cb/x".into()),
+            ..SdkConfig::default()
+        });
+        let m = Message::new("t", "x", "id", "s").with_content_type("application/json");
+        let h = c.invocation_headers(&m, 1);
+        assert_eq!(h["content-type"], "text/plain");
+        assert_eq!(h["x-callback-url"], "http://cb/x");
+    }
+
+    #[test]
+    fn credentials_from_files_or_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("basic-auth-user"), "admin\n").unwrap();
+        std::fs::write(dir.path().join("basic-auth-password"), " s3cret \n").unwrap();
+        let mut config = SdkConfig {
+            basic_auth: true,
+            secret_mount_path: dir.path().to_owned(),
+            ..SdkConfig::default()
+        };
+        let auth = BasicAuth::from_config(&config).unwrap().unwrap();
+        assert_eq!(auth.user, "admin");
+        assert_eq!(auth.password.expose(), "s3cret");
+        config.gateway_username = Some("u".into());
+        config.gateway_password = Some(Secret::new("p"));
+        let auth = BasicAuth::from_config(&config).unwrap().unwrap();
+        assert_eq!(auth.user, "u");
+        config.gateway_username = None;
+        config.secret_mount_path = dir.path().join("missing");
+        let err = BasicAuth::from_config(&config).unwrap_err();
+        assert!(err.to_string().contains("basic-auth-user"), "{err}");
+        config.basic_auth = false;
+        assert!(BasicAuth::from_config(&config).unwrap().is_none());
+    }
+
+    #[test]
+    fn namespace_query_is_encoded() {
+        assert_eq!(encode("openfaas-fn"), "openfaas-fn");
+        assert_eq!(encode("a b&c"), "a+b%26c");
+    }
+}

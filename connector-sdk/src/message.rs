@@ -1,0 +1,276 @@
+//! What a source hands to the dispatcher ([`Message`]) and what it gets back when every
+//! delivery of that message is terminal ([`MessageOutcome`]).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::topic_map::FunctionRef;
+
+/// One event from a source, as the dispatcher delivers it to every subscribed function.
+///
+/// `id` becomes `ce-id` and must be derived from the message's coordinates in its source
+/// (Kafka `topic/partition/offset`, a Redis entry id, an SQS message id) so it is the same
+/// on every redelivery and functions can deduplicate on it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The topic the message arrived on; decides which functions receive it (`X-Topic`).
+    pub topic: String,
+    /// The body sent to functions, byte for byte.
+    pub payload: Bytes,
+    /// Stable identity of the message in its source (`ce-id`).
+    pub id: String,
+    /// Where it came from (`ce-source`), for example `kafka://broker/orders`.
+    pub source: String,
+    /// `ce-type`; set by the connector (`com.example.order.created`), else
+    /// `<connector>.message`.
+    pub event_type: Option<String>,
+    /// When the event happened (`ce-time`); the broker's timestamp where it has one.
+    pub time: Option<SystemTime>,
+    /// `ce-subject`, when the source has a natural one (a Kafka key, a NATS subject).
+    pub subject: Option<String>,
+    /// The message's own content type, used when the connector configures none.
+    pub content_type: Option<HeaderValue>,
+    /// Source metadata forwarded to the function (`X-Kafka-Partition`, ...). The SDK's own
+    /// headers (`X-Topic`, `ce-*`, ...) are set after these and win.
+    pub headers: HeaderMap,
+    /// With `ordering = "key"`: messages with equal keys are delivered one after another.
+    pub ordering_key: Option<Bytes>,
+    /// Where the message sits in its source, as name/value pairs (`topic`, `partition`,
+    /// `offset`), copied into dead letters as provenance.
+    pub coordinates: Vec<(String, String)>,
+    /// How many times the broker delivered this message before (its own redelivery count);
+    /// attempts continue from there and count against `max_attempts`.
+    pub prior_attempts: u32,
+}
+
+impl Message {
+    /// A message on `topic` with `payload`, identified by `id` in its `source`.
+    pub fn new(
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+        id: impl Into<String>,
+        source: impl Into<String>,
+    ) -> Self {
+        Self {
+            topic: topic.into(),
+            payload: payload.into(),
+            id: id.into(),
+            source: source.into(),
+            event_type: None,
+            time: None,
+            subject: None,
+            content_type: None,
+            headers: HeaderMap::new(),
+            ordering_key: None,
+            coordinates: Vec::new(),
+            prior_attempts: 0,
+        }
+    }
+
+    /// Adds a source metadata header; names or values that are not valid HTTP are skipped
+    /// (returned as `false`) rather than failing the message.
+    pub fn add_header(&mut self, name: &str, value: &str) -> bool {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(name), Ok(value)) => {
+                self.headers.append(name, value);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sets the ordering key.
+    pub fn with_ordering_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Adds one provenance coordinate.
+    pub fn with_coordinate(mut self, name: impl Into<String>, value: impl ToString) -> Self {
+        self.coordinates.push((name.into(), value.to_string()));
+        self
+    }
+
+    /// Sets `ce-time`.
+    pub fn with_time(mut self, time: SystemTime) -> Self {
+        self.time = Some(time);
+        self
+    }
+
+    /// Sets `ce-subject`.
+    pub fn with_subject(mut self, subject: impl Into<String>) -> Self {
+        self.subject = Some(subject.into());
+        self
+    }
+
+    /// Sets `ce-type`.
+    pub fn with_event_type(mut self, event_type: impl Into<String>) -> Self {
+        self.event_type = Some(event_type.into());
+        self
+    }
+
+    /// Sets the message's own content type (ignored when it is not a valid header value).
+    pub fn with_content_type(mut self, content_type: &str) -> Self {
+        self.content_type = HeaderValue::from_str(content_type).ok();
+        self
+    }
+
+    /// Sets how many times the broker delivered it before.
+    pub fn with_prior_attempts(mut self, prior: u32) -> Self {
+        self.prior_attempts = prior;
+        self
+    }
+}
+
+/// The response of one invocation, as far as it was read.
+#[derive(Debug, Clone)]
+pub struct InvocationResponse {
+    /// HTTP status.
+    pub status: http::StatusCode,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// Response body (up to the SDK's read limit).
+    pub body: Bytes,
+}
+
+/// How one delivery (message × function) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// The function accepted it.
+    Delivered,
+    /// It was written to the dead-letter destination.
+    DeadLettered,
+    /// It was discarded by the operator's choice (`drop` statuses, `on_exhausted = "drop"`).
+    Dropped,
+    /// It failed for good and could not be dead-lettered: its message must stay with the
+    /// broker (Kafka: the partition holds; others: no ack, the broker redelivers).
+    Held,
+    /// Abandoned on shutdown before it finished: release the message to the broker.
+    Released,
+}
+
+impl DeliveryOutcome {
+    /// Whether this outcome lets its message be acknowledged.
+    pub fn allows_ack(self) -> bool {
+        matches!(self, Self::Delivered | Self::DeadLettered | Self::Dropped)
+    }
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::DeadLettered => "dead_lettered",
+            Self::Dropped => "dropped",
+            Self::Held => "held",
+            Self::Released => "released",
+        }
+    }
+}
+
+/// The end of one delivery.
+#[derive(Debug, Clone)]
+pub struct DeliveryReport {
+    /// The function.
+    pub function: FunctionRef,
+    /// How it ended.
+    pub outcome: DeliveryOutcome,
+    /// Attempts made in this process.
+    pub attempts: u32,
+    /// The last response, if one arrived (the function's output, for request/reply).
+    pub response: Option<Arc<InvocationResponse>>,
+    /// The last transport error, if the last attempt had no response.
+    pub error: Option<String>,
+}
+
+/// What a source does with a message once all its deliveries are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Acknowledge (commit, XACK, delete, ack): every delivery was delivered,
+    /// dead-lettered or dropped, or no function subscribes to the topic.
+    Ack,
+    /// Do not acknowledge: a delivery failed for good and could not be dead-lettered.
+    /// The message stays with the broker (Kafka: the partition is stalled at it).
+    Hold,
+    /// Do not acknowledge, and give it back now (nak, visibility 0): shutdown cut it short.
+    Release,
+}
+
+/// The result of dispatching one message: one report per subscribed function.
+#[derive(Debug, Clone)]
+pub struct MessageOutcome {
+    /// The message's `id`.
+    pub id: String,
+    /// One report per function; empty when no function subscribes to the topic.
+    pub deliveries: Vec<DeliveryReport>,
+    /// The dispatcher was torn down before the message completed: release it.
+    pub interrupted: bool,
+}
+
+impl MessageOutcome {
+    /// What the source should do with the message.
+    pub fn disposition(&self) -> Disposition {
+        let outcomes = || self.deliveries.iter().map(|d| d.outcome);
+        if self.interrupted || outcomes().any(|o| o == DeliveryOutcome::Released) {
+            Disposition::Release
+        } else if outcomes().any(|o| o == DeliveryOutcome::Held) {
+            Disposition::Hold
+        } else {
+            Disposition::Ack
+        }
+    }
+
+    /// Whether no function subscribed to the message's topic.
+    pub fn unmatched(&self) -> bool {
+        self.deliveries.is_empty() && !self.interrupted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(outcome: DeliveryOutcome) -> DeliveryReport {
+        DeliveryReport {
+            function: FunctionRef::new("f", None),
+            outcome,
+            attempts: 1,
+            response: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn disposition_follows_the_worst_delivery() {
+        use DeliveryOutcome::*;
+        let outcome = |list: &[DeliveryOutcome]| MessageOutcome {
+            id: "m".into(),
+            deliveries: list.iter().copied().map(report).collect(),
+            interrupted: false,
+        };
+        assert_eq!(outcome(&[]).disposition(), Disposition::Ack);
+        assert_eq!(
+            outcome(&[Delivered, DeadLettered, Dropped]).disposition(),
+            Disposition::Ack
+        );
+        assert_eq!(outcome(&[Delivered, Held]).disposition(), Disposition::Hold);
+        assert_eq!(
+            outcome(&[Held, Released, Delivered]).disposition(),
+            Disposition::Release
+        );
+    }
+
+    #[test]
+    fn invalid_headers_are_skipped() {
+        let mut m = Message::new("t", "x", "id", "test");
+        assert!(m.add_header("X-Ok", "fine"));
+        assert!(!m.add_header("bad header", "x"));
+        assert!(!m.add_header("X-Bad", "line\nbreak"));
+        assert_eq!(m.headers.len(), 1);
+    }
+}

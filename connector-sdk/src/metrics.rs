@@ -1,0 +1,394 @@
+//! The `connector_` metrics, served as Prometheus text on `/metrics`.
+//!
+//! Labels come from bounded sets only: function names (one per deployed function), topic
+//! and partition names, outcome and status classes. Never message keys or error text.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::message::DeliveryOutcome;
+use crate::topic_map::FunctionRef;
+
+/// Labels of per-function metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabels {
+    /// `name` or `name.namespace`.
+    pub function: String,
+}
+
+/// Labels of delivery outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// `name` or `name.namespace`.
+    pub function: String,
+    /// `delivered`, `dead_lettered`, `dropped`, `held` or `released`.
+    pub outcome: &'static str,
+}
+
+/// Labels of invocation attempts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InvocationLabels {
+    /// `name` or `name.namespace`.
+    pub function: String,
+    /// `2xx`, `3xx`, `4xx`, `5xx`, `timeout` or `error`.
+    pub status: &'static str,
+}
+
+/// Labels of message outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    /// `ack`, `hold`, `release` or `unmatched`.
+    pub outcome: &'static str,
+}
+
+/// Labels of per-partition source metrics; `partition` is empty where the source has none.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// Topic, stream, queue or subject.
+    pub topic: String,
+    /// Partition, or empty.
+    pub partition: String,
+}
+
+/// Labels of topic-map rebuilds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// The SDK's metrics. Cheap to clone; every clone updates the same series.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    deliveries: Family<DeliveryLabels, Counter>,
+    invocations: Family<InvocationLabels, Counter>,
+    invocation_duration: Family<FunctionLabels, Histogram>,
+    inflight: Gauge,
+    retries: Family<FunctionLabels, Counter>,
+    dead_letters: Family<FunctionLabels, Counter>,
+    dead_letter_failures: Family<FunctionLabels, Counter>,
+    messages: Family<MessageLabels, Counter>,
+    backlog: Family<PartitionLabels, Gauge>,
+    stalled: Family<PartitionLabels, Gauge>,
+    topic_map_topics: Gauge,
+    topic_map_functions: Gauge,
+    topic_map_rebuilds: Family<ResultLabels, Counter>,
+    topic_map_last_success: Gauge<f64, AtomicU64>,
+    topic_map_age: Gauge<f64, AtomicU64>,
+    responses_dropped: Counter,
+    ready: Gauge,
+    draining: Gauge,
+}
+
+fn duration_histogram() -> Histogram {
+    // 5 ms .. ~82 s: function calls range from no-ops to long batch jobs.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry` (whose prefix should be empty:
+    /// names here carry `connector_`). `connector` and the SDK version go into
+    /// `connector_info`.
+    pub fn register(registry: &mut Registry, connector: &str) -> Self {
+        let m = Self {
+            deliveries: Family::default(),
+            invocations: Family::default(),
+            invocation_duration: Family::new_with_constructor(duration_histogram),
+            inflight: Gauge::default(),
+            retries: Family::default(),
+            dead_letters: Family::default(),
+            dead_letter_failures: Family::default(),
+            messages: Family::default(),
+            backlog: Family::default(),
+            stalled: Family::default(),
+            topic_map_topics: Gauge::default(),
+            topic_map_functions: Gauge::default(),
+            topic_map_rebuilds: Family::default(),
+            topic_map_last_success: Gauge::default(),
+            topic_map_age: Gauge::default(),
+            responses_dropped: Counter::default(),
+            ready: Gauge::default(),
+            draining: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("connector");
+        let info = prometheus_client::metrics::info::Info::new(vec![
+            ("connector".to_owned(), connector.to_owned()),
+            ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+        ]);
+        r.register("build", "Connector name and SDK version", info);
+        r.register(
+            "deliveries",
+            "Deliveries (message x function) finished, by outcome",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "invocations",
+            "Invocation attempts, by response status class",
+            m.invocations.clone(),
+        );
+        r.register_with_unit(
+            "invocation_duration",
+            "Duration of one invocation attempt",
+            Unit::Seconds,
+            m.invocation_duration.clone(),
+        );
+        r.register(
+            "inflight_deliveries",
+            "Deliveries not yet finished, retries waiting included",
+            m.inflight.clone(),
+        );
+        r.register("retries", "Attempts that will be retried", m.retries.clone());
+        r.register(
+            "dead_letters",
+            "Deliveries written to the dead-letter destination",
+            m.dead_letters.clone(),
+        );
+        r.register(
+            "dead_letter_write_failures",
+            "Failed writes to the dead-letter destination",
+            m.dead_letter_failures.clone(),
+        );
+        r.register(
+            "messages",
+            "Messages completed, by what the source does with them",
+            m.messages.clone(),
+        );
+        r.register(
+            "backlog_messages",
+            "Messages waiting at the source (Kafka lag, Redis pending, SQS visible + in flight, JetStream pending + ack pending)",
+            m.backlog.clone(),
+        );
+        r.register(
+            "partition_stalled",
+            "1 while a partition or stream holds at a message that could not be completed",
+            m.stalled.clone(),
+        );
+        r.register(
+            "topic_map_topics",
+            "Topics in the current topic map",
+            m.topic_map_topics.clone(),
+        );
+        r.register(
+            "topic_map_functions",
+            "Functions with at least one topic in the current topic map",
+            m.topic_map_functions.clone(),
+        );
+        r.register(
+            "topic_map_rebuilds",
+            "Topic map rebuilds, by result",
+            m.topic_map_rebuilds.clone(),
+        );
+        r.register_with_unit(
+            "topic_map_last_success_timestamp",
+            "Unix time of the last successful topic map build",
+            Unit::Seconds,
+            m.topic_map_last_success.clone(),
+        );
+        r.register_with_unit(
+            "topic_map_age",
+            "Time since the last successful topic map build",
+            Unit::Seconds,
+            m.topic_map_age.clone(),
+        );
+        r.register(
+            "response_subscriber_dropped",
+            "Invocation results not passed to a response subscriber because its buffer was full",
+            m.responses_dropped.clone(),
+        );
+        r.register("ready", "1 when /readyz answers 200", m.ready.clone());
+        r.register(
+            "draining",
+            "1 while shutting down and draining in-flight deliveries",
+            m.draining.clone(),
+        );
+        m
+    }
+
+    /// A registry holding only fresh SDK metrics: for tests and benchmarks.
+    pub fn standalone(connector: &str) -> (Self, Registry) {
+        let mut registry = Registry::default();
+        let m = Self::register(&mut registry, connector);
+        (m, registry)
+    }
+
+    pub(crate) fn delivery_finished(&self, function: &FunctionRef, outcome: DeliveryOutcome) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                function: function.to_string(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        if outcome == DeliveryOutcome::DeadLettered {
+            self.dead_letters.get_or_create(&fn_labels(function)).inc();
+        }
+    }
+
+    pub(crate) fn invoked(&self, function: &FunctionRef, status: &'static str, took: Duration) {
+        self.invocations
+            .get_or_create(&InvocationLabels {
+                function: function.to_string(),
+                status,
+            })
+            .inc();
+        self.invocation_duration
+            .get_or_create(&fn_labels(function))
+            .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn retried(&self, function: &FunctionRef) {
+        self.retries.get_or_create(&fn_labels(function)).inc();
+    }
+
+    pub(crate) fn dead_letter_failed(&self, function: &FunctionRef) {
+        self.dead_letter_failures
+            .get_or_create(&fn_labels(function))
+            .inc();
+    }
+
+    pub(crate) fn message_finished(&self, outcome: &'static str) {
+        self.messages.get_or_create(&MessageLabels { outcome }).inc();
+    }
+
+    pub(crate) fn inflight(&self) -> &Gauge {
+        &self.inflight
+    }
+
+    pub(crate) fn response_dropped(&self) {
+        self.responses_dropped.inc();
+    }
+
+    pub(crate) fn topic_map_rebuilt(&self, topics: usize, functions: usize) {
+        self.topic_map_topics.set(i64::try_from(topics).unwrap_or(i64::MAX));
+        self.topic_map_functions
+            .set(i64::try_from(functions).unwrap_or(i64::MAX));
+        self.topic_map_rebuilds
+            .get_or_create(&ResultLabels { result: "ok" })
+            .inc();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.topic_map_last_success.set(now.as_secs_f64());
+    }
+
+    pub(crate) fn topic_map_failed(&self) {
+        self.topic_map_rebuilds
+            .get_or_create(&ResultLabels { result: "error" })
+            .inc();
+    }
+
+    /// Refreshes values computed at scrape time (the topic map's age).
+    pub(crate) fn before_scrape(&self) {
+        let last = self.topic_map_last_success.get();
+        if last > 0.0 {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            self.topic_map_age.set((now - last).max(0.0));
+        }
+    }
+
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    pub(crate) fn set_draining(&self, draining: bool) {
+        self.draining.set(i64::from(draining));
+    }
+
+    /// Sets the backlog of one topic (and partition, or `""`): Kafka lag, Redis pending,
+    /// SQS visible plus in flight, JetStream pending plus ack pending.
+    pub fn set_backlog(&self, topic: &str, partition: &str, messages: u64) {
+        self.backlog
+            .get_or_create(&PartitionLabels {
+                topic: topic.to_owned(),
+                partition: partition.to_owned(),
+            })
+            .set(i64::try_from(messages).unwrap_or(i64::MAX));
+    }
+
+    /// Forgets a topic's backlog series (partition revoked, topic unsubscribed).
+    pub fn remove_backlog(&self, topic: &str, partition: &str) {
+        self.backlog.remove(&PartitionLabels {
+            topic: topic.to_owned(),
+            partition: partition.to_owned(),
+        });
+    }
+
+    /// Marks a partition (or stream) stalled or flowing.
+    pub fn set_stalled(&self, topic: &str, partition: &str, stalled: bool) {
+        self.stalled
+            .get_or_create(&PartitionLabels {
+                topic: topic.to_owned(),
+                partition: partition.to_owned(),
+            })
+            .set(i64::from(stalled));
+    }
+}
+
+fn fn_labels(function: &FunctionRef) -> FunctionLabels {
+    FunctionLabels {
+        function: function.to_string(),
+    }
+}
+
+/// The status class label of a response.
+pub(crate) fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+/// Encodes `registry` as Prometheus text.
+pub fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text
+}
+
+/// A registry shared by the metrics server once every metric is registered.
+pub type SharedRegistry = Arc<Registry>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_connector_prefix() {
+        let (m, registry) = Metrics::standalone("test-connector");
+        let f = FunctionRef::new("echo", Some("openfaas-fn"));
+        m.delivery_finished(&f, DeliveryOutcome::DeadLettered);
+        m.invoked(&f, "4xx", Duration::from_millis(12));
+        m.set_backlog("orders", "0", 7);
+        m.topic_map_rebuilt(2, 3);
+        m.before_scrape();
+        let text = encode(&registry);
+        for needle in [
+            "connector_build_info{connector=\"test-connector\"",
+            "connector_deliveries_total{function=\"echo.openfaas-fn\",outcome=\"dead_lettered\"} 1",
+            "connector_dead_letters_total{function=\"echo.openfaas-fn\"} 1",
+            "connector_invocations_total{function=\"echo.openfaas-fn\",status=\"4xx\"} 1",
+            "connector_invocation_duration_seconds_bucket",
+            "connector_backlog_messages{topic=\"orders\",partition=\"0\"} 7",
+            "connector_topic_map_topics 2",
+            "connector_topic_map_functions 3",
+            "connector_topic_map_age_seconds",
+            "connector_inflight_deliveries 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

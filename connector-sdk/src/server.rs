@@ -1,0 +1,148 @@
+//! `/metrics`, `/healthz` and `/readyz` on `metrics_addr`.
+//!
+//! `/healthz` answers 200 while the process runs. `/readyz` answers 200 only when the
+//! topic map has been built, the source says it is connected, and the connector is not
+//! draining; otherwise 503 with the reasons, one per line.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::SdkError;
+use crate::metrics::{Metrics, encode};
+use crate::topic_map::TopicMapHandle;
+
+/// Readiness inputs. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Health {
+    topics: TopicMapHandle,
+    source_ready: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
+    metrics: Metrics,
+}
+
+impl Health {
+    /// Readiness over `topics` (ready once built); the source starts not ready.
+    pub fn new(topics: TopicMapHandle, metrics: Metrics) -> Self {
+        Self {
+            topics,
+            source_ready: Arc::new(AtomicBool::new(false)),
+            draining: Arc::new(AtomicBool::new(false)),
+            metrics,
+        }
+    }
+
+    /// The source is connected and consuming (or not, after it lost its broker).
+    pub fn set_source_ready(&self, ready: bool) {
+        self.source_ready.store(ready, Ordering::SeqCst);
+        self.publish();
+    }
+
+    /// The connector is shutting down: readiness fails from now on.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.set_draining(true);
+        self.publish();
+    }
+
+    /// Why the connector is not ready; empty when it is.
+    pub fn not_ready_reasons(&self) -> Vec<&'static str> {
+        let mut reasons = Vec::new();
+        if !self.topics.is_ready() {
+            reasons.push("topic map not built yet (gateway not reached)");
+        }
+        if !self.source_ready.load(Ordering::SeqCst) {
+            reasons.push("source not connected");
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            reasons.push("draining for shutdown");
+        }
+        reasons
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.not_ready_reasons().is_empty()
+    }
+
+    fn publish(&self) {
+        self.metrics.set_ready(self.is_ready());
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    health: Health,
+}
+
+/// The router of the metrics and health server; tests call it without a socket.
+pub fn router(registry: Arc<Registry>, metrics: Metrics, health: Health) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState {
+            registry,
+            metrics,
+            health,
+        })
+}
+
+async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
+    state.metrics.before_scrape();
+    state.metrics.set_ready(state.health.is_ready());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        encode(&state.registry),
+    )
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let reasons = state.health.not_ready_reasons();
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            reasons.join("\n") + "\n",
+        )
+    }
+}
+
+/// Binds `addr` (fails at once if it cannot) and returns the bound address and the
+/// serving future, which ends when `shutdown` is cancelled.
+pub async fn bind(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, impl Future<Output = ()>), SdkError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| SdkError::Listen { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| SdkError::Listen { addr, source })?;
+    let serve = async move {
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    };
+    Ok((local, serve))
+}
