@@ -165,10 +165,10 @@ where
 /// Turns one figment error into a [`ConfigError`] naming the key the user wrote.
 fn describe(e: figment::Error) -> ConfigError {
     let mut path = e.path.clone();
-    if let figment::error::Kind::UnknownField(field, _) = &e.kind {
-        if path.last() != Some(field) {
-            path.push(field.clone());
-        }
+    if let figment::error::Kind::UnknownField(field, _) = &e.kind
+        && path.last() != Some(field)
+    {
+        path.push(field.clone());
     }
     let dotted = path.join(".");
     let (key, origin, line) = match e.metadata.as_ref() {
@@ -604,10 +604,10 @@ impl SdkConfig {
                 format!("{:?} is not a URL: {e}", self.gateway_url),
             ),
         }
-        if let Some(callback) = &self.callback_url {
-            if let Err(e) = reqwest::Url::parse(callback) {
-                fail("callback_url", format!("{callback:?} is not a URL: {e}"));
-            }
+        if let Some(callback) = &self.callback_url
+            && let Err(e) = reqwest::Url::parse(callback)
+        {
+            fail("callback_url", format!("{callback:?} is not a URL: {e}"));
         }
         if self.max_inflight == 0 {
             fail("max_inflight", "must be at least 1".to_owned());
@@ -649,6 +649,7 @@ impl SdkConfig {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
     use figment::Jail;

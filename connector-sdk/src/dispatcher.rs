@@ -256,7 +256,10 @@ impl Dispatcher {
             return None;
         }
         let key = message.ordering_key.clone()?;
-        let id = self.inner.next_lane_id.fetch_add(1, AtomicOrdering::Relaxed);
+        let id = self
+            .inner
+            .next_lane_id
+            .fetch_add(1, AtomicOrdering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
         let previous = match self.inner.lanes.lock() {
             Ok(mut lanes) => lanes.insert(key.clone(), Lane { id, done: done_rx }),
@@ -355,10 +358,10 @@ impl Inner {
     }
 
     fn leave_lane(&self, key: &Bytes, id: u64) {
-        if let Ok(mut lanes) = self.lanes.lock() {
-            if lanes.get(key).is_some_and(|lane| lane.id == id) {
-                lanes.remove(key);
-            }
+        if let Ok(mut lanes) = self.lanes.lock()
+            && lanes.get(key).is_some_and(|lane| lane.id == id)
+        {
+            lanes.remove(key);
         }
     }
 
@@ -572,12 +575,7 @@ impl Inner {
             };
             match written {
                 Ok(()) => {
-                    tracing::warn!(
-                        reason = reason.as_str(),
-                        status,
-                        attempts,
-                        "dead-lettered"
-                    );
+                    tracing::warn!(reason = reason.as_str(), status, attempts, "dead-lettered");
                     return DeliveryOutcome::DeadLettered;
                 }
                 Err(e) => {

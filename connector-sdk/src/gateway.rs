@@ -35,8 +35,7 @@ impl BasicAuth {
         if !config.basic_auth {
             return Ok(None);
         }
-        if let (Some(user), Some(password)) = (&config.gateway_username, &config.gateway_password)
-        {
+        if let (Some(user), Some(password)) = (&config.gateway_username, &config.gateway_password) {
             return Ok(Some(Self {
                 user: user.clone(),
                 password: password.clone(),
@@ -262,7 +261,10 @@ impl GatewayClient {
         }
         let event_type = match &message.event_type {
             Some(t) => header_value(t),
-            None => header_value(&format!("{}.message", self.connector.to_str().unwrap_or(""))),
+            None => header_value(&format!(
+                "{}.message",
+                self.connector.to_str().unwrap_or("")
+            )),
         };
         if let Some(v) = event_type {
             set(&CE_TYPE, v);
@@ -274,10 +276,10 @@ impl GatewayClient {
         if let Some(v) = message.subject.as_deref().and_then(header_value) {
             set(&CE_SUBJECT, v);
         }
-        if self.asynchronous {
-            if let Some(cb) = &self.callback_url {
-                set(&X_CALLBACK_URL, cb.clone());
-            }
+        if self.asynchronous
+            && let Some(cb) = &self.callback_url
+        {
+            set(&X_CALLBACK_URL, cb.clone());
         }
         headers
     }
@@ -296,18 +298,22 @@ impl GatewayClient {
             "function"
         };
         let url = format!("{}/{route}/{}", self.base, function.as_str());
+        let mut headers = self.invocation_headers(message, attempt);
+        if message.payload.is_empty() {
+            // hyper sends no length for an empty body; say it, as other clients do, so
+            // that an empty message reaches the function as an empty body.
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(0u32));
+        }
         let request = self
             .http
             .post(url)
-            .headers(self.invocation_headers(message, attempt))
+            .headers(headers)
             .body(message.payload.clone())
             .timeout(self.timeout);
         let response = request.send().await.map_err(|e| self.classify(e))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = read_limited(response)
-            .await
-            .map_err(|e| self.classify(e))?;
+        let body = read_limited(response).await.map_err(|e| self.classify(e))?;
         Ok(InvocationResponse {
             status,
             headers,

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod response;
 pub mod runtime;
 pub mod server;
+pub mod source;
 pub mod topic_map;
 pub mod verdict;
 
@@ -39,6 +40,7 @@ pub use config::SdkConfig;
 pub use dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
 pub use dispatcher::{Completion, Dispatcher};
 pub use error::SdkError;
-pub use runtime::{Runtime, SourceContext};
 pub use message::{DeliveryOutcome, Disposition, Message, MessageOutcome};
+pub use runtime::{Runtime, SourceContext};
+pub use source::{Source, SourceError, pump};
 pub use topic_map::{FunctionRef, TopicMap, TopicMapHandle};

@@ -145,7 +145,11 @@ impl Metrics {
             "Deliveries not yet finished, retries waiting included",
             m.inflight.clone(),
         );
-        r.register("retries", "Attempts that will be retried", m.retries.clone());
+        r.register(
+            "retries",
+            "Attempts that will be retried",
+            m.retries.clone(),
+        );
         r.register(
             "dead_letters",
             "Deliveries written to the dead-letter destination",
@@ -254,7 +258,9 @@ impl Metrics {
     }
 
     pub(crate) fn message_finished(&self, outcome: &'static str) {
-        self.messages.get_or_create(&MessageLabels { outcome }).inc();
+        self.messages
+            .get_or_create(&MessageLabels { outcome })
+            .inc();
     }
 
     pub(crate) fn inflight(&self) -> &Gauge {
@@ -266,7 +272,8 @@ impl Metrics {
     }
 
     pub(crate) fn topic_map_rebuilt(&self, topics: usize, functions: usize) {
-        self.topic_map_topics.set(i64::try_from(topics).unwrap_or(i64::MAX));
+        self.topic_map_topics
+            .set(i64::try_from(topics).unwrap_or(i64::MAX));
         self.topic_map_functions
             .set(i64::try_from(functions).unwrap_or(i64::MAX));
         self.topic_map_rebuilds

@@ -136,7 +136,9 @@ mod tests {
             fast_count += 1;
         }
         assert_eq!(fast_count, 5);
-        assert!(crate::metrics::encode(&registry)
-            .contains("connector_response_subscriber_dropped_total 3"));
+        assert!(
+            crate::metrics::encode(&registry)
+                .contains("connector_response_subscriber_dropped_total 3")
+        );
     }
 }

@@ -104,9 +104,7 @@ impl Runtime {
         let topics = TopicMapHandle::new();
         let health = Health::new(topics.clone(), metrics.clone());
         let mut subscribers = Subscribers::default();
-        let printer = config
-            .print_response
-            .then(|| subscribers.subscribe(1024));
+        let printer = config.print_response.then(|| subscribers.subscribe(1024));
         Ok(Self {
             name: name.to_owned(),
             config: Arc::new(config),
@@ -153,7 +151,10 @@ impl Runtime {
 
     /// Every invocation result is also sent to the returned receiver, which holds
     /// `capacity` results; when it is full, results are dropped, never delivery.
-    pub fn subscribe_responses(&mut self, capacity: usize) -> mpsc::Receiver<Arc<InvocationResult>> {
+    pub fn subscribe_responses(
+        &mut self,
+        capacity: usize,
+    ) -> mpsc::Receiver<Arc<InvocationResult>> {
         self.subscribers.subscribe(capacity)
     }
 
@@ -223,9 +224,8 @@ impl Runtime {
             background.clone(),
         ));
 
-        let mut builder =
-            Dispatcher::builder(gateway, topics.clone(), &config, metrics.clone())
-                .subscribers(subscribers);
+        let mut builder = Dispatcher::builder(gateway, topics.clone(), &config, metrics.clone())
+            .subscribers(subscribers);
         if let Some(sink) = dead_letters {
             builder = builder.dead_letters(sink);
         }
@@ -300,12 +300,16 @@ where
             match tokio::time::timeout(drain_timeout, &mut source).await {
                 Ok(r) => r,
                 Err(_) => {
-                    tracing::warn!("drain_timeout reached: cancelling running invocations; their messages are released");
+                    tracing::warn!(
+                        "drain_timeout reached: cancelling running invocations; their messages are released"
+                    );
                     dispatcher.abort();
                     match tokio::time::timeout(AFTER_ABORT_GRACE, &mut source).await {
                         Ok(r) => r,
                         Err(_) => {
-                            tracing::error!("the source did not stop after the drain; exiting anyway");
+                            tracing::error!(
+                                "the source did not stop after the drain; exiting anyway"
+                            );
                             Ok(())
                         }
                     }

@@ -116,10 +116,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            reasons.join("\n") + "\n",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, reasons.join("\n") + "\n")
     }
 }
 

@@ -102,7 +102,7 @@ impl fmt::Display for StatusPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.low == self.high {
             write!(f, "{}", self.low)
-        } else if self.low % 100 == 0 && self.high == self.low + 99 {
+        } else if self.low.is_multiple_of(100) && self.high == self.low + 99 {
             write!(f, "{}xx", self.low / 100)
         } else {
             write!(f, "{}-{}", self.low, self.high)

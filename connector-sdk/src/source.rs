@@ -1,0 +1,175 @@
+//! The seam between a broker and the dispatcher: a [`Source`] pulls messages and settles
+//! each one when its outcome is known; [`pump`] runs the loop between them.
+//!
+//! The loop, in priority order (`select!` with `biased`):
+//!
+//! 1. settle every completed message (ack, hold or release, per its [`Disposition`]);
+//! 2. on shutdown, stop pulling;
+//! 3. pull a batch and submit each message, which waits while `max_inflight` deliveries
+//!    are unfinished: the source is not pulled while saturated.
+//!
+//! After shutdown, messages still in flight are awaited (the harness cancels them after
+//! `drain_timeout`, which releases them), each is settled, then [`Source::flush`] runs.
+//! A message pulled but not yet submitted when shutdown came is settled as released.
+//!
+//! Pull errors are transient by contract: logged, counted by readiness, retried with
+//! backoff. The loop never exits on a broker outage.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use crate::backoff::Backoff;
+use crate::message::{Disposition, Message, MessageOutcome};
+use crate::runtime::SourceContext;
+
+/// An error of a broker operation; transient unless the source says otherwise by
+/// returning from `pull` with [`SourceError::Fatal`].
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Worth retrying: the broker is unreachable, a request failed.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help (bad credentials, missing queue): the connector stops.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl SourceError {
+    /// A transient error from anything printable.
+    pub fn transient(e: impl std::fmt::Display) -> Self {
+        Self::Transient(e.to_string())
+    }
+
+    /// A fatal error from anything printable.
+    pub fn fatal(e: impl std::fmt::Display) -> Self {
+        Self::Fatal(e.to_string())
+    }
+}
+
+/// A pull-based event source that acknowledges per message.
+#[async_trait::async_trait]
+pub trait Source: Send {
+    /// What settling one message needs: an offset, an entry id, a receipt handle.
+    type Ack: Send + 'static;
+
+    /// Waits for the next messages. An empty batch (a long poll that timed out) is fine.
+    /// Must be cancel-safe where the broker allows: on shutdown the call is dropped.
+    async fn pull(&mut self) -> Result<Vec<(Message, Self::Ack)>, SourceError>;
+
+    /// Settles one completed message: `Ack` acknowledges it, `Hold` keeps it with the
+    /// broker (Kafka: stall the partition), `Release` gives it back for redelivery now.
+    async fn settle(
+        &mut self,
+        ack: Self::Ack,
+        disposition: Disposition,
+        outcome: &MessageOutcome,
+    ) -> Result<(), SourceError>;
+
+    /// Called once after the last settle on shutdown: flush batched acknowledgements.
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
+
+type Pending<A> = Pin<Box<dyn Future<Output = (A, MessageOutcome)> + Send>>;
+
+/// Runs `source` until shutdown: pulls, submits, settles; then drains and flushes.
+/// Returns an error only when the source reports a fatal one.
+pub async fn pump<S: Source>(ctx: &SourceContext, mut source: S) -> Result<(), SourceError> {
+    let mut pending: FuturesUnordered<Pending<S::Ack>> = FuturesUnordered::new();
+    let mut failures = Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(30),
+    }
+    .attempts();
+    ctx.health.set_source_ready(true);
+    'pull: loop {
+        tokio::select! {
+            biased;
+            Some((ack, outcome)) = pending.next(), if !pending.is_empty() => {
+                settle(&mut source, ack, &outcome).await;
+            }
+            () = ctx.shutdown.cancelled() => break 'pull,
+            pulled = source.pull() => match pulled {
+                Ok(batch) => {
+                    if failures.failures() > 0 {
+                        tracing::info!("source recovered");
+                        ctx.health.set_source_ready(true);
+                    }
+                    failures.reset();
+                    let mut batch = batch.into_iter();
+                    while let Some((message, ack)) = batch.next() {
+                        let submitted = tokio::select! {
+                            biased;
+                            () = ctx.shutdown.cancelled() => None,
+                            c = ctx.dispatcher.submit(message) => c.ok(),
+                        };
+                        match submitted {
+                            Some(completion) => pending.push(Box::pin(async move {
+                                (ack, completion.await)
+                            })),
+                            None => {
+                                // Shutdown while waiting for room: give back this message and
+                                // the rest of the batch.
+                                release(&mut source, ack).await;
+                                for (_, ack) in batch.by_ref() {
+                                    release(&mut source, ack).await;
+                                }
+                                break 'pull;
+                            }
+                        }
+                    }
+                }
+                Err(SourceError::Fatal(e)) => {
+                    ctx.health.set_source_ready(false);
+                    drain(&mut source, &mut pending).await;
+                    return Err(SourceError::Fatal(e));
+                }
+                Err(SourceError::Transient(e)) => {
+                    ctx.health.set_source_ready(false);
+                    let delay = failures.next_delay();
+                    tracing::warn!(error = %e, failures = failures.failures(), retry_in = ?delay, "pulling from the source failed");
+                    tokio::select! {
+                        () = ctx.shutdown.cancelled() => break 'pull,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            },
+        }
+    }
+    drain(&mut source, &mut pending).await;
+    Ok(())
+}
+
+async fn drain<S: Source>(source: &mut S, pending: &mut FuturesUnordered<Pending<S::Ack>>) {
+    if !pending.is_empty() {
+        tracing::info!(in_flight = pending.len(), "waiting for in-flight messages");
+    }
+    while let Some((ack, outcome)) = pending.next().await {
+        settle(source, ack, &outcome).await;
+    }
+    if let Err(e) = source.flush().await {
+        tracing::error!(error = %e, "flushing acknowledgements failed; those messages will be redelivered");
+    }
+}
+
+async fn settle<S: Source>(source: &mut S, ack: S::Ack, outcome: &MessageOutcome) {
+    let disposition = outcome.disposition();
+    if let Err(e) = source.settle(ack, disposition, outcome).await {
+        // The message stays with the broker and comes back: at-least-once holds.
+        tracing::warn!(error = %e, ce_id = %outcome.id, ?disposition, "settling a message failed; it will be redelivered");
+    }
+}
+
+async fn release<S: Source>(source: &mut S, ack: S::Ack) {
+    let outcome = MessageOutcome {
+        id: String::new(),
+        deliveries: Vec::new(),
+        interrupted: true,
+    };
+    settle(source, ack, &outcome).await;
+}

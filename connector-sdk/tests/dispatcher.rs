@@ -1,0 +1,559 @@
+//! The dispatcher against a real HTTP server playing gateway and functions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{FakeGateway, Reply};
+use connector_sdk::config::{OnExhausted, Ordering};
+use connector_sdk::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
+use connector_sdk::gateway::GatewayClient;
+use connector_sdk::metrics::{Metrics, encode};
+use connector_sdk::{DeliveryOutcome, Dispatcher, Disposition, Message, SdkConfig};
+use prometheus_client::registry::Registry;
+
+#[derive(Default)]
+struct RecordingSink {
+    letters: Mutex<Vec<DeadLetter>>,
+    fail: bool,
+}
+
+#[async_trait::async_trait]
+impl DeadLetterSink for RecordingSink {
+    async fn write(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
+        if self.fail {
+            return Err(DeadLetterError::new("dead-letter store unavailable"));
+        }
+        self.letters.lock().unwrap().push(letter.clone());
+        Ok(())
+    }
+}
+
+struct Setup {
+    dispatcher: Dispatcher,
+    registry: Registry,
+}
+
+fn dispatcher(gw: &FakeGateway, config: SdkConfig, sink: Option<Arc<RecordingSink>>) -> Setup {
+    let (metrics, registry) = Metrics::standalone("test-connector");
+    let client = GatewayClient::new("test-connector", &config).unwrap();
+    let mut builder = Dispatcher::builder(client, gw.topic_map(), &config, metrics);
+    if let Some(sink) = sink {
+        builder = builder.dead_letters(sink);
+    }
+    Setup {
+        dispatcher: builder.build(),
+        registry,
+    }
+}
+
+fn message(topic: &str, body: &str, id: &str) -> Message {
+    Message::new(topic, body.to_owned(), id, "test://source")
+}
+
+#[tokio::test]
+async fn retry_then_success_delivers_once_with_stable_id() {
+    let gw = FakeGateway::start().await;
+    gw.function("flaky", "orders", |_, call| {
+        if call < 2 {
+            Reply::status(503)
+        } else {
+            Reply::ok().body(b"done")
+        }
+    });
+    let setup = dispatcher(&gw, gw.config(), None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("orders", "hello", "orders/0/1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    let report = &outcome.deliveries[0];
+    assert_eq!(report.outcome, DeliveryOutcome::Delivered);
+    assert_eq!(report.attempts, 3);
+    assert_eq!(&report.response.as_ref().unwrap().body[..], b"done");
+    let seen = gw.requests_to("flaky");
+    let attempts: Vec<String> = seen
+        .iter()
+        .map(|r| r.header("x-delivery-attempt").unwrap())
+        .collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+    assert!(
+        seen.iter()
+            .all(|r| r.header("ce-id").unwrap() == "orders/0/1")
+    );
+    assert!(seen.iter().all(|r| &r.body[..] == b"hello"));
+    let text = encode(&setup.registry);
+    assert!(
+        text.contains("connector_retries_total{function=\"flaky\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("connector_deliveries_total{function=\"flaky\",outcome=\"delivered\"} 1")
+    );
+}
+
+#[tokio::test]
+async fn client_error_goes_to_the_dead_letter_hook_once_with_provenance() {
+    let gw = FakeGateway::start().await;
+    gw.function("strict", "orders", |_, _| {
+        Reply::status(422).body(b"amount must be positive")
+    });
+    let sink = Arc::new(RecordingSink::default());
+    let setup = dispatcher(&gw, gw.config(), Some(sink.clone()));
+    let msg = message("orders", "{\"amount\":-1}", "orders/3/77")
+        .with_coordinate("partition", 3)
+        .with_coordinate("offset", 77);
+    let outcome = setup.dispatcher.submit(msg).await.unwrap().await;
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::DeadLettered);
+    assert_eq!(gw.requests_to("strict").len(), 1, "a 4xx is not retried");
+    let letters = sink.letters.lock().unwrap();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.reason, DeadLetterReason::Rejected);
+    assert_eq!(letter.status, Some(422));
+    assert_eq!(letter.function.as_str(), "strict");
+    assert_eq!(&letter.response_excerpt[..], b"amount must be positive");
+    assert_eq!(&letter.message.payload[..], b"{\"amount\":-1}");
+    assert_eq!(letter.attempts, 1);
+    assert!(letter.first_failure <= letter.last_failure);
+    let provenance: std::collections::BTreeMap<_, _> = letter.provenance().into_iter().collect();
+    assert_eq!(provenance["x-dead-letter-source-partition"], "3");
+    assert_eq!(provenance["x-dead-letter-source-offset"], "77");
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let gw = FakeGateway::start().await;
+    gw.function("busy", "t", |_, call| {
+        if call == 0 {
+            Reply::status(429).header("retry-after", "1")
+        } else {
+            Reply::ok()
+        }
+    });
+    let mut config = gw.config();
+    config.backoff.max = Duration::from_secs(5);
+    let setup = dispatcher(&gw, config, None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("t", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    let seen = gw.requests_to("busy");
+    assert_eq!(seen.len(), 2);
+    let gap = seen[1].at - seen[0].at;
+    assert!(
+        gap >= Duration::from_secs(1),
+        "retried after {gap:?}, before Retry-After"
+    );
+}
+
+#[tokio::test]
+async fn exhausted_attempts_are_dead_lettered_with_the_count() {
+    let gw = FakeGateway::start().await;
+    gw.function("down", "t", |_, _| Reply::status(500).body(b"oops"));
+    let sink = Arc::new(RecordingSink::default());
+    let mut config = gw.config();
+    config.max_attempts = 4;
+    let setup = dispatcher(&gw, config, Some(sink.clone()));
+    let outcome = setup
+        .dispatcher
+        .submit(message("t", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::DeadLettered);
+    assert_eq!(gw.requests_to("down").len(), 4);
+    let letters = sink.letters.lock().unwrap();
+    assert_eq!(letters[0].reason, DeadLetterReason::Exhausted);
+    assert_eq!(letters[0].attempts, 4);
+    assert_eq!(letters[0].status, Some(500));
+}
+
+#[tokio::test]
+async fn broker_redeliveries_count_against_max_attempts() {
+    let gw = FakeGateway::start().await;
+    gw.function("down", "t", |_, _| Reply::status(500));
+    let sink = Arc::new(RecordingSink::default());
+    let mut config = gw.config();
+    config.max_attempts = 3;
+    let setup = dispatcher(&gw, config, Some(sink.clone()));
+    let msg = message("t", "x", "1").with_prior_attempts(2);
+    let outcome = setup.dispatcher.submit(msg).await.unwrap().await;
+    assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::DeadLettered);
+    let seen = gw.requests_to("down");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("x-delivery-attempt").unwrap(), "3");
+}
+
+#[tokio::test]
+async fn without_dead_letter_destination_the_message_is_held_or_dropped_by_choice() {
+    let gw = FakeGateway::start().await;
+    gw.function("bad", "t", |_, _| Reply::status(400));
+    let setup = dispatcher(&gw, gw.config(), None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("t", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::Held);
+    assert_eq!(outcome.disposition(), Disposition::Hold);
+
+    let mut config = gw.config();
+    config.on_exhausted = OnExhausted::Drop;
+    let setup = dispatcher(&gw, config, None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("t", "x", "2"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::Dropped);
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+}
+
+#[tokio::test]
+async fn failed_dead_letter_write_holds_the_message_and_is_counted() {
+    let gw = FakeGateway::start().await;
+    gw.function("bad", "t", |_, _| Reply::status(404));
+    let sink = Arc::new(RecordingSink {
+        fail: true,
+        ..RecordingSink::default()
+    });
+    let setup = dispatcher(&gw, gw.config(), Some(sink));
+    let outcome = setup
+        .dispatcher
+        .submit(message("t", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.disposition(), Disposition::Hold);
+    let text = encode(&setup.registry);
+    assert!(
+        text.contains("connector_dead_letter_write_failures_total{function=\"bad\"} 3"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn fan_out_where_one_fails_does_not_repeat_the_other() {
+    let gw = FakeGateway::start().await;
+    gw.function("good", "payments", |_, _| {
+        Reply::ok().delay(Duration::from_millis(50))
+    });
+    gw.function("flaky", "payments, refunds", |_, call| {
+        if call < 3 {
+            Reply::status(502)
+        } else {
+            Reply::ok()
+        }
+    });
+    let setup = dispatcher(&gw, gw.config(), None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("payments", "p", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    assert_eq!(outcome.deliveries.len(), 2);
+    assert!(
+        outcome
+            .deliveries
+            .iter()
+            .all(|d| d.outcome == DeliveryOutcome::Delivered)
+    );
+    assert_eq!(gw.requests_to("good").len(), 1);
+    assert_eq!(gw.requests_to("flaky").len(), 4);
+    // The two deliveries ran concurrently: the flaky one started before the good one ended.
+    let good = &gw.requests_to("good")[0];
+    let flaky_first = &gw.requests_to("flaky")[0];
+    assert!(flaky_first.at < good.at + Duration::from_millis(50));
+}
+
+#[tokio::test]
+async fn unmatched_topic_completes_at_once() {
+    let gw = FakeGateway::start().await;
+    gw.function("f", "a", |_, _| Reply::ok());
+    let setup = dispatcher(&gw, gw.config(), None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("nobody-listens", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert!(outcome.unmatched());
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    assert!(gw.requests().is_empty());
+}
+
+#[tokio::test]
+async fn max_inflight_is_never_exceeded() {
+    let gw = FakeGateway::start().await;
+    gw.function("slow", "t", |_, _| {
+        Reply::ok().delay(Duration::from_millis(20))
+    });
+    gw.function("slow2", "t", |_, _| {
+        Reply::ok().delay(Duration::from_millis(20))
+    });
+    let mut config = gw.config();
+    config.max_inflight = 5;
+    let setup = dispatcher(&gw, config, None);
+    let mut completions = Vec::new();
+    for i in 0..40 {
+        completions.push(
+            setup
+                .dispatcher
+                .submit(message("t", "x", &i.to_string()))
+                .await
+                .unwrap(),
+        );
+        assert!(setup.dispatcher.available_permits() <= 5);
+    }
+    for c in completions {
+        assert_eq!(c.await.disposition(), Disposition::Ack);
+    }
+    assert_eq!(gw.requests().len(), 80);
+    let max = gw.max_inflight();
+    assert!(
+        max <= 5,
+        "{max} concurrent invocations with max_inflight = 5"
+    );
+    assert!(
+        max >= 4,
+        "only {max} concurrent: the limit is not being used"
+    );
+}
+
+#[tokio::test]
+async fn fan_out_wider_than_max_inflight_still_respects_it() {
+    let gw = FakeGateway::start().await;
+    for i in 0..6 {
+        gw.function(&format!("f{i}"), "wide", |_, _| {
+            Reply::ok().delay(Duration::from_millis(20))
+        });
+    }
+    let mut config = gw.config();
+    config.max_inflight = 2;
+    let setup = dispatcher(&gw, config, None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("wide", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.deliveries.len(), 6);
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    assert!(gw.max_inflight() <= 2, "{}", gw.max_inflight());
+}
+
+#[tokio::test]
+async fn key_order_holds_under_concurrency() {
+    let gw = FakeGateway::start().await;
+    gw.function("ordered", "events", |req, call| {
+        // Vary latency so that unordered delivery would reorder; fail some first attempts
+        // so that retries happen inside lanes.
+        let n: u64 = String::from_utf8_lossy(&req.body)
+            .split('-')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        if n % 7 == 3 && req.headers["x-delivery-attempt"] == "1" {
+            return Reply::status(503);
+        }
+        Reply::ok().delay(Duration::from_millis((n * 13 + call as u64) % 9))
+    });
+    let mut config = gw.config();
+    config.ordering = Ordering::Key;
+    config.max_inflight = 16;
+    let setup = dispatcher(&gw, config, None);
+    let keys = ["a", "b", "c", "d"];
+    let mut completions = Vec::new();
+    for n in 0..30 {
+        for key in keys {
+            let body = format!("{key}-{n}");
+            let msg = message("events", &body, &body).with_ordering_key(key.to_owned());
+            completions.push(setup.dispatcher.submit(msg).await.unwrap());
+        }
+    }
+    for c in completions {
+        assert_eq!(c.await.disposition(), Disposition::Ack);
+    }
+    let delivered: Vec<String> = gw
+        .requests_to("ordered")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    for key in keys {
+        // Successful deliveries per key, in arrival order, must be 0..30. A retried
+        // message appears twice in a row (failed attempt, then success), never
+        // interleaved with a later one.
+        let mut seen: Vec<u64> = delivered
+            .iter()
+            .filter(|b| b.starts_with(&format!("{key}-")))
+            .map(|b| b.split('-').nth(1).unwrap().parse().unwrap())
+            .collect();
+        seen.dedup();
+        assert_eq!(
+            seen,
+            (0..30).collect::<Vec<_>>(),
+            "order broken for key {key}"
+        );
+    }
+    assert!(gw.max_inflight() > 1, "keys did not run in parallel");
+}
+
+#[tokio::test]
+async fn empty_and_binary_payloads_pass_byte_exact() {
+    let gw = FakeGateway::start().await;
+    gw.function("echo", "bytes", |_, _| Reply::ok());
+    let setup = dispatcher(&gw, gw.config(), None);
+    let binary: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, 0x00, 0xc3]).collect();
+    for (id, payload) in [("empty", Vec::new()), ("binary", binary.clone())] {
+        let msg = Message::new("bytes", payload, id, "test://");
+        let outcome = setup.dispatcher.submit(msg).await.unwrap().await;
+        assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    }
+    let seen = gw.requests_to("echo");
+    assert_eq!(seen.len(), 2);
+    assert!(seen[0].body.is_empty());
+    assert_eq!(seen[0].header("content-length").as_deref(), Some("0"));
+    assert_eq!(&seen[1].body[..], &binary[..]);
+}
+
+#[tokio::test]
+async fn invocation_carries_the_contract_headers() {
+    let gw = FakeGateway::start().await;
+    gw.function("h", "orders", |_, _| Reply::ok());
+    let mut config = gw.config();
+    config.content_type = Some("application/json".into());
+    let setup = dispatcher(&gw, config, None);
+    let mut msg = message("orders", "{}", "orders/1/2").with_subject("k");
+    msg.add_header("X-Kafka-Partition", "1");
+    setup.dispatcher.submit(msg).await.unwrap().await;
+    let r = &gw.requests_to("h")[0];
+    for (name, value) in [
+        ("x-topic", "orders"),
+        ("x-connector", "test-connector"),
+        ("content-type", "application/json"),
+        ("x-delivery-attempt", "1"),
+        ("ce-specversion", "1.0"),
+        ("ce-id", "orders/1/2"),
+        ("ce-source", "test://source"),
+        ("ce-subject", "k"),
+        ("x-kafka-partition", "1"),
+    ] {
+        assert_eq!(r.header(name).as_deref(), Some(value), "{name}");
+    }
+    assert!(r.header("ce-time").is_some());
+    assert!(r.header("ce-type").is_some());
+    assert!(
+        r.header("user-agent")
+            .unwrap()
+            .starts_with("test-connector/")
+    );
+}
+
+#[tokio::test]
+async fn asynchronous_invocation_uses_the_async_route_and_callback() {
+    let gw = FakeGateway::start().await;
+    gw.function("later", "t", |_, _| Reply::ok());
+    let mut config = gw.config();
+    config.asynchronous_invocation = true;
+    config.callback_url = Some("http://127.0.0.1:9/callback".into());
+    let setup = dispatcher(&gw, config, None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("t", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    let report = &outcome.deliveries[0];
+    assert_eq!(report.outcome, DeliveryOutcome::Delivered);
+    assert_eq!(report.response.as_ref().unwrap().status.as_u16(), 202);
+    assert_eq!(
+        gw.requests_to("later")[0]
+            .header("x-callback-url")
+            .as_deref(),
+        Some("http://127.0.0.1:9/callback")
+    );
+}
+
+#[tokio::test]
+async fn timeouts_are_retried() {
+    let gw = FakeGateway::start().await;
+    gw.function("slow", "t", |_, call| {
+        if call == 0 {
+            Reply::ok().delay(Duration::from_secs(5))
+        } else {
+            Reply::ok()
+        }
+    });
+    let mut config = gw.config();
+    config.upstream_timeout = Duration::from_millis(200);
+    let setup = dispatcher(&gw, config, None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("t", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    assert_eq!(outcome.deliveries[0].attempts, 2);
+    let text = encode(&setup.registry);
+    assert!(
+        text.contains("connector_invocations_total{function=\"slow\",status=\"timeout\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn drain_releases_waiting_retries_and_lets_running_calls_finish() {
+    let gw = FakeGateway::start().await;
+    gw.function("slow", "slow", |_, _| {
+        Reply::ok().delay(Duration::from_millis(300))
+    });
+    gw.function("failing", "failing", |_, _| Reply::status(503));
+    let mut config = gw.config();
+    config.backoff.initial = Duration::from_secs(30);
+    config.backoff.max = Duration::from_secs(30);
+    let setup = dispatcher(&gw, config, None);
+    let running = setup
+        .dispatcher
+        .submit(message("slow", "x", "1"))
+        .await
+        .unwrap();
+    let retrying = setup
+        .dispatcher
+        .submit(message("failing", "x", "2"))
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(5), || gw.requests().len() == 2).await,
+        "both invocations should have started"
+    );
+    setup.dispatcher.drain();
+    let retrying = tokio::time::timeout(Duration::from_secs(2), retrying)
+        .await
+        .expect("a waiting retry is released at once");
+    assert_eq!(retrying.disposition(), Disposition::Release);
+    let running = running.await;
+    assert_eq!(running.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    assert!(
+        setup
+            .dispatcher
+            .submit(message("slow", "x", "3"))
+            .await
+            .is_err()
+    );
+    setup.dispatcher.wait_idle().await;
+}

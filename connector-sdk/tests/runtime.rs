@@ -1,0 +1,406 @@
+//! The run harness, topic-map rebuilds and the pump against a real HTTP gateway.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{FakeGateway, Reply, SystemMode, eventually};
+use connector_sdk::gateway::GatewayClient;
+use connector_sdk::metrics::{Metrics, encode};
+use connector_sdk::topic_map::{TopicMapHandle, rebuild_loop};
+use connector_sdk::{Disposition, Message, MessageOutcome, Runtime, Source, SourceError, pump};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A source fed by a channel; records each settle.
+struct ChannelSource {
+    rx: mpsc::Receiver<Message>,
+    settled: Arc<Mutex<Vec<(String, Disposition)>>>,
+    flushed: Arc<Mutex<bool>>,
+}
+
+#[async_trait::async_trait]
+impl Source for ChannelSource {
+    type Ack = String;
+
+    async fn pull(&mut self) -> Result<Vec<(Message, String)>, SourceError> {
+        match self.rx.recv().await {
+            Some(m) => {
+                let id = m.id.clone();
+                Ok(vec![(m, id)])
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        ack: String,
+        disposition: Disposition,
+        _outcome: &MessageOutcome,
+    ) -> Result<(), SourceError> {
+        self.settled.lock().unwrap().push((ack, disposition));
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        *self.flushed.lock().unwrap() = true;
+        Ok(())
+    }
+}
+
+struct Running {
+    tx: mpsc::Sender<Message>,
+    settled: Arc<Mutex<Vec<(String, Disposition)>>>,
+    flushed: Arc<Mutex<bool>>,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), connector_sdk::SdkError>>,
+    metrics_addr: SocketAddr,
+}
+
+async fn start(config: connector_sdk::SdkConfig) -> Running {
+    // Reserve a port for the metrics server so the test knows where to ask.
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let config = connector_sdk::SdkConfig {
+        metrics_addr,
+        ..config
+    };
+    let runtime = Runtime::new("test-connector", config)
+        .unwrap()
+        .without_signal_handlers();
+    let shutdown = runtime.shutdown_token();
+    let (tx, rx) = mpsc::channel(100);
+    let settled = Arc::new(Mutex::new(Vec::new()));
+    let flushed = Arc::new(Mutex::new(false));
+    let source = ChannelSource {
+        rx,
+        settled: settled.clone(),
+        flushed: flushed.clone(),
+    };
+    let handle = tokio::spawn(runtime.run(|ctx| async move { pump(&ctx, source).await }));
+    Running {
+        tx,
+        settled,
+        flushed,
+        shutdown,
+        handle,
+        metrics_addr,
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let resp = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+async fn status_of(addr: SocketAddr, path: &str) -> Option<u16> {
+    get(addr, path).await.map(|(s, _)| s)
+}
+
+async fn wait_status(addr: SocketAddr, path: &str, want: u16) -> bool {
+    for _ in 0..500 {
+        if status_of(addr, path).await == Some(want) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn drain_on_shutdown_finishes_in_flight_work_and_acks_it() {
+    let gw = FakeGateway::start().await;
+    gw.function("slow", "jobs", |_, _| {
+        Reply::ok().delay(Duration::from_millis(400))
+    });
+    let running = start(gw.config()).await;
+    assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
+    for i in 0..5 {
+        running
+            .tx
+            .send(Message::new("jobs", "x", format!("m{i}"), "test://"))
+            .await
+            .unwrap();
+    }
+    assert!(eventually(Duration::from_secs(5), || gw.requests().len() == 5).await);
+    running.shutdown.cancel();
+    // Readiness turns 503 while draining.
+    assert!(
+        wait_status(running.metrics_addr, "/readyz", 503).await || running.handle.is_finished()
+    );
+    let result = tokio::time::timeout(Duration::from_secs(10), running.handle)
+        .await
+        .expect("run returns after the drain")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    let settled = running.settled.lock().unwrap().clone();
+    assert_eq!(settled.len(), 5, "{settled:?}");
+    assert!(
+        settled.iter().all(|(_, d)| *d == Disposition::Ack),
+        "{settled:?}"
+    );
+    assert!(*running.flushed.lock().unwrap());
+}
+
+#[tokio::test]
+async fn drain_timeout_releases_what_did_not_finish() {
+    let gw = FakeGateway::start().await;
+    gw.function("stuck", "jobs", |_, _| {
+        Reply::ok().delay(Duration::from_secs(30))
+    });
+    let mut config = gw.config();
+    config.drain_timeout = Duration::from_millis(300);
+    config.upstream_timeout = Duration::from_secs(60);
+    let running = start(config).await;
+    assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
+    running
+        .tx
+        .send(Message::new("jobs", "x", "m1", "test://"))
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || gw.requests().len() == 1).await);
+    running.shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), running.handle)
+        .await
+        .expect("run returns soon after drain_timeout")
+        .unwrap();
+    assert!(result.is_ok());
+    let settled = running.settled.lock().unwrap().clone();
+    assert_eq!(settled, [("m1".to_owned(), Disposition::Release)]);
+}
+
+#[tokio::test]
+async fn gateway_down_at_start_is_picked_up_when_it_appears() {
+    let free = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let config = connector_sdk::SdkConfig {
+        gateway_url: format!("http://{free}"),
+        rebuild_interval: Duration::from_millis(100),
+        ..connector_sdk::SdkConfig::default()
+    };
+    let running = start(config).await;
+    assert!(wait_status(running.metrics_addr, "/healthz", 200).await);
+    let (status, body) = get(running.metrics_addr, "/readyz").await.unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("topic map"), "{body}");
+    let (_, metrics) = get(running.metrics_addr, "/metrics").await.unwrap();
+    assert!(metrics.contains("connector_topic_map_rebuilds_total{result=\"error\"}"));
+
+    let gw = FakeGateway::start_on(free).await;
+    gw.function("late", "t", |_, _| Reply::ok());
+    assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
+    running
+        .tx
+        .send(Message::new("t", "hi", "m1", "test://"))
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || gw.requests().len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || running
+            .settled
+            .lock()
+            .unwrap()
+            .len()
+            == 1)
+        .await
+    );
+    running.shutdown.cancel();
+    assert!(running.handle.await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn metrics_endpoint_serves_connector_metrics() {
+    let gw = FakeGateway::start().await;
+    gw.function("f", "t", |_, _| Reply::ok());
+    let running = start(gw.config()).await;
+    assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
+    running
+        .tx
+        .send(Message::new("t", "x", "m1", "test://"))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || running
+            .settled
+            .lock()
+            .unwrap()
+            .len()
+            == 1)
+        .await
+    );
+    let (status, text) = get(running.metrics_addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for needle in [
+        "connector_deliveries_total{function=\"f\",outcome=\"delivered\"} 1",
+        "connector_messages_total{outcome=\"ack\"} 1",
+        "connector_topic_map_functions 1",
+        "connector_ready 1",
+        "connector_build_info{connector=\"test-connector\"",
+    ] {
+        assert!(text.contains(needle), "missing {needle}:\n{text}");
+    }
+    running.shutdown.cancel();
+    assert!(running.handle.await.unwrap().is_ok());
+}
+
+async fn rebuild_fixture(
+    gw: &FakeGateway,
+    config: connector_sdk::SdkConfig,
+) -> (
+    TopicMapHandle,
+    prometheus_client::registry::Registry,
+    CancellationToken,
+) {
+    let (metrics, registry) = Metrics::standalone("t");
+    let client = GatewayClient::new("t", &config).unwrap();
+    let handle = TopicMapHandle::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(rebuild_loop(
+        client,
+        handle.clone(),
+        ",".into(),
+        Duration::from_millis(50),
+        metrics,
+        stop.clone(),
+    ));
+    let _ = gw;
+    (handle, registry, stop)
+}
+
+#[tokio::test]
+async fn a_misbehaving_gateway_keeps_the_last_good_map() {
+    let gw = FakeGateway::start().await;
+    gw.function("f", "orders", |_, _| Reply::ok());
+    let mut config = gw.config();
+    config.upstream_timeout = Duration::from_millis(200);
+    let (handle, registry, stop) = rebuild_fixture(&gw, config).await;
+    handle.wait_ready().await;
+    assert!(handle.current().lookup("orders").is_some());
+
+    for mode in [
+        SystemMode::Malformed,
+        SystemMode::Error500,
+        SystemMode::Hang,
+    ] {
+        let failures_before = failures(&registry);
+        gw.set_mode(mode);
+        gw.set_functions_json(Vec::new());
+        assert!(
+            eventually(Duration::from_secs(5), || failures(&registry)
+                >= failures_before + 2)
+            .await,
+            "{mode:?} was not counted as a failed rebuild"
+        );
+        assert!(
+            handle.current().lookup("orders").is_some(),
+            "{mode:?} lost the last good map"
+        );
+        gw.set_mode(SystemMode::Ok);
+        gw.function("f", "orders", |_, _| Reply::ok());
+    }
+    // Back to normal: an empty function list is a valid answer and replaces the map.
+    gw.set_functions_json(Vec::new());
+    assert!(
+        eventually(Duration::from_secs(5), || handle
+            .current()
+            .lookup("orders")
+            .is_none())
+        .await
+    );
+    stop.cancel();
+}
+
+fn failures(registry: &prometheus_client::registry::Registry) -> u64 {
+    encode(registry)
+        .lines()
+        .find(|l| l.starts_with("connector_topic_map_rebuilds_total{result=\"error\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn namespaces_qualify_functions_and_basic_auth_is_sent() {
+    let gw = FakeGateway::start().await;
+    gw.set_namespaces(Some(vec!["openfaas-fn".into(), "staging".into()]));
+    gw.set_functions_json(vec![serde_json::json!({
+        "name": "f", "annotations": {"topic": "t"}
+    })]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("basic-auth-user"), "admin").unwrap();
+    std::fs::write(dir.path().join("basic-auth-password"), "pw").unwrap();
+    let mut config = gw.config();
+    config.basic_auth = true;
+    config.secret_mount_path = dir.path().to_owned();
+    let (handle, _registry, stop) = rebuild_fixture(&gw, config).await;
+    handle.wait_ready().await;
+    let names: Vec<String> = handle
+        .current()
+        .lookup("t")
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(names, ["f.openfaas-fn", "f.staging"]);
+    stop.cancel();
+    // "admin:pw" in base64.
+    assert!(
+        gw.system_auth()
+            .iter()
+            .all(|a| a.as_deref() == Some("Basic YWRtaW46cHc="))
+    );
+}
+
+#[tokio::test]
+async fn source_pull_errors_are_retried_not_fatal() {
+    struct Flaky {
+        calls: u32,
+        done: Arc<Mutex<Vec<Disposition>>>,
+    }
+    #[async_trait::async_trait]
+    impl Source for Flaky {
+        type Ack = ();
+        async fn pull(&mut self) -> Result<Vec<(Message, ())>, SourceError> {
+            self.calls += 1;
+            match self.calls {
+                1 | 2 => Err(SourceError::transient("broker unreachable")),
+                3 => Ok(vec![(Message::new("t", "x", "m", "test://"), ())]),
+                _ => std::future::pending().await,
+            }
+        }
+        async fn settle(
+            &mut self,
+            _: (),
+            d: Disposition,
+            _: &MessageOutcome,
+        ) -> Result<(), SourceError> {
+            self.done.lock().unwrap().push(d);
+            Ok(())
+        }
+    }
+    let gw = FakeGateway::start().await;
+    gw.function("f", "t", |_, _| Reply::ok());
+    let mut config = gw.config();
+    config.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    let runtime = Runtime::new("t", config).unwrap().without_signal_handlers();
+    let shutdown = runtime.shutdown_token();
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let source = Flaky {
+        calls: 0,
+        done: done.clone(),
+    };
+    let handle = tokio::spawn(runtime.run(|ctx| async move { pump(&ctx, source).await }));
+    assert!(eventually(Duration::from_secs(10), || done.lock().unwrap().len() == 1).await);
+    assert_eq!(done.lock().unwrap()[0], Disposition::Ack);
+    shutdown.cancel();
+    assert!(handle.await.unwrap().is_ok());
+}
