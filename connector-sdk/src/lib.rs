@@ -33,6 +33,7 @@ pub mod response;
 pub mod runtime;
 pub mod server;
 pub mod source;
+pub mod testing;
 pub mod topic_map;
 pub mod verdict;
 

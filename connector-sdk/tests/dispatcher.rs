@@ -1,16 +1,14 @@
 //! The dispatcher against a real HTTP server playing gateway and functions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{FakeGateway, Reply};
 use connector_sdk::config::{OnExhausted, Ordering};
 use connector_sdk::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
 use connector_sdk::gateway::GatewayClient;
 use connector_sdk::metrics::{Metrics, encode};
+use connector_sdk::testing::{FakeGateway, Reply};
 use connector_sdk::{DeliveryOutcome, Dispatcher, Disposition, Message, SdkConfig};
 use prometheus_client::registry::Registry;
 
@@ -55,7 +53,7 @@ fn message(topic: &str, body: &str, id: &str) -> Message {
 
 #[tokio::test]
 async fn retry_then_success_delivers_once_with_stable_id() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("flaky", "orders", |_, call| {
         if call < 2 {
             Reply::status(503)
@@ -98,7 +96,7 @@ async fn retry_then_success_delivers_once_with_stable_id() {
 
 #[tokio::test]
 async fn client_error_goes_to_the_dead_letter_hook_once_with_provenance() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("strict", "orders", |_, _| {
         Reply::status(422).body(b"amount must be positive")
     });
@@ -128,7 +126,7 @@ async fn client_error_goes_to_the_dead_letter_hook_once_with_provenance() {
 
 #[tokio::test]
 async fn retry_after_is_honoured() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("busy", "t", |_, call| {
         if call == 0 {
             Reply::status(429).header("retry-after", "1")
@@ -157,7 +155,7 @@ async fn retry_after_is_honoured() {
 
 #[tokio::test]
 async fn exhausted_attempts_are_dead_lettered_with_the_count() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("down", "t", |_, _| Reply::status(500).body(b"oops"));
     let sink = Arc::new(RecordingSink::default());
     let mut config = gw.config();
@@ -179,7 +177,7 @@ async fn exhausted_attempts_are_dead_lettered_with_the_count() {
 
 #[tokio::test]
 async fn broker_redeliveries_count_against_max_attempts() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("down", "t", |_, _| Reply::status(500));
     let sink = Arc::new(RecordingSink::default());
     let mut config = gw.config();
@@ -195,7 +193,7 @@ async fn broker_redeliveries_count_against_max_attempts() {
 
 #[tokio::test]
 async fn without_dead_letter_destination_the_message_is_held_or_dropped_by_choice() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("bad", "t", |_, _| Reply::status(400));
     let setup = dispatcher(&gw, gw.config(), None);
     let outcome = setup
@@ -222,7 +220,7 @@ async fn without_dead_letter_destination_the_message_is_held_or_dropped_by_choic
 
 #[tokio::test]
 async fn failed_dead_letter_write_holds_the_message_and_is_counted() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("bad", "t", |_, _| Reply::status(404));
     let sink = Arc::new(RecordingSink {
         fail: true,
@@ -245,7 +243,7 @@ async fn failed_dead_letter_write_holds_the_message_and_is_counted() {
 
 #[tokio::test]
 async fn fan_out_where_one_fails_does_not_repeat_the_other() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("good", "payments", |_, _| {
         Reply::ok().delay(Duration::from_millis(50))
     });
@@ -281,7 +279,7 @@ async fn fan_out_where_one_fails_does_not_repeat_the_other() {
 
 #[tokio::test]
 async fn unmatched_topic_completes_at_once() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("f", "a", |_, _| Reply::ok());
     let setup = dispatcher(&gw, gw.config(), None);
     let outcome = setup
@@ -297,7 +295,7 @@ async fn unmatched_topic_completes_at_once() {
 
 #[tokio::test]
 async fn max_inflight_is_never_exceeded() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("slow", "t", |_, _| {
         Reply::ok().delay(Duration::from_millis(20))
     });
@@ -335,7 +333,7 @@ async fn max_inflight_is_never_exceeded() {
 
 #[tokio::test]
 async fn fan_out_wider_than_max_inflight_still_respects_it() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     for i in 0..6 {
         gw.function(&format!("f{i}"), "wide", |_, _| {
             Reply::ok().delay(Duration::from_millis(20))
@@ -357,7 +355,7 @@ async fn fan_out_wider_than_max_inflight_still_respects_it() {
 
 #[tokio::test]
 async fn key_order_holds_under_concurrency() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("ordered", "events", |req, call| {
         // Vary latency so that unordered delivery would reorder; fail some first attempts
         // so that retries happen inside lanes.
@@ -414,7 +412,7 @@ async fn key_order_holds_under_concurrency() {
 
 #[tokio::test]
 async fn empty_and_binary_payloads_pass_byte_exact() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("echo", "bytes", |_, _| Reply::ok());
     let setup = dispatcher(&gw, gw.config(), None);
     let binary: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, 0x00, 0xc3]).collect();
@@ -432,7 +430,7 @@ async fn empty_and_binary_payloads_pass_byte_exact() {
 
 #[tokio::test]
 async fn invocation_carries_the_contract_headers() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("h", "orders", |_, _| Reply::ok());
     let mut config = gw.config();
     config.content_type = Some("application/json".into());
@@ -465,7 +463,7 @@ async fn invocation_carries_the_contract_headers() {
 
 #[tokio::test]
 async fn asynchronous_invocation_uses_the_async_route_and_callback() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("later", "t", |_, _| Reply::ok());
     let mut config = gw.config();
     config.asynchronous_invocation = true;
@@ -490,7 +488,7 @@ async fn asynchronous_invocation_uses_the_async_route_and_callback() {
 
 #[tokio::test]
 async fn timeouts_are_retried() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("slow", "t", |_, call| {
         if call == 0 {
             Reply::ok().delay(Duration::from_secs(5))
@@ -518,7 +516,7 @@ async fn timeouts_are_retried() {
 
 #[tokio::test]
 async fn drain_releases_waiting_retries_and_lets_running_calls_finish() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("slow", "slow", |_, _| {
         Reply::ok().delay(Duration::from_millis(300))
     });
@@ -538,7 +536,8 @@ async fn drain_releases_waiting_retries_and_lets_running_calls_finish() {
         .await
         .unwrap();
     assert!(
-        common::eventually(Duration::from_secs(5), || gw.requests().len() == 2).await,
+        connector_sdk::testing::eventually(Duration::from_secs(5), || gw.requests().len() == 2)
+            .await,
         "both invocations should have started"
     );
     setup.dispatcher.drain();

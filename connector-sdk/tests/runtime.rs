@@ -1,15 +1,13 @@
 //! The run harness, topic-map rebuilds and the pump against a real HTTP gateway.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{FakeGateway, Reply, SystemMode, eventually};
 use connector_sdk::gateway::GatewayClient;
 use connector_sdk::metrics::{Metrics, encode};
+use connector_sdk::testing::{FakeGateway, Reply, SystemMode, eventually};
 use connector_sdk::topic_map::{TopicMapHandle, rebuild_loop};
 use connector_sdk::{Disposition, Message, MessageOutcome, Runtime, Source, SourceError, pump};
 use tokio::sync::mpsc;
@@ -116,7 +114,7 @@ async fn wait_status(addr: SocketAddr, path: &str, want: u16) -> bool {
 
 #[tokio::test]
 async fn drain_on_shutdown_finishes_in_flight_work_and_acks_it() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("slow", "jobs", |_, _| {
         Reply::ok().delay(Duration::from_millis(400))
     });
@@ -151,7 +149,7 @@ async fn drain_on_shutdown_finishes_in_flight_work_and_acks_it() {
 
 #[tokio::test]
 async fn drain_timeout_releases_what_did_not_finish() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("stuck", "jobs", |_, _| {
         Reply::ok().delay(Duration::from_secs(30))
     });
@@ -195,7 +193,7 @@ async fn gateway_down_at_start_is_picked_up_when_it_appears() {
     let (_, metrics) = get(running.metrics_addr, "/metrics").await.unwrap();
     assert!(metrics.contains("connector_topic_map_rebuilds_total{result=\"error\"}"));
 
-    let gw = FakeGateway::start_on(free).await;
+    let gw = FakeGateway::start_on(free).await.unwrap();
     gw.function("late", "t", |_, _| Reply::ok());
     assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
     running
@@ -219,7 +217,7 @@ async fn gateway_down_at_start_is_picked_up_when_it_appears() {
 
 #[tokio::test]
 async fn metrics_endpoint_serves_connector_metrics() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("f", "t", |_, _| Reply::ok());
     let running = start(gw.config()).await;
     assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
@@ -278,7 +276,7 @@ async fn rebuild_fixture(
 
 #[tokio::test]
 async fn a_misbehaving_gateway_keeps_the_last_good_map() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("f", "orders", |_, _| Reply::ok());
     let mut config = gw.config();
     config.upstream_timeout = Duration::from_millis(200);
@@ -330,7 +328,7 @@ fn failures(registry: &prometheus_client::registry::Registry) -> u64 {
 
 #[tokio::test]
 async fn namespaces_qualify_functions_and_basic_auth_is_sent() {
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.set_namespaces(Some(vec!["openfaas-fn".into(), "staging".into()]));
     gw.set_functions_json(vec![serde_json::json!({
         "name": "f", "annotations": {"topic": "t"}
@@ -387,7 +385,7 @@ async fn source_pull_errors_are_retried_not_fatal() {
             Ok(())
         }
     }
-    let gw = FakeGateway::start().await;
+    let gw = FakeGateway::start().await.unwrap();
     gw.function("f", "t", |_, _| Reply::ok());
     let mut config = gw.config();
     config.metrics_addr = "127.0.0.1:0".parse().unwrap();

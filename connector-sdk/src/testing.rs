@@ -1,28 +1,32 @@
-//! A real HTTP server (axum) playing the gateway and its functions, for the SDK's tests.
-//! Each function's behaviour is a closure from (request, call number) to a reply; every
-//! request is recorded with its headers, body and arrival time, and concurrency is tracked.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! Test support for connector authors: a real HTTP server (axum) playing an
+//! OpenFaaS-compatible gateway and its functions.
+//!
+//! Each function's behaviour is a closure from (request, call number) to a [`Reply`];
+//! every request is recorded with its headers, body and arrival time, and concurrency is
+//! tracked. `/system/*` can be switched to fail in the ways real gateways do
+//! ([`SystemMode`]). The SDK's own tests and the end-to-end tests use it; so can yours.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::SdkConfig;
+use crate::topic_map::{FunctionStatus, TopicMap, TopicMapHandle};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use connector_sdk::SdkConfig;
-use connector_sdk::topic_map::{FunctionStatus, TopicMap, TopicMapHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// What a function answers.
 #[derive(Clone, Debug)]
 pub struct Reply {
+    /// HTTP status.
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
@@ -68,7 +72,7 @@ impl Received {
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers
             .get(name)
-            .map(|v| v.to_str().unwrap().to_owned())
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
     }
 }
 
@@ -111,14 +115,16 @@ impl Drop for FakeGateway {
 }
 
 impl FakeGateway {
-    pub async fn start() -> Self {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start() -> std::io::Result<Self> {
         Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 
-    pub async fn start_on(addr: SocketAddr) -> Self {
+    /// Starts on `addr` (to bring a gateway up where a connector already looks for one).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
-        let listener = TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let app = Router::new()
             .route("/system/namespaces", get(namespaces))
             .route("/system/functions", get(functions))
@@ -128,12 +134,14 @@ impl FakeGateway {
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move {
-            axum::serve(listener, app)
+            let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-                .unwrap();
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "fake gateway stopped");
+            }
         });
-        Self { addr, shared, stop }
+        Ok(Self { addr, shared, stop })
     }
 
     pub fn url(&self) -> String {
@@ -151,7 +159,7 @@ impl FakeGateway {
         self.shared
             .functions
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .push(serde_json::json!({
                 "name": name,
                 "annotations": {"topic": topics},
@@ -160,24 +168,40 @@ impl FakeGateway {
         self.shared
             .behaviours
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(name.to_owned(), Arc::new(behaviour));
     }
 
     pub fn set_functions_json(&self, list: Vec<serde_json::Value>) {
-        *self.shared.functions.lock().unwrap() = list;
+        *self
+            .shared
+            .functions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = list;
     }
 
     pub fn set_namespaces(&self, namespaces: Option<Vec<String>>) {
-        *self.shared.namespaces.lock().unwrap() = namespaces;
+        *self
+            .shared
+            .namespaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = namespaces;
     }
 
     pub fn set_mode(&self, mode: SystemMode) {
-        *self.shared.mode.lock().unwrap() = Some(mode);
+        *self
+            .shared
+            .mode
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(mode);
     }
 
     pub fn requests(&self) -> Vec<Received> {
-        self.shared.requests.lock().unwrap().clone()
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn requests_to(&self, function: &str) -> Vec<Received> {
@@ -196,7 +220,11 @@ impl FakeGateway {
     }
 
     pub fn system_auth(&self) -> Vec<Option<String>> {
-        self.shared.system_auth.lock().unwrap().clone()
+        self.shared
+            .system_auth
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The topic map this gateway's function list produces.
@@ -205,9 +233,9 @@ impl FakeGateway {
             .shared
             .functions
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|v| serde_json::from_value(v.clone()).unwrap())
+            .filter_map(|v| serde_json::from_value(v.clone()).ok())
             .collect();
         TopicMapHandle::fixed(TopicMap::build(&list, ","))
     }
@@ -229,12 +257,20 @@ impl FakeGateway {
 
 async fn system_gate(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     shared.system_calls.fetch_add(1, Ordering::SeqCst);
-    shared.system_auth.lock().unwrap().push(
-        headers
-            .get("authorization")
-            .map(|v| v.to_str().unwrap().to_owned()),
-    );
-    let mode = shared.mode.lock().unwrap().unwrap_or(SystemMode::Ok);
+    shared
+        .system_auth
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(
+            headers
+                .get("authorization")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        );
+    let mode = shared
+        .mode
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .unwrap_or(SystemMode::Ok);
     match mode {
         SystemMode::Ok => None,
         SystemMode::Error500 => Some((StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()),
@@ -250,7 +286,11 @@ async fn namespaces(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Re
     if let Some(r) = system_gate(&shared, &headers).await {
         return r;
     }
-    let ns = shared.namespaces.lock().unwrap().clone();
+    let ns = shared
+        .namespaces
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     match ns {
         Some(list) => axum::Json(list).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
@@ -261,7 +301,11 @@ async fn functions(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Res
     if let Some(r) = system_gate(&shared, &headers).await {
         return r;
     }
-    let list = shared.functions.lock().unwrap().clone();
+    let list = shared
+        .functions
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     axum::Json(list).into_response()
 }
 
@@ -291,13 +335,22 @@ async fn invoke(
         body,
         at: Instant::now(),
     };
-    shared.requests.lock().unwrap().push(received.clone());
-    let behaviour = shared.behaviours.lock().unwrap().get(&name).cloned();
+    shared
+        .requests
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(received.clone());
+    let behaviour = shared
+        .behaviours
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&name)
+        .cloned();
     let Some(behaviour) = behaviour else {
         return (StatusCode::NOT_FOUND, "no such function").into_response();
     };
     let call = {
-        let mut calls = shared.calls.lock().unwrap();
+        let mut calls = shared.calls.lock().unwrap_or_else(PoisonError::into_inner);
         let n = calls.entry(name).or_default();
         *n += 1;
         *n - 1
@@ -309,9 +362,12 @@ async fn invoke(
         tokio::time::sleep(reply.delay).await;
     }
     shared.inflight.fetch_sub(1, Ordering::SeqCst);
-    let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, reply.body).into_response();
     for (k, v) in reply.headers {
-        response.headers_mut().insert(k, v.parse().unwrap());
+        if let Ok(v) = v.parse() {
+            response.headers_mut().insert(k, v);
+        }
     }
     response
 }
