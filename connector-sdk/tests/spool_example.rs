@@ -1,6 +1,6 @@
 //! Runs the example connector (examples/spool_connector.rs) against a real HTTP gateway,
 //! so the code readers copy is known to work.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
 
 #[path = "../examples/spool_connector.rs"]
 mod spool;
