@@ -1,6 +1,69 @@
-//! `gateway`: the bundled OpenFaaS-compatible gateway (being built).
+//! `gateway`: the bundled OpenFaaS-compatible gateway.
+//!
+//! ```text
+//! gateway --config config/gateway.toml
+//! ```
+//!
+//! Serves the OpenFaaS API (default 127.0.0.1:8080) and metrics (127.0.0.1:8082) until
+//! SIGTERM or ctrl-c, then stops connectors, drains requests and stops functions.
 
-fn main() {
-    eprintln!("gateway is not implemented yet");
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// The bundled OpenFaaS-compatible gateway.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The TOML config file (relative paths in it are relative to its directory).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = match gateway::Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            std::process::exit(2);
+        }
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if config.gateway.log_format == "json" {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let grace = config.gateway.upstream_timeout;
+    let gateway = gateway::Gateway::start(config)
+        .await
+        .context("cannot start the gateway")?;
+    tracing::info!(addr = %gateway.addr, metrics = %gateway.metrics_addr, "gateway listening");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    gateway.stop(grace.min(Duration::from_secs(30))).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; ctrl-c only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -1,0 +1,558 @@
+//! The `http` runtime: long-running HTTP servers, one per replica, each told its port in
+//! `PORT` (and `port`, as of-watchdog reads it).
+//!
+//! How replicas come and go. One reconciler task per function owns the replica set: it
+//! starts replicas until there are `desired` of them and stops the surplus (least busy
+//! first, after their in-flight requests finish). Each replica has its own task that runs
+//! the process and its health checks: a replica is *ready* once `GET <health_path>` answers
+//! 2xx, and only ready replicas get requests; `availableReplicas` counts them. A replica
+//! whose process exits is replaced, after a backoff if it died young.
+//!
+//! `desired` moves three ways: `/system/scale-function` sets it (0 allowed); the
+//! autoscaler, every `autoscale_interval`, raises it to `ceil(peak in-flight / target)`
+//! (up to `com.openfaas.scale.max`) at once and lowers it only after the load has stayed
+//! lower for `scale_down_after`; and an idle function with scale-to-zero enabled drops to
+//! 0. A request that finds no ready replica sets `desired` back to `max(min, 1)` when it
+//! was 0 and waits, up to `ready_timeout`, for one to be ready: scale from zero.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use connector_sdk::backoff::Backoff;
+use futures::StreamExt;
+use http::Response;
+use tokio::process::Command;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::logs::LogBook;
+use super::spec::FunctionSpec;
+use crate::error::Error;
+use crate::provider::{Deadline, Invocation, forward};
+
+/// Timings shared by every `http` function.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpSettings {
+    /// Longest wait for a replica to become ready.
+    pub ready_timeout: Duration,
+    /// Interval of health checks of ready replicas.
+    pub health_interval: Duration,
+    /// Interval of autoscaling decisions.
+    pub autoscale_interval: Duration,
+    /// How long load must stay low before scaling down.
+    pub scale_down_after: Duration,
+    /// The gateway's `upstream_timeout`.
+    pub upstream_timeout: Duration,
+}
+
+/// An `http` function and its replicas.
+#[derive(Debug)]
+pub struct HttpRuntime {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    spec: Arc<FunctionSpec>,
+    logs: Arc<LogBook>,
+    client: reqwest::Client,
+    settings: HttpSettings,
+    desired: AtomicU64,
+    replicas: Mutex<Vec<Arc<Replica>>>,
+    ready: watch::Sender<usize>,
+    inflight: AtomicUsize,
+    peak: AtomicUsize,
+    last_used: Mutex<Instant>,
+    failures: AtomicU64,
+    rotation: AtomicUsize,
+    next_id: AtomicU64,
+    wake: Notify,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+#[derive(Debug)]
+struct Replica {
+    id: String,
+    port: u16,
+    ready: AtomicBool,
+    inflight: AtomicUsize,
+    stop: CancellationToken,
+}
+
+impl HttpRuntime {
+    /// Starts the function's reconciler with `min` replicas (none when `min` is 0).
+    pub fn start(
+        spec: Arc<FunctionSpec>,
+        logs: Arc<LogBook>,
+        client: reqwest::Client,
+        settings: HttpSettings,
+        cancel: CancellationToken,
+    ) -> Self {
+        let (ready, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            desired: AtomicU64::new(spec.scaling.min),
+            spec,
+            logs,
+            client,
+            settings,
+            replicas: Mutex::new(Vec::new()),
+            ready,
+            inflight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+            failures: AtomicU64::new(0),
+            rotation: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            wake: Notify::new(),
+            cancel,
+            tasks: TaskTracker::new(),
+        });
+        let reconciler = Arc::clone(&inner);
+        inner
+            .tasks
+            .spawn(async move { reconciler.reconcile_loop().await });
+        Self { inner }
+    }
+
+    /// Desired replicas.
+    pub fn replicas(&self) -> u64 {
+        self.inner.desired.load(Ordering::SeqCst)
+    }
+
+    /// Ready replicas.
+    pub fn available(&self) -> u64 {
+        u64::try_from(*self.inner.ready.borrow()).unwrap_or(u64::MAX)
+    }
+
+    /// Sets desired replicas, capped at the function's maximum.
+    pub fn scale(&self, replicas: u64) {
+        let replicas = replicas.min(self.inner.spec.scaling.max);
+        self.inner.desired.store(replicas, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+    }
+
+    /// Sends `invocation` to the least busy ready replica, scaling from zero if needed.
+    pub async fn invoke(&self, invocation: Invocation) -> Result<Response<Body>, Error> {
+        let inner = &self.inner;
+        *inner
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        let replica = inner.pick().await?;
+        let guard = InflightGuard::new(Arc::clone(inner), replica);
+        let base = format!("http://127.0.0.1:{}", guard.replica.port);
+        let deadline = Deadline::new(inner.settings.upstream_timeout, inner.spec.exec_timeout);
+        let response = forward(&inner.client, &base, invocation, deadline).await?;
+        // The request counts as in flight until its body has been streamed out.
+        let (parts, body) = response.into_parts();
+        let stream = body.into_data_stream().map(move |chunk| {
+            let _held = &guard;
+            chunk
+        });
+        Ok(Response::from_parts(parts, Body::from_stream(stream)))
+    }
+
+    /// Stops every replica and waits for them.
+    pub async fn stop(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+impl Drop for HttpRuntime {
+    fn drop(&mut self) {
+        self.inner.cancel.cancel();
+    }
+}
+
+struct InflightGuard {
+    inner: Arc<Inner>,
+    replica: Arc<Replica>,
+}
+
+impl InflightGuard {
+    fn new(inner: Arc<Inner>, replica: Arc<Replica>) -> Self {
+        replica.inflight.fetch_add(1, Ordering::SeqCst);
+        let now = inner.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        inner.peak.fetch_max(now, Ordering::SeqCst);
+        Self { inner, replica }
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.replica.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.inner.inflight.fetch_sub(1, Ordering::SeqCst);
+        *self
+            .inner
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+}
+
+impl Inner {
+    fn replicas(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Replica>>> {
+        self.replicas.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The least busy ready replica; ties go round-robin so sequential requests spread.
+    fn choose_ready(&self) -> Option<Arc<Replica>> {
+        let replicas = self.replicas();
+        let ready: Vec<&Arc<Replica>> = replicas
+            .iter()
+            .filter(|r| r.ready.load(Ordering::SeqCst) && !r.stop.is_cancelled())
+            .collect();
+        if ready.is_empty() {
+            return None;
+        }
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % ready.len();
+        ready
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(ready.len())
+            .min_by_key(|r| r.inflight.load(Ordering::SeqCst))
+            .map(|r| Arc::clone(r))
+    }
+
+    async fn pick(&self) -> Result<Arc<Replica>, Error> {
+        if let Some(r) = self.choose_ready() {
+            return Ok(r);
+        }
+        let wait_until = tokio::time::Instant::now() + self.settings.ready_timeout;
+        let mut ready = self.ready.subscribe();
+        loop {
+            if self.desired.load(Ordering::SeqCst) == 0 {
+                let to = self.spec.scaling.min.max(1);
+                if self
+                    .desired
+                    .compare_exchange(0, to, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    self.logs
+                        .write("gateway", &format!("Scaling from zero to {to} replica(s)"));
+                }
+                self.wake.notify_one();
+            }
+            let waited = tokio::select! {
+                r = tokio::time::timeout_at(wait_until, ready.wait_for(|n| *n > 0)) => r,
+                () = self.cancel.cancelled() => {
+                    return Err(Error::BadGateway("function is being removed".into()));
+                }
+            };
+            match waited {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(Error::BadGateway("function was removed".into())),
+                Err(_) => {
+                    return Err(Error::GatewayTimeout(format!(
+                        "function {} did not become ready within {}",
+                        self.spec.function,
+                        humantime::format_duration(self.settings.ready_timeout)
+                    )));
+                }
+            }
+            if let Some(r) = self.choose_ready() {
+                return Ok(r);
+            }
+        }
+    }
+
+    fn publish_ready(&self) {
+        let n = self
+            .replicas()
+            .iter()
+            .filter(|r| r.ready.load(Ordering::SeqCst) && !r.stop.is_cancelled())
+            .count();
+        self.ready.send_if_modified(|current| {
+            let changed = *current != n;
+            *current = n;
+            changed
+        });
+    }
+
+    async fn reconcile_loop(self: Arc<Self>) {
+        let mut low_since: Option<Instant> = None;
+        let mut tick = tokio::time::interval(self.settings.autoscale_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => break,
+                () = self.wake.notified() => {}
+                _ = tick.tick() => self.autoscale(&mut low_since),
+            }
+            self.reconcile();
+        }
+        let all: Vec<Arc<Replica>> = self.replicas().drain(..).collect();
+        for replica in all {
+            replica.stop.cancel();
+        }
+        self.publish_ready();
+    }
+
+    fn autoscale(&self, low_since: &mut Option<Instant>) {
+        let scaling = self.spec.scaling;
+        let desired = self.desired.load(Ordering::SeqCst);
+        let current = self.inflight.load(Ordering::SeqCst);
+        let peak = self.peak.swap(current, Ordering::SeqCst).max(current);
+        if desired == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(after) = scaling.zero_after {
+            let idle = now.duration_since(
+                *self
+                    .last_used
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            if current == 0 && idle >= after {
+                self.desired.store(0, Ordering::SeqCst);
+                self.logs.write(
+                    "gateway",
+                    &format!(
+                        "Scaling to zero after {} idle",
+                        humantime::format_duration(after)
+                    ),
+                );
+                *low_since = None;
+                return;
+            }
+        }
+        let peak = u64::try_from(peak).unwrap_or(u64::MAX);
+        let needed = peak
+            .div_ceil(scaling.target)
+            .clamp(scaling.min.max(1), scaling.max);
+        if needed > desired {
+            self.desired.store(needed, Ordering::SeqCst);
+            self.logs.write(
+                "gateway",
+                &format!("Scaling up from {desired} to {needed} replicas ({peak} in flight)"),
+            );
+            *low_since = None;
+        } else if needed < desired {
+            let since = *low_since.get_or_insert(now);
+            if now.duration_since(since) >= self.settings.scale_down_after {
+                self.desired.store(needed, Ordering::SeqCst);
+                self.logs.write(
+                    "gateway",
+                    &format!("Scaling down from {desired} to {needed} replicas"),
+                );
+                *low_since = None;
+            }
+        } else {
+            *low_since = None;
+        }
+    }
+
+    fn reconcile(self: &Arc<Self>) {
+        let want = usize::try_from(self.desired.load(Ordering::SeqCst)).unwrap_or(usize::MAX);
+        let mut started = Vec::new();
+        {
+            let mut replicas = self.replicas();
+            if replicas.len() > want {
+                // Stop the least useful first: not ready, then least busy.
+                replicas.sort_by_key(|r| {
+                    (
+                        r.ready.load(Ordering::SeqCst),
+                        r.inflight.load(Ordering::SeqCst),
+                    )
+                });
+                let surplus = replicas.len() - want;
+                for replica in replicas.drain(..surplus) {
+                    replica.stop.cancel();
+                }
+            }
+            while replicas.len() < want {
+                let Some(port) = free_port() else {
+                    self.logs.write("gateway", "No free port for a new replica");
+                    break;
+                };
+                let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+                let replica = Arc::new(Replica {
+                    id: format!("{}-{n}", self.spec.function.name),
+                    port,
+                    ready: AtomicBool::new(false),
+                    inflight: AtomicUsize::new(0),
+                    stop: self.cancel.child_token(),
+                });
+                replicas.push(Arc::clone(&replica));
+                started.push(replica);
+            }
+        }
+        for replica in started {
+            let inner = Arc::clone(self);
+            self.tasks
+                .spawn(async move { inner.run_replica(replica).await });
+        }
+        self.publish_ready();
+    }
+
+    async fn run_replica(self: Arc<Self>, replica: Arc<Replica>) {
+        let began = Instant::now();
+        let exited_early = match self.supervise(&replica).await {
+            Ok(()) => return self.forget(&replica),
+            Err(reason) => {
+                self.logs
+                    .write(&replica.id, &format!("Replica failed: {reason}"));
+                began.elapsed() < Duration::from_secs(10)
+            }
+        };
+        replica.ready.store(false, Ordering::SeqCst);
+        self.publish_ready();
+        if exited_early {
+            // A process that keeps dying at start is retried with backoff, not in a loop.
+            let failures = self.failures.fetch_add(1, Ordering::SeqCst) + 1;
+            let delay = Backoff::default().delay(u32::try_from(failures).unwrap_or(u32::MAX));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = replica.stop.cancelled() => {}
+            }
+        } else {
+            self.failures.store(0, Ordering::SeqCst);
+        }
+        self.forget(&replica);
+    }
+
+    /// Removes `replica` from the set (if still there) and lets the reconciler replace it.
+    fn forget(&self, replica: &Arc<Replica>) {
+        self.replicas().retain(|r| !Arc::ptr_eq(r, replica));
+        self.publish_ready();
+        self.wake.notify_one();
+    }
+
+    /// Runs one replica's process until it is stopped (`Ok`) or fails (`Err`).
+    async fn supervise(&self, replica: &Arc<Replica>) -> Result<(), String> {
+        let Some((program, args)) = self.spec.argv.split_first() else {
+            return Err("no command".to_owned());
+        };
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        self.spec.apply_env(&mut command);
+        command.env("PORT", replica.port.to_string());
+        command.env("port", replica.port.to_string());
+        if let Some(dir) = &self.spec.workdir {
+            command.current_dir(dir);
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {program}: {e}"))?;
+        self.logs.write(
+            &replica.id,
+            &format!(
+                "Started process {} on port {}",
+                child.id().unwrap_or_default(),
+                replica.port
+            ),
+        );
+        if let Some(out) = child.stdout.take() {
+            self.logs.pipe(replica.id.clone(), out);
+        }
+        if let Some(err) = child.stderr.take() {
+            self.logs.pipe(replica.id.clone(), err);
+        }
+        let health_url = format!("http://127.0.0.1:{}{}", replica.port, self.spec.health_path);
+        let started = Instant::now();
+        let mut ever_ready = false;
+        let mut wait = Duration::from_millis(20);
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    return Err(match status {
+                        Ok(s) => format!("process exited ({s})"),
+                        Err(e) => format!("cannot wait for the process: {e}"),
+                    });
+                }
+                () = replica.stop.cancelled() => {
+                    self.drain_and_stop(replica, &mut child).await;
+                    return Ok(());
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+            let healthy = self
+                .client
+                .get(&health_url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if healthy != replica.ready.load(Ordering::SeqCst) {
+                replica.ready.store(healthy, Ordering::SeqCst);
+                self.publish_ready();
+                if healthy {
+                    self.failures.store(0, Ordering::SeqCst);
+                    if !ever_ready {
+                        self.logs.write(
+                            &replica.id,
+                            &format!("Ready after {:.3}s", started.elapsed().as_secs_f64()),
+                        );
+                    }
+                } else {
+                    self.logs.write(&replica.id, "Health check failed");
+                }
+            }
+            ever_ready |= healthy;
+            if !ever_ready && started.elapsed() > self.settings.ready_timeout {
+                let _ = child.start_kill();
+                return Err(format!(
+                    "not ready within {}",
+                    humantime::format_duration(self.settings.ready_timeout)
+                ));
+            }
+            wait = if healthy {
+                self.settings.health_interval
+            } else {
+                Duration::from_millis(50)
+            };
+        }
+    }
+
+    /// Lets in-flight requests finish (bounded by `upstream_timeout`), then SIGTERM,
+    /// then SIGKILL after 5 s.
+    async fn drain_and_stop(&self, replica: &Replica, child: &mut tokio::process::Child) {
+        replica.ready.store(false, Ordering::SeqCst);
+        self.publish_ready();
+        let drain_until = Instant::now() + self.settings.upstream_timeout;
+        while replica.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < drain_until {
+            tokio::select! {
+                _ = child.wait() => return,
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        terminate(child, Duration::from_secs(5)).await;
+        self.logs.write(&replica.id, "Stopped");
+    }
+}
+
+/// SIGTERM, then SIGKILL when the process is still there after `grace`.
+pub async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
+/// A port nothing listens on right now. Another process could take it before the replica
+/// binds it; the replica then fails its start and is replaced on another port.
+fn free_port() -> Option<u16> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .ok()
+}

@@ -1,0 +1,553 @@
+//! The local provider: runs functions on this machine, no containers. Functions come from
+//! `[[functions]]` in the config and from the deploy API, and are kept in the state
+//! directory. It serves one namespace, the default one, as faasd CE does.
+
+pub mod http;
+pub mod logs;
+pub mod process;
+pub mod spec;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use axum::body::Body;
+use futures::StreamExt;
+use http_body_util::BodyExt as _;
+use tokio_util::sync::CancellationToken;
+
+use self::http::{HttpRuntime, HttpSettings};
+use self::logs::LogBook;
+use self::process::ProcessRuntime;
+use self::spec::FunctionSpec;
+use self::store::{Store, StoredFunction};
+use super::{Deadline, Invocation, LogRequest, LogStream, Provider, forward};
+use crate::config::{ProviderSection, RuntimeKind};
+use crate::error::Error;
+use crate::names::{FunctionRef, check_secret_name, check_service_name};
+use crate::types::{FunctionDeployment, FunctionStatus, ProviderInfo, Secret, VersionInfo};
+
+/// What the local provider needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    /// The one namespace served.
+    pub namespace: String,
+    /// The gateway's `upstream_timeout`.
+    pub upstream_timeout: Duration,
+    /// Where functions are kept.
+    pub state_dir: PathBuf,
+    /// `[provider]`.
+    pub provider: ProviderSection,
+}
+
+/// Runs functions as local processes.
+#[derive(Debug)]
+pub struct LocalProvider {
+    settings: LocalSettings,
+    functions: RwLock<BTreeMap<String, Arc<Deployed>>>,
+    /// Deploys, updates and deletes run one at a time, so the state file is always written
+    /// from the latest list.
+    mutate: tokio::sync::Mutex<()>,
+    store: Store,
+    client: reqwest::Client,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug)]
+struct Deployed {
+    deployment: FunctionDeployment,
+    created_at: String,
+    spec: Arc<FunctionSpec>,
+    logs: Arc<LogBook>,
+    runtime: Runtime,
+}
+
+#[derive(Debug)]
+enum Runtime {
+    Process {
+        runtime: ProcessRuntime,
+        /// Scaling a `process` function only changes what is reported; the next request
+        /// brings it back to 1.
+        replicas: AtomicU64,
+    },
+    Http(HttpRuntime),
+    Url(String),
+}
+
+impl Deployed {
+    fn replicas(&self) -> (u64, u64) {
+        match &self.runtime {
+            Runtime::Process { replicas, .. } => {
+                let n = replicas.load(Ordering::SeqCst);
+                (n, n.min(1))
+            }
+            Runtime::Http(rt) => (rt.replicas(), rt.available()),
+            Runtime::Url(_) => (1, 1),
+        }
+    }
+
+    async fn stop(&self) {
+        if let Runtime::Http(rt) = &self.runtime {
+            rt.stop().await;
+        }
+    }
+
+    fn stored(&self, namespace: &str) -> StoredFunction {
+        StoredFunction {
+            namespace: namespace.to_owned(),
+            created_at: self.created_at.clone(),
+            deployment: self.deployment.clone(),
+        }
+    }
+}
+
+impl LocalProvider {
+    /// Opens the state directory, starts the functions saved there and then those of
+    /// `configured` (which replace saved ones of the same name), and saves the result.
+    pub async fn start(
+        settings: LocalSettings,
+        configured: Vec<FunctionDeployment>,
+        client: reqwest::Client,
+        cancel: CancellationToken,
+    ) -> Result<Self, Error> {
+        let store = Store::open(&settings.state_dir)?;
+        std::fs::create_dir_all(&settings.provider.secrets_path).map_err(|source| {
+            Error::State {
+                path: settings.provider.secrets_path.display().to_string(),
+                source,
+            }
+        })?;
+        let saved = store.load()?;
+        let provider = Self {
+            settings,
+            functions: RwLock::new(BTreeMap::new()),
+            mutate: tokio::sync::Mutex::new(()),
+            store,
+            client,
+            cancel,
+        };
+        for stored in saved {
+            let name = stored.deployment.service.clone();
+            if stored.namespace != provider.settings.namespace {
+                tracing::warn!(function = %name, namespace = %stored.namespace, "saved function is in another namespace; skipped");
+                continue;
+            }
+            match provider.build(stored.deployment, stored.created_at, None) {
+                Ok(deployed) => {
+                    provider.insert(deployed);
+                }
+                Err(e) => {
+                    tracing::error!(function = %name, error = %e, "saved function cannot run; skipped");
+                }
+            }
+        }
+        for deployment in configured {
+            let name = deployment.service.clone();
+            let previous = provider.get(&name);
+            let created_at = previous
+                .as_ref()
+                .map_or_else(now_rfc3339, |p| p.created_at.clone());
+            let logs = previous.as_ref().map(|p| Arc::clone(&p.logs));
+            let deployed = provider
+                .build(deployment, created_at, logs)
+                .map_err(|e| Error::Config(format!("[[functions]] {name}: {e}")))?;
+            if let Some(previous) = provider.insert(deployed) {
+                previous.stop().await;
+            }
+        }
+        provider.save().await?;
+        Ok(provider)
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Deployed>> {
+        self.functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    fn insert(&self, deployed: Deployed) -> Option<Arc<Deployed>> {
+        self.functions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(deployed.deployment.service.clone(), Arc::new(deployed))
+    }
+
+    fn lookup(&self, function: &FunctionRef) -> Option<Arc<Deployed>> {
+        if function.namespace != self.settings.namespace {
+            return None;
+        }
+        self.get(&function.name)
+    }
+
+    fn check_namespace(&self, namespace: &str) -> Result<(), Error> {
+        if namespace == self.settings.namespace {
+            Ok(())
+        } else {
+            Err(Error::BadRequest(format!(
+                "namespace {namespace:?} is not served: the local provider has one namespace, {:?}",
+                self.settings.namespace
+            )))
+        }
+    }
+
+    /// Checks `deployment` and starts its runtime.
+    fn build(
+        &self,
+        deployment: FunctionDeployment,
+        created_at: String,
+        logs: Option<Arc<LogBook>>,
+    ) -> Result<Deployed, Error> {
+        check_service_name(&deployment.service)?;
+        let function = FunctionRef {
+            name: deployment.service.clone(),
+            namespace: self.settings.namespace.clone(),
+        };
+        let spec = Arc::new(FunctionSpec::from_deployment(
+            function.clone(),
+            &deployment,
+            self.settings.provider.scale_to_zero_after,
+        )?);
+        for secret in deployment.secrets.iter().flatten() {
+            check_secret_name(secret)?;
+            if !self.settings.provider.secrets_path.join(secret).is_file() {
+                return Err(Error::BadRequest(format!(
+                    "unable to find secret: {secret}"
+                )));
+            }
+        }
+        let logs = logs.unwrap_or_else(|| LogBook::new(function, self.settings.provider.log_lines));
+        let runtime = match spec.runtime {
+            RuntimeKind::Process => Runtime::Process {
+                runtime: ProcessRuntime::new(
+                    Arc::clone(&spec),
+                    Arc::clone(&logs),
+                    self.settings.upstream_timeout,
+                ),
+                replicas: AtomicU64::new(1),
+            },
+            RuntimeKind::Http => Runtime::Http(HttpRuntime::start(
+                Arc::clone(&spec),
+                Arc::clone(&logs),
+                self.client.clone(),
+                HttpSettings {
+                    ready_timeout: self.settings.provider.ready_timeout,
+                    health_interval: self.settings.provider.health_interval,
+                    autoscale_interval: self.settings.provider.autoscale_interval,
+                    scale_down_after: self.settings.provider.scale_down_after,
+                    upstream_timeout: self.settings.upstream_timeout,
+                },
+                self.cancel.child_token(),
+            )),
+            RuntimeKind::Url => Runtime::Url(spec.url.clone().unwrap_or_default()),
+        };
+        Ok(Deployed {
+            deployment,
+            created_at,
+            spec,
+            logs,
+            runtime,
+        })
+    }
+
+    async fn save(&self) -> Result<(), Error> {
+        let list: Vec<StoredFunction> = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|d| d.stored(&self.settings.namespace))
+            .collect();
+        self.store.save(list).await
+    }
+
+    fn status_of(&self, deployed: &Deployed) -> FunctionStatus {
+        let mut status = deployed
+            .deployment
+            .to_status(&self.settings.namespace, &deployed.created_at);
+        let (replicas, available) = deployed.replicas();
+        status.replicas = replicas;
+        status.available_replicas = available;
+        status
+    }
+
+    fn secret_path(&self, name: &str) -> Result<PathBuf, Error> {
+        check_secret_name(name)?;
+        Ok(self.settings.provider.secrets_path.join(name))
+    }
+
+    async fn write_secret(&self, secret: Secret, must_exist: bool) -> Result<(), Error> {
+        self.check_namespace(
+            secret
+                .namespace
+                .as_deref()
+                .unwrap_or(&self.settings.namespace),
+        )?;
+        let path = self.secret_path(&secret.name)?;
+        let exists = path.is_file();
+        if must_exist && !exists {
+            return Err(Error::SecretNotFound(secret.name));
+        }
+        if !must_exist && exists {
+            return Err(Error::Conflict(format!(
+                "secret {} already exists",
+                secret.name
+            )));
+        }
+        let value = match (secret.value, secret.raw_value) {
+            (Some(v), _) if !v.is_empty() => v.into_bytes(),
+            (_, Some(raw)) => raw,
+            (v, None) => v.unwrap_or_default().into_bytes(),
+        };
+        tokio::task::spawn_blocking(move || store::write_atomically(&path, &value))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::Internal(format!("cannot write the secret: {e}")))
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    async fn list(&self, namespace: &str) -> Result<Vec<FunctionStatus>, Error> {
+        if namespace != self.settings.namespace {
+            return Ok(Vec::new());
+        }
+        let all: Vec<Arc<Deployed>> = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        Ok(all.iter().map(|d| self.status_of(d)).collect())
+    }
+
+    async fn status(&self, function: &FunctionRef) -> Result<FunctionStatus, Error> {
+        let deployed = self
+            .lookup(function)
+            .ok_or_else(|| Error::SystemFunctionNotFound(function.qualified()))?;
+        Ok(self.status_of(&deployed))
+    }
+
+    async fn deploy(&self, deployment: FunctionDeployment, namespace: &str) -> Result<(), Error> {
+        self.check_namespace(namespace)?;
+        let _one_at_a_time = self.mutate.lock().await;
+        if self.get(&deployment.service).is_some() {
+            return Err(Error::BadRequest(format!(
+                "function {} already exists; update it with PUT",
+                deployment.service
+            )));
+        }
+        let deployed = self.build(deployment, now_rfc3339(), None)?;
+        let name = deployed.deployment.service.clone();
+        self.insert(deployed);
+        if let Err(e) = self.save().await {
+            let removed = self
+                .functions
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&name);
+            if let Some(d) = removed {
+                d.stop().await;
+            }
+            return Err(e);
+        }
+        tracing::info!(function = %name, "deployed");
+        Ok(())
+    }
+
+    async fn update(&self, deployment: FunctionDeployment, namespace: &str) -> Result<(), Error> {
+        let function = FunctionRef {
+            name: deployment.service.clone(),
+            namespace: namespace.to_owned(),
+        };
+        let _one_at_a_time = self.mutate.lock().await;
+        let previous = self
+            .lookup(&function)
+            .ok_or_else(|| Error::SystemFunctionNotFound(function.qualified()))?;
+        let deployed = self.build(
+            deployment,
+            previous.created_at.clone(),
+            Some(Arc::clone(&previous.logs)),
+        )?;
+        self.insert(deployed);
+        previous.stop().await;
+        self.save().await?;
+        tracing::info!(function = %function, "updated");
+        Ok(())
+    }
+
+    async fn delete(&self, function: &FunctionRef) -> Result<(), Error> {
+        let _one_at_a_time = self.mutate.lock().await;
+        if self.lookup(function).is_none() {
+            return Err(Error::SystemFunctionNotFound(function.qualified()));
+        }
+        let removed = self
+            .functions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&function.name);
+        self.save().await?;
+        if let Some(d) = removed {
+            d.stop().await;
+        }
+        tracing::info!(function = %function, "deleted");
+        Ok(())
+    }
+
+    async fn scale(&self, function: &FunctionRef, replicas: u64) -> Result<(), Error> {
+        let deployed = self
+            .lookup(function)
+            .ok_or_else(|| Error::SystemFunctionNotFound(format!("{function}")))?;
+        match &deployed.runtime {
+            Runtime::Process { replicas: r, .. } => r.store(replicas.min(1), Ordering::SeqCst),
+            Runtime::Http(rt) => rt.scale(replicas),
+            Runtime::Url(_) => {}
+        }
+        Ok(())
+    }
+
+    async fn namespaces(&self) -> Result<Vec<String>, Error> {
+        Ok(vec![self.settings.namespace.clone()])
+    }
+
+    async fn info(&self) -> Result<ProviderInfo, Error> {
+        Ok(ProviderInfo {
+            provider: "faas-gateway-local".to_owned(),
+            version: VersionInfo {
+                commit_message: None,
+                sha: option_env!("GIT_SHA").unwrap_or("unknown").to_owned(),
+                release: env!("CARGO_PKG_VERSION").to_owned(),
+            },
+            orchestration: "process".to_owned(),
+        })
+    }
+
+    async fn list_secrets(&self, namespace: &str) -> Result<Vec<Secret>, Error> {
+        if namespace != self.settings.namespace {
+            return Ok(Vec::new());
+        }
+        let dir = self.settings.provider.secrets_path.clone();
+        let names = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+            let mut names = Vec::new();
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') && entry.file_type()?.is_file() {
+                    names.push(name);
+                }
+            }
+            names.sort();
+            Ok(names)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| Error::Internal(format!("cannot list secrets: {e}")))?;
+        Ok(names
+            .into_iter()
+            .map(|name| Secret {
+                name,
+                namespace: Some(namespace.to_owned()),
+                value: None,
+                raw_value: None,
+            })
+            .collect())
+    }
+
+    async fn create_secret(&self, secret: Secret, _namespace: &str) -> Result<(), Error> {
+        self.write_secret(secret, false).await
+    }
+
+    async fn update_secret(&self, secret: Secret, _namespace: &str) -> Result<(), Error> {
+        self.write_secret(secret, true).await
+    }
+
+    async fn delete_secret(&self, name: &str, namespace: &str) -> Result<(), Error> {
+        self.check_namespace(namespace)?;
+        let path = self.secret_path(name)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::SecretNotFound(name.to_owned()))
+            }
+            Err(e) => Err(Error::Internal(format!("cannot delete the secret: {e}"))),
+        }
+    }
+
+    async fn logs(&self, request: LogRequest) -> Result<LogStream, Error> {
+        let function = request
+            .function
+            .clone()
+            .ok_or_else(|| Error::BadRequest("name is required".to_owned()))?;
+        let deployed = self
+            .lookup(&function)
+            .ok_or_else(|| Error::SystemFunctionNotFound(function.qualified()))?;
+        let cancel = self.cancel.clone();
+        // A follower's stream ends with the gateway, so shutdown does not wait on it.
+        Ok(deployed
+            .logs
+            .read(&request)
+            .take_until(async move { cancel.cancelled().await })
+            .boxed())
+    }
+
+    async fn invoke(
+        &self,
+        function: &FunctionRef,
+        invocation: Invocation,
+    ) -> Result<::http::Response<Body>, Error> {
+        let deployed = self
+            .lookup(function)
+            .ok_or_else(|| Error::FunctionNotFound(function.qualified()))?;
+        match &deployed.runtime {
+            Runtime::Process { runtime, replicas } => {
+                replicas.store(1, Ordering::SeqCst);
+                runtime.invoke(invocation).await
+            }
+            Runtime::Http(rt) => rt.invoke(invocation).await,
+            Runtime::Url(url) => {
+                let deadline =
+                    Deadline::new(self.settings.upstream_timeout, deployed.spec.exec_timeout);
+                forward(&self.client, url, invocation, deadline).await
+            }
+        }
+    }
+
+    async fn health(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        self.cancel.cancel();
+        let all: Vec<Arc<Deployed>> = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        futures::future::join_all(all.iter().map(|d| d.stop())).await;
+    }
+}
+
+/// Reads a whole body up to `limit` bytes (for callers that must buffer, like the async
+/// queue).
+pub async fn collect_body(body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
+    let limited = http_body_util::Limited::new(body, limit);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(Error::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(Error::BadRequest(format!("cannot read the body: {e}"))),
+    }
+}

@@ -1,0 +1,271 @@
+//! `/function/{name}[/path]`: the synchronous invocation path, shared by the async worker.
+//! Adds the call id, start time and forwarding headers, strips hop-by-hop headers, keeps
+//! the sub-path and query, counts the OpenFaaS metrics, and streams both bodies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+
+use crate::AppState;
+use crate::error::Error;
+use crate::metrics::FunctionLabel;
+use crate::names::FunctionRef;
+use crate::provider::{Invocation, strip_hop_by_hop};
+
+/// `X-Served-By`.
+pub const SERVED_BY: &str = concat!("faas-gateway/", env!("CARGO_PKG_VERSION"));
+
+/// The name and sub-path of `/function/NAME[/rest]` or `/async-function/NAME[/rest]`,
+/// read from the raw path so the sub-path keeps its encoding.
+pub fn split_function_path<'a>(path: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    let rest = path.strip_prefix(prefix)?;
+    Some(match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, ""),
+    })
+}
+
+/// Call-id and timing headers of one request.
+#[derive(Debug, Clone)]
+pub struct CallHeaders {
+    /// The call id (the client's, or generated).
+    pub call_id: String,
+    /// Whether the gateway generated it (then it is echoed in the response).
+    pub generated: bool,
+    /// `X-Start-Time`: Unix nanoseconds.
+    pub start_time: String,
+}
+
+/// Prepares the headers sent to the function: hop-by-hop removed, `X-Call-Id`,
+/// `X-Start-Time`, and `X-Forwarded-For` / `X-Forwarded-Host` when absent.
+pub fn prepare_headers(headers: &mut HeaderMap, client: Option<SocketAddr>) -> CallHeaders {
+    strip_hop_by_hop(headers);
+    let existing = headers
+        .get("x-call-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
+    let generated = existing.is_none();
+    let call_id = existing.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let start_time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+        .to_string();
+    if let Ok(v) = HeaderValue::from_str(&call_id) {
+        headers.insert("x-call-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&start_time) {
+        headers.append("x-start-time", v);
+    }
+    if !headers.contains_key("x-forwarded-for")
+        && let Some(addr) = client.and_then(|a| HeaderValue::from_str(&a.to_string()).ok())
+    {
+        headers.insert("x-forwarded-for", addr);
+    }
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(host) = headers.get(header::HOST).cloned()
+    {
+        headers.insert("x-forwarded-host", host);
+    }
+    CallHeaders {
+        call_id,
+        generated,
+        start_time,
+    }
+}
+
+/// Adds `X-Call-Id` (when generated), `X-Start-Time` and `X-Served-By` to a response.
+pub fn decorate_response(response: &mut Response, call: &CallHeaders) {
+    let headers = response.headers_mut();
+    if call.generated
+        && let Ok(v) = HeaderValue::from_str(&call.call_id)
+    {
+        headers.insert("x-call-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&call.start_time) {
+        headers.append("x-start-time", v);
+    }
+    headers.insert("x-served-by", HeaderValue::from_static(SERVED_BY));
+}
+
+/// Invokes `function` through the provider, counting the OpenFaaS metrics. Errors become
+/// their OpenFaaS responses here, so the metrics see the status the client sees.
+pub async fn invoke_function(
+    state: &AppState,
+    function: &FunctionRef,
+    invocation: Invocation,
+) -> Response {
+    let label = function.qualified();
+    state
+        .metrics
+        .started
+        .get_or_create(&FunctionLabel {
+            function_name: label.clone(),
+        })
+        .inc();
+    let began = Instant::now();
+    let response = match state.provider.invoke(function, invocation).await {
+        Ok(response) => response.into_response(),
+        Err(e) => {
+            tracing::debug!(function = %label, error = %e, "invocation failed");
+            e.into_response()
+        }
+    };
+    state.metrics.observe(
+        &label,
+        response.status().as_u16(),
+        began.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// Any method on `/function/{name}`, `/function/{name}/` and `/function/{name}/{*path}`.
+pub async fn function_route(State(state): State<AppState>, request: Request) -> Response {
+    let connect = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .copied();
+    let (mut parts, body) = request.into_parts();
+    let raw_path = parts.uri.path().to_owned();
+    let Some((raw_name, sub_path)) = split_function_path(&raw_path, "/function/") else {
+        return Error::BadRequest("Provide function name in the request path".into())
+            .into_response();
+    };
+    let name = percent_decode(raw_name);
+    let function = match FunctionRef::parse(&name, None, &state.namespace) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes) {
+        return Error::PayloadTooLarge {
+            limit: state.max_body_bytes,
+        }
+        .into_response();
+    }
+    let call = prepare_headers(&mut parts.headers, connect.map(|c| c.0));
+    let (body, exceeded) = limit_body(body, state.max_body_bytes);
+    let invocation = Invocation {
+        method: parts.method,
+        path: if sub_path.is_empty() {
+            "/".to_owned()
+        } else {
+            sub_path.to_owned()
+        },
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts.headers,
+        body,
+    };
+    let mut response = invoke_function(&state, &function, invocation).await;
+    if exceeded.load(Ordering::SeqCst) {
+        // The body was cut at the limit, so whatever the function answered is about a
+        // truncated request: the client gets 413 instead.
+        response = Error::PayloadTooLarge {
+            limit: state.max_body_bytes,
+        }
+        .into_response();
+    }
+    decorate_response(&mut response, &call);
+    response
+}
+
+/// Streams `body` but stops with an error after `limit` bytes, raising the returned flag.
+/// Bodies without `Content-Length` are checked this way, without buffering them.
+pub fn limit_body(body: Body, limit: usize) -> (Body, Arc<AtomicBool>) {
+    let exceeded = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&exceeded);
+    let mut seen = 0usize;
+    let stream = body.into_data_stream().map(move |chunk| match chunk {
+        Ok(bytes) => {
+            seen = seen.saturating_add(bytes.len());
+            if seen > limit {
+                flag.store(true, Ordering::SeqCst);
+                Err(std::io::Error::other("request body too large"))
+            } else {
+                Ok(bytes)
+            }
+        }
+        Err(e) => Err(std::io::Error::other(e)),
+    });
+    (Body::from_stream(stream), exceeded)
+}
+
+/// Decodes `%XX` escapes so `a%2Fb` is checked (and refused) as `a/b`.
+pub fn percent_decode(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_name_and_sub_path() {
+        assert_eq!(
+            split_function_path("/function/echo", "/function/"),
+            Some(("echo", ""))
+        );
+        assert_eq!(
+            split_function_path("/function/echo.ns/a/b%20c", "/function/"),
+            Some(("echo.ns", "/a/b%20c"))
+        );
+        assert_eq!(
+            split_function_path("/function/echo/", "/function/"),
+            Some(("echo", "/"))
+        );
+    }
+
+    #[test]
+    fn decodes_escapes() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%2e%2e"), "..");
+    }
+
+    #[test]
+    fn call_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("gw:8080"));
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        let call = prepare_headers(&mut h, Some("10.0.0.1:5000".parse().unwrap()));
+        assert!(call.generated);
+        assert_eq!(h["x-call-id"], call.call_id.as_str());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1:5000");
+        assert_eq!(h["x-forwarded-host"], "gw:8080");
+        assert!(!h.contains_key("connection"));
+        let mut h = HeaderMap::new();
+        h.insert("x-call-id", HeaderValue::from_static("given"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        let call = prepare_headers(&mut h, Some("10.0.0.1:5000".parse().unwrap()));
+        assert!(!call.generated);
+        assert_eq!(call.call_id, "given");
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4");
+    }
+}

@@ -1,0 +1,635 @@
+//! `/async-function/{name}`: accept (202 and `X-Call-Id`), queue, invoke later with the
+//! verdict rules of DESIGN.md, and post the result to `X-Callback-Url`.
+//!
+//! Two queues share one worker: an embedded in-memory queue (the default; queued requests
+//! are lost on restart) and a NATS JetStream stream (`nats_url`), durable across restarts,
+//! whose retries use JetStream's own redelivery (nak with delay) so a crash loses none.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use connector_sdk::backoff::Backoff;
+use connector_sdk::verdict::{StatusClasses, Verdict};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::AppState;
+use crate::config::AsyncSection;
+use crate::error::Error;
+use crate::metrics::OutcomeLabel;
+use crate::names::FunctionRef;
+use crate::provider::Invocation;
+use crate::provider::local::collect_body;
+use crate::proxy::{
+    decorate_response, invoke_function, percent_decode, prepare_headers, split_function_path,
+};
+
+/// A queued request, as stored in the queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuedRequest {
+    /// `X-Call-Id`.
+    pub call_id: String,
+    /// The function, `name.namespace`.
+    pub function: String,
+    /// The sub-path after the name (`/` or `/rest`).
+    pub path: String,
+    /// The raw query string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The request's headers (after the gateway added its own).
+    pub headers: Vec<(String, String)>,
+    /// The body, base64 in JSON.
+    pub body: String,
+    /// Where the result goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    /// When the gateway accepted it (Unix milliseconds).
+    pub accepted_at_ms: u64,
+}
+
+/// Somewhere to put requests.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Stores `request` for the worker; an error means it was not accepted.
+    async fn enqueue(&self, request: QueuedRequest) -> Result<(), Error>;
+}
+
+/// `POST /async-function/{name}[/path]`.
+pub async fn async_route(State(state): State<AppState>, request: Request) -> Response {
+    let connect = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .copied();
+    match accept(&state, connect.map(|c| c.0), request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn accept(
+    state: &AppState,
+    client: Option<SocketAddr>,
+    request: Request,
+) -> Result<Response, Error> {
+    let Some(queue) = &state.queue else {
+        return Err(Error::NotImplemented(
+            "asynchronous invocation is not configured".into(),
+        ));
+    };
+    let (mut parts, body) = request.into_parts();
+    if parts.method != Method::POST {
+        let mut r = (StatusCode::METHOD_NOT_ALLOWED, "Method not allowed\n").into_response();
+        r.headers_mut()
+            .insert("allow", HeaderValue::from_static("POST"));
+        return Ok(r);
+    }
+    let raw_path = parts.uri.path().to_owned();
+    let (raw_name, sub_path) = split_function_path(&raw_path, "/async-function/")
+        .ok_or_else(|| Error::BadRequest("Provide function name in the request path".into()))?;
+    let function = FunctionRef::parse(&percent_decode(raw_name), None, &state.namespace)?;
+    let limit = state.async_max_body_bytes;
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Error::PayloadTooLarge { limit });
+    }
+    let callback_url = match parts.headers.get("x-callback-url") {
+        Some(v) => {
+            let text = v
+                .to_str()
+                .map_err(|_| Error::BadRequest("X-Callback-Url is not text".into()))?;
+            let url = reqwest::Url::parse(text)
+                .map_err(|e| Error::BadRequest(format!("X-Callback-Url {text:?}: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(Error::BadRequest(format!(
+                    "X-Callback-Url {text:?} is not http(s)"
+                )));
+            }
+            Some(text.to_owned())
+        }
+        None => None,
+    };
+    // Unlike OpenFaaS CE, an unknown function is refused now rather than failing later.
+    state
+        .provider
+        .status(&function)
+        .await
+        .map_err(|e| match e {
+            Error::SystemFunctionNotFound(name) => Error::FunctionNotFound(name),
+            other => other,
+        })?;
+    let body = collect_body(body, limit).await?;
+    let call = prepare_headers(&mut parts.headers, client);
+    parts.headers.remove("x-callback-url");
+    let headers = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let queued = QueuedRequest {
+        call_id: call.call_id.clone(),
+        function: function.qualified(),
+        path: if sub_path.is_empty() {
+            "/".into()
+        } else {
+            sub_path.to_owned()
+        },
+        query: parts.uri.query().map(str::to_owned),
+        headers,
+        body: base64::engine::general_purpose::STANDARD.encode(&body),
+        callback_url,
+        accepted_at_ms: u64::try_from(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX),
+    };
+    queue.enqueue(queued).await?;
+    state.metrics.async_queued.inc();
+    tracing::debug!(function = %function, call_id = %call.call_id, "queued");
+    let mut response = StatusCode::ACCEPTED.into_response();
+    // The caller needs the id to match the callback, generated or not.
+    let echo = crate::proxy::CallHeaders {
+        generated: true,
+        ..call
+    };
+    decorate_response(&mut response, &echo);
+    Ok(response)
+}
+
+/// What one attempt came to.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Finished: delivered, dead-lettered or dropped; the callback gets this response.
+    Done {
+        /// The verdict.
+        verdict: Verdict,
+        /// The function's status.
+        status: StatusCode,
+        /// Its headers.
+        headers: HeaderMap,
+        /// Its body.
+        body: bytes::Bytes,
+    },
+    /// Try again after this long.
+    Retry(Duration),
+}
+
+/// Runs queued requests: invoke through the same path as `/function/*` (so metrics count
+/// them), classify, and on a terminal outcome post the callback.
+pub struct Worker {
+    state: AppState,
+    classes: StatusClasses,
+    backoff: Backoff,
+    max_attempts: u32,
+    callbacks: reqwest::Client,
+    callback_timeout: Duration,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Longest function response kept for the callback.
+const CALLBACK_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+impl Worker {
+    /// A worker invoking through `state`.
+    pub fn new(state: AppState, config: &AsyncSection, callbacks: reqwest::Client) -> Self {
+        Self {
+            state,
+            classes: config.status.clone(),
+            backoff: config.backoff,
+            max_attempts: config.max_attempts,
+            callbacks,
+            callback_timeout: config.callback_timeout,
+        }
+    }
+
+    /// One attempt (`attempt` is 1-based).
+    pub async fn attempt(&self, request: &QueuedRequest, attempt: u32) -> Attempt {
+        let started = Instant::now();
+        let function = match FunctionRef::parse(&request.function, None, &self.state.namespace) {
+            Ok(f) => f,
+            Err(e) => {
+                return Attempt::Done {
+                    verdict: Verdict::DeadLetter,
+                    status: e.status(),
+                    headers: HeaderMap::new(),
+                    body: bytes::Bytes::from(e.to_string()),
+                };
+            }
+        };
+        let mut headers = HeaderMap::new();
+        for (k, v) in &request.headers {
+            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+                headers.append(k, v);
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&attempt.to_string()) {
+            headers.insert("x-delivery-attempt", v);
+        }
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(&request.body)
+            .unwrap_or_default();
+        let invocation = Invocation {
+            method: Method::POST,
+            path: request.path.clone(),
+            query: request.query.clone(),
+            headers,
+            body: Body::from(body),
+        };
+        let response = invoke_function(&self.state, &function, invocation).await;
+        let status = response.status();
+        let verdict = self
+            .classes
+            .classify(status, response.headers(), SystemTime::now());
+        let span_fields = (request.function.as_str(), request.call_id.as_str());
+        match verdict {
+            Verdict::Retry { retry_after } if attempt < self.max_attempts => {
+                let delay = self.backoff.delay_with_hint(attempt, retry_after);
+                tracing::info!(
+                    function = span_fields.0,
+                    call_id = span_fields.1,
+                    attempt,
+                    status = status.as_u16(),
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying"
+                );
+                self.outcome("retried");
+                Attempt::Retry(delay)
+            }
+            verdict => {
+                let verdict = match verdict {
+                    // Out of attempts: a retryable failure becomes a dead letter.
+                    Verdict::Retry { .. } => Verdict::DeadLetter,
+                    v => v,
+                };
+                let (parts, body) = response.into_parts();
+                let body = collect_body(body, CALLBACK_BODY_LIMIT)
+                    .await
+                    .unwrap_or_default();
+                match verdict {
+                    Verdict::Delivered => self.outcome("delivered"),
+                    Verdict::Drop => self.outcome("dropped"),
+                    _ => {
+                        self.outcome("dead_letter");
+                        tracing::warn!(
+                            function = span_fields.0,
+                            call_id = span_fields.1,
+                            attempt,
+                            status = status.as_u16(),
+                            body = %String::from_utf8_lossy(&body[..body.len().min(256)]),
+                            "async request dead-lettered"
+                        );
+                    }
+                }
+                tracing::debug!(
+                    function = span_fields.0,
+                    call_id = span_fields.1,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "async request finished"
+                );
+                Attempt::Done {
+                    verdict,
+                    status,
+                    headers: parts.headers,
+                    body,
+                }
+            }
+        }
+    }
+
+    fn outcome(&self, outcome: &'static str) {
+        self.state
+            .metrics
+            .async_outcomes
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// Posts the result to the request's callback URL, if it has one. A few quick
+    /// attempts; a receiver that stays down is logged and counted, not retried forever.
+    pub async fn callback(
+        &self,
+        request: &QueuedRequest,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: bytes::Bytes,
+        cancel: &CancellationToken,
+    ) {
+        let Some(url) = &request.callback_url else {
+            return;
+        };
+        let mut out = headers.clone();
+        crate::provider::strip_hop_by_hop(&mut out);
+        out.remove(axum::http::header::CONTENT_LENGTH);
+        let accepted = SystemTime::UNIX_EPOCH + Duration::from_millis(request.accepted_at_ms);
+        let seconds = SystemTime::now()
+            .duration_since(accepted)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let extra: BTreeMap<&str, String> = BTreeMap::from([
+            ("x-call-id", request.call_id.clone()),
+            ("x-function-status", status.as_u16().to_string()),
+            ("x-function-name", request.function.clone()),
+            ("x-duration-seconds", format!("{seconds:.6}")),
+        ]);
+        for (k, v) in extra {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                out.insert(k, v);
+            }
+        }
+        for attempt in 1..=3u32 {
+            let sent = self
+                .callbacks
+                .post(url)
+                .headers(out.clone())
+                .timeout(self.callback_timeout)
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => return,
+                Ok(r) => {
+                    tracing::warn!(call_id = %request.call_id, status = r.status().as_u16(), attempt, "callback refused")
+                }
+                Err(e) => {
+                    tracing::warn!(call_id = %request.call_id, error = %e, attempt, "callback failed")
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.backoff.delay(attempt)) => {}
+                () = cancel.cancelled() => break,
+            }
+        }
+        self.state.metrics.callback_failures.inc();
+    }
+}
+
+/// A request and its attempt number, as the embedded queue carries them.
+#[derive(Debug)]
+struct Job {
+    request: QueuedRequest,
+    attempt: u32,
+}
+
+/// The embedded queue: a bounded channel drained by the worker, `concurrency` at a time.
+#[derive(Debug)]
+pub struct EmbeddedQueue {
+    sender: mpsc::Sender<Job>,
+}
+
+#[async_trait]
+impl Queue for EmbeddedQueue {
+    async fn enqueue(&self, request: QueuedRequest) -> Result<(), Error> {
+        self.sender
+            .try_send(Job {
+                request,
+                attempt: 1,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Error::Upstream {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    body: "Error queuing request: the queue is full\n".into(),
+                },
+                mpsc::error::TrySendError::Closed(_) => {
+                    Error::Internal("Error queuing request: the gateway is stopping\n".into())
+                }
+            })
+    }
+}
+
+impl EmbeddedQueue {
+    /// A queue and the task that works it, stopped by `cancel` (queued requests are then
+    /// abandoned: this queue keeps nothing across restarts).
+    pub fn start(
+        config: &AsyncSection,
+        worker: Arc<Worker>,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (sender, mut receiver) = mpsc::channel::<Job>(config.queue_capacity);
+        let retry_sender = sender.clone();
+        let concurrency = Arc::new(Semaphore::new(config.concurrency));
+        let tasks = tracker.clone();
+        tracker.spawn(async move {
+            loop {
+                // Take a slot before a job, so at most `concurrency` run (backpressure on
+                // the channel, never an unbounded pile of tasks).
+                let permit = tokio::select! {
+                    p = Arc::clone(&concurrency).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    () = cancel.cancelled() => break,
+                };
+                let job = tokio::select! {
+                    job = receiver.recv() => match job { Some(job) => job, None => break },
+                    () = cancel.cancelled() => break,
+                };
+                let worker = Arc::clone(&worker);
+                let retry = retry_sender.clone();
+                let cancel = cancel.clone();
+                tasks.spawn(async move {
+                    let outcome = worker.attempt(&job.request, job.attempt).await;
+                    drop(permit);
+                    match outcome {
+                        Attempt::Done { status, headers, body, .. } => {
+                            worker.callback(&job.request, status, &headers, body, &cancel).await;
+                        }
+                        Attempt::Retry(delay) => {
+                            tokio::select! {
+                                () = tokio::time::sleep(delay) => {
+                                    let next = Job { request: job.request, attempt: job.attempt + 1 };
+                                    let _ = retry.send(next).await;
+                                }
+                                () = cancel.cancelled() => {}
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { sender }
+    }
+}
+
+/// The JetStream queue: requests are published to a durable stream and consumed by a
+/// durable pull consumer shared by every gateway on the stream.
+#[derive(Debug)]
+pub struct NatsQueue {
+    jetstream: async_nats::jetstream::Context,
+    subject: String,
+}
+
+#[async_trait]
+impl Queue for NatsQueue {
+    async fn enqueue(&self, request: QueuedRequest) -> Result<(), Error> {
+        let payload = serde_json::to_vec(&request)
+            .map_err(|e| Error::Internal(format!("Error queuing request: {e}\n")))?;
+        // Wait for the stream's acknowledgement: a 202 means the request is stored.
+        self.jetstream
+            .publish(self.subject.clone(), payload.into())
+            .await
+            .map_err(|e| Error::Internal(format!("Error queuing request: {e}\n")))?
+            .await
+            .map_err(|e| Error::Internal(format!("Error queuing request: {e}\n")))?;
+        Ok(())
+    }
+}
+
+impl NatsQueue {
+    /// Connects, creates the stream and consumer if missing, and starts consuming.
+    pub async fn start(
+        config: &AsyncSection,
+        url: &str,
+        ack_wait: Duration,
+        worker: Arc<Worker>,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Self, Error> {
+        use async_nats::jetstream::{consumer, stream};
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| Error::Nats(format!("cannot connect to {url}: {e}")))?;
+        let jetstream = async_nats::jetstream::new(client);
+        let stream = jetstream
+            .get_or_create_stream(stream::Config {
+                name: config.nats_stream.clone(),
+                subjects: vec![config.nats_subject.clone()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                ..stream::Config::default()
+            })
+            .await
+            .map_err(|e| Error::Nats(format!("stream {}: {e}", config.nats_stream)))?;
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &config.nats_consumer,
+                consumer::pull::Config {
+                    durable_name: Some(config.nats_consumer.clone()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait,
+                    max_ack_pending: i64::try_from(config.concurrency.max(1) * 4).unwrap_or(64),
+                    ..consumer::pull::Config::default()
+                },
+            )
+            .await
+            .map_err(|e| Error::Nats(format!("consumer {}: {e}", config.nats_consumer)))?;
+        let concurrency = Arc::new(Semaphore::new(config.concurrency));
+        let max_attempts = config.max_attempts;
+        let tasks = tracker.clone();
+        tracker.spawn(async move {
+            let mut backoff = Backoff::default().attempts();
+            'reconnect: loop {
+                let messages = tokio::select! {
+                    m = consumer.messages() => m,
+                    () = cancel.cancelled() => break,
+                };
+                let mut messages = match messages {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "JetStream consumer unavailable; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff.next_delay()) => continue,
+                            () = cancel.cancelled() => break,
+                        }
+                    }
+                };
+                loop {
+                    let permit = tokio::select! {
+                        p = Arc::clone(&concurrency).acquire_owned() => match p { Ok(p) => p, Err(_) => break 'reconnect },
+                        () = cancel.cancelled() => break 'reconnect,
+                    };
+                    let message = tokio::select! {
+                        m = messages.next() => m,
+                        () = cancel.cancelled() => break 'reconnect,
+                    };
+                    let message = match message {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "JetStream pull failed");
+                            continue;
+                        }
+                        None => continue 'reconnect,
+                    };
+                    backoff.reset();
+                    let worker = Arc::clone(&worker);
+                    let cancel = cancel.clone();
+                    tasks.spawn(async move {
+                        handle_message(&worker, message, max_attempts, &cancel).await;
+                        drop(permit);
+                    });
+                }
+            }
+        });
+        Ok(Self {
+            jetstream,
+            subject: config.nats_subject.clone(),
+        })
+    }
+}
+
+async fn handle_message(
+    worker: &Worker,
+    message: async_nats::jetstream::Message,
+    max_attempts: u32,
+    cancel: &CancellationToken,
+) {
+    use async_nats::jetstream::AckKind;
+    let request: QueuedRequest = match serde_json::from_slice(&message.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "unreadable queued request; terminated");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let attempt = message
+        .info()
+        .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
+        .unwrap_or(1)
+        .clamp(1, max_attempts);
+    match worker.attempt(&request, attempt).await {
+        Attempt::Retry(delay) => {
+            // Redelivery by the broker: a gateway that crashes now loses no retry.
+            if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                tracing::warn!(error = %e, call_id = %request.call_id, "nak failed; the message comes back after ack_wait");
+            }
+        }
+        Attempt::Done {
+            status,
+            headers,
+            body,
+            ..
+        } => {
+            worker
+                .callback(&request, status, &headers, body, cancel)
+                .await;
+            if let Err(e) = message.double_ack().await {
+                tracing::warn!(error = %e, call_id = %request.call_id, "ack failed; the request may run again");
+            }
+        }
+    }
+}
