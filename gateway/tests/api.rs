@@ -1,5 +1,6 @@
 //! The OpenFaaS API through the router (no socket): routes, shapes, auth, bad input,
 //! persistence, and the `process` and `url` runtimes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The `http` runtime: replicas that pass readiness, requests spread over them, scale to
 //! zero and from zero, autoscaling between min and max.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 
 mod common;
 
