@@ -449,18 +449,20 @@ impl Inner {
                     )
                 }
             };
-            self.subscribers.publish(
-                InvocationResult {
-                    topic: message.topic.clone(),
-                    message_id: message.id.clone(),
-                    function: function.clone(),
-                    attempt,
-                    duration: took,
-                    response: response.clone(),
-                    error: error.clone(),
-                },
-                &self.metrics,
-            );
+            if !self.subscribers.is_empty() {
+                self.subscribers.publish(
+                    InvocationResult {
+                        topic: message.topic.clone(),
+                        message_id: message.id.clone(),
+                        function: function.clone(),
+                        attempt,
+                        duration: took,
+                        response: response.clone(),
+                        error: error.clone(),
+                    },
+                    &self.metrics,
+                );
+            }
             let report = |outcome| DeliveryReport {
                 function: function.clone(),
                 outcome,

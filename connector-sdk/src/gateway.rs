@@ -77,6 +77,7 @@ pub struct GatewayClient {
     content_type: Option<HeaderValue>,
     connector: HeaderValue,
     user_agent: HeaderValue,
+    default_event_type: HeaderValue,
 }
 
 static X_TOPIC: HeaderName = HeaderName::from_static("x-topic");
@@ -121,6 +122,7 @@ impl GatewayClient {
                 .map(|v| header("content_type", v))
                 .transpose()?,
             connector: header("connector", connector)?,
+            default_event_type: header("connector", &format!("{connector}.message"))?,
             user_agent: header(
                 "connector",
                 &format!("{connector}/{}", env!("CARGO_PKG_VERSION")),
@@ -261,10 +263,7 @@ impl GatewayClient {
         }
         let event_type = match &message.event_type {
             Some(t) => header_value(t),
-            None => header_value(&format!(
-                "{}.message",
-                self.connector.to_str().unwrap_or("")
-            )),
+            None => Some(self.default_event_type.clone()),
         };
         if let Some(v) = event_type {
             set(&CE_TYPE, v);
@@ -310,9 +309,9 @@ impl GatewayClient {
             .headers(headers)
             .body(message.payload.clone())
             .timeout(self.timeout);
-        let response = request.send().await.map_err(|e| self.classify(e))?;
+        let mut response = request.send().await.map_err(|e| self.classify(e))?;
         let status = response.status();
-        let headers = response.headers().clone();
+        let headers = std::mem::take(response.headers_mut());
         let body = read_limited(response).await.map_err(|e| self.classify(e))?;
         Ok(InvocationResponse {
             status,

@@ -21,14 +21,14 @@ use crate::topic_map::FunctionRef;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FunctionLabels {
     /// `name` or `name.namespace`.
-    pub function: String,
+    pub function: FunctionRef,
 }
 
 /// Labels of delivery outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
     /// `name` or `name.namespace`.
-    pub function: String,
+    pub function: FunctionRef,
     /// `delivered`, `dead_lettered`, `dropped`, `held` or `released`.
     pub outcome: &'static str,
 }
@@ -37,7 +37,7 @@ pub struct DeliveryLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InvocationLabels {
     /// `name` or `name.namespace`.
-    pub function: String,
+    pub function: FunctionRef,
     /// `2xx`, `3xx`, `4xx`, `5xx`, `timeout` or `error`.
     pub status: &'static str,
 }
@@ -226,7 +226,7 @@ impl Metrics {
     pub(crate) fn delivery_finished(&self, function: &FunctionRef, outcome: DeliveryOutcome) {
         self.deliveries
             .get_or_create(&DeliveryLabels {
-                function: function.to_string(),
+                function: function.clone(),
                 outcome: outcome.as_str(),
             })
             .inc();
@@ -238,7 +238,7 @@ impl Metrics {
     pub(crate) fn invoked(&self, function: &FunctionRef, status: &'static str, took: Duration) {
         self.invocations
             .get_or_create(&InvocationLabels {
-                function: function.to_string(),
+                function: function.clone(),
                 status,
             })
             .inc();
@@ -343,7 +343,7 @@ impl Metrics {
 
 fn fn_labels(function: &FunctionRef) -> FunctionLabels {
     FunctionLabels {
-        function: function.to_string(),
+        function: function.clone(),
     }
 }
 

@@ -24,7 +24,8 @@ use crate::metrics::Metrics;
 /// known.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FunctionRef {
-    path: String,
+    // Shared: a function's name is cloned into every delivery and metric label.
+    path: Arc<str>,
 }
 
 impl FunctionRef {
@@ -34,12 +35,21 @@ impl FunctionRef {
             Some(ns) => format!("{name}.{ns}"),
             None => name.to_owned(),
         };
-        Self { path }
+        Self { path: path.into() }
     }
 
     /// The name to invoke: `name` or `name.namespace`.
     pub fn as_str(&self) -> &str {
         &self.path
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for FunctionRef {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), fmt::Error> {
+        prometheus_client::encoding::EncodeLabelValue::encode(&self.as_str(), encoder)
     }
 }
 

@@ -1,0 +1,253 @@
+//! Dispatch throughput against its ceiling, in one run.
+//!
+//! ```text
+//! cargo bench -p connector-sdk --bench dispatch
+//! ```
+//!
+//! A no-op HTTP function runs in a child process (this binary with `serve`). Against it,
+//! at concurrency 1 and 64:
+//!
+//! - **ceiling**: a plain `reqwest` loop making the same requests the SDK makes (same
+//!   route, same headers, same body), with N requests in flight;
+//! - **sdk**: a `Dispatcher` with `max_inflight = N`, fed as fast as `submit` admits.
+//!
+//! For each it prints requests per second and this process's CPU time per request (from
+//! `/proc/self/stat`), and for the SDK the resident memory idle and at its peak under load
+//! (`VmRSS`, `VmHWM` from `/proc/self/status`). The SDK runs first so the peak is its own.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::post;
+use connector_sdk::gateway::GatewayClient;
+use connector_sdk::metrics::Metrics;
+use connector_sdk::topic_map::{FunctionStatus, TopicMap, TopicMapHandle};
+use connector_sdk::{Dispatcher, Disposition, Message, SdkConfig};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+const PAYLOAD: &[u8] = br#"{"order":42,"amount":"19.99","currency":"EUR"}"#;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("serve") {
+        serve(args.get(2).unwrap().parse().unwrap());
+        return;
+    }
+    // `cargo bench` passes `--bench`; anything else is ignored too.
+    let addr: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut child = spawn_server(addr);
+    let runtime = if std::env::var("BENCH_CURRENT_THREAD").is_ok() {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    runtime.block_on(bench(addr));
+    child.kill().ok();
+    child.wait().ok();
+}
+
+fn spawn_server(addr: SocketAddr) -> Child {
+    let child = Command::new(std::env::current_exe().unwrap())
+        .arg("serve")
+        .arg(addr.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "function server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// The no-op function: 200, empty body.
+fn serve(addr: SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let app = Router::new().route("/function/{name}", post(|| async { "" }));
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
+struct Figures {
+    per_second: f64,
+    cpu_per_request: Duration,
+}
+
+async fn bench(addr: SocketAddr) {
+    let config = SdkConfig {
+        gateway_url: format!("http://{addr}"),
+        ..SdkConfig::default()
+    };
+    let functions = [FunctionStatus {
+        name: "noop".into(),
+        namespace: None,
+        annotations: [("topic".to_owned(), "bench".to_owned())].into(),
+    }];
+    let topics = TopicMapHandle::fixed(TopicMap::build(&functions, ","));
+    let idle_rss = rss_kib("VmRSS");
+
+    let mut rows = Vec::new();
+    for concurrency in [64usize, 1] {
+        let count = if concurrency == 1 { 4_000 } else { 40_000 };
+        let sdk = sdk_run(&config, &topics, concurrency, count / 10).await; // warm-up
+        let _ = sdk;
+        let sdk = sdk_run(&config, &topics, concurrency, count).await;
+        let peak = rss_kib("VmHWM");
+        let _ = ceiling_run(&config, concurrency, count / 10).await; // warm-up
+        let ceiling = ceiling_run(&config, concurrency, count).await;
+        rows.push((concurrency, count, ceiling, sdk, peak));
+    }
+    println!(
+        "| concurrency | requests | ceiling req/s | sdk deliveries/s | ratio | ceiling CPU/req | sdk CPU/delivery | sdk's own CPU/delivery |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    rows.sort_by_key(|r| r.0);
+    for (c, n, ceiling, sdk, _) in &rows {
+        let own = sdk.cpu_per_request.saturating_sub(ceiling.cpu_per_request);
+        println!(
+            "| {c} | {n} | {:.0} | {:.0} | {:.2} | {:.1} µs | {:.1} µs | {:.1} µs |",
+            ceiling.per_second,
+            sdk.per_second,
+            sdk.per_second / ceiling.per_second,
+            ceiling.cpu_per_request.as_secs_f64() * 1e6,
+            sdk.cpu_per_request.as_secs_f64() * 1e6,
+            own.as_secs_f64() * 1e6,
+        );
+    }
+    let peak = rows.iter().map(|r| r.4).max().unwrap_or(0);
+    println!();
+    println!(
+        "resident memory: idle {:.1} MiB, peak under load (concurrency 64) {:.1} MiB",
+        idle_rss as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+}
+
+async fn sdk_run(
+    config: &SdkConfig,
+    topics: &TopicMapHandle,
+    concurrency: usize,
+    count: usize,
+) -> Figures {
+    let config = SdkConfig {
+        max_inflight: concurrency,
+        ..config.clone()
+    };
+    let (metrics, _registry) = Metrics::standalone("bench");
+    let client = GatewayClient::new("bench-connector", &config).unwrap();
+    let dispatcher = Dispatcher::builder(client, topics.clone(), &config, metrics).build();
+    let cpu = cpu_time();
+    let started = Instant::now();
+    let mut pending: FuturesUnordered<connector_sdk::Completion> = FuturesUnordered::new();
+    let mut done = 0usize;
+    for i in 0..count {
+        let message = Message::new("bench", PAYLOAD, format!("bench/0/{i}"), "bench://");
+        // Settle what completed before admitting more, as `pump` does.
+        while let Some(Some(outcome)) = futures::FutureExt::now_or_never(pending.next()) {
+            assert_eq!(outcome.disposition(), Disposition::Ack);
+            done += 1;
+        }
+        pending.push(dispatcher.submit(message).await.unwrap());
+    }
+    while let Some(outcome) = pending.next().await {
+        assert_eq!(outcome.disposition(), Disposition::Ack);
+        done += 1;
+    }
+    assert_eq!(done, count);
+    figures(count, started.elapsed(), cpu_time() - cpu)
+}
+
+async fn ceiling_run(config: &SdkConfig, concurrency: usize, count: usize) -> Figures {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
+    let gateway = GatewayClient::new("bench-connector", config).unwrap();
+    let url = format!("{}/function/noop", config.gateway_url);
+    let next = Arc::new(AtomicU64::new(0));
+    let cpu = cpu_time();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, next, gateway) =
+                (client.clone(), url.clone(), next.clone(), gateway.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count as u64 {
+                        break;
+                    }
+                    // The same headers the SDK sends, built the same way.
+                    let message =
+                        Message::new("bench", PAYLOAD, format!("bench/0/{i}"), "bench://");
+                    let headers = gateway.invocation_headers(&message, 1);
+                    let resp = client
+                        .post(&url)
+                        .headers(headers)
+                        .body(message.payload.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(resp.status().is_success());
+                    resp.bytes().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    figures(count, started.elapsed(), cpu_time() - cpu)
+}
+
+fn figures(count: usize, took: Duration, cpu: Duration) -> Figures {
+    Figures {
+        per_second: count as f64 / took.as_secs_f64(),
+        cpu_per_request: cpu / count as u32,
+    }
+}
+
+/// User plus system CPU time of this process, from `/proc/self/stat` (clock ticks of
+/// 10 ms: USER_HZ is 100 on Linux).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace against real brokers on loopback.
+#
+#   scripts/test.sh            # format, lints, then every test
+#   scripts/test.sh --no-lint  # tests only
+#
+# Idempotent: a broker already listening is reused; a missing one is installed (Debian
+# packages, crates.io, PyPI) and started here, and stopped again on exit.
+#
+#   Redis         127.0.0.1:6379   REDIS_URL      redis-server (apt: redis-server)
+#   NATS + JS     127.0.0.1:4222   NATS_URL       nats-server -js (apt: nats-server)
+#   Kafka (tansu) 127.0.0.1:9092   KAFKA_BROKERS  cargo install tansu (first build ~10 min)
+#   SQS (moto)    127.0.0.1:4566   SQS_ENDPOINT   pip install 'moto[server]'
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+root=$PWD
+lint=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-lint) lint=0 ;;
+    *) echo "usage: $0 [--no-lint]" >&2; exit 2 ;;
+  esac
+done
+
+state=${TEST_STATE_DIR:-${CARGO_TARGET_DIR:-$root/target}/test-brokers}
+mkdir -p "$state"
+started=()
+
+log() { printf '\033[1m[test.sh]\033[0m %s\n' "$*" >&2; }
+
+cleanup() {
+  local pid
+  for pid in "${started[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${started[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+
+listening() { # host port
+  (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+wait_for() { # name host port seconds
+  local i
+  for ((i = 0; i < $4 * 10; i++)); do
+    listening "$2" "$3" && return 0
+    sleep 0.1
+  done
+  log "$1 did not start on $2:$3; its log is in $state"
+  exit 1
+}
+
+apt_install() { # package
+  log "installing $1 with apt-get"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq "$1" >/dev/null
+  else
+    sudo apt-get update -qq && sudo apt-get install -y -qq "$1" >/dev/null
+  fi
+}
+
+ensure_redis() {
+  if listening 127.0.0.1 6379; then return; fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "starting redis-server on 127.0.0.1:6379"
+  redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir "$state" >"$state/redis.log" 2>&1 &
+  started+=($!)
+  wait_for redis 127.0.0.1 6379 10
+}
+
+ensure_nats() {
+  if listening 127.0.0.1 4222; then return; fi
+  command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_install nats-server
+  local bin
+  bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  log "starting nats-server with JetStream on 127.0.0.1:4222"
+  rm -rf "$state/nats"
+  "$bin" -a 127.0.0.1 -p 4222 -js -sd "$state/nats" >"$state/nats.log" 2>&1 &
+  started+=($!)
+  wait_for nats 127.0.0.1 4222 10
+}
+
+ensure_kafka() {
+  if listening 127.0.0.1 9092; then return; fi
+  if ! command -v tansu >/dev/null; then
+    log "installing tansu (a Kafka-compatible broker) from crates.io; the first build takes about ten minutes"
+    cargo install tansu --locked --features dynostore \
+      --target-dir "${TANSU_BUILD_DIR:-$HOME/.cache/tansu-build}" >"$state/tansu-install.log" 2>&1 ||
+      { log "cargo install tansu failed; see $state/tansu-install.log"; exit 1; }
+  fi
+  log "starting tansu on 127.0.0.1:9092 (memory storage)"
+  tansu broker --storage-engine memory://tansu/ \
+    --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 >"$state/tansu.log" 2>&1 &
+  started+=($!)
+  wait_for tansu 127.0.0.1 9092 20
+}
+
+ensure_sqs() {
+  if listening 127.0.0.1 4566; then return; fi
+  if ! command -v moto_server >/dev/null; then
+    log "installing moto's server from PyPI"
+    python3 -m pip install -q 'moto[server]' >"$state/moto-install.log" 2>&1 ||
+      { log "pip install moto failed; see $state/moto-install.log"; exit 1; }
+  fi
+  log "starting moto_server (SQS) on 127.0.0.1:4566"
+  moto_server -H 127.0.0.1 -p 4566 >"$state/moto.log" 2>&1 &
+  started+=($!)
+  wait_for moto 127.0.0.1 4566 30
+}
+
+if [ "$lint" = 1 ]; then
+  log "cargo fmt --check"
+  cargo fmt --all -- --check
+  log "cargo clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+ensure_redis
+ensure_nats
+ensure_kafka
+ensure_sqs
+
+export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
+export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}
+export SQS_ENDPOINT=${SQS_ENDPOINT:-http://127.0.0.1:4566}
+
+log "cargo test --workspace"
+cargo test --workspace --locked
+log "all tests passed"
