@@ -166,7 +166,16 @@ pub async fn forward(
         mut headers,
         body,
     } = invocation;
-    let mut url = format!("{}{}", base.trim_end_matches('/'), path);
+    // A bare invocation of a base URL with a path (`http://svc/fn`) goes to that URL as
+    // written, not to `http://svc/fn/`.
+    let base_has_path = base
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.trim_end_matches('/').contains('/'));
+    let mut url = if path == "/" && base_has_path {
+        base.to_owned()
+    } else {
+        format!("{}{}", base.trim_end_matches('/'), path)
+    };
     if let Some(q) = query.as_deref().filter(|q| !q.is_empty()) {
         url.push('?');
         url.push_str(q);

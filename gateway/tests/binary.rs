@@ -1,0 +1,355 @@
+//! The real `gateway` binary: persistence across a restart, graceful stop, the connector
+//! supervisor, and the JetStream queue surviving a restart (real nats-server at
+//! `NATS_URL`, default 127.0.0.1:4222).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::wait_for;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+struct Running {
+    child: Child,
+    addr: String,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+async fn start_binary(config: &Path) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    let stderr = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            sink.lock().unwrap().push(strip_ansi(&line));
+        }
+    });
+    let addr = wait_for(Duration::from_secs(30), "the gateway to listen", || {
+        let lines = Arc::clone(&lines);
+        async move {
+            let lines = lines.lock().unwrap();
+            lines.iter().find_map(|l| {
+                let at = l.find("gateway listening")?;
+                let rest = &l[at..];
+                let addr = rest.split("addr=").nth(1)?.split_whitespace().next()?;
+                Some(addr.to_owned())
+            })
+        }
+    })
+    .await;
+    Running { child, addr, lines }
+}
+
+impl Running {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the gateway stops within 30s of SIGTERM")
+            .unwrap()
+    }
+
+    async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[gateway]
+bind = "127.0.0.1:0"
+metrics_bind = "127.0.0.1:0"
+state_dir = "state"
+
+[provider]
+secrets_path = "secrets"
+
+[supervisor]
+backoff = {{ initial = "50ms", max = "200ms" }}
+stop_timeout = "5s"
+{extra}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn deployed_functions_survive_a_binary_restart_and_sigterm_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        r#"
+[[functions]]
+name = "configured"
+command = "cat"
+"#,
+    );
+    let client = reqwest::Client::new();
+    let gw = start_binary(&config).await;
+    let deployed = client
+        .post(gw.url("/system/functions"))
+        .json(&json!({"service": "api-fn", "image": "i", "envProcess": "wc -c", "labels": {"a": "b"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deployed.status(), 202);
+    let response = client
+        .post(gw.url("/function/configured"))
+        .body("from toml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-call-id"));
+    assert_eq!(response.text().await.unwrap(), "from toml");
+    let status = gw.stop().await;
+    assert!(status.success(), "exit status {status}");
+
+    let gw = start_binary(&config).await;
+    let list: serde_json::Value = client
+        .get(gw.url("/system/functions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["api-fn", "configured"]);
+    let body = client
+        .post(gw.url("/function/api-fn"))
+        .body("12345")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body.trim(), "5");
+    assert!(gw.stop().await.success());
+}
+
+#[tokio::test]
+async fn the_supervisor_restarts_a_crashed_connector_and_stops_connectors_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("crasher.py"),
+        "import os, sys, time\nprint('started', os.getpid(), os.environ.get('gateway_url'), flush=True)\ntime.sleep(0.2)\nsys.exit(1)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("steady.py"),
+        "import signal, sys, time\ndef stop(*_):\n    print('got SIGTERM', flush=True)\n    sys.exit(0)\nsignal.signal(signal.SIGTERM, stop)\nprint('steady up', sys.argv[1:], flush=True)\nwhile True:\n    time.sleep(0.1)\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("steady.toml"), "").unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[[connectors]]
+name = "crasher"
+command = "python3"
+args = ["{crasher}"]
+
+[[connectors]]
+name = "steady"
+command = "python3"
+args = ["{steady}"]
+config = "steady.toml"
+"#,
+            crasher = dir.path().join("crasher.py").display(),
+            steady = dir.path().join("steady.py").display(),
+        ),
+    );
+    let gw = start_binary(&config).await;
+    let pids = wait_for(Duration::from_secs(30), "two starts of the crasher", || {
+        let log = gw.log();
+        async move {
+            let pids: Vec<String> = log
+                .iter()
+                .filter_map(|l| l.strip_prefix("[crasher] started "))
+                .map(|rest| {
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect();
+            (pids.len() >= 2).then_some(pids)
+        }
+    })
+    .await;
+    assert_ne!(pids[0], pids[1], "a new process each time");
+    let log = gw.log();
+    let started = log
+        .iter()
+        .find(|l| l.starts_with("[crasher] started"))
+        .unwrap();
+    assert!(
+        started.ends_with(&format!("http://{}", gw.addr)),
+        "gateway_url given: {started}"
+    );
+    let steady = log
+        .iter()
+        .find(|l| l.starts_with("[steady] steady up"))
+        .unwrap();
+    assert!(
+        steady.contains("--config") && steady.contains("steady.toml"),
+        "{steady}"
+    );
+    let lines = Arc::clone(&gw.lines);
+    assert!(gw.stop().await.success());
+    assert!(
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l == "[steady] got SIGTERM"),
+        "the connector was stopped with SIGTERM"
+    );
+}
+
+#[tokio::test]
+async fn jetstream_queue_keeps_requests_across_a_gateway_crash() {
+    let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    // A function that fails with 503 until the test lets it succeed.
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&healthy);
+    let (tx, mut callbacks) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let app = axum::Router::new()
+        .route(
+            "/fn",
+            axum::routing::post(move |body: String| {
+                let flag = Arc::clone(&flag);
+                async move {
+                    if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                        (http::StatusCode::OK, format!("done {body}"))
+                    } else {
+                        (http::StatusCode::SERVICE_UNAVAILABLE, "later".to_owned())
+                    }
+                }
+            }),
+        )
+        .route(
+            "/callback",
+            axum::routing::post(move |headers: http::HeaderMap, body: String| {
+                let tx = tx.clone();
+                async move {
+                    let status = headers["x-function-status"].to_str().unwrap().to_owned();
+                    let _ = tx.send((status, body));
+                    http::StatusCode::OK
+                }
+            }),
+        );
+    let (addr, _stop) = common::serve(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[async]
+nats_url = "{nats_url}"
+nats_stream = "gw-test-{unique}"
+nats_subject = "gw-test-{unique}.async"
+nats_consumer = "gw-test-{unique}"
+max_attempts = 100
+backoff = {{ initial = "100ms", max = "300ms" }}
+
+[[functions]]
+name = "later"
+runtime = "url"
+url = "http://{addr}/fn"
+"#
+        ),
+    );
+    let client = reqwest::Client::new();
+    let gw = start_binary(&config).await;
+    let accepted = client
+        .post(gw.url("/async-function/later"))
+        .header("x-callback-url", format!("http://{addr}/callback"))
+        .body("job-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    // Let it fail at least once, then crash the gateway.
+    wait_for(Duration::from_secs(20), "a first failed attempt", || {
+        let log = gw.log();
+        async move { log.iter().any(|l| l.contains("retrying")).then_some(()) }
+    })
+    .await;
+    gw.kill().await;
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let gw = start_binary(&config).await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(60), callbacks.recv())
+        .await
+        .expect("the request ran after the restart")
+        .unwrap();
+    assert_eq!((status.as_str(), body.as_str()), ("200", "done job-1"));
+    assert!(gw.stop().await.success());
+    // Clean up the test's stream.
+    let nats = async_nats::connect(&nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let _ = js.delete_stream(format!("gw-test-{unique}")).await;
+}
