@@ -172,7 +172,18 @@ impl Provider for ExternalProvider {
     }
 
     async fn info(&self) -> Result<ProviderInfo, Error> {
-        self.json(self.system(Method::GET, "/system/info")).await
+        // A faas-provider answers with `ProviderInfo`; a gateway in front of one (another
+        // faas-gateway, an OpenFaaS gateway) wraps it in `GatewayInfo.provider`.
+        let mut value: serde_json::Value =
+            self.json(self.system(Method::GET, "/system/info")).await?;
+        if value
+            .get("provider")
+            .is_some_and(serde_json::Value::is_object)
+        {
+            value = value["provider"].take();
+        }
+        serde_json::from_value(value)
+            .map_err(|e| Error::Internal(format!("cannot read the provider's info: {e}")))
     }
 
     async fn list_secrets(&self, namespace: &str) -> Result<Vec<Secret>, Error> {
