@@ -211,6 +211,16 @@ impl Dispatcher {
     /// delivers nothing.
     pub async fn submit(&self, message: Message) -> Result<Completion, SdkError> {
         let functions = self.functions_for(&message.topic);
+        self.submit_to(message, functions).await
+    }
+
+    /// Like [`submit`](Self::submit), but to exactly `functions` instead of the topic's
+    /// subscribers (the cron connector fires one function per schedule).
+    pub async fn submit_to(
+        &self,
+        message: Message,
+        functions: Arc<[FunctionRef]>,
+    ) -> Result<Completion, SdkError> {
         let (tx, rx) = oneshot::channel();
         let completion = Completion { rx };
         if functions.is_empty() {

@@ -556,3 +556,22 @@ async fn drain_releases_waiting_retries_and_lets_running_calls_finish() {
     );
     setup.dispatcher.wait_idle().await;
 }
+
+#[tokio::test]
+async fn submit_to_targets_only_the_named_function() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("a", "shared", |_, _| Reply::ok());
+    gw.function("b", "shared", |_, _| Reply::ok());
+    let setup = dispatcher(&gw, gw.config(), None);
+    let only_b: Arc<[connector_sdk::FunctionRef]> =
+        Arc::new([connector_sdk::FunctionRef::new("b", None)]);
+    let outcome = setup
+        .dispatcher
+        .submit_to(message("shared", "x", "1"), only_b)
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.deliveries.len(), 1);
+    assert!(gw.requests_to("a").is_empty());
+    assert_eq!(gw.requests_to("b").len(), 1);
+}
