@@ -192,6 +192,11 @@ pub struct AsyncSection {
     /// Durable consumer name shared by every gateway using the stream.
     /// (default: `"faas-gateway-worker"`)
     pub nats_consumer: String,
+    /// How long JetStream waits for an acknowledgement before redelivering: the delay
+    /// before a request that a crashed gateway was running runs again. Longer invocations
+    /// are kept alive with in-progress acks every half of it. (default: `"30s"`)
+    #[serde(with = "duration")]
+    pub nats_ack_wait: Duration,
 }
 
 impl Default for AsyncSection {
@@ -208,12 +213,13 @@ impl Default for AsyncSection {
             nats_stream: "faas-gateway-async".to_owned(),
             nats_subject: "faas-gateway.async".to_owned(),
             nats_consumer: "faas-gateway-worker".to_owned(),
+            nats_ack_wait: Duration::from_secs(30),
         }
     }
 }
 
 /// `[supervisor]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SupervisorSection {
     /// Backoff between restarts of a connector that exited; reset once it has run for a
@@ -223,6 +229,15 @@ pub struct SupervisorSection {
     /// (default: `"10s"`)
     #[serde(with = "duration")]
     pub stop_timeout: Duration,
+}
+
+impl Default for SupervisorSection {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff::default(),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Which runtime a `[[functions]]` entry uses.
@@ -466,6 +481,12 @@ impl Config {
         if self.queue.queue_capacity == 0 {
             fail("async.queue_capacity".into(), "must be at least 1".into());
         }
+        if self.queue.nats_ack_wait < Duration::from_secs(1) {
+            fail(
+                "async.nats_ack_wait".into(),
+                "must be at least 1s (in-progress acks are sent every half of it)".into(),
+            );
+        }
         if self.queue.backoff.initial > self.queue.backoff.max {
             fail(
                 "async.backoff.initial".into(),
@@ -581,6 +602,21 @@ mod tests {
             let errs = Config::load(Some(Path::new("u.toml"))).unwrap_err();
             assert_eq!(errs.0[0].key, "gateway.bindd");
             assert_eq!(errs.0[0].line, Some(2));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn shipped_config_files_load() {
+        Jail::expect_with(|_| {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+            let full = Config::load(Some(&dir.join("gateway.toml"))).unwrap();
+            let mut expected = Config::default();
+            expected.resolve_paths(&dir);
+            assert_eq!(full, expected, "gateway.toml documents the defaults");
+            let quick = Config::load(Some(&dir.join("quickstart.toml"))).unwrap();
+            let names: Vec<&str> = quick.functions.iter().map(|f| f.name.as_str()).collect();
+            assert_eq!(names, ["hello", "echo"]);
             Ok(())
         });
     }

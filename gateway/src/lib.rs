@@ -237,7 +237,7 @@ pub async fn build_state(
             NatsQueue::start(
                 &config.queue,
                 url,
-                config.gateway.upstream_timeout + Duration::from_secs(30),
+                config.queue.nats_ack_wait,
                 worker,
                 work.clone(),
                 work_tasks,

@@ -539,6 +539,7 @@ impl NatsQueue {
             .map_err(|e| Error::Nats(format!("consumer {}: {e}", config.nats_consumer)))?;
         let concurrency = Arc::new(Semaphore::new(config.concurrency));
         let max_attempts = config.max_attempts;
+        let ack_wait = ack_wait.max(Duration::from_secs(1));
         let tasks = tracker.clone();
         tracker.spawn(async move {
             let mut backoff = Backoff::default().attempts();
@@ -578,7 +579,7 @@ impl NatsQueue {
                     let worker = Arc::clone(&worker);
                     let cancel = cancel.clone();
                     tasks.spawn(async move {
-                        handle_message(&worker, message, max_attempts, &cancel).await;
+                        handle_message(&worker, message, max_attempts, ack_wait, &cancel).await;
                         drop(permit);
                     });
                 }
@@ -595,6 +596,7 @@ async fn handle_message(
     worker: &Worker,
     message: async_nats::jetstream::Message,
     max_attempts: u32,
+    ack_wait: Duration,
     cancel: &CancellationToken,
 ) {
     use async_nats::jetstream::AckKind;
@@ -611,7 +613,21 @@ async fn handle_message(
         .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
         .unwrap_or(1)
         .clamp(1, max_attempts);
-    match worker.attempt(&request, attempt).await {
+    // An invocation longer than `ack_wait` keeps its message with in-progress acks, so a
+    // short `ack_wait` (fast recovery after a crash) does not cut long functions short.
+    let work = worker.attempt(&request, attempt);
+    tokio::pin!(work);
+    let mut keepalive = tokio::time::interval(ack_wait / 2);
+    keepalive.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut work => break outcome,
+            _ = keepalive.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    };
+    match outcome {
         Attempt::Retry(delay) => {
             // Redelivery by the broker: a gateway that crashes now loses no retry.
             if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {

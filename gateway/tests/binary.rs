@@ -313,6 +313,7 @@ nats_url = "{nats_url}"
 nats_stream = "gw-test-{unique}"
 nats_subject = "gw-test-{unique}.async"
 nats_consumer = "gw-test-{unique}"
+nats_ack_wait = "2s"
 max_attempts = 100
 backoff = {{ initial = "100ms", max = "300ms" }}
 

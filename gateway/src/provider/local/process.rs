@@ -64,7 +64,6 @@ impl ProcessRuntime {
         let started = Instant::now();
         let request_type = invocation.headers.get(header::CONTENT_TYPE).cloned();
         let mut command = self.command(&invocation)?;
-        self.logs.write("process", "Forking fprocess.");
         let mut child = command.spawn().map_err(|e| {
             self.logs
                 .write("process", &format!("Failed to start process: {e}"));
@@ -73,11 +72,13 @@ impl ProcessRuntime {
         let pid = child
             .id()
             .map_or_else(|| "process".to_owned(), |p| p.to_string());
+        self.logs.write(&pid, "Forking fprocess.");
         let stdin = child.stdin.take();
         let mut stdout = child.stdout.take();
-        if let Some(stderr) = child.stderr.take() {
-            self.logs.pipe(pid.clone(), stderr);
-        }
+        let stderr_done = child
+            .stderr
+            .take()
+            .map(|stderr| self.logs.pipe(pid.clone(), stderr));
         let body = invocation.body;
         let feed = async move {
             let Some(mut stdin) = stdin else { return };
@@ -123,6 +124,12 @@ impl ProcessRuntime {
                 return Err(Error::GatewayTimeout("Killed process.\n".to_owned()));
             }
         };
+        // Let the process's last stderr lines reach the log before answering, so the log
+        // is complete when the caller reads it; bounded, as a child of the process may
+        // hold stderr open.
+        if let Some(done) = stderr_done {
+            let _ = tokio::time::timeout(Duration::from_millis(500), done).await;
+        }
         let seconds = started.elapsed().as_secs_f64();
         if !status.success() {
             let code = status.code().map_or_else(
