@@ -156,20 +156,52 @@ impl FakeGateway {
         topics: &str,
         behaviour: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
     ) {
-        self.shared
-            .functions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(serde_json::json!({
-                "name": name,
-                "annotations": {"topic": topics},
-                "replicas": 1
-            }));
+        self.function_with_annotations(name, &[("topic", topics)], behaviour);
+    }
+
+    /// Registers (or replaces) function `name` with `annotations`, answering with
+    /// `behaviour`.
+    pub fn function_with_annotations(
+        &self,
+        name: &str,
+        annotations: &[(&str, &str)],
+        behaviour: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) {
+        self.set_annotations(name, annotations);
         self.shared
             .behaviours
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.to_owned(), Arc::new(behaviour));
+    }
+
+    /// Replaces the annotations of function `name` (adding it to the list if needed),
+    /// keeping its behaviour.
+    pub fn set_annotations(&self, name: &str, annotations: &[(&str, &str)]) {
+        let annotations: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String((*v).to_owned())))
+            .collect();
+        let mut functions = self
+            .shared
+            .functions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        functions.retain(|f| f.get("name").and_then(|n| n.as_str()) != Some(name));
+        functions.push(serde_json::json!({
+            "name": name,
+            "annotations": annotations,
+            "replicas": 1
+        }));
+    }
+
+    /// Removes function `name` from the list (its behaviour stays, for late calls).
+    pub fn remove_function(&self, name: &str) {
+        self.shared
+            .functions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|f| f.get("name").and_then(|n| n.as_str()) != Some(name));
     }
 
     pub fn set_functions_json(&self, list: Vec<serde_json::Value>) {
