@@ -118,7 +118,7 @@ if [ "$lint" = 1 ]; then
   log "cargo fmt --check"
   cargo fmt --all -- --check
   log "cargo clippy"
-  cargo clippy --workspace --all-targets --locked -- -D warnings
+  cargo clippy --workspace --all-targets -- -D warnings
 fi
 
 ensure_redis
@@ -132,5 +132,5 @@ export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}
 export SQS_ENDPOINT=${SQS_ENDPOINT:-http://127.0.0.1:4566}
 
 log "cargo test --workspace"
-cargo test --workspace --locked
+cargo test --workspace
 log "all tests passed"
