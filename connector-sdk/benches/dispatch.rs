@@ -81,6 +81,7 @@ fn spawn_server(addr: SocketAddr) -> Child {
 fn serve(addr: SocketAddr) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        .thread_name("fn-server")
         .enable_all()
         .build()
         .unwrap();

@@ -221,17 +221,14 @@ impl Dispatcher {
         message: Message,
         functions: Arc<[FunctionRef]>,
     ) -> Result<Completion, SdkError> {
-        let (tx, rx) = oneshot::channel();
-        let completion = Completion { rx };
         if functions.is_empty() {
             tracing::debug!(topic = %message.topic, ce_id = %message.id, "no function subscribes to this topic");
             self.inner.metrics.message_finished("unmatched");
-            let _ = tx.send(MessageOutcome {
+            return Ok(Completion(CompletionState::Ready(Some(MessageOutcome {
                 id: message.id,
                 deliveries: Vec::new(),
                 interrupted: false,
-            });
-            return Ok(completion);
+            }))));
         }
         let wanted = functions.len().min(self.inner.max_inflight);
         let permits = self
@@ -243,7 +240,7 @@ impl Dispatcher {
             .map_err(|_| SdkError::DispatcherClosed)?;
         let previous = self.enter_lane(&message);
         let inner = self.inner.clone();
-        self.inner.tracker.spawn(async move {
+        let task = self.inner.tracker.spawn(async move {
             let (outcome, lane) = inner.run(message, functions, permits, previous).await;
             let disposition = match outcome.disposition() {
                 Disposition::Ack => "ack",
@@ -251,13 +248,13 @@ impl Dispatcher {
                 Disposition::Release => "release",
             };
             inner.metrics.message_finished(disposition);
-            let _ = tx.send(outcome);
             if let Some((key, id, done)) = lane {
                 let _ = done.send(());
                 inner.leave_lane(&key, id);
             }
+            outcome
         });
-        Ok(completion)
+        Ok(Completion(CompletionState::Task(task)))
     }
 
     /// Joins the message's lane, returning the lane entry to wait on and what to signal.
@@ -352,11 +349,20 @@ impl Inner {
             }
         }
         own.push(permits);
-        let deliveries = functions.iter().map(|function| {
-            let permit = own.pop();
-            self.deliver(message.clone(), function.clone(), permit)
-        });
-        let deliveries = join_all(deliveries).await;
+        let deliveries = match &*functions {
+            // The common case, without join_all's bookkeeping.
+            [function] => vec![
+                self.deliver(message.clone(), function.clone(), own.pop())
+                    .await,
+            ],
+            _ => {
+                let deliveries = functions.iter().map(|function| {
+                    let permit = own.pop();
+                    self.deliver(message.clone(), function.clone(), permit)
+                });
+                join_all(deliveries).await
+            }
+        };
         (
             MessageOutcome {
                 id: message.id.clone(),
@@ -619,22 +625,34 @@ fn released(function: &FunctionRef, attempts: u32) -> DeliveryReport {
 /// Resolves to the [`MessageOutcome`] of a submitted message once all its deliveries are
 /// terminal.
 #[derive(Debug)]
-pub struct Completion {
-    rx: oneshot::Receiver<MessageOutcome>,
+pub struct Completion(CompletionState);
+
+#[derive(Debug)]
+enum CompletionState {
+    /// Known at submission (no subscriber); taken by the first poll.
+    Ready(Option<MessageOutcome>),
+    /// The task delivering the message.
+    Task(tokio::task::JoinHandle<MessageOutcome>),
 }
 
 impl Future for Completion {
     type Output = MessageOutcome;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<MessageOutcome> {
-        Pin::new(&mut self.rx).poll(cx).map(|result| {
-            // The task only drops the sender without sending if it was torn down (runtime
-            // shutdown, panic): the message must go back to the broker.
-            result.unwrap_or_else(|_| MessageOutcome {
-                id: String::new(),
-                deliveries: Vec::new(),
-                interrupted: true,
-            })
-        })
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<MessageOutcome> {
+        let interrupted = || MessageOutcome {
+            id: String::new(),
+            deliveries: Vec::new(),
+            interrupted: true,
+        };
+        match &mut self.get_mut().0 {
+            CompletionState::Ready(outcome) => {
+                Poll::Ready(outcome.take().unwrap_or_else(interrupted))
+            }
+            // The task fails only if it was torn down (runtime shutdown, panic): the message
+            // must go back to the broker.
+            CompletionState::Task(task) => Pin::new(task)
+                .poll(cx)
+                .map(|result| result.unwrap_or_else(|_| interrupted())),
+        }
     }
 }
