@@ -135,6 +135,10 @@ async fn deployed_functions_survive_a_binary_restart_and_sigterm_exits_zero() {
 [[functions]]
 name = "configured"
 command = "cat"
+
+[[functions]]
+name = "env"
+command = "env"
 "#,
     );
     let client = reqwest::Client::new();
@@ -155,6 +159,24 @@ command = "cat"
     assert_eq!(response.status(), 200);
     assert!(response.headers().contains_key("x-call-id"));
     assert_eq!(response.text().await.unwrap(), "from toml");
+    // Over a real socket the client's address arrives as X-Forwarded-For (ip:port).
+    let env = client
+        .get(gw.url("/function/env"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let forwarded = env
+        .lines()
+        .find_map(|l| l.strip_prefix("Http_X_Forwarded_For="))
+        .unwrap_or_else(|| panic!("no X-Forwarded-For in {env}"));
+    assert!(forwarded.starts_with("127.0.0.1:"), "{forwarded}");
+    assert!(
+        env.contains(&format!("Http_X_Forwarded_Host={}", gw.addr)),
+        "{env}"
+    );
     let status = gw.stop().await;
     assert!(status.success(), "exit status {status}");
 
@@ -174,7 +196,7 @@ command = "cat"
         .map(|f| f["name"].as_str().unwrap())
         .collect();
     names.sort_unstable();
-    assert_eq!(names, ["api-fn", "configured"]);
+    assert_eq!(names, ["api-fn", "configured", "env"]);
     let body = client
         .post(gw.url("/function/api-fn"))
         .body("12345")

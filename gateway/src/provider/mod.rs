@@ -110,18 +110,21 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// Removes hop-by-hop headers, including those named by `Connection`.
+/// Removes hop-by-hop headers, including those named by `Connection`. On the hot path:
+/// nothing is allocated unless a `Connection` header names extra headers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
+    let named: Vec<http::HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
+        .filter_map(|s| http::HeaderName::from_bytes(s.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP.iter().copied().map(str::to_owned).chain(named) {
-        headers.remove(name.as_str());
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    for name in named {
+        headers.remove(name);
     }
 }
 
