@@ -321,11 +321,14 @@ pub async fn logs(
         authorization: request.headers().get(header::AUTHORIZATION).cloned(),
     };
     let stream = state.provider.logs(log_request).await?;
-    let lines = stream.map(|message| {
-        let mut line = serde_json::to_vec(&message).unwrap_or_default();
-        line.push(b'\n');
-        Ok::<_, std::io::Error>(Bytes::from(line))
-    });
+    let draining = state.draining.clone();
+    let lines = stream
+        .take_until(draining.cancelled_owned())
+        .map(|message| {
+            let mut line = serde_json::to_vec(&message).unwrap_or_default();
+            line.push(b'\n');
+            Ok::<_, std::io::Error>(Bytes::from(line))
+        });
     let mut response = Response::new(Body::from_stream(lines));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -8,7 +8,7 @@
 //! | [`queue`] | `/async-function/*`: embedded or JetStream queue, retries, callbacks |
 //! | [`provider`] | the [`provider::Provider`] trait; `local` (processes) and `external` (a faas-provider) |
 //! | [`supervisor`] | `[[connectors]]` run as child processes |
-//! | [`metrics`] | OpenFaaS's metric names on the metrics port |
+//! | [`metrics`] | OpenFaaS's metric names on the metrics port (with `/healthz`, `/readyz`) |
 //! | [`error`] | the one error type, rendered as OpenFaaS's status codes and bodies |
 //!
 //! [`router`] builds the API so tests drive it without a socket; [`Gateway::start`] binds
@@ -64,6 +64,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Largest asynchronous body.
     pub async_max_body_bytes: usize,
+    /// Cancelled when the gateway starts to stop: `/readyz` turns 503 and followed log
+    /// streams end, so they do not hold the shutdown.
+    pub draining: CancellationToken,
 }
 
 impl std::fmt::Debug for AppState {
@@ -119,8 +122,18 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "OK" }))
+        .route("/readyz", get(readyz))
         .fallback(api::not_found)
         .with_state(state)
+}
+
+/// 200 while serving, 503 once the gateway is stopping.
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.draining.is_cancelled() {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "OK".into_response()
+    }
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {
@@ -230,6 +243,7 @@ pub async fn build_state(
         namespace: config.gateway.function_namespace.clone(),
         max_body_bytes: config.gateway.max_body_bytes,
         async_max_body_bytes: config.queue.max_body_bytes,
+        draining: CancellationToken::new(),
     };
     let worker = Arc::new(Worker::new(state.clone(), &config.queue, client));
     let queue: Arc<dyn Queue> = match &config.queue.nats_url {
@@ -355,6 +369,7 @@ impl Gateway {
     /// Stops in order: connectors (they invoke through the gateway), the listeners
     /// (in-flight requests finish, up to `grace`), the async worker, then the functions.
     pub async fn stop(self, grace: Duration) {
+        self.state.draining.cancel();
         self.connectors.cancel();
         self.connector_tasks.close();
         self.connector_tasks.wait().await;

@@ -596,3 +596,47 @@ async fn metrics_use_openfaas_names_and_labels() {
     assert_eq!(text(response).await, "OK");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn logs_follow_streams_new_lines_and_ends_when_the_gateway_drains() {
+    use http_body_util::BodyExt;
+    let gw = start(|_| {}).await;
+    gw.deploy(json!({"service": "echo", "image": "i", "envProcess": "cat"}))
+        .await;
+    gw.call("POST", "/function/echo", "one").await;
+    let response = gw
+        .send(
+            Request::get("/system/logs?name=echo&follow=true&tail=1")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("Wrote 3 Bytes"));
+    gw.call("POST", "/function/echo", "two").await;
+    let next = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&next).contains("Forking fprocess."));
+    let readyz = || async {
+        use tower::ServiceExt;
+        gateway::metrics_router(gw.state.clone())
+            .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(readyz().await, StatusCode::OK);
+    gw.state.draining.cancel();
+    assert_eq!(readyz().await, StatusCode::SERVICE_UNAVAILABLE);
+    let rest = tokio::time::timeout(Duration::from_secs(10), body.collect()).await;
+    assert!(rest.is_ok(), "the stream ends on drain");
+    gw.shutdown().await;
+}
