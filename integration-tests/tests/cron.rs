@@ -481,3 +481,27 @@ async fn misfire_fire_once_fires_the_latest_missed_tick_once() {
         in_stall.len()
     );
 }
+
+#[tokio::test]
+async fn a_broken_config_fails_at_start_naming_file_line_and_key() {
+    let config =
+        "[connector]\ngateway_url = \"http://127.0.0.1:1\"\n\n[cron]\nmisfire = \"sometimes\"\n";
+    let mut process = Process::start(&cron_binary(), config, &[]);
+    let status = process.wait(Duration::from_secs(20)).await;
+    assert!(!status.success());
+    let output = process.output();
+    assert!(output.contains("cron.misfire"), "{output}");
+    assert!(output.contains("config.toml"), "{output}");
+    assert!(output.contains("line 5"), "{output}");
+
+    let mut process = Process::start(&cron_binary(), "[connector]\n", &[("max_inflight", "lots")]);
+    let status = process.wait(Duration::from_secs(20)).await;
+    assert!(!status.success());
+    assert!(
+        process
+            .output()
+            .contains("environment variable max_inflight"),
+        "{}",
+        process.output()
+    );
+}
