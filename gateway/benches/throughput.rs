@@ -207,7 +207,14 @@ command = "cat"
         "gateway RSS peak under load: {:.1} MiB",
         peak.load(Ordering::Relaxed) as f64 / 1024.0
     );
-    let _ = child.start_kill();
+    // SIGTERM, so the gateway stops its function processes before it exits.
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
 }
 
 /// Sends POSTs from `connections` loops for `duration`; prints a table row; returns req/s.

@@ -37,7 +37,8 @@ async fn main() -> anyhow::Result<()> {
     // Logs go to stderr, with the connectors' prefixed lines.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if config.gateway.log_format == "json" {
         logs.json().init();
     } else {

@@ -52,7 +52,10 @@ async fn supervise(
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // Its own process group: a ctrl-c in the gateway's terminal reaches the
+            // gateway only, which then stops its children in order.
+            .process_group(0);
         if let Some(config) = &connector.config {
             command.arg("--config").arg(config);
         }

@@ -437,7 +437,10 @@ impl Inner {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // Its own process group: a ctrl-c in the gateway's terminal reaches the
+            // gateway only, which then stops its children in order.
+            .process_group(0);
         self.spec.apply_env(&mut command);
         command.env("PORT", replica.port.to_string());
         command.env("port", replica.port.to_string());

@@ -176,7 +176,10 @@ impl ProcessRuntime {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // Its own process group: a ctrl-c in the gateway's terminal reaches the
+            // gateway only, which then stops its children in order.
+            .process_group(0);
         self.spec.apply_env(&mut command);
         if let Some(dir) = &self.spec.workdir {
             command.current_dir(PathBuf::from(dir));
