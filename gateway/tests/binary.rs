@@ -220,7 +220,7 @@ async fn the_supervisor_restarts_a_crashed_connector_and_stops_connectors_gracef
     .unwrap();
     std::fs::write(
         dir.path().join("steady.py"),
-        "import signal, sys, time\ndef stop(*_):\n    print('got SIGTERM', flush=True)\n    sys.exit(0)\nsignal.signal(signal.SIGTERM, stop)\nprint('steady up', sys.argv[1:], flush=True)\nwhile True:\n    time.sleep(0.1)\n",
+        "import os, signal, sys, time\ndef stop(*_):\n    print('got SIGTERM', flush=True)\n    sys.exit(0)\nsignal.signal(signal.SIGTERM, stop)\nparent = os.getppid()\nprint('steady up', sys.argv[1:], flush=True)\nwhile True:\n    time.sleep(0.1)\n    if os.getppid() != parent:\n        sys.exit(0)  # the gateway died (a failed test): do not linger\n",
     )
     .unwrap();
     std::fs::write(dir.path().join("steady.toml"), "").unwrap();
