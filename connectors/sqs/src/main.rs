@@ -1,7 +1,32 @@
-//! `sqs-connector`: not built yet; see the tracker. It will consume its source through
-//! connector-sdk and invoke the functions subscribed to each topic.
+//! `sqs-connector`: invokes functions for AWS SQS messages.
+//!
+//! ```text
+//! sqs-connector --config config/sqs.toml
+//! sqs_queues=orders gateway_url=http://127.0.0.1:8080 sqs-connector
+//! ```
 
-fn main() {
-    eprintln!("sqs-connector is not implemented yet");
-    std::process::exit(2);
+use std::path::PathBuf;
+
+use clap::Parser;
+use connector_sdk::Runtime;
+use connector_sdk::runtime::init_tracing;
+use sqs_connector::config::Config;
+
+/// Invokes the functions subscribed to each SQS message's topic; deletes it once done.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (see config/sqs.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = Config::load(args.config.as_deref())?;
+    init_tracing(config.connector.log_format);
+    let runtime = Runtime::new(sqs_connector::NAME, config.sdk_config())?;
+    sqs_connector::run(config, runtime).await?;
+    Ok(())
 }

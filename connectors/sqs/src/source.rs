@@ -1,0 +1,352 @@
+//! Consuming: pollers long-poll each queue and hand batches to [`SqsSource`], which the
+//! SDK's `pump` drives; settling maps each message's disposition to SQS.
+//!
+//! Why pollers: `pump` drops `pull()` whenever a completion is settled, and a
+//! ReceiveMessage dropped mid-flight would hide the messages SQS picked for it until their
+//! visibility timeout. So each ReceiveMessage runs to completion in its own task, and
+//! `pull()` is a receive from a small bounded channel, which is cancel-safe. While the
+//! dispatcher is saturated `pull()` is not called, the channel fills, and the pollers wait
+//! with their batch (its leases renewed by the heartbeat): no receiving while saturated.
+//!
+//! | disposition | SQS |
+//! | --- | --- |
+//! | Ack | DeleteMessageBatch |
+//! | Release (shutdown) | visibility 0: redelivered now |
+//! | Hold (failed for good, no dead-letter queue) | visibility = backoff for its receive count: redelivered later, moved by the redrive policy after `maxReceiveCount` |
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use connector_sdk::backoff::Backoff;
+use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::acker::{Acker, AckerTasks, Receipt, Settlement};
+use crate::config::{MAX_VISIBILITY, SqsConfig};
+use crate::metrics::SqsMetrics;
+use crate::queue::Queue;
+
+/// Header names set on every invocation (besides the SDK's own).
+pub mod headers {
+    /// The SQS message id (also `ce-id`).
+    pub const MESSAGE_ID: &str = "X-SQS-Message-ID";
+    /// The queue's URL.
+    pub const QUEUE_URL: &str = "X-SQS-Queue-URL";
+    /// ApproximateReceiveCount: 1 on the first receive.
+    pub const RECEIVE_COUNT: &str = "X-SQS-Receive-Count";
+    /// The MessageGroupId of a FIFO message.
+    pub const GROUP_ID: &str = "X-SQS-Message-Group-ID";
+    /// Prefix of each String or Number message attribute: `X-SQS-Attr-<name>`.
+    pub const ATTRIBUTE_PREFIX: &str = "X-SQS-Attr-";
+}
+
+type Batch = Result<Vec<(Message, Receipt)>, SourceError>;
+
+/// The SQS side of `pump`.
+pub struct SqsSource {
+    rx: mpsc::Receiver<Batch>,
+    acker: Option<Acker>,
+    acker_tasks: Option<AckerTasks>,
+    pollers: TaskTracker,
+    stop_pollers: CancellationToken,
+    backoff: Backoff,
+}
+
+/// How the pollers read messages.
+#[derive(Debug, Clone)]
+pub struct PollSettings {
+    /// Long-poll seconds.
+    pub wait_secs: i32,
+    /// Messages per receive.
+    pub max_messages: i32,
+    /// Visibility timeout seconds.
+    pub visibility_secs: i32,
+    /// Message attribute naming the topic.
+    pub topic_attribute: Option<String>,
+}
+
+impl PollSettings {
+    /// From the `[sqs]` section.
+    pub fn new(config: &SqsConfig) -> Self {
+        let secs = |d: Duration| i32::try_from(d.as_secs()).unwrap_or(i32::MAX);
+        Self {
+            wait_secs: secs(config.wait_time),
+            max_messages: config.max_messages,
+            visibility_secs: secs(config.visibility_timeout),
+            topic_attribute: config.topic_attribute.clone(),
+        }
+    }
+}
+
+impl SqsSource {
+    /// Starts `pollers` receive loops per queue. They stop on `shutdown` (or at `flush`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        client: Client,
+        queues: &[Queue],
+        pollers: usize,
+        settings: PollSettings,
+        acker: Acker,
+        acker_tasks: AckerTasks,
+        metrics: SqsMetrics,
+        backoff: Backoff,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(pollers.max(1));
+        let tracker = TaskTracker::new();
+        let stop = shutdown.child_token();
+        for queue in queues {
+            let queue = Arc::new(queue.clone());
+            for _ in 0..pollers {
+                tracker.spawn(poll(Poller {
+                    client: client.clone(),
+                    queue: queue.clone(),
+                    url: Arc::from(queue.url.as_str()),
+                    settings: settings.clone(),
+                    acker: acker.clone(),
+                    tx: tx.clone(),
+                    metrics: metrics.clone(),
+                    stop: stop.clone(),
+                }));
+            }
+        }
+        tracker.close();
+        Self {
+            rx,
+            acker: Some(acker),
+            acker_tasks: Some(acker_tasks),
+            pollers: tracker,
+            stop_pollers: stop,
+            backoff,
+        }
+    }
+
+    /// How long a failed message stays invisible before SQS redelivers it: the
+    /// connector's backoff for its receive count, whole seconds, 1 s to 12 h.
+    fn retry_delay(&self, receive_count: u32) -> i32 {
+        let d = self.backoff.ceiling(receive_count.max(1));
+        let secs = d
+            .as_secs_f64()
+            .ceil()
+            .clamp(1.0, MAX_VISIBILITY.as_secs_f64());
+        secs as i32
+    }
+
+    async fn settle_as(&self, receipt: Receipt, settlement: Settlement) -> Result<(), SourceError> {
+        match &self.acker {
+            Some(acker) => acker
+                .settle(receipt, settlement)
+                .await
+                .map_err(SourceError::transient),
+            None => Err(SourceError::transient("settled after flush")),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for SqsSource {
+    type Ack = Receipt;
+
+    async fn pull(&mut self) -> Result<Vec<(Message, Receipt)>, SourceError> {
+        match self.rx.recv().await {
+            Some(batch) => batch,
+            // Every poller stopped: only at shutdown, which `pump` is about to see.
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        receipt: Receipt,
+        disposition: Disposition,
+        _outcome: &MessageOutcome,
+    ) -> Result<(), SourceError> {
+        let settlement = match disposition {
+            Disposition::Ack => Settlement::Delete,
+            Disposition::Release => Settlement::Visible(0),
+            Disposition::Hold => Settlement::Visible(self.retry_delay(receipt.receive_count)),
+        };
+        self.settle_as(receipt, settlement).await
+    }
+
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        self.stop_pollers.cancel();
+        self.pollers.wait().await;
+        // Batches received but never pulled go back to the queue.
+        self.rx.close();
+        while let Some(batch) = self.rx.recv().await {
+            for (_, receipt) in batch.unwrap_or_default() {
+                self.settle_as(receipt, Settlement::Visible(0)).await?;
+            }
+        }
+        self.acker = None;
+        if let Some(tasks) = self.acker_tasks.take() {
+            tasks.finish().await;
+        }
+        Ok(())
+    }
+}
+
+struct Poller {
+    client: Client,
+    queue: Arc<Queue>,
+    url: Arc<str>,
+    settings: PollSettings,
+    acker: Acker,
+    tx: mpsc::Sender<Batch>,
+    metrics: SqsMetrics,
+    stop: CancellationToken,
+}
+
+/// One receive loop. A failed receive is reported to `pump` (readiness goes 503) and
+/// retried with backoff; the first success after it reports an empty batch so readiness
+/// comes back.
+async fn poll(p: Poller) {
+    let mut failures = Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(30),
+    }
+    .attempts();
+    loop {
+        let request = p
+            .client
+            .receive_message()
+            .queue_url(p.url.as_ref())
+            .max_number_of_messages(p.settings.max_messages)
+            .wait_time_seconds(p.settings.wait_secs)
+            .visibility_timeout(p.settings.visibility_secs)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send();
+        let received = tokio::select! {
+            () = p.stop.cancelled() => return,
+            r = request => r,
+        };
+        let batch: Batch = match received {
+            Ok(out) => {
+                let messages = out.messages.unwrap_or_default();
+                p.metrics.receive(messages.len() as u64);
+                let recovered = failures.failures() > 0;
+                failures.reset();
+                if messages.is_empty() && !recovered {
+                    continue;
+                }
+                Ok(messages
+                    .into_iter()
+                    .filter_map(|m| convert(&p, m))
+                    .collect())
+            }
+            Err(e) => {
+                let error = DisplayErrorContext(&e).to_string();
+                let delay = failures.next_delay();
+                tracing::warn!(queue = %p.queue.name, error = %error, retry_in = ?delay, "ReceiveMessage failed");
+                let _ = send(
+                    &p,
+                    Err(SourceError::Transient(format!(
+                        "ReceiveMessage on {}: {error}",
+                        p.queue.name
+                    ))),
+                )
+                .await;
+                tokio::select! {
+                    () = p.stop.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+        };
+        if !send(&p, batch).await {
+            return;
+        }
+    }
+}
+
+/// Hands `batch` to `pump`, waiting for room; on shutdown meanwhile its messages are
+/// released. Returns whether the poller should go on.
+async fn send(p: &Poller, batch: Batch) -> bool {
+    let permit = tokio::select! {
+        biased;
+        permit = p.tx.reserve() => permit.ok(),
+        () = p.stop.cancelled() => None,
+    };
+    match permit {
+        Some(permit) => {
+            permit.send(batch);
+            true
+        }
+        None => {
+            for (_, receipt) in batch.unwrap_or_default() {
+                let _ = p.acker.settle(receipt, Settlement::Visible(0)).await;
+            }
+            false
+        }
+    }
+}
+
+/// One SQS message as the dispatcher sees it.
+fn convert(p: &Poller, m: aws_sdk_sqs::types::Message) -> Option<(Message, Receipt)> {
+    let handle = m.receipt_handle?;
+    let system = m.attributes.unwrap_or_default();
+    let receive_count: u32 = system
+        .get(&MessageSystemAttributeName::ApproximateReceiveCount)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let receipt = p.acker.lease(p.url.clone(), handle, receive_count);
+    let id = m.message_id.unwrap_or_default();
+    let attributes = m.message_attributes.unwrap_or_default();
+    let topic = p
+        .settings
+        .topic_attribute
+        .as_ref()
+        .and_then(|name| attributes.get(name))
+        .and_then(|v| v.string_value.clone())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| p.queue.name.clone());
+    let group = system
+        .get(&MessageSystemAttributeName::MessageGroupId)
+        .cloned();
+    let mut message = Message::new(
+        topic,
+        m.body.unwrap_or_default().into_bytes(),
+        id.clone(),
+        format!("sqs://{}", p.queue.name),
+    )
+    .with_coordinate("queue", &p.queue.url)
+    .with_coordinate("message-id", &id)
+    .with_coordinate("receive-count", receive_count)
+    .with_prior_attempts(receive_count.saturating_sub(1));
+    if let Some(ms) = system
+        .get(&MessageSystemAttributeName::SentTimestamp)
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        message = message.with_time(UNIX_EPOCH + Duration::from_millis(ms));
+    } else {
+        message = message.with_time(SystemTime::now());
+    }
+    message.add_header(headers::MESSAGE_ID, &id);
+    message.add_header(headers::QUEUE_URL, &p.queue.url);
+    message.add_header(headers::RECEIVE_COUNT, &receive_count.to_string());
+    if let Some(group) = group {
+        message.add_header(headers::GROUP_ID, &group);
+        message = message
+            .with_coordinate("message-group-id", &group)
+            .with_ordering_key(group.into_bytes());
+    }
+    let mut names: Vec<&String> = attributes.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(value) = attributes.get(name).and_then(|v| v.string_value.as_deref()) else {
+            continue; // Binary attributes are not forwarded.
+        };
+        if name.eq_ignore_ascii_case("content-type") {
+            message = message.with_content_type(value);
+        }
+        message.add_header(&format!("{}{name}", headers::ATTRIBUTE_PREFIX), value);
+    }
+    Some((message, receipt))
+}
