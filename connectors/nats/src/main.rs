@@ -1,7 +1,32 @@
-//! `nats-connector`: not built yet; see the tracker. It will consume its source through
-//! connector-sdk and invoke the functions subscribed to each topic.
+//! `nats-connector`: delivers NATS messages to functions.
+//!
+//! ```text
+//! nats-connector --config config/nats.toml
+//! broker_host=nats topics=orders.created gateway_url=http://gateway:8080 nats-connector
+//! ```
 
-fn main() {
-    eprintln!("nats-connector is not implemented yet");
-    std::process::exit(2);
+use std::path::PathBuf;
+
+use clap::Parser;
+use connector_sdk::Runtime;
+use connector_sdk::runtime::init_tracing;
+use nats_connector::config::Config;
+
+/// Delivers NATS messages (core or JetStream) to the functions subscribed to their subjects.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (see config/nats.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = Config::load(args.config.as_deref())?;
+    init_tracing(config.connector.log_format);
+    let runtime = Runtime::new(nats_connector::NAME, config.connector.clone())?;
+    nats_connector::run(config, runtime).await?;
+    Ok(())
 }

@@ -1,0 +1,305 @@
+//! Core NATS: at-most-once, as in OpenFaaS's nats-connector, without its limits.
+//!
+//! One queue subscription per subject pattern (the configured `topics`, else the topic
+//! map's, followed without a restart), all in the queue group `nats.queue_group`, so
+//! replicas share the work and each message reaches one of them. Invocations run in
+//! parallel up to `max_inflight` with the SDK's retries; but nothing is acknowledged to
+//! the server, so a message whose delivery fails for good, or that arrives while no
+//! replica is connected, is lost. Use JetStream mode for at-least-once.
+//!
+//! Request/reply: a message with a reply subject (sent with `nats request`) gets one
+//! answer once its deliveries finish: the body of the first function's response (a
+//! delivered one if any), with `X-Function-Status` (the HTTP status), `X-Function` and
+//! the response's `Content-Type`. No function subscribed: status 404. No response (the
+//! function could not be reached): 502 with the error. Shutdown cut it short: 503.
+
+use std::sync::Arc;
+
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use connector_sdk::message::DeliveryOutcome;
+use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceContext, SourceError};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::connect::Connection;
+use crate::message;
+use crate::subscriptions::{Event, Subscriptions, spawn_until, wanted};
+
+/// The header carrying the function's HTTP status on a reply.
+pub const STATUS_HEADER: &str = "X-Function-Status";
+/// The header naming the function that answered.
+pub const FUNCTION_HEADER: &str = "X-Function";
+
+/// Messages taken from the subscriptions per pull at most.
+const PULL_BATCH: usize = 64;
+
+/// What settling a core message needs: where to reply, if anywhere.
+#[derive(Debug)]
+pub struct CoreAck {
+    subject: Subject,
+    reply: Option<Subject>,
+}
+
+/// Core subscriptions as a [`Source`].
+pub struct CoreSource {
+    connection: Connection,
+    subscriptions: Subscriptions<async_nats::Message>,
+    changes: Option<watch::Receiver<Arc<connector_sdk::TopicMap>>>,
+    ctx: SourceContext,
+    source: String,
+    reply: bool,
+    connect_timeout: std::time::Duration,
+}
+
+impl CoreSource {
+    /// Subscribes to the wanted subjects.
+    pub fn new(config: &Config, connection: Connection, ctx: SourceContext) -> Self {
+        let client = connection.client.clone();
+        let group = Some(config.nats.queue_group.clone()).filter(|g| !g.is_empty());
+        let capacity = config.connector.max_inflight.max(PULL_BATCH);
+        let start: crate::subscriptions::Starter<async_nats::Message> =
+            Box::new(move |pattern, tx, token| {
+                let client = client.clone();
+                let group = group.clone();
+                spawn_until(token, forward(client, group, pattern, tx));
+            });
+        let mut subscriptions = Subscriptions::new(capacity, start);
+        subscriptions.reconcile(&wanted(&ctx));
+        let changes = ctx.topics_follow_map().then(|| ctx.topics.subscribe());
+        Self {
+            source: source_name(&config.nats.servers()),
+            connection,
+            subscriptions,
+            changes,
+            ctx,
+            reply: config.nats.reply,
+            connect_timeout: config.nats.connect_timeout,
+        }
+    }
+
+    fn accept(&self, event: Event<async_nats::Message>) -> Option<(Message, CoreAck)> {
+        match event {
+            Event::Message { pattern, item } => {
+                if !self.subscriptions.owns(&pattern, item.subject.as_str()) {
+                    // Another (overlapping) subscription of ours delivers this one.
+                    return None;
+                }
+                let message = message::core(&item, &self.source);
+                Some((
+                    message,
+                    CoreAck {
+                        subject: item.subject,
+                        reply: item.reply,
+                    },
+                ))
+            }
+            Event::Failed { pattern, error } => {
+                tracing::warn!(subject = %pattern, error = %error, "subscription failed");
+                None
+            }
+            Event::Recovered { .. } => None,
+        }
+    }
+}
+
+/// `nats://host:port` of the first server, for `ce-source`.
+pub fn source_name(servers: &[String]) -> String {
+    let first = servers.first().map(String::as_str).unwrap_or("nats");
+    match first.split_once("://") {
+        Some((_, rest)) => format!("nats://{}", rest.rsplit('@').next().unwrap_or(rest)),
+        None => format!("nats://{first}"),
+    }
+}
+
+async fn forward(
+    client: async_nats::Client,
+    group: Option<String>,
+    pattern: Arc<str>,
+    tx: tokio::sync::mpsc::Sender<Event<async_nats::Message>>,
+) {
+    let subscribed = match &group {
+        Some(group) => {
+            client
+                .queue_subscribe(pattern.to_string(), group.clone())
+                .await
+        }
+        None => client.subscribe(pattern.to_string()).await,
+    };
+    let mut subscriber = match subscribed {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx
+                .send(Event::Failed {
+                    pattern,
+                    error: e.to_string(),
+                })
+                .await;
+            return;
+        }
+    };
+    while let Some(item) = subscriber.next().await {
+        let event = Event::Message {
+            pattern: pattern.clone(),
+            item,
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for CoreSource {
+    type Ack = CoreAck;
+
+    async fn pull(&mut self) -> Result<Vec<(Message, CoreAck)>, SourceError> {
+        if !self.connection.wait_connected(self.connect_timeout).await {
+            return Err(SourceError::transient("not connected to NATS"));
+        }
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = self.connection.lost() => {
+                    return Err(SourceError::transient("connection to NATS lost"));
+                }
+                changed = async {
+                    match self.changes.as_mut() {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed {
+                        self.subscriptions.reconcile(&wanted(&self.ctx));
+                    } else {
+                        self.changes = None;
+                    }
+                    continue;
+                }
+                event = self.subscriptions.next() => event,
+            };
+            let Some(event) = event else {
+                return Err(SourceError::fatal("subscriptions closed"));
+            };
+            let mut batch: Vec<(Message, CoreAck)> = self.accept(event).into_iter().collect();
+            while batch.len() < PULL_BATCH {
+                let Some(event) = self.subscriptions.try_next() else {
+                    break;
+                };
+                batch.extend(self.accept(event));
+            }
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        ack: CoreAck,
+        disposition: Disposition,
+        outcome: &MessageOutcome,
+    ) -> Result<(), SourceError> {
+        if disposition != Disposition::Ack {
+            tracing::warn!(subject = %ack.subject, ce_id = %outcome.id, ?disposition, "core NATS cannot redeliver: message lost (use JetStream mode for at-least-once)");
+        }
+        let Some(reply) = ack.reply.filter(|_| self.reply) else {
+            return Ok(());
+        };
+        let (headers, body) = reply_for(&ack.subject, outcome);
+        self.connection
+            .client
+            .publish_with_headers(reply, headers, body)
+            .await
+            .map_err(SourceError::transient)
+    }
+
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        self.subscriptions.clear();
+        self.connection
+            .client
+            .flush()
+            .await
+            .map_err(SourceError::transient)
+    }
+}
+
+/// The reply to a request on `subject` whose deliveries ended as `outcome`.
+pub fn reply_for(subject: &str, outcome: &MessageOutcome) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    if outcome.interrupted {
+        headers.insert(STATUS_HEADER, "503");
+        return (
+            headers,
+            Bytes::from_static(b"the connector is shutting down"),
+        );
+    }
+    let chosen = outcome
+        .deliveries
+        .iter()
+        .find(|d| d.outcome == DeliveryOutcome::Delivered && d.response.is_some())
+        .or_else(|| outcome.deliveries.iter().find(|d| d.response.is_some()))
+        .or_else(|| outcome.deliveries.first());
+    let Some(delivery) = chosen else {
+        headers.insert(STATUS_HEADER, "404");
+        return (
+            headers,
+            Bytes::from(format!("no function subscribes to {subject}")),
+        );
+    };
+    headers.insert(FUNCTION_HEADER, delivery.function.as_str());
+    match &delivery.response {
+        Some(response) => {
+            headers.insert(STATUS_HEADER, response.status.as_str());
+            if let Some(ct) = response
+                .headers
+                .get(http_content_type())
+                .and_then(|v| v.to_str().ok())
+            {
+                headers.insert("Content-Type", ct);
+            }
+            (headers, response.body.clone())
+        }
+        None => {
+            let status = if delivery.outcome == DeliveryOutcome::Released {
+                "503"
+            } else {
+                "502"
+            };
+            headers.insert(STATUS_HEADER, status);
+            let error = delivery.error.clone().unwrap_or_default();
+            (headers, Bytes::from(error))
+        }
+    }
+}
+
+fn http_content_type() -> &'static str {
+    "content-type"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_name_hides_credentials() {
+        assert_eq!(
+            source_name(&["nats://user:pw@host:4222".into()]),
+            "nats://host:4222"
+        );
+        assert_eq!(source_name(&["host:4222".into()]), "nats://host:4222");
+    }
+
+    #[test]
+    fn a_request_nobody_subscribes_to_gets_404() {
+        let outcome = MessageOutcome {
+            id: "x".into(),
+            deliveries: Vec::new(),
+            interrupted: false,
+        };
+        let (headers, body) = reply_for("a.b", &outcome);
+        assert_eq!(headers.get(STATUS_HEADER).map(|v| v.as_str()), Some("404"));
+        assert_eq!(&body[..], b"no function subscribes to a.b");
+    }
+}

@@ -1,0 +1,550 @@
+//! JetStream: at-least-once through durable pull consumers.
+//!
+//! Setup: the stream `jetstream.stream` must exist, or is created with
+//! `jetstream.stream_subjects` when `create_stream` is set. For each subscribed subject
+//! pattern (the configured `topics`, else the topic map's, followed without a restart)
+//! there is one durable pull consumer filtered on it, named by [`consumer_name`]. One
+//! consumer per pattern rather than one with several filter subjects, because
+//! nats-server before 2.10 allows only one filter subject per consumer. Replicas share
+//! the consumers and so split the messages. A consumer whose pattern leaves the topic map
+//! is no longer consumed but is not deleted (another replica may still use it).
+//!
+//! Each message is handed to the dispatcher and settled when all its deliveries end:
+//!
+//! | outcome | JetStream |
+//! | --- | --- |
+//! | every function accepted it, or none subscribes | `+ACK` |
+//! | a delivery was dead-lettered (published to `dead_letter_subject`) | `+TERM` |
+//! | held: failed for good and could not be dead-lettered | `-NAK` with the backoff delay for its delivery count |
+//! | released on shutdown | `-NAK` at once, so another replica takes it |
+//!
+//! While a message is held by this process (waiting for room, invoking, between retries)
+//! it is reported in progress (`+WPI`) every `in_progress_interval`, so a long invocation
+//! is not redelivered after `ack_wait`. The server's delivery count continues the
+//! attempts (`X-Delivery-Attempt`, `max_attempts`) across redeliveries and restarts.
+//! Backpressure: `max_inflight` in this process, `max_ack_pending` per consumer on the
+//! server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::Subject;
+use async_nats::jetstream::consumer::{self, PullConsumer};
+use async_nats::jetstream::message::Acker;
+use async_nats::jetstream::{self, AckKind, stream};
+use connector_sdk::backoff::Backoff;
+use connector_sdk::message::DeliveryOutcome;
+use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceContext, SourceError};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::config::{Config, DeliverPolicy};
+use crate::connect::Connection;
+use crate::message::{self, StreamPosition};
+use crate::metrics::{ConsumerCounts, NatsMetrics};
+use crate::subscriptions::{Event, Starter, Subscriptions, spawn_until, wanted};
+
+/// The durable consumer for `pattern`: `<base>_<pattern with . * > spelled out>_<hash>`.
+/// The hash keeps distinct patterns apart whatever their spelling.
+pub fn consumer_name(base: &str, pattern: &str) -> String {
+    let mut slug = String::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        match c {
+            '.' => slug.push('_'),
+            '*' => slug.push_str("any"),
+            '>' => slug.push_str("all"),
+            c if c.is_ascii_alphanumeric() || c == '-' || c == '_' => slug.push(c),
+            _ => slug.push('-'),
+        }
+    }
+    slug.truncate(48);
+    // FNV-1a: stable across builds and platforms, unlike `DefaultHasher`.
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in pattern.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    format!("{base}_{slug}_{hash:08x}")
+}
+
+/// What the consumer tasks need, shared.
+struct Settings {
+    stream: String,
+    create_stream: bool,
+    stream_subjects: Vec<String>,
+    consumer_base: String,
+    deliver_policy: DeliverPolicy,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+    batch: usize,
+    pull_expires: Duration,
+    backlog_interval: Duration,
+}
+
+/// Replies of the messages this process holds: reported in progress until settled.
+#[derive(Clone, Default)]
+struct Held(Arc<Mutex<HashMap<String, Subject>>>);
+
+impl Held {
+    fn add(&self, reply: &Subject) {
+        if let Ok(mut set) = self.0.lock() {
+            set.insert(reply.as_str().to_owned(), reply.clone());
+        }
+    }
+
+    fn remove(&self, reply: &Subject) {
+        if let Ok(mut set) = self.0.lock() {
+            set.remove(reply.as_str());
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Subject> {
+        self.0
+            .lock()
+            .map(|set| set.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// What settling a JetStream message needs.
+pub struct JsAck {
+    acker: Acker,
+    reply: Subject,
+    delivered: u32,
+}
+
+/// The JetStream consumers as a [`Source`].
+pub struct JetStreamSource {
+    connection: Connection,
+    subscriptions: Subscriptions<jetstream::Message>,
+    changes: Option<watch::Receiver<Arc<connector_sdk::TopicMap>>>,
+    ctx: SourceContext,
+    source: String,
+    held: Held,
+    backoff: Backoff,
+    connect_timeout: Duration,
+    _heartbeats: Option<DropGuard>,
+}
+
+impl JetStreamSource {
+    /// Starts the consumer tasks for the wanted subjects and the in-progress reports.
+    pub fn new(
+        config: &Config,
+        connection: Connection,
+        ctx: SourceContext,
+        metrics: NatsMetrics,
+    ) -> Self {
+        let js = &config.jetstream;
+        let settings = Arc::new(Settings {
+            stream: js.stream.clone(),
+            create_stream: js.create_stream,
+            stream_subjects: if js.stream_subjects.is_empty() {
+                config.connector.topics.clone()
+            } else {
+                js.stream_subjects.clone()
+            },
+            consumer_base: js.consumer.clone(),
+            deliver_policy: js.deliver_policy,
+            ack_wait: js.ack_wait,
+            max_ack_pending: js.max_ack_pending,
+            batch: js.batch,
+            pull_expires: js.pull_expires,
+            backlog_interval: js.backlog_interval,
+        });
+        let held = Held::default();
+        let context = jetstream::new(connection.client.clone());
+        let start: Starter<jetstream::Message> = {
+            let held = held.clone();
+            Box::new(move |pattern, tx, token| {
+                let task = ConsumerTask {
+                    context: context.clone(),
+                    settings: settings.clone(),
+                    pattern,
+                    tx,
+                    held: held.clone(),
+                    metrics: metrics.clone(),
+                };
+                spawn_until(token, task.run());
+            })
+        };
+        // Room for what the consumers fetch while the dispatcher is saturated; they stop
+        // fetching when it is full.
+        let capacity = js.batch.max(1);
+        let mut subscriptions = Subscriptions::new(capacity, start);
+        subscriptions.reconcile(&wanted(&ctx));
+        let changes = ctx.topics_follow_map().then(|| ctx.topics.subscribe());
+        let heartbeats = (!js.in_progress_interval.is_zero()).then(|| {
+            let token = CancellationToken::new();
+            let client = connection.client.clone();
+            let held = held.clone();
+            let every = js.in_progress_interval;
+            spawn_until(token.clone(), report_in_progress(client, held, every));
+            token.drop_guard()
+        });
+        Self {
+            source: crate::core::source_name(&config.nats.servers()),
+            connection,
+            subscriptions,
+            changes,
+            ctx,
+            held,
+            backoff: config.connector.backoff,
+            connect_timeout: config.nats.connect_timeout,
+            _heartbeats: heartbeats,
+        }
+    }
+
+    /// Turns one event into a message to dispatch, acknowledging copies another of our
+    /// consumers owns. `Err` reports a consumer failure.
+    async fn accept(
+        &self,
+        event: Event<jetstream::Message>,
+    ) -> Result<Option<(Message, JsAck)>, SourceError> {
+        match event {
+            Event::Message { pattern, item } => {
+                let Some(reply) = item.message.reply.clone() else {
+                    tracing::warn!(subject = %item.message.subject, "a JetStream message without a reply subject; skipped");
+                    return Ok(None);
+                };
+                let Some(position) = StreamPosition::of(&item) else {
+                    tracing::warn!(subject = %item.message.subject, "cannot read the stream position of a message; skipped");
+                    self.held.remove(&reply);
+                    return Ok(None);
+                };
+                if !self
+                    .subscriptions
+                    .owns(&pattern, item.message.subject.as_str())
+                {
+                    // An overlapping consumer of ours delivers this message.
+                    self.held.remove(&reply);
+                    if let Err(e) = item.ack().await {
+                        tracing::warn!(error = %e, "acknowledging a copy owned by another consumer failed");
+                    }
+                    return Ok(None);
+                }
+                let message = message::jetstream(&item.message, &position, &self.source);
+                let (_, acker) = item.split();
+                Ok(Some((
+                    message,
+                    JsAck {
+                        acker,
+                        reply,
+                        delivered: position.delivered,
+                    },
+                )))
+            }
+            Event::Failed { pattern, error } => Err(SourceError::transient(format!(
+                "consumer for `{pattern}`: {error}"
+            ))),
+            Event::Recovered { pattern } => {
+                tracing::info!(subject = %pattern, "consuming again");
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for JetStreamSource {
+    type Ack = JsAck;
+
+    async fn pull(&mut self) -> Result<Vec<(Message, JsAck)>, SourceError> {
+        if !self.connection.wait_connected(self.connect_timeout).await {
+            return Err(SourceError::transient("not connected to NATS"));
+        }
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = self.connection.lost() => {
+                    return Err(SourceError::transient("connection to NATS lost"));
+                }
+                changed = async {
+                    match self.changes.as_mut() {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed {
+                        self.subscriptions.reconcile(&wanted(&self.ctx));
+                    } else {
+                        self.changes = None;
+                    }
+                    continue;
+                }
+                event = self.subscriptions.next() => event,
+            };
+            let Some(event) = event else {
+                return Err(SourceError::fatal("consumers closed"));
+            };
+            let recovered = matches!(event, Event::Recovered { .. });
+            let mut batch: Vec<(Message, JsAck)> = self.accept(event).await?.into_iter().collect();
+            while batch.len() < 64 {
+                let Some(event) = self.subscriptions.try_next() else {
+                    break;
+                };
+                match self.accept(event).await {
+                    Ok(accepted) => batch.extend(accepted),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "JetStream consumer failed");
+                    }
+                }
+            }
+            // An empty batch after a recovery tells the pump the source is healthy again.
+            if !batch.is_empty() || recovered {
+                return Ok(batch);
+            }
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        ack: JsAck,
+        disposition: Disposition,
+        outcome: &MessageOutcome,
+    ) -> Result<(), SourceError> {
+        self.held.remove(&ack.reply);
+        let kind = match disposition {
+            Disposition::Ack => {
+                if outcome
+                    .deliveries
+                    .iter()
+                    .any(|d| d.outcome == DeliveryOutcome::DeadLettered)
+                {
+                    AckKind::Term
+                } else {
+                    AckKind::Ack
+                }
+            }
+            Disposition::Hold => {
+                let delay = self.backoff.delay(ack.delivered);
+                tracing::warn!(ce_id = %outcome.id, delivered = ack.delivered, retry_in = ?delay, "message not completed; the server redelivers it later");
+                AckKind::Nak(Some(delay))
+            }
+            Disposition::Release => AckKind::Nak(None),
+        };
+        ack.acker
+            .ack_with(kind)
+            .await
+            .map_err(SourceError::transient)
+    }
+
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        self.subscriptions.clear();
+        // Fetched but never dispatched: give them back now rather than after ack_wait.
+        while let Some(event) = self.subscriptions.try_next() {
+            if let Event::Message { item, .. } = event
+                && let Err(e) = item.ack_with(AckKind::Nak(None)).await
+            {
+                tracing::debug!(error = %e, "releasing an undispatched message failed");
+            }
+        }
+        self.connection
+            .client
+            .flush()
+            .await
+            .map_err(SourceError::transient)
+    }
+}
+
+/// Reports every held message in progress every `every`.
+async fn report_in_progress(client: async_nats::Client, held: Held, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for reply in held.snapshot() {
+            if let Err(e) = client
+                .publish(reply, bytes::Bytes::from_static(b"+WPI"))
+                .await
+            {
+                tracing::debug!(error = %e, "in-progress report failed");
+            }
+        }
+    }
+}
+
+/// One consumer: created if missing, consumed, its backlog measured; recreated with
+/// backoff after any failure.
+struct ConsumerTask {
+    context: jetstream::Context,
+    settings: Arc<Settings>,
+    pattern: Arc<str>,
+    tx: mpsc::Sender<Event<jetstream::Message>>,
+    held: Held,
+    metrics: NatsMetrics,
+}
+
+/// Removes a consumer's metrics when its task ends.
+struct MetricsGuard {
+    metrics: NatsMetrics,
+    stream: String,
+    consumer: String,
+}
+
+impl Drop for MetricsGuard {
+    fn drop(&mut self) {
+        self.metrics.remove(&self.stream, &self.consumer);
+    }
+}
+
+impl ConsumerTask {
+    async fn run(self) {
+        let name = consumer_name(&self.settings.consumer_base, &self.pattern);
+        let _guard = MetricsGuard {
+            metrics: self.metrics.clone(),
+            stream: self.settings.stream.clone(),
+            consumer: name.clone(),
+        };
+        let mut failures = Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(10),
+        }
+        .attempts();
+        loop {
+            let failed = failures.failures() > 0;
+            let result = self.consume(&name, failed, &mut failures).await;
+            let error = match result {
+                Ok(()) => "the message stream ended".to_owned(),
+                Err(e) => e,
+            };
+            tracing::warn!(subject = %self.pattern, consumer = %name, error = %error, "JetStream consumer failed; retrying");
+            let event = Event::Failed {
+                pattern: self.pattern.clone(),
+                error,
+            };
+            if self.tx.send(event).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(failures.next_delay()).await;
+        }
+    }
+
+    async fn stream(&self) -> Result<stream::Stream, String> {
+        let s = &self.settings;
+        if s.create_stream {
+            self.context
+                .get_or_create_stream(stream::Config {
+                    name: s.stream.clone(),
+                    subjects: s.stream_subjects.clone(),
+                    ..stream::Config::default()
+                })
+                .await
+                .map_err(|e| format!("stream `{}`: {e}", s.stream))
+        } else {
+            self.context.get_stream(&s.stream).await.map_err(|e| {
+                format!(
+                    "stream `{}`: {e} (create it, or set jetstream.create_stream)",
+                    s.stream
+                )
+            })
+        }
+    }
+
+    async fn consumer(&self, name: &str) -> Result<PullConsumer, String> {
+        let s = &self.settings;
+        let stream = self.stream().await?;
+        let mut consumer: PullConsumer = stream
+            .get_or_create_consumer(
+                name,
+                consumer::pull::Config {
+                    durable_name: Some(name.to_owned()),
+                    description: Some(format!("nats-connector: {}", self.pattern)),
+                    filter_subject: self.pattern.to_string(),
+                    deliver_policy: match s.deliver_policy {
+                        DeliverPolicy::All => consumer::DeliverPolicy::All,
+                        DeliverPolicy::New => consumer::DeliverPolicy::New,
+                    },
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: s.ack_wait,
+                    max_ack_pending: s.max_ack_pending,
+                    ..consumer::pull::Config::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("consumer `{name}` on `{}`: {e}", self.pattern))?;
+        if let Ok(info) = consumer.info().await
+            && info.config.ack_wait != s.ack_wait
+        {
+            tracing::warn!(
+                consumer = %name,
+                server_ack_wait = ?info.config.ack_wait,
+                configured = ?s.ack_wait,
+                "the existing consumer has another ack_wait than configured; the server's applies (delete the consumer to take the new one)"
+            );
+        }
+        Ok(consumer)
+    }
+
+    async fn consume(
+        &self,
+        name: &str,
+        failed: bool,
+        failures: &mut connector_sdk::backoff::Attempts,
+    ) -> Result<(), String> {
+        let s = &self.settings;
+        let mut consumer = self.consumer(name).await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(s.batch)
+            .expires(s.pull_expires)
+            .messages()
+            .await
+            .map_err(|e| format!("pulling from `{name}`: {e}"))?;
+        failures.reset();
+        if failed {
+            let event = Event::Recovered {
+                pattern: self.pattern.clone(),
+            };
+            if self.tx.send(event).await.is_err() {
+                return Ok(());
+            }
+        }
+        let mut backlog = tokio::time::interval(s.backlog_interval);
+        backlog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = backlog.tick() => match consumer.info().await {
+                    Ok(info) => self.metrics.set(&s.stream, name, ConsumerCounts {
+                        pending: info.num_pending,
+                        ack_pending: u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX),
+                        redelivered: u64::try_from(info.num_redelivered).unwrap_or(u64::MAX),
+                    }),
+                    Err(e) => tracing::debug!(consumer = %name, error = %e, "reading the consumer's counts failed"),
+                },
+                next = messages.next() => match next {
+                    Some(Ok(message)) => {
+                        if let Some(reply) = &message.message.reply {
+                            self.held.add(reply);
+                        }
+                        let event = Event::Message { pattern: self.pattern.clone(), item: message };
+                        if self.tx.send(event).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(Err(e)) => return Err(format!("pulling from `{name}`: {e}")),
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_names_are_valid_and_distinct() {
+        let a = consumer_name("c", "orders.*");
+        let b = consumer_name("c", "orders.any");
+        assert_ne!(a, b);
+        assert!(a.starts_with("c_orders_any_"), "{a}");
+        for name in [a, b, consumer_name("c", ">")] {
+            assert_eq!(crate::subject::validate_name(&name), Ok(()), "{name}");
+        }
+        assert_eq!(consumer_name("c", "x.y"), consumer_name("c", "x.y"));
+    }
+}
