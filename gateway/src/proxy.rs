@@ -156,7 +156,11 @@ pub async fn function_route(State(state): State<AppState>, request: Request) -> 
         .into_response();
     }
     let call = prepare_headers(&mut parts.headers, connect.map(|c| c.0));
-    let (body, exceeded) = limit_body(body, state.max_body_bytes);
+    let (body, exceeded) = if axum::body::HttpBody::size_hint(&body).exact() == Some(0) {
+        (body, Arc::new(AtomicBool::new(false)))
+    } else {
+        limit_body(body, state.max_body_bytes)
+    };
     let invocation = Invocation {
         method: parts.method,
         path: if sub_path.is_empty() {

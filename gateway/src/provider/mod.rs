@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::body::Body;
-use futures::StreamExt;
 use futures::stream::BoxStream;
 use http::{HeaderMap, HeaderValue, Method, Response, header};
 
@@ -189,7 +188,7 @@ pub async fn forward(
         .request(method, &url)
         .headers(headers)
         .timeout(deadline.timeout)
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+        .body(upstream_body(body));
     let response = request.send().await.map_err(|e| {
         if e.is_timeout() && deadline.is_exec_timeout {
             Error::GatewayTimeout(format!(
@@ -200,22 +199,27 @@ pub async fn forward(
             Error::BadGateway(format!("{url}: {e}"))
         }
     })?;
-    let status = response.status();
-    let mut out_headers = response.headers().clone();
-    strip_hop_by_hop(&mut out_headers);
-    if !out_headers.contains_key(header::CONTENT_TYPE) {
-        out_headers.insert(
+    let (mut parts, body) = Response::<reqwest::Body>::from(response).into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::CONTENT_TYPE) {
+        parts.headers.insert(
             header::CONTENT_TYPE,
             request_type.unwrap_or(HeaderValue::from_static("text/plain")),
         );
     }
-    let stream = response
-        .bytes_stream()
-        .map(|chunk| chunk.map_err(std::io::Error::other));
-    let mut out = Response::new(Body::from_stream(stream));
-    *out.status_mut() = status;
-    *out.headers_mut() = out_headers;
-    Ok(out)
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// The body sent upstream: a request known to be empty is sent as empty (not as a chunked
+/// stream, which some servers refuse on a GET and which costs a round of framing), any
+/// other is streamed; a `Content-Length` the client sent is kept, so hyper frames by it.
+fn upstream_body(body: Body) -> reqwest::Body {
+    use axum::body::HttpBody;
+    if body.is_end_stream() || body.size_hint().exact() == Some(0) {
+        reqwest::Body::from(bytes::Bytes::new())
+    } else {
+        reqwest::Body::wrap_stream(body.into_data_stream())
+    }
 }
 
 /// The HTTP client used toward functions and providers: no redirects followed, pooled.
