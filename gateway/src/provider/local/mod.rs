@@ -115,12 +115,15 @@ impl LocalProvider {
         cancel: CancellationToken,
     ) -> Result<Self, Error> {
         let store = Store::open(&settings.state_dir)?;
-        std::fs::create_dir_all(&settings.provider.secrets_path).map_err(|source| {
-            Error::State {
-                path: settings.provider.secrets_path.display().to_string(),
-                source,
-            }
-        })?;
+        // Not fatal: the default folder (/var/openfaas/secrets) needs root to create, and a
+        // gateway without secrets works; creating one then answers 500 with the reason.
+        if let Err(e) = std::fs::create_dir_all(&settings.provider.secrets_path) {
+            tracing::warn!(
+                path = %settings.provider.secrets_path.display(),
+                error = %e,
+                "cannot create the secrets folder; set [provider] secrets_path"
+            );
+        }
         let saved = store.load()?;
         let provider = Self {
             settings,
@@ -439,7 +442,12 @@ impl Provider for LocalProvider {
         let dir = self.settings.provider.secrets_path.clone();
         let names = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
             let mut names = Vec::new();
-            for entry in std::fs::read_dir(&dir)? {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !name.starts_with('.') && entry.file_type()?.is_file() {
