@@ -1,0 +1,760 @@
+//! Consuming: the poll loop, backpressure by pausing partitions, commits of the
+//! watermark, and the drain on revoke and on shutdown.
+//!
+//! # The poll loop
+//!
+//! One task polls the consumer without ever waiting on the dispatcher, so librdkafka's
+//! `max.poll.interval.ms` is never exceeded and rebalance callbacks are served promptly.
+//! Each record is registered in the [`Watermarks`] first, then handed to the dispatcher
+//! if there is room (`max_inflight` permits for every subscribed function, and
+//! `max_pending_per_partition`). Without room the record is *parked* and its partition
+//! paused; librdkafka drops what it prefetched for that partition and fetches again from
+//! the parked records' successor on resume. Completions free room, wake the loop, which
+//! submits parked records and resumes their partitions once none is left. Memory is
+//! bounded by `max_inflight` plus at most one fetch's worth of parked records per
+//! partition.
+//!
+//! A completed message is settled in the watermarks (after its replies were published);
+//! every `commit_interval` the contiguous prefix of completed offsets is committed. A
+//! held message (failed for good, not dead-lettered) pauses its partition and marks it
+//! stalled: nothing past it is committed until a restart or a new owner delivers it
+//! again.
+//!
+//! # Revoke (state machine in the rebalance callback)
+//!
+//! `consuming → draining → committed → handed over`. librdkafka calls back inside the
+//! poll: the revoked partitions' parked records are dropped, then the callback waits (at
+//! most `rebalance_drain_timeout`, validated below the session timeout) until their
+//! in-flight deliveries complete, commits their watermarks synchronously, and forgets
+//! them. Deliveries that finish later are ignored: the next owner delivers them again
+//! (at-least-once). A *lost* assignment (session expired) skips the drain and the commit,
+//! since the group already handed the partitions to someone else.
+//!
+//! # Shutdown
+//!
+//! Polling stops; parked records are released; in-flight deliveries finish (the SDK
+//! cancels them after `drain_timeout`, which releases them); the watermarks are committed
+//! synchronously; the consumer leaves the group.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use connector_sdk::backoff::Backoff;
+use connector_sdk::config::Ordering;
+use connector_sdk::metrics::Metrics;
+use connector_sdk::server::Health;
+use connector_sdk::{Disposition, SourceContext};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, TopicPartitionList as Tpl};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, InitialOffset};
+use crate::dead_letter::Originals;
+use crate::error::Error;
+use crate::metrics::KafkaMetrics;
+use crate::offsets::{Settled, TopicPartition, Watermarks};
+use crate::record::Record;
+use crate::reply::Replies;
+
+/// The consumer type.
+pub type KafkaConsumer = StreamConsumer<ConnectorContext>;
+
+/// State shared by the poll loop, the completion tasks and the rebalance callback.
+#[derive(Default)]
+pub struct Shared {
+    state: Mutex<State>,
+    /// Wakes a rebalance callback waiting for in-flight deliveries.
+    settled: Condvar,
+    /// Wakes the poll loop: room was freed, a partition holds.
+    wake: Notify,
+    health: OnceLock<Health>,
+    sdk_metrics: OnceLock<Metrics>,
+}
+
+#[derive(Default)]
+struct State {
+    marks: Watermarks,
+    /// Records received without room, per partition, oldest first.
+    parked: HashMap<TopicPartition, VecDeque<Arc<Record>>>,
+    /// Records handed to the dispatcher and not yet settled, per partition.
+    submitted: HashMap<TopicPartition, usize>,
+    /// Partitions that started holding since the loop last looked.
+    newly_held: Vec<TopicPartition>,
+    /// Partitions revoked since the loop last looked.
+    revoked: Vec<TopicPartition>,
+}
+
+impl Shared {
+    /// Shared state reporting into the SDK's `metrics` (lag, stalled partitions).
+    pub fn new(metrics: Metrics) -> Arc<Self> {
+        let shared = Self::default();
+        let _ = shared.sdk_metrics.set(metrics);
+        Arc::new(shared)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records the outcome of one record and wakes whoever waits for it.
+    fn settle(&self, tp: &TopicPartition, offset: i64, settled: Settled) {
+        {
+            let mut s = self.lock();
+            if s.marks.settle(tp, offset, settled) && settled == Settled::Hold {
+                s.newly_held.push(tp.clone());
+            }
+            if let Some(n) = s.submitted.get_mut(tp) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        self.settled.notify_all();
+        self.wake.notify_one();
+    }
+}
+
+/// librdkafka callbacks: errors, rebalances, commit results.
+pub struct ConnectorContext {
+    shared: Arc<Shared>,
+    metrics: KafkaMetrics,
+    drain_timeout: Duration,
+}
+
+impl ConnectorContext {
+    /// Callbacks over `shared`.
+    pub fn new(shared: Arc<Shared>, metrics: KafkaMetrics, drain_timeout: Duration) -> Self {
+        Self {
+            shared,
+            metrics,
+            drain_timeout,
+        }
+    }
+
+    /// Waits until the revoked partitions have nothing in flight, or the deadline.
+    fn drain(&self, revoked: &[TopicPartition]) -> bool {
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut s = self.shared.lock();
+        loop {
+            let busy: usize = revoked.iter().map(|tp| s.marks.in_flight(tp)).sum();
+            if busy == 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    in_flight = busy,
+                    "rebalance_drain_timeout reached: handing over partitions with deliveries in flight; they will be delivered again"
+                );
+                return false;
+            }
+            s = match self.shared.settled.wait_timeout(s, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    fn revoke(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, tpl: &Tpl) {
+        let revoked = partitions(tpl);
+        let lost = consumer.assignment_lost();
+        self.metrics.rebalance(if lost { "lost" } else { "revoke" });
+        tracing::info!(partitions = %list(&revoked), lost, "partitions revoked");
+        {
+            let mut s = self.shared.lock();
+            for tp in &revoked {
+                if let Some(parked) = s.parked.remove(tp) {
+                    let offsets: Vec<i64> = parked.iter().map(|r| r.offset).collect();
+                    s.marks.release_in_flight(tp, &offsets);
+                }
+            }
+        }
+        if !lost {
+            let drained = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                    tokio::task::block_in_place(|| self.drain(&revoked))
+                }
+                // Deliveries cannot progress while this thread waits: do not wait.
+                _ => false,
+            };
+            if !drained {
+                self.metrics.revoke_drain_timed_out();
+            }
+            let commits = {
+                let set: HashSet<&TopicPartition> = revoked.iter().collect();
+                self.shared
+                    .lock()
+                    .marks
+                    .take_commits_where(|tp| set.contains(tp))
+            };
+            if !commits.is_empty() {
+                let result = consumer.commit(&to_tpl(&commits), CommitMode::Sync);
+                self.metrics.committed(result.is_ok());
+                match result {
+                    Ok(()) => {
+                        tracing::info!(offsets = %describe(&commits), "committed revoked partitions")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "committing revoked partitions failed; the next owner may deliver some records again")
+                    }
+                }
+            }
+        }
+        let mut s = self.shared.lock();
+        for tp in &revoked {
+            s.marks.revoke(tp);
+            s.submitted.remove(tp);
+            s.revoked.push(tp.clone());
+            if let Some(m) = self.shared.sdk_metrics.get() {
+                let p = tp.partition.to_string();
+                m.remove_backlog(&tp.topic, &p);
+                m.set_stalled(&tp.topic, &p, false);
+            }
+        }
+        self.metrics.set_assigned(s.marks.partitions().count());
+        drop(s);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl ClientContext for ConnectorContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "kafka client error");
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+        ) && let Some(h) = self.shared.health.get()
+        {
+            h.set_source_ready(false);
+        }
+    }
+}
+
+impl ConsumerContext for ConnectorContext {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => self.revoke(consumer, tpl),
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                self.metrics.rebalance("error");
+                tracing::warn!(error = %e, "rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let assigned = partitions(tpl);
+            self.metrics.rebalance("assign");
+            tracing::info!(partitions = %list(&assigned), "partitions assigned");
+            let mut s = self.shared.lock();
+            for tp in assigned {
+                s.marks.assign(tp);
+            }
+            self.metrics.set_assigned(s.marks.partitions().count());
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.metrics.committed(result.is_ok());
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed; it is retried");
+            let mut s = self.shared.lock();
+            for e in offsets.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    s.marks
+                        .commit_failed(&TopicPartition::new(e.topic(), e.partition()), o);
+                }
+            }
+        }
+    }
+}
+
+fn partitions(tpl: &Tpl) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+fn list(tps: &[TopicPartition]) -> String {
+    tps.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn describe(commits: &[(TopicPartition, i64)]) -> String {
+    commits
+        .iter()
+        .map(|(tp, o)| format!("{tp}@{o}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn to_tpl(commits: &[(TopicPartition, i64)]) -> Tpl {
+    let mut tpl = Tpl::with_capacity(commits.len());
+    for (tp, offset) in commits {
+        // Only fails for a negative partition, which librdkafka never assigns.
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset));
+    }
+    tpl
+}
+
+fn one(tp: &TopicPartition) -> Tpl {
+    let mut tpl = Tpl::with_capacity(1);
+    tpl.add_partition(&tp.topic, tp.partition);
+    tpl
+}
+
+/// What the poll loop needs besides the SDK's context.
+pub struct Parts {
+    /// The consumer (subscribed by the loop).
+    pub consumer: Arc<KafkaConsumer>,
+    /// Shared with the consumer's callbacks.
+    pub shared: Arc<Shared>,
+    /// Our metrics.
+    pub metrics: KafkaMetrics,
+    /// Keys and headers of records in flight, for dead letters (when configured).
+    pub originals: Option<Arc<Originals>>,
+    /// Reply publishing (when configured).
+    pub replies: Option<Arc<Replies>>,
+}
+
+/// The poll loop and its bookkeeping.
+struct Poller {
+    ctx: SourceContext,
+    consumer: Arc<KafkaConsumer>,
+    shared: Arc<Shared>,
+    metrics: KafkaMetrics,
+    originals: Option<Arc<Originals>>,
+    replies: Option<Arc<Replies>>,
+    group: String,
+    ordering: Ordering,
+    per_partition: usize,
+    /// Paused for backpressure.
+    paused: HashSet<TopicPartition>,
+    /// Paused because a record holds.
+    holding: HashSet<TopicPartition>,
+    subscription: Vec<String>,
+}
+
+/// Runs the source until shutdown, then drains and commits.
+pub async fn run(ctx: SourceContext, config: &Config, parts: Parts) -> Result<(), Error> {
+    let _ = parts.shared.health.set(ctx.health.clone());
+    let mut poller = Poller {
+        consumer: parts.consumer,
+        shared: parts.shared,
+        metrics: parts.metrics,
+        originals: parts.originals,
+        replies: parts.replies,
+        group: config.kafka.group.clone(),
+        ordering: ctx.config.ordering,
+        per_partition: config.kafka.max_pending_per_partition,
+        paused: HashSet::new(),
+        holding: HashSet::new(),
+        subscription: Vec::new(),
+        ctx,
+    };
+    poller.resubscribe()?;
+    let probe_stop = CancellationToken::new();
+    let probe = tokio::spawn(probe(
+        poller.consumer.clone(),
+        poller.ctx.health.clone(),
+        poller.ctx.metrics.clone(),
+        config.kafka.lag_interval,
+        config.kafka.initial_offset,
+        probe_stop.clone(),
+    ));
+    let result = poller.poll(config.kafka.commit_interval).await;
+    poller.shut_down().await;
+    probe_stop.cancel();
+    let _ = probe.await;
+    result
+}
+
+impl Poller {
+    async fn poll(&mut self, commit_interval: Duration) -> Result<(), Error> {
+        let follow = self.ctx.topics_follow_map();
+        let mut topics = self.ctx.topics.subscribe();
+        let mut commit = tokio::time::interval(commit_interval);
+        commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown = self.ctx.shutdown.clone();
+        let consumer = self.consumer.clone();
+        let shared = self.shared.clone();
+        loop {
+            self.step().await;
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                () = shared.wake.notified() => {}
+                _ = commit.tick() => self.commit_async(),
+                changed = topics.changed(), if follow => {
+                    if changed.is_ok() {
+                        self.resubscribe()?;
+                    }
+                }
+                received = consumer.recv() => match received {
+                    Ok(m) => {
+                        let record = Record::from_borrowed(&m);
+                        drop(m);
+                        self.received(record).await;
+                    }
+                    Err(e) => self.consume_error(&e),
+                },
+            }
+        }
+    }
+
+    fn consume_error(&self, e: &KafkaError) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        match e.rdkafka_error_code() {
+            Some(Code::PartitionEOF) => {}
+            Some(Code::UnknownTopicOrPartition | Code::UnknownTopic) => {
+                tracing::warn!(error = %e, "a subscribed topic does not exist (yet)");
+            }
+            _ => tracing::warn!(error = %e, "consuming failed"),
+        }
+    }
+
+    /// Subscribes to the wanted topics if they changed.
+    fn resubscribe(&mut self) -> Result<(), Error> {
+        let mut wanted = self.ctx.wanted_topics();
+        wanted.sort();
+        wanted.dedup();
+        if wanted == self.subscription {
+            return Ok(());
+        }
+        if wanted.is_empty() {
+            tracing::info!("no topics to consume: unsubscribing");
+            self.consumer.unsubscribe();
+        } else {
+            let names: Vec<&str> = wanted.iter().map(String::as_str).collect();
+            self.consumer
+                .subscribe(&names)
+                .map_err(|source| Error::Subscribe {
+                    topics: wanted.clone(),
+                    source,
+                })?;
+            tracing::info!(topics = ?wanted, "subscribed");
+        }
+        self.subscription = wanted;
+        Ok(())
+    }
+
+    async fn received(&mut self, record: Record) {
+        let tp = record.tp.clone();
+        let record = Arc::new(record);
+        {
+            let mut s = self.shared.lock();
+            if !s.marks.is_assigned(&tp) || !s.marks.received(&tp, record.offset) {
+                tracing::debug!(partition = %tp, offset = record.offset, "record skipped: not assigned or already seen");
+                return;
+            }
+            if self.holding.contains(&tp) || s.parked.get(&tp).is_some_and(|q| !q.is_empty()) {
+                s.parked.entry(tp.clone()).or_default().push_back(record);
+                return;
+            }
+        }
+        if let Err(record) = self.try_submit(record).await {
+            self.shared
+                .lock()
+                .parked
+                .entry(tp.clone())
+                .or_default()
+                .push_back(record);
+            self.pause(&tp);
+        }
+    }
+
+    /// Whether the dispatcher can take a record of `tp` without waiting.
+    fn has_room(&self, record: &Record) -> bool {
+        let functions = self
+            .ctx
+            .topics
+            .current()
+            .lookup(&record.tp.topic)
+            .map_or(0, |f| f.len());
+        let needed = functions.min(self.ctx.config.max_inflight);
+        if self.ctx.dispatcher.available_permits() < needed {
+            return false;
+        }
+        self.per_partition == 0
+            || self
+                .shared
+                .lock()
+                .submitted
+                .get(&record.tp)
+                .copied()
+                .unwrap_or(0)
+                < self.per_partition
+    }
+
+    /// Hands `record` to the dispatcher, or gives it back when there is no room.
+    async fn try_submit(&self, record: Arc<Record>) -> Result<(), Arc<Record>> {
+        if !self.has_room(&record) {
+            return Err(record);
+        }
+        let message = record.to_message(&self.group, self.ordering);
+        if let Some(o) = &self.originals {
+            o.insert(&record);
+        }
+        let completion = match self.ctx.dispatcher.submit(message).await {
+            Ok(c) => c,
+            Err(_) => {
+                // Draining for shutdown: it stays unsettled, delivered again later.
+                if let Some(o) = &self.originals {
+                    o.remove(&record.id());
+                }
+                return Err(record);
+            }
+        };
+        *self
+            .shared
+            .lock()
+            .submitted
+            .entry(record.tp.clone())
+            .or_default() += 1;
+        let shared = self.shared.clone();
+        let originals = self.originals.clone();
+        let replies = self.replies.clone();
+        tokio::spawn(async move {
+            let outcome = completion.await;
+            let mut settled = match outcome.disposition() {
+                Disposition::Ack => Settled::Ack,
+                Disposition::Hold => Settled::Hold,
+                Disposition::Release => Settled::Release,
+            };
+            if settled == Settled::Ack
+                && let Some(replies) = &replies
+                && let Err(e) = replies.publish(&record, &outcome).await
+            {
+                tracing::error!(error = %e, ce_id = %record.id(), "reply not published: the record holds its partition");
+                settled = Settled::Hold;
+            }
+            if let Some(o) = &originals {
+                o.remove(&record.id());
+            }
+            if settled == Settled::Hold {
+                tracing::error!(partition = %record.tp, offset = record.offset, "record holds its partition: nothing past it is committed");
+            }
+            shared.settle(&record.tp, record.offset, settled);
+        });
+        Ok(())
+    }
+
+    /// Applies what happened meanwhile: holds, revokes, room for parked records.
+    async fn step(&mut self) {
+        let (held, revoked) = {
+            let mut s = self.shared.lock();
+            (
+                std::mem::take(&mut s.newly_held),
+                std::mem::take(&mut s.revoked),
+            )
+        };
+        for tp in revoked {
+            self.paused.remove(&tp);
+            self.holding.remove(&tp);
+        }
+        for tp in held {
+            if self.holding.insert(tp.clone()) {
+                self.pause(&tp);
+                self.ctx
+                    .metrics
+                    .set_stalled(&tp.topic, &tp.partition.to_string(), true);
+            }
+        }
+        let waiting: Vec<TopicPartition> = self
+            .paused
+            .iter()
+            .filter(|tp| !self.holding.contains(*tp))
+            .cloned()
+            .collect();
+        for tp in waiting {
+            loop {
+                let next = self
+                    .shared
+                    .lock()
+                    .parked
+                    .get_mut(&tp)
+                    .and_then(VecDeque::pop_front);
+                let Some(record) = next else {
+                    self.resume(&tp);
+                    break;
+                };
+                if let Err(record) = self.try_submit(record).await {
+                    self.shared
+                        .lock()
+                        .parked
+                        .entry(tp.clone())
+                        .or_default()
+                        .push_front(record);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn pause(&mut self, tp: &TopicPartition) {
+        if self.paused.insert(tp.clone()) {
+            if let Err(e) = self.consumer.pause(&one(tp)) {
+                tracing::warn!(partition = %tp, error = %e, "pausing failed");
+            }
+            self.metrics.set_paused(self.paused.len());
+        }
+    }
+
+    fn resume(&mut self, tp: &TopicPartition) {
+        if self.paused.remove(tp) {
+            if let Err(e) = self.consumer.resume(&one(tp)) {
+                tracing::warn!(partition = %tp, error = %e, "resuming failed");
+            }
+            self.metrics.set_paused(self.paused.len());
+        }
+    }
+
+    fn commit_async(&self) {
+        let commits = self.shared.lock().marks.take_commits();
+        if commits.is_empty() {
+            return;
+        }
+        tracing::debug!(offsets = %describe(&commits), "committing");
+        if let Err(e) = self.consumer.commit(&to_tpl(&commits), CommitMode::Async) {
+            self.metrics.committed(false);
+            tracing::warn!(error = %e, "offset commit failed; it is retried");
+            let mut s = self.shared.lock();
+            for (tp, o) in &commits {
+                s.marks.commit_failed(tp, *o);
+            }
+        }
+    }
+
+    /// Releases parked records, waits for in-flight ones, commits, leaves the group.
+    async fn shut_down(&mut self) {
+        {
+            let mut s = self.shared.lock();
+            let parked: Vec<(TopicPartition, Vec<i64>)> = s
+                .parked
+                .drain()
+                .map(|(tp, q)| (tp, q.iter().map(|r| r.offset).collect()))
+                .collect();
+            for (tp, offsets) in parked {
+                s.marks.release_in_flight(&tp, &offsets);
+            }
+        }
+        loop {
+            let wake = self.shared.wake.notified();
+            let in_flight = self.shared.lock().marks.total_in_flight();
+            if in_flight == 0 {
+                break;
+            }
+            tracing::info!(in_flight, "waiting for in-flight records");
+            wake.await;
+        }
+        let commits = self.shared.lock().marks.take_commits();
+        if !commits.is_empty() {
+            let consumer = self.consumer.clone();
+            let tpl = to_tpl(&commits);
+            let result =
+                tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(KafkaError::Canceled)
+                            .inspect_err(|_| tracing::error!(error = %e, "commit task failed"))
+                    });
+            self.metrics.committed(result.is_ok());
+            match result {
+                Ok(()) => tracing::info!(offsets = %describe(&commits), "committed on shutdown"),
+                Err(e) => {
+                    tracing::error!(error = %e, "final commit failed; those records will be delivered again")
+                }
+            }
+        }
+    }
+}
+
+/// Probes the brokers for `/readyz` and measures lag, until `stop`.
+async fn probe(
+    consumer: Arc<KafkaConsumer>,
+    health: Health,
+    metrics: Metrics,
+    interval: Duration,
+    initial: InitialOffset,
+    stop: CancellationToken,
+) {
+    let mut failures = Backoff {
+        initial: Duration::from_millis(200),
+        max: interval,
+    }
+    .attempts();
+    loop {
+        let c = consumer.clone();
+        let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let measured = tokio::task::spawn_blocking(move || measure(&c, timeout, initial)).await;
+        let delay = match measured {
+            Ok(Ok(lags)) => {
+                if failures.failures() > 0 {
+                    tracing::info!("brokers reachable again");
+                }
+                failures.reset();
+                health.set_source_ready(true);
+                for (tp, lag) in lags {
+                    metrics.set_backlog(&tp.topic, &tp.partition.to_string(), lag);
+                }
+                interval
+            }
+            Ok(Err(e)) => {
+                health.set_source_ready(false);
+                let delay = failures.next_delay();
+                tracing::warn!(error = %e, failures = failures.failures(), retry_in = ?delay, "brokers not reachable");
+                delay
+            }
+            Err(_) => interval,
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Broker metadata (the readiness probe), then each assigned partition's lag: log end
+/// offset minus the group's committed offset.
+fn measure(
+    consumer: &KafkaConsumer,
+    timeout: Duration,
+    initial: InitialOffset,
+) -> KafkaResult<Vec<(TopicPartition, u64)>> {
+    consumer.fetch_metadata(None, timeout)?;
+    let assignment = consumer.assignment()?;
+    if assignment.count() == 0 {
+        return Ok(Vec::new());
+    }
+    let committed = consumer.committed_offsets(assignment, timeout)?;
+    let mut out = Vec::new();
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+        let lag = match e.offset() {
+            Offset::Offset(o) => high - o,
+            _ => match initial {
+                InitialOffset::Earliest => high - low,
+                InitialOffset::Latest => 0,
+            },
+        };
+        out.push((
+            TopicPartition::new(e.topic(), e.partition()),
+            u64::try_from(lag).unwrap_or(0),
+        ));
+    }
+    Ok(out)
+}
