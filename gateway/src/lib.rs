@@ -19,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod names;
+pub mod orphans;
 pub mod provider;
 pub mod proxy;
 pub mod queue;
@@ -64,6 +65,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Largest asynchronous body.
     pub async_max_body_bytes: usize,
+    /// Long-running children (replicas, connectors), recorded in the state directory.
+    pub children: orphans::Children,
     /// Cancelled when the gateway starts to stop: `/readyz` turns 503 and followed log
     /// streams end, so they do not hold the shutdown.
     pub draining: CancellationToken,
@@ -204,6 +207,12 @@ pub async fn build_state(
 ) -> Result<AppState, Error> {
     let client = provider::http_client()?;
     let auth = load_auth(&config.gateway)?;
+    std::fs::create_dir_all(&config.gateway.state_dir).map_err(|source| Error::State {
+        path: config.gateway.state_dir.display().to_string(),
+        source,
+    })?;
+    let children = orphans::Children::in_dir(&config.gateway.state_dir);
+    children.stop_leftovers();
     let provider: Arc<dyn Provider> = match &config.gateway.provider_url {
         Some(url) => Arc::new(ExternalProvider::new(
             url,
@@ -217,6 +226,7 @@ pub async fn build_state(
                 upstream_timeout: config.gateway.upstream_timeout,
                 state_dir: config.gateway.state_dir.clone(),
                 provider: config.provider.clone(),
+                children: children.clone(),
             };
             let base = std::env::current_dir().unwrap_or_default();
             let configured = config
@@ -243,6 +253,7 @@ pub async fn build_state(
         namespace: config.gateway.function_namespace.clone(),
         max_body_bytes: config.gateway.max_body_bytes,
         async_max_body_bytes: config.queue.max_body_bytes,
+        children,
         draining: CancellationToken::new(),
     };
     let worker = Arc::new(Worker::new(state.clone(), &config.queue, client));
@@ -347,6 +358,7 @@ impl Gateway {
             addr
         };
         supervisor::start(
+            &state.children,
             &config.connectors,
             &config.supervisor,
             &format!("http://{local}"),

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ConnectorConfig, SupervisorSection};
+use crate::orphans::Children;
 use crate::provider::local::http::terminate;
 
 /// How long a connector must run before a crash counts as a fresh failure.
@@ -19,6 +20,7 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// Starts one supervising task per connector on `tracker`.
 pub fn start(
+    children: &Children,
     connectors: &[ConnectorConfig],
     settings: &SupervisorSection,
     gateway_url: &str,
@@ -30,7 +32,10 @@ pub fn start(
         let settings = settings.clone();
         let gateway_url = gateway_url.to_owned();
         let cancel = cancel.clone();
-        tracker.spawn(async move { supervise(connector, settings, gateway_url, cancel).await });
+        let children = children.clone();
+        tracker.spawn(async move {
+            supervise(connector, settings, gateway_url, children, cancel).await;
+        });
     }
 }
 
@@ -38,6 +43,7 @@ async fn supervise(
     connector: ConnectorConfig,
     settings: SupervisorSection,
     gateway_url: String,
+    children: Children,
     cancel: CancellationToken,
 ) {
     let name = connector.name.clone();
@@ -66,6 +72,8 @@ async fn supervise(
         let started = Instant::now();
         match command.spawn() {
             Ok(mut child) => {
+                let pid = child.id();
+                children.add(pid);
                 tracing::info!(connector = %name, pid = child.id().unwrap_or_default(), "connector started");
                 if let Some(out) = child.stdout.take() {
                     prefix_lines(name.clone(), out);
@@ -79,9 +87,11 @@ async fn supervise(
                             Ok(s) => tracing::warn!(connector = %name, status = %s, "connector exited"),
                             Err(e) => tracing::warn!(connector = %name, error = %e, "connector lost"),
                         }
+                        children.remove(pid);
                     }
                     () = cancel.cancelled() => {
                         terminate(&mut child, settings.stop_timeout).await;
+                        children.remove(pid);
                         tracing::info!(connector = %name, "connector stopped");
                         return;
                     }

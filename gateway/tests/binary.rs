@@ -376,3 +376,45 @@ url = "http://{addr}/fn"
     let js = async_nats::jetstream::new(nats);
     let _ = js.delete_stream(format!("gw-test-{unique}")).await;
 }
+
+#[tokio::test]
+async fn replicas_orphaned_by_a_killed_gateway_are_stopped_by_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/functions/echo_server.py"
+    );
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[[functions]]
+name = "echo"
+runtime = "http"
+command = "python3 {server}"
+"#
+        ),
+    );
+    let client = reqwest::Client::new();
+    let gw = start_binary(&config).await;
+    let pid = wait_for(Duration::from_secs(30), "the replica to answer", || {
+        let url = gw.url("/function/echo");
+        let client = client.clone();
+        async move {
+            let body: serde_json::Value = client.post(url).send().await.ok()?.json().await.ok()?;
+            body["pid"].as_u64()
+        }
+    })
+    .await;
+    gw.kill().await;
+    let alive = |pid: u64| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(pid), "the replica outlived the SIGKILLed gateway");
+    let gw = start_binary(&config).await;
+    wait_for(
+        Duration::from_secs(20),
+        "the orphan to be stopped",
+        || async move { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    assert!(gw.stop().await.success());
+}

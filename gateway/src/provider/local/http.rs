@@ -34,7 +34,7 @@ use crate::error::Error;
 use crate::provider::{Deadline, Invocation, forward};
 
 /// Timings shared by every `http` function.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HttpSettings {
     /// Longest wait for a replica to become ready.
     pub ready_timeout: Duration,
@@ -46,6 +46,8 @@ pub struct HttpSettings {
     pub scale_down_after: Duration,
     /// The gateway's `upstream_timeout`.
     pub upstream_timeout: Duration,
+    /// Where replica processes are recorded, for cleanup after a crash.
+    pub children: crate::orphans::Children,
 }
 
 /// An `http` function and its replicas.
@@ -464,6 +466,19 @@ impl Inner {
         if let Some(err) = child.stderr.take() {
             self.logs.pipe(replica.id.clone(), err);
         }
+        let pid = child.id();
+        self.settings.children.add(pid);
+        let result = self.watch(replica, &mut child).await;
+        self.settings.children.remove(pid);
+        result
+    }
+
+    /// Health-checks a started replica until it is stopped (`Ok`) or fails (`Err`).
+    async fn watch(
+        &self,
+        replica: &Arc<Replica>,
+        child: &mut tokio::process::Child,
+    ) -> Result<(), String> {
         let health_url = format!("http://127.0.0.1:{}{}", replica.port, self.spec.health_path);
         let started = Instant::now();
         let mut ever_ready = false;
@@ -477,7 +492,7 @@ impl Inner {
                     });
                 }
                 () = replica.stop.cancelled() => {
-                    self.drain_and_stop(replica, &mut child).await;
+                    self.drain_and_stop(replica, child).await;
                     return Ok(());
                 }
                 () = tokio::time::sleep(wait) => {}

@@ -42,6 +42,8 @@ pub struct LocalSettings {
     pub state_dir: PathBuf,
     /// `[provider]`.
     pub provider: ProviderSection,
+    /// Where long-running children are recorded.
+    pub children: crate::orphans::Children,
 }
 
 /// Runs functions as local processes.
@@ -244,6 +246,7 @@ impl LocalProvider {
                     autoscale_interval: self.settings.provider.autoscale_interval,
                     scale_down_after: self.settings.provider.scale_down_after,
                     upstream_timeout: self.settings.upstream_timeout,
+                    children: self.settings.children.clone(),
                 },
                 self.cancel.child_token(),
             )),
