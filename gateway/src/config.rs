@@ -80,7 +80,9 @@ pub struct GatewaySection {
     /// The password, instead of the file; never logged. (default: unset)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<Secret>,
-    /// Where deployed functions are kept across restarts. Env `state_dir`.
+    /// Where deployed functions are kept across restarts, with the PIDs of running
+    /// replicas and connectors (stopped by the next start if a killed gateway left them).
+    /// Env `state_dir`.
     /// (default: `"gateway-state"`)
     pub state_dir: PathBuf,
     /// A faas-provider (faas-netes, faasd-provider) to forward `/system/*` and function
