@@ -344,6 +344,13 @@ impl Source for JetStreamSource {
             .client
             .flush()
             .await
+            .map_err(SourceError::transient)?;
+        // Acks are fire-and-forget; one request on the same connection returns only after
+        // the server has read everything sent before it, acks included.
+        jetstream::new(self.connection.client.clone())
+            .query_account()
+            .await
+            .map(|_| ())
             .map_err(SourceError::transient)
     }
 }

@@ -1,0 +1,737 @@
+//! `nats-connector` end to end: the real binary against the real nats-server with
+//! JetStream (`NATS_URL`, default `nats://127.0.0.1:4222`) and a real HTTP gateway. Every
+//! test uses its own subjects, streams and consumers. The shared scenario suite runs in
+//! JetStream mode; then core delivery, wildcard mapping, request/reply, a queue group
+//! across two replicas, order per subject, dead-letter provenance, a server of our own
+//! (on a free loopback port) down at start and restarted mid-run, and an invalid subject
+//! refused at start. The machine's shared server is never stopped.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use integration_tests::scenarios::{self, Fixture, eventually_async};
+use integration_tests::{
+    FakeGateway, Process, Reply, eventually, free_addr, http_get, metric, nats_url, unique,
+    wait_http,
+};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn binary() -> PathBuf {
+    integration_tests::binary("nats-connector", "nats-connector")
+}
+
+async fn client(url: &str) -> async_nats::Client {
+    async_nats::connect(url).await.unwrap()
+}
+
+/// The stream of `topic` in these tests.
+fn stream_name(topic: &str) -> String {
+    format!("S_{topic}")
+}
+
+/// The dead-letter stream of `topic`.
+fn dead_letter_stream(topic: &str) -> String {
+    format!("DL_{topic}")
+}
+
+const CONSUMER: &str = "it";
+
+/// JetStream: one stream per topic, capturing the topic as its subject, and one
+/// dead-letter stream capturing `dlq.<topic>`.
+struct JetStream {
+    js: jetstream::Context,
+}
+
+impl JetStream {
+    async fn new() -> Self {
+        Self {
+            js: jetstream::new(client(&nats_url()).await),
+        }
+    }
+
+    async fn create_stream(&self, name: &str, subjects: Vec<String>) {
+        self.js
+            .create_stream(stream::Config {
+                name: name.to_owned(),
+                subjects,
+                storage: stream::StorageType::Memory,
+                max_age: Duration::from_secs(600),
+                ..stream::Config::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn stored(&self, stream: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
+        let mut s = self.js.get_stream(stream).await.unwrap();
+        let state = s.info().await.unwrap().state.clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return out;
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            if let Ok(m) = s.get_raw_message(seq).await {
+                out.push(m);
+            }
+        }
+        out
+    }
+}
+
+#[async_trait::async_trait]
+impl Fixture for JetStream {
+    fn binary(&self) -> PathBuf {
+        binary()
+    }
+
+    async fn create_topic(&self, topic: &str) {
+        self.create_stream(&stream_name(topic), vec![topic.to_owned()])
+            .await;
+        self.create_stream(&dead_letter_stream(topic), vec![format!("dlq.{topic}")])
+            .await;
+    }
+
+    fn source_config(&self, topic: &str) -> String {
+        format!(
+            r#"[nats]
+url = "{url}"
+mode = "jetstream"
+
+[jetstream]
+stream = "{stream}"
+consumer = "{CONSUMER}"
+dead_letter_subject = "dlq.{{subject}}"
+ack_wait = "5s"
+in_progress_interval = "1s"
+backlog_interval = "200ms"
+"#,
+            url = nats_url(),
+            stream = stream_name(topic),
+        )
+    }
+
+    async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
+        for p in payloads {
+            self.js
+                .publish(topic.to_owned(), p.clone().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn dead_letters(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.stored(&dead_letter_stream(topic))
+            .await
+            .into_iter()
+            .map(|m| m.payload.to_vec())
+            .collect()
+    }
+
+    async fn unacknowledged(&self, topic: &str) -> u64 {
+        let stream = self.js.get_stream(stream_name(topic)).await.unwrap();
+        let name = nats_connector::jetstream::consumer_name(CONSUMER, topic);
+        match stream.consumer_info(&name).await {
+            Ok(info) => info.num_pending + info.num_ack_pending as u64,
+            // No consumer yet: everything in the stream is unacknowledged.
+            Err(_) => stream.cached_info().state.messages,
+        }
+    }
+}
+
+#[tokio::test]
+async fn jetstream_delivered_once() {
+    scenarios::delivered_once(&JetStream::new().await).await;
+}
+
+#[tokio::test]
+async fn jetstream_failure_then_success() {
+    scenarios::failure_then_success(&JetStream::new().await).await;
+}
+
+#[tokio::test]
+async fn jetstream_dead_letter_on_4xx() {
+    scenarios::dead_letter_on_4xx(&JetStream::new().await).await;
+}
+
+#[tokio::test]
+async fn jetstream_nothing_lost_across_kill() {
+    scenarios::nothing_lost_across_kill(&JetStream::new().await).await;
+}
+
+#[tokio::test]
+async fn jetstream_drain_on_shutdown() {
+    scenarios::drain_on_shutdown(&JetStream::new().await).await;
+}
+
+/// A connector with `[connector]` lines `extra` and the NATS sections `nats`.
+fn config(gw: &FakeGateway, metrics_addr: SocketAddr, extra: &str, nats: &str) -> String {
+    format!(
+        r#"[connector]
+gateway_url = "{gateway}"
+metrics_addr = "{metrics_addr}"
+rebuild_interval = "300ms"
+upstream_timeout = "10s"
+max_attempts = 3
+drain_timeout = "5s"
+{extra}
+
+[connector.backoff]
+initial = "50ms"
+max = "200ms"
+
+{nats}
+"#,
+        gateway = gw.url(),
+    )
+}
+
+fn core_section(url: &str) -> String {
+    format!("[nats]\nurl = \"{url}\"\nmode = \"core\"\n")
+}
+
+/// Starts a connector and waits until it is ready.
+async fn start(config: &str) -> Process {
+    let addr: SocketAddr = config
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics_addr = "))
+        .map(|v| v.trim_matches('"').parse().unwrap())
+        .unwrap();
+    let process = Process::start(&binary(), config, &[]);
+    assert!(
+        wait_http(addr, "/readyz", 200, WITHIN).await,
+        "connector not ready:\n{}",
+        process.output()
+    );
+    process
+}
+
+/// Core NATS has no history: publishes `probe` on `subject` every 100 ms until
+/// `arrived` says the function got one (the subscription is then in place).
+async fn until_subscribed(
+    nats: &async_nats::Client,
+    subject: &str,
+    arrived: impl Fn() -> bool,
+) -> bool {
+    let deadline = std::time::Instant::now() + WITHIN;
+    while std::time::Instant::now() < deadline {
+        nats.publish(subject.to_owned(), "probe".into())
+            .await
+            .unwrap();
+        nats.flush().await.unwrap();
+        if eventually(Duration::from_millis(100), &arrived).await {
+            return true;
+        }
+    }
+    false
+}
+
+fn real_bodies(gw: &FakeGateway, function: &str) -> Vec<String> {
+    gw.requests_to(function)
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .filter(|b| b != "probe")
+        .collect()
+}
+
+#[tokio::test]
+async fn core_delivery_with_headers() {
+    let subject = unique("core");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("core-fn", &subject, |_, _| Reply::ok());
+    let metrics_addr = free_addr();
+    let mut connector = start(&config(&gw, metrics_addr, "", &core_section(&nats_url()))).await;
+    let nats = client(&nats_url()).await;
+    assert!(
+        until_subscribed(&nats, &subject, || !gw.requests_to("core-fn").is_empty()).await,
+        "the subscription never came up:\n{}",
+        connector.output()
+    );
+    for i in 0..20 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("X-Tenant", "acme");
+        headers.insert("Content-Type", "application/json");
+        nats.publish_with_headers(subject.clone(), headers, format!("{{\"n\":{i}}}").into())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+    assert!(eventually(WITHIN, || real_bodies(&gw, "core-fn").len() == 20).await);
+    let received: Vec<_> = gw
+        .requests_to("core-fn")
+        .into_iter()
+        .filter(|r| &r.body[..] != b"probe")
+        .collect();
+    let distinct: BTreeSet<_> = received.iter().map(|r| r.body.clone()).collect();
+    assert_eq!(distinct.len(), 20, "duplicates or losses");
+    let ids: BTreeSet<_> = received.iter().filter_map(|r| r.header("ce-id")).collect();
+    assert_eq!(ids.len(), 20, "ce-id not unique");
+    for r in &received {
+        assert_eq!(
+            r.header("x-nats-subject").as_deref(),
+            Some(subject.as_str())
+        );
+        assert_eq!(r.header("x-topic").as_deref(), Some(subject.as_str()));
+        assert_eq!(r.header("x-tenant").as_deref(), Some("acme"));
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(r.header("x-connector").as_deref(), Some("nats-connector"));
+    }
+    let status = connector.terminate(WITHIN).await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn wildcard_annotations_match_as_nats_does_each_once() {
+    let p = unique("wild");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("exact", &format!("{p}.a"), |_, _| Reply::ok());
+    gw.function("star", &format!("{p}.*"), |_, _| Reply::ok());
+    gw.function("tail", &format!("{p}.>"), |_, _| Reply::ok());
+    gw.function("other", "unrelated.subject", |_, _| Reply::ok());
+    let connector = start(&config(&gw, free_addr(), "", &core_section(&nats_url()))).await;
+    let nats = client(&nats_url()).await;
+    let a = format!("{p}.a");
+    let deep = format!("{p}.x.y");
+    assert!(until_subscribed(&nats, &a, || !gw.requests_to("star").is_empty()).await);
+    assert!(
+        until_subscribed(&nats, &deep, || gw
+            .requests_to("tail")
+            .iter()
+            .any(|r| r.header("x-nats-subject").as_deref() == Some(deep.as_str())))
+        .await,
+        "{}",
+        connector.output()
+    );
+    for subject in [format!("{p}.a"), format!("{p}.b"), deep.clone()] {
+        nats.publish(subject.clone(), subject.clone().into())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+    let sorted = |f: &str| {
+        let mut v = real_bodies(&gw, f);
+        v.sort();
+        v
+    };
+    assert!(
+        eventually(WITHIN, || sorted("tail").len() >= 3).await,
+        "{}",
+        connector.output()
+    );
+    // Everything queued is delivered within the same poll; give stragglers a moment to
+    // show up as duplicates before asserting exact counts.
+    assert!(!eventually(Duration::from_millis(500), || sorted("tail").len() > 3).await);
+    assert_eq!(sorted("exact"), [format!("{p}.a")]);
+    assert_eq!(sorted("star"), [format!("{p}.a"), format!("{p}.b")]);
+    assert_eq!(sorted("tail"), [format!("{p}.a"), format!("{p}.b"), deep]);
+    assert!(gw.requests_to("other").is_empty());
+}
+
+#[tokio::test]
+async fn request_reply_returns_the_function_output() {
+    let subject = unique("rpc");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("upper", &subject, |req, _| {
+        if req.body.starts_with(b"bad") {
+            return Reply::status(422).body(b"cannot do that");
+        }
+        let upper = String::from_utf8_lossy(&req.body).to_uppercase();
+        Reply::ok()
+            .header("content-type", "text/plain")
+            .body(upper.as_bytes())
+    });
+    let connector = start(&config(&gw, free_addr(), "", &core_section(&nats_url()))).await;
+    let nats = client(&nats_url()).await;
+    let deadline = std::time::Instant::now() + WITHIN;
+    let reply = loop {
+        // "no responders" until the subscription is in place.
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            nats.request(subject.clone(), "hello".into()),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => break reply,
+            _ if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("no reply: {other:?}\n{}", connector.output()),
+        }
+    };
+    assert_eq!(&reply.payload[..], b"HELLO");
+    let headers = reply.headers.unwrap();
+    assert_eq!(
+        headers.get("X-Function-Status").map(|v| v.as_str()),
+        Some("200")
+    );
+    assert_eq!(headers.get("X-Function").map(|v| v.as_str()), Some("upper"));
+    assert_eq!(
+        headers.get("Content-Type").map(|v| v.as_str()),
+        Some("text/plain")
+    );
+    let rejected = nats
+        .request(subject.clone(), "bad input".into())
+        .await
+        .unwrap();
+    assert_eq!(&rejected.payload[..], b"cannot do that");
+    assert_eq!(
+        rejected
+            .headers
+            .unwrap()
+            .get("X-Function-Status")
+            .map(|v| v.as_str()),
+        Some("422")
+    );
+}
+
+#[tokio::test]
+async fn queue_group_splits_messages_across_two_replicas() {
+    let subject = unique("group");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("grouped", &subject, |_, _| Reply::ok());
+    let (addr_a, addr_b) = (free_addr(), free_addr());
+    let a = start(&config(&gw, addr_a, "", &core_section(&nats_url()))).await;
+    let b = start(&config(&gw, addr_b, "", &core_section(&nats_url()))).await;
+    let nats = client(&nats_url()).await;
+    let handled = |addr: SocketAddr| async move {
+        let (_, text) = http_get(addr, "/metrics").await.unwrap_or_default();
+        metric(&text, "connector_messages_total{outcome=\"ack\"}").unwrap_or(0.0)
+    };
+    // Probe until both replicas have handled one: both are subscribed in the group.
+    let deadline = std::time::Instant::now() + WITHIN;
+    while handled(addr_a).await < 1.0 || handled(addr_b).await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both replicas never got a probe:\n{}\n{}",
+            a.output(),
+            b.output()
+        );
+        nats.publish(subject.clone(), "probe".into()).await.unwrap();
+        nats.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (start_a, start_b) = (handled(addr_a).await, handled(addr_b).await);
+    for i in 0..200 {
+        nats.publish(subject.clone(), format!("m-{i:03}").into())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+    assert!(eventually(WITHIN, || real_bodies(&gw, "grouped").len() >= 200).await);
+    let bodies = real_bodies(&gw, "grouped");
+    let distinct: BTreeSet<_> = bodies.iter().collect();
+    assert_eq!(distinct.len(), 200);
+    assert_eq!(bodies.len(), 200, "a message reached both replicas");
+    let got_a = handled(addr_a).await - start_a;
+    let got_b = handled(addr_b).await - start_b;
+    assert!(
+        got_a > 0.0 && got_b > 0.0,
+        "one replica did all the work: {got_a} / {got_b}"
+    );
+}
+
+#[tokio::test]
+async fn jetstream_keeps_order_per_subject() {
+    let p = unique("order");
+    let fixture = JetStream::new().await;
+    let stream = stream_name(&p);
+    fixture.create_stream(&stream, vec![format!("{p}.>")]).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("ordered", &format!("{p}.*"), |req, _| {
+        // Uneven durations: without ordering, later messages would overtake.
+        let n: u64 = String::from_utf8_lossy(&req.body)
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        Reply::ok().delay(Duration::from_millis((n * 7) % 20))
+    });
+    let nats_section = format!(
+        "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{stream}\"\nconsumer = \"ord\"\n",
+        nats_url()
+    );
+    let connector = start(&config(
+        &gw,
+        free_addr(),
+        "ordering = \"key\"\nmax_inflight = 32",
+        &nats_section,
+    ))
+    .await;
+    let subjects: Vec<String> = (0..3).map(|i| format!("{p}.s{i}")).collect();
+    for n in 0..20 {
+        for s in &subjects {
+            fixture
+                .js
+                .publish(s.clone(), format!("{s}-{n}").into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        eventually(WITHIN, || gw.requests_to("ordered").len() >= 60).await,
+        "{}",
+        connector.output()
+    );
+    let mut per_subject: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in gw.requests_to("ordered") {
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        let (s, n) = body.rsplit_once('-').unwrap();
+        per_subject
+            .entry(s.to_owned())
+            .or_default()
+            .push(n.parse().unwrap());
+    }
+    assert_eq!(per_subject.len(), 3);
+    for (s, seq) in per_subject {
+        assert_eq!(seq, (0..20).collect::<Vec<u64>>(), "out of order on {s}");
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_carry_provenance_and_the_message_is_terminated() {
+    let topic = unique("prov");
+    let fixture = JetStream::new().await;
+    fixture.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("flaky", &topic, |_, _| {
+        Reply::status(500).body(b"boom\nline two")
+    });
+    let metrics_addr = free_addr();
+    let connector = start(&config(
+        &gw,
+        metrics_addr,
+        "",
+        &fixture.source_config(&topic),
+    ))
+    .await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("X-Tenant", "acme");
+    fixture
+        .js
+        .publish_with_headers(topic.clone(), headers, "payload".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        eventually_async(WITHIN, || async {
+            !fixture.stored(&dead_letter_stream(&topic)).await.is_empty()
+        })
+        .await,
+        "{}",
+        connector.output()
+    );
+    let letters = fixture.stored(&dead_letter_stream(&topic)).await;
+    assert_eq!(letters.len(), 1);
+    let h = &letters[0].headers;
+    let get = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(&letters[0].payload[..], b"payload");
+    assert_eq!(get("x-dead-letter-function").as_deref(), Some("flaky"));
+    assert_eq!(get("x-dead-letter-reason").as_deref(), Some("exhausted"));
+    assert_eq!(get("x-dead-letter-status").as_deref(), Some("500"));
+    assert_eq!(get("x-dead-letter-attempts").as_deref(), Some("3"));
+    assert_eq!(
+        get("x-dead-letter-response").as_deref(),
+        Some("boom line two")
+    );
+    assert_eq!(
+        get("x-dead-letter-source-stream").as_deref(),
+        Some(stream_name(&topic).as_str())
+    );
+    assert_eq!(get("x-dead-letter-source-sequence").as_deref(), Some("1"));
+    assert_eq!(get("x-tenant").as_deref(), Some("acme"));
+    assert_eq!(gw.requests_to("flaky").len(), 3, "max_attempts = 3");
+    assert!(
+        eventually_async(WITHIN, || async {
+            fixture.unacknowledged(&topic).await == 0
+        })
+        .await
+    );
+    // The backlog metric follows the consumer.
+    let series = format!(
+        "connector_backlog_messages{{topic=\"{}\",partition=\"{}\"}}",
+        stream_name(&topic),
+        nats_connector::jetstream::consumer_name(CONSUMER, &topic)
+    );
+    assert!(
+        eventually_async(WITHIN, || async {
+            let (_, text) = http_get(metrics_addr, "/metrics").await.unwrap_or_default();
+            metric(&text, &series) == Some(0.0)
+        })
+        .await,
+        "no {series}"
+    );
+}
+
+#[tokio::test]
+async fn ce_id_and_delivery_count_come_from_jetstream() {
+    let topic = unique("ceid");
+    let fixture = JetStream::new().await;
+    fixture.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("counted", &topic, |req, _| {
+        if req.header("x-delivery-attempt").as_deref() == Some("1") {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    });
+    let _connector = start(&config(
+        &gw,
+        free_addr(),
+        "",
+        &fixture.source_config(&topic),
+    ))
+    .await;
+    fixture.produce(&topic, &[b"one".to_vec()]).await;
+    assert!(eventually(WITHIN, || gw.requests_to("counted").len() >= 2).await);
+    let r = gw.requests_to("counted");
+    let expected = format!("{}/1", stream_name(&topic));
+    assert_eq!(r[0].header("ce-id").as_deref(), Some(expected.as_str()));
+    assert_eq!(r[1].header("ce-id").as_deref(), Some(expected.as_str()));
+    assert_eq!(r[0].header("x-nats-delivered").as_deref(), Some("1"));
+    assert_eq!(r[0].header("x-nats-sequence").as_deref(), Some("1"));
+    assert_eq!(r[1].header("x-delivery-attempt").as_deref(), Some("2"));
+}
+
+/// A nats-server of our own on a free loopback port, so it can be stopped.
+struct OwnServer {
+    port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl OwnServer {
+    fn new() -> Self {
+        Self {
+            port: free_addr().port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn start(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is installed (scripts/test.sh)");
+        self.child = Some(child);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn connect_when_up(url: &str) -> async_nats::Client {
+    let deadline = std::time::Instant::now() + WITHIN;
+    loop {
+        match async_nats::connect(url).await {
+            Ok(c) => return c,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn server_down_at_start_and_restarted_shows_in_readyz() {
+    let mut server = OwnServer::new();
+    let subject = unique("down");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("survivor", &subject, |_, _| Reply::ok());
+    let metrics_addr = free_addr();
+    let mut connector = Process::start(
+        &binary(),
+        &config(&gw, metrics_addr, "", &core_section(&server.url())),
+        &[],
+    );
+    assert!(wait_http(metrics_addr, "/healthz", 200, WITHIN).await);
+    assert!(
+        wait_http(metrics_addr, "/readyz", 503, WITHIN).await,
+        "ready without a server"
+    );
+    assert!(connector.exited().is_none(), "exited without a server");
+    server.start();
+    assert!(
+        wait_http(metrics_addr, "/readyz", 200, WITHIN).await,
+        "not ready after the server came up:\n{}",
+        connector.output()
+    );
+    let nats = connect_when_up(&server.url()).await;
+    assert!(until_subscribed(&nats, &subject, || !gw.requests_to("survivor").is_empty()).await);
+    drop(nats);
+
+    server.stop();
+    assert!(
+        wait_http(metrics_addr, "/readyz", 503, WITHIN).await,
+        "still ready with the server gone"
+    );
+    let before = gw.requests_to("survivor").len();
+    server.start();
+    assert!(
+        wait_http(metrics_addr, "/readyz", 200, WITHIN).await,
+        "not ready after the restart:\n{}",
+        connector.output()
+    );
+    let nats = connect_when_up(&server.url()).await;
+    assert!(
+        until_subscribed(&nats, &subject, || gw.requests_to("survivor").len()
+            > before)
+        .await,
+        "no delivery after the restart:\n{}",
+        connector.output()
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_subject_is_refused_at_start_with_its_name() {
+    let gw = FakeGateway::start().await.unwrap();
+    let cfg = config(
+        &gw,
+        free_addr(),
+        "topics = [\"good.one\", \"bad..subject\"]",
+        &core_section(&nats_url()),
+    );
+    let mut process = Process::start(&binary(), &cfg, &[]);
+    let status = process.wait(WITHIN).await;
+    assert!(!status.success());
+    let output = process.output();
+    assert!(output.contains("bad..subject"), "{output}");
+    assert!(output.contains("connector.topics"), "{output}");
+}
