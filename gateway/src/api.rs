@@ -1,7 +1,5 @@
 //! The `/system/*` routes, basic auth in front of them, and `/healthz`.
 
-use std::time::SystemTime;
-
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
@@ -315,7 +313,7 @@ pub async fn logs(
         function: Some(function),
         instance: q.instance.filter(|i| !i.is_empty()),
         tail,
-        since: since.map(|s: SystemTime| s),
+        since,
         follow,
         raw_query: request.uri().query().map(str::to_owned),
         authorization: request.headers().get(header::AUTHORIZATION).cloned(),

@@ -66,6 +66,9 @@ pub enum Error {
     /// 501.
     #[error("{0}")]
     NotImplemented(String),
+    /// 503: the async queue is full.
+    #[error("{0}")]
+    ServiceUnavailable(String),
     /// 502 with an empty body: the function or provider could not be reached, or the
     /// gateway's `upstream_timeout` passed.
     #[error("bad gateway: {0}")]
@@ -100,6 +103,7 @@ impl Error {
             Self::UnprocessableLogRequest => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream { status, .. } => *status,

@@ -12,6 +12,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
+use http_body_util::BodyExt as _;
 
 use crate::AppState;
 use crate::error::Error;
@@ -224,6 +225,19 @@ pub fn percent_decode(raw: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads a whole body up to `limit` bytes (for callers that must buffer, like the async
+/// queue).
+pub async fn collect_body(body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
+    let limited = http_body_util::Limited::new(body, limit);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(Error::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(Error::BadRequest(format!("cannot read the body: {e}"))),
+    }
 }
 
 #[cfg(test)]

@@ -30,9 +30,9 @@ use crate::error::Error;
 use crate::metrics::OutcomeLabel;
 use crate::names::FunctionRef;
 use crate::provider::Invocation;
-use crate::provider::local::collect_body;
 use crate::proxy::{
-    decorate_response, invoke_function, percent_decode, prepare_headers, split_function_path,
+    collect_body, decorate_response, invoke_function, percent_decode, prepare_headers,
+    split_function_path,
 };
 
 /// A queued request, as stored in the queue.
@@ -226,8 +226,21 @@ impl Worker {
         }
     }
 
-    /// One attempt (`attempt` is 1-based).
+    /// One attempt (`attempt` is 1-based), in a span naming the request.
     pub async fn attempt(&self, request: &QueuedRequest, attempt: u32) -> Attempt {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "async_request",
+            function = %request.function,
+            call_id = %request.call_id,
+            attempt
+        );
+        self.attempt_in_span(request, attempt)
+            .instrument(span)
+            .await
+    }
+
+    async fn attempt_in_span(&self, request: &QueuedRequest, attempt: u32) -> Attempt {
         let started = Instant::now();
         let function = match FunctionRef::parse(&request.function, None, &self.state.namespace) {
             Ok(f) => f,
@@ -264,14 +277,10 @@ impl Worker {
         let verdict = self
             .classes
             .classify(status, response.headers(), SystemTime::now());
-        let span_fields = (request.function.as_str(), request.call_id.as_str());
         match verdict {
             Verdict::Retry { retry_after } if attempt < self.max_attempts => {
                 let delay = self.backoff.delay_with_hint(attempt, retry_after);
                 tracing::info!(
-                    function = span_fields.0,
-                    call_id = span_fields.1,
-                    attempt,
                     status = status.as_u16(),
                     delay_ms = delay.as_millis() as u64,
                     "retrying"
@@ -295,9 +304,6 @@ impl Worker {
                     _ => {
                         self.outcome("dead_letter");
                         tracing::warn!(
-                            function = span_fields.0,
-                            call_id = span_fields.1,
-                            attempt,
                             status = status.as_u16(),
                             body = %String::from_utf8_lossy(&body[..body.len().min(256)]),
                             "async request dead-lettered"
@@ -305,8 +311,6 @@ impl Worker {
                     }
                 }
                 tracing::debug!(
-                    function = span_fields.0,
-                    call_id = span_fields.1,
                     seconds = started.elapsed().as_secs_f64(),
                     "async request finished"
                 );
@@ -409,10 +413,9 @@ impl Queue for EmbeddedQueue {
                 attempt: 1,
             })
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => Error::Upstream {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    body: "Error queuing request: the queue is full\n".into(),
-                },
+                mpsc::error::TrySendError::Full(_) => {
+                    Error::ServiceUnavailable("Error queuing request: the queue is full\n".into())
+                }
                 mpsc::error::TrySendError::Closed(_) => {
                     Error::Internal("Error queuing request: the gateway is stopping\n".into())
                 }

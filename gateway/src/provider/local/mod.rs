@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use axum::body::Body;
 use futures::StreamExt;
-use http_body_util::BodyExt as _;
 use tokio_util::sync::CancellationToken;
 
 use self::http::{HttpRuntime, HttpSettings};
@@ -547,18 +546,5 @@ impl Provider for LocalProvider {
             .cloned()
             .collect();
         futures::future::join_all(all.iter().map(|d| d.stop())).await;
-    }
-}
-
-/// Reads a whole body up to `limit` bytes (for callers that must buffer, like the async
-/// queue).
-pub async fn collect_body(body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
-    let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(Error::PayloadTooLarge { limit })
-        }
-        Err(e) => Err(Error::BadRequest(format!("cannot read the body: {e}"))),
     }
 }
