@@ -611,14 +611,21 @@ struct OwnServer {
     port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 impl OwnServer {
     fn new() -> Self {
+        Self::with_args(&[])
+    }
+
+    /// A server started with `args` (authentication).
+    fn with_args(args: &[&str]) -> Self {
         Self {
             port: free_addr().port(),
             child: None,
             dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         }
     }
 
@@ -637,6 +644,7 @@ impl OwnServer {
                 "-sd",
             ])
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -734,4 +742,201 @@ async fn an_invalid_subject_is_refused_at_start_with_its_name() {
     let output = process.output();
     assert!(output.contains("bad..subject"), "{output}");
     assert!(output.contains("connector.topics"), "{output}");
+}
+
+#[tokio::test]
+async fn a_failed_message_without_dead_letters_is_nakked_and_redelivered() {
+    let topic = unique("nak");
+    let fixture = JetStream::new().await;
+    fixture.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    // Fails the first four calls: three attempts, held, nakked; the redelivery succeeds.
+    gw.function("stubborn", &topic, |_, n| {
+        if n < 4 {
+            Reply::status(500)
+        } else {
+            Reply::ok()
+        }
+    });
+    let nats_section = format!(
+        "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{}\"\nconsumer = \"{CONSUMER}\"\nack_wait = \"5s\"\nin_progress_interval = \"1s\"\n",
+        nats_url(),
+        stream_name(&topic)
+    );
+    let connector = start(&config(&gw, free_addr(), "", &nats_section)).await;
+    fixture.produce(&topic, &[b"once".to_vec()]).await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            gw.requests_to("stubborn").len() >= 5 && fixture.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "{}",
+        connector.output()
+    );
+    let requests = gw.requests_to("stubborn");
+    assert_eq!(requests.len(), 5, "delivered again after the success");
+    let last = requests.last().unwrap();
+    assert!(
+        last.header("x-nats-delivered")
+            .and_then(|d| d.parse::<u32>().ok())
+            >= Some(2),
+        "not a server redelivery: {:?}",
+        last.header("x-nats-delivered")
+    );
+    assert!(fixture.dead_letters(&topic).await.is_empty());
+    assert!(connector.output().contains("redelivers it later"));
+}
+
+#[tokio::test]
+async fn in_progress_reports_keep_a_slow_invocation_from_redelivery() {
+    let topic = unique("slow");
+    let fixture = JetStream::new().await;
+    fixture.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("slow", &topic, |_, _| {
+        Reply::ok().delay(Duration::from_secs(5))
+    });
+    let nats_section = format!(
+        "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{}\"\nconsumer = \"{CONSUMER}\"\nack_wait = \"2s\"\nin_progress_interval = \"500ms\"\n",
+        nats_url(),
+        stream_name(&topic)
+    );
+    let connector = start(&config(&gw, free_addr(), "", &nats_section)).await;
+    fixture.produce(&topic, &[b"long job".to_vec()]).await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            fixture.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "{}",
+        connector.output()
+    );
+    assert!(eventually(WITHIN, || !gw.requests_to("slow").is_empty()).await);
+    assert_eq!(
+        gw.requests_to("slow").len(),
+        1,
+        "redelivered while the function ran (ack_wait 2s, call 5s)"
+    );
+}
+
+#[tokio::test]
+async fn jetstream_overlapping_patterns_deliver_each_message_once_per_function() {
+    let p = unique("jsw");
+    let fixture = JetStream::new().await;
+    let stream = stream_name(&p);
+    fixture.create_stream(&stream, vec![format!("{p}.>")]).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("exact", &format!("{p}.a"), |_, _| Reply::ok());
+    gw.function("star", &format!("{p}.*"), |_, _| Reply::ok());
+    gw.function("tail", &format!("{p}.>"), |_, _| Reply::ok());
+    let nats_section = format!(
+        "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{stream}\"\nconsumer = \"{CONSUMER}\"\n",
+        nats_url()
+    );
+    let connector = start(&config(&gw, free_addr(), "", &nats_section)).await;
+    for subject in [format!("{p}.a"), format!("{p}.b"), format!("{p}.x.y")] {
+        fixture
+            .js
+            .publish(subject.clone(), subject.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let names = |f: &str| {
+        let mut v = real_bodies(&gw, f);
+        v.sort();
+        v
+    };
+    // Three consumers each see the messages of their filter; all end acknowledged.
+    let all_acked = || async {
+        let js = &fixture.js;
+        let s = js.get_stream(&stream).await.unwrap();
+        let mut left = 0;
+        for pattern in [format!("{p}.a"), format!("{p}.*"), format!("{p}.>")] {
+            let name = nats_connector::jetstream::consumer_name(CONSUMER, &pattern);
+            match s.consumer_info(&name).await {
+                Ok(info) => left += info.num_pending + info.num_ack_pending as u64,
+                Err(_) => left += 1,
+            }
+        }
+        left == 0
+    };
+    assert!(
+        eventually_async(WITHIN, || async {
+            names("tail").len() >= 3 && all_acked().await
+        })
+        .await,
+        "{}",
+        connector.output()
+    );
+    assert_eq!(names("exact"), [format!("{p}.a")]);
+    assert_eq!(names("star"), [format!("{p}.a"), format!("{p}.b")]);
+    assert_eq!(
+        names("tail"),
+        [format!("{p}.a"), format!("{p}.b"), format!("{p}.x.y")]
+    );
+}
+
+/// Starts a core connector against `server` with `[nats]` lines `auth`, and checks that
+/// a message gets through.
+async fn delivers_with_auth(server: &OwnServer, auth: &str, publisher: async_nats::Client) {
+    let subject = unique("auth");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("authed", &subject, |_, _| Reply::ok());
+    let section = format!("{}{auth}\n", core_section(&server.url()));
+    let connector = start(&config(&gw, free_addr(), "", &section)).await;
+    assert!(
+        until_subscribed(&publisher, &subject, || !gw
+            .requests_to("authed")
+            .is_empty())
+        .await,
+        "{}",
+        connector.output()
+    );
+}
+
+#[tokio::test]
+async fn token_user_password_and_nkey_authentication() {
+    let mut server = OwnServer::with_args(&["--auth", "s3cret-token"]);
+    server.start();
+    let publisher = async_nats::ConnectOptions::with_token("s3cret-token".into())
+        .retry_on_initial_connect()
+        .connect(server.url())
+        .await
+        .unwrap();
+    delivers_with_auth(&server, "token = \"s3cret-token\"", publisher).await;
+    server.stop();
+
+    let mut server = OwnServer::with_args(&["--user", "conn", "--pass", "pw-123"]);
+    server.start();
+    let publisher =
+        async_nats::ConnectOptions::with_user_and_password("conn".into(), "pw-123".into())
+            .retry_on_initial_connect()
+            .connect(server.url())
+            .await
+            .unwrap();
+    delivers_with_auth(&server, "user = \"conn\"\npassword = \"pw-123\"", publisher).await;
+    server.stop();
+
+    let key = nkeys::KeyPair::new_user();
+    let seed = key.seed().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nkey.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            key.public_key()
+        ),
+    )
+    .unwrap();
+    let mut server = OwnServer::with_args(&["-c", conf.to_str().unwrap()]);
+    server.start();
+    let publisher = async_nats::ConnectOptions::with_nkey(seed.clone())
+        .retry_on_initial_connect()
+        .connect(server.url())
+        .await
+        .unwrap();
+    delivers_with_auth(&server, &format!("nkey = \"{seed}\""), publisher).await;
 }
