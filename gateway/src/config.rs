@@ -362,8 +362,9 @@ pub struct ConnectorConfig {
     /// A config file passed as `--config FILE`. (default: unset)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config: Option<PathBuf>,
-    /// Extra environment variables; `gateway_url` is set to this gateway unless given
-    /// here. (default: `{}`)
+    /// Extra environment variables. Every connector gets `gateway_url` (this gateway)
+    /// and, with `basic_auth` on, `basic_auth=true` and the gateway's credentials;
+    /// these override them. (default: `{}`)
     pub env: BTreeMap<String, String>,
 }
 

@@ -361,7 +361,7 @@ impl Gateway {
             &state.children,
             &config.connectors,
             &config.supervisor,
-            &format!("http://{local}"),
+            &supervisor::connector_env(&format!("http://{local}"), &config.gateway),
             &connectors,
             &connector_tasks,
         );

@@ -3,6 +3,7 @@
 //! started again after a backoff (reset once it has run for a minute); on shutdown each
 //! gets SIGTERM, then SIGKILL after `stop_timeout`.
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -11,30 +12,53 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ConnectorConfig, SupervisorSection};
+use crate::config::{ConnectorConfig, GatewaySection, SupervisorSection};
 use crate::orphans::Children;
 use crate::provider::local::http::terminate;
 
 /// How long a connector must run before a crash counts as a fresh failure.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
+/// The variables every connector gets (its own `env` overrides them): `gateway_url`
+/// pointing at this gateway and, when `/system/*` needs basic auth, the credentials in the
+/// connector-sdk's names (the same files, or `gateway_username`/`gateway_password`).
+pub fn connector_env(gateway_url: &str, gateway: &GatewaySection) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([("gateway_url".to_owned(), gateway_url.to_owned())]);
+    if gateway.basic_auth {
+        env.insert("basic_auth".to_owned(), "true".to_owned());
+        match (&gateway.username, &gateway.password) {
+            (Some(user), Some(password)) => {
+                env.insert("gateway_username".to_owned(), user.clone());
+                env.insert("gateway_password".to_owned(), password.expose().to_owned());
+            }
+            _ => {
+                env.insert(
+                    "secret_mount_path".to_owned(),
+                    gateway.secret_mount_path.to_string_lossy().into_owned(),
+                );
+            }
+        }
+    }
+    env
+}
+
 /// Starts one supervising task per connector on `tracker`.
 pub fn start(
     children: &Children,
     connectors: &[ConnectorConfig],
     settings: &SupervisorSection,
-    gateway_url: &str,
+    base_env: &BTreeMap<String, String>,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) {
     for connector in connectors {
         let connector = connector.clone();
         let settings = settings.clone();
-        let gateway_url = gateway_url.to_owned();
+        let base_env = base_env.clone();
         let cancel = cancel.clone();
         let children = children.clone();
         tracker.spawn(async move {
-            supervise(connector, settings, gateway_url, children, cancel).await;
+            supervise(connector, settings, base_env, children, cancel).await;
         });
     }
 }
@@ -42,7 +66,7 @@ pub fn start(
 async fn supervise(
     connector: ConnectorConfig,
     settings: SupervisorSection,
-    gateway_url: String,
+    base_env: BTreeMap<String, String>,
     children: Children,
     cancel: CancellationToken,
 ) {
@@ -65,9 +89,7 @@ async fn supervise(
         if let Some(config) = &connector.config {
             command.arg("--config").arg(config);
         }
-        if !connector.env.contains_key("gateway_url") {
-            command.env("gateway_url", &gateway_url);
-        }
+        command.envs(&base_env);
         command.envs(&connector.env);
         let started = Instant::now();
         match command.spawn() {
@@ -122,4 +144,27 @@ fn prefix_lines<R: AsyncRead + Unpin + Send + 'static>(name: String, reader: R) 
             eprintln!("[{name}] {line}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use connector_sdk::config::Secret;
+
+    #[test]
+    fn connectors_get_the_gateway_and_its_credentials() {
+        let mut gateway = GatewaySection::default();
+        let env = connector_env("http://127.0.0.1:8080", &gateway);
+        assert_eq!(env.len(), 1);
+        assert_eq!(env["gateway_url"], "http://127.0.0.1:8080");
+        gateway.basic_auth = true;
+        let env = connector_env("http://gw", &gateway);
+        assert_eq!(env["basic_auth"], "true");
+        assert_eq!(env["secret_mount_path"], "/run/secrets");
+        gateway.username = Some("admin".into());
+        gateway.password = Some(Secret::new("pw"));
+        let env = connector_env("http://gw", &gateway);
+        assert_eq!(env["gateway_username"], "admin");
+        assert_eq!(env["gateway_password"], "pw");
+    }
 }
