@@ -398,6 +398,31 @@ async fn process_runtime_follows_the_classic_watchdog() {
     for key in ["name", "namespace", "instance", "timestamp", "text"] {
         assert!(line.get(key).is_some(), "{line}");
     }
+    let (status, body) = gw
+        .call(
+            "GET",
+            "/system/logs?name=env&since=2999-01-01T00:00:00Z",
+            "",
+        )
+        .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, ""),
+        "nothing after `since`"
+    );
+    let (status, body) = gw
+        .call(
+            "GET",
+            "/system/logs?name=env.openfaas-fn&since=2000-01-01T00:00:00Z&tail=-1",
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.lines().count() >= 3, "{body}");
+    let (status, _) = gw
+        .call("GET", "/system/logs?name=env&since=yesterday", "")
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _) = gw.call("GET", "/system/logs?name=env&tail=x", "").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _) = gw.call("GET", "/system/logs?name=ghost", "").await;
