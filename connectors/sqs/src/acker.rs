@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
@@ -244,7 +243,7 @@ async fn delete(client: &Client, queue: &str, handles: &[&str], metrics: &SqsMet
                 }
             }
             Err(e) => {
-                tracing::warn!(queue, try_no, error = %DisplayErrorContext(&e), "DeleteMessageBatch failed");
+                tracing::warn!(queue, try_no, error = %crate::queue::describe(&e), "DeleteMessageBatch failed");
             }
         }
         if try_no < TRIES {
@@ -306,7 +305,7 @@ async fn change_visibility(
                 }
             }
             Err(e) => {
-                tracing::warn!(queue, try_no, error = %DisplayErrorContext(&e), "ChangeMessageVisibilityBatch failed");
+                tracing::warn!(queue, try_no, error = %crate::queue::describe(&e), "ChangeMessageVisibilityBatch failed");
             }
         }
         if try_no < TRIES {

@@ -5,7 +5,6 @@
 //! `x-dead-letter-provenance`.
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::MessageAttributeValue;
 use connector_sdk::dead_letter::names;
 use connector_sdk::{DeadLetter, DeadLetterError, DeadLetterSink};
@@ -114,7 +113,7 @@ impl DeadLetterSink for QueueSink {
             DeadLetterError::new(format!(
                 "SendMessage to dead-letter queue {}: {}",
                 self.queue.name,
-                DisplayErrorContext(&e)
+                crate::queue::describe(&e)
             ))
         })
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, ProvideCredentials, Region};
-use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::QueueAttributeName;
 use aws_smithy_http_client::tls;
 
@@ -64,10 +64,42 @@ pub async fn client(config: &SqsConfig) -> Result<Client, SqsError> {
         };
         return Err(SqsError::Credentials(format!(
             "no usable AWS credentials from {source}: {}",
-            DisplayErrorContext(&e)
+            causes(&e)
         )));
     }
     Ok(Client::new(&shared))
+}
+
+/// An SDK error in one line: SQS's code and message for a service error, else the chain
+/// of causes (`dispatch failure: io error: Connection refused`).
+pub fn describe<E, R>(e: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    if let SdkError::ServiceError(service) = e {
+        let err = service.err();
+        if let Some(code) = err.code() {
+            return format!("{code}: {}", err.message().unwrap_or("(no message)"));
+        }
+    }
+    causes(e)
+}
+
+/// An error and its sources, one after another.
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !text.ends_with(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// One queue, resolved.
@@ -98,7 +130,7 @@ pub async fn resolve(client: &Client, spec: &str) -> Result<Queue, SqsError> {
             .queue_name(spec)
             .send()
             .await
-            .map_err(|e| fail(DisplayErrorContext(&e).to_string()))?
+            .map_err(|e| fail(describe(&e)))?
             .queue_url
             .ok_or_else(|| fail("GetQueueUrl returned no URL".into()))?
     };
@@ -108,7 +140,7 @@ pub async fn resolve(client: &Client, spec: &str) -> Result<Queue, SqsError> {
         .attribute_names(QueueAttributeName::All)
         .send()
         .await
-        .map_err(|e| fail(DisplayErrorContext(&e).to_string()))?
+        .map_err(|e| fail(describe(&e)))?
         .attributes
         .unwrap_or_default();
     let name = name_of(&url).to_owned();
@@ -151,7 +183,7 @@ pub async fn depth(client: &Client, url: &str) -> Result<Depth, String> {
         .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
         .send()
         .await
-        .map_err(|e| DisplayErrorContext(&e).to_string())?
+        .map_err(|e| describe(&e))?
         .attributes
         .unwrap_or_default();
     let count = |name: QueueAttributeName| {

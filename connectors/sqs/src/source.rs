@@ -4,9 +4,10 @@
 //! Why pollers: `pump` drops `pull()` whenever a completion is settled, and a
 //! ReceiveMessage dropped mid-flight would hide the messages SQS picked for it until their
 //! visibility timeout. So each ReceiveMessage runs to completion in its own task, and
-//! `pull()` is a receive from a small bounded channel, which is cancel-safe. While the
-//! dispatcher is saturated `pull()` is not called, the channel fills, and the pollers wait
-//! with their batch (its leases renewed by the heartbeat): no receiving while saturated.
+//! `pull()` is a receive from a small bounded channel, which is cancel-safe. Each poller
+//! takes a channel slot before it receives, so while the dispatcher is saturated (`pull()`
+//! not called) the slots stay full and nothing more is received; messages waiting in the
+//! channel keep their leases renewed by the heartbeat.
 //!
 //! | disposition | SQS |
 //! | --- | --- |
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use connector_sdk::backoff::Backoff;
 use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceError};
@@ -203,9 +203,11 @@ struct Poller {
     stop: CancellationToken,
 }
 
-/// One receive loop. A failed receive is reported to `pump` (readiness goes 503) and
-/// retried with backoff; the first success after it reports an empty batch so readiness
-/// comes back.
+/// One receive loop. It takes a slot in the channel to `pump` before each
+/// ReceiveMessage, so while `pump` is saturated (not pulling) every slot is full and
+/// nothing more is received: at most `pollers` batches wait beyond the dispatcher.
+/// A failed receive is reported to `pump` (readiness goes 503) and retried with backoff;
+/// the first success after it reports an empty batch so readiness comes back.
 async fn poll(p: Poller) {
     let mut failures = Backoff {
         initial: Duration::from_millis(200),
@@ -213,6 +215,14 @@ async fn poll(p: Poller) {
     }
     .attempts();
     loop {
+        let permit = tokio::select! {
+            biased;
+            () = p.stop.cancelled() => return,
+            permit = p.tx.reserve() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
         let request = p
             .client
             .receive_message()
@@ -223,11 +233,14 @@ async fn poll(p: Poller) {
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
             .send();
+        // Dropping a long poll at shutdown may hide the messages SQS picked for it until
+        // their visibility timeout; waiting up to `wait_time` instead would delay every
+        // shutdown.
         let received = tokio::select! {
             () = p.stop.cancelled() => return,
             r = request => r,
         };
-        let batch: Batch = match received {
+        match received {
             Ok(out) => {
                 let messages = out.messages.unwrap_or_default();
                 p.metrics.receive(messages.len() as u64);
@@ -236,54 +249,24 @@ async fn poll(p: Poller) {
                 if messages.is_empty() && !recovered {
                     continue;
                 }
-                Ok(messages
+                permit.send(Ok(messages
                     .into_iter()
                     .filter_map(|m| convert(&p, m))
-                    .collect())
+                    .collect()));
             }
             Err(e) => {
-                let error = DisplayErrorContext(&e).to_string();
+                let error = crate::queue::describe(&e);
                 let delay = failures.next_delay();
                 tracing::warn!(queue = %p.queue.name, error = %error, retry_in = ?delay, "ReceiveMessage failed");
-                let _ = send(
-                    &p,
-                    Err(SourceError::Transient(format!(
-                        "ReceiveMessage on {}: {error}",
-                        p.queue.name
-                    ))),
-                )
-                .await;
+                permit.send(Err(SourceError::Transient(format!(
+                    "ReceiveMessage on {}: {error}",
+                    p.queue.name
+                ))));
                 tokio::select! {
                     () = p.stop.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
                 }
-                continue;
             }
-        };
-        if !send(&p, batch).await {
-            return;
-        }
-    }
-}
-
-/// Hands `batch` to `pump`, waiting for room; on shutdown meanwhile its messages are
-/// released. Returns whether the poller should go on.
-async fn send(p: &Poller, batch: Batch) -> bool {
-    let permit = tokio::select! {
-        biased;
-        permit = p.tx.reserve() => permit.ok(),
-        () = p.stop.cancelled() => None,
-    };
-    match permit {
-        Some(permit) => {
-            permit.send(batch);
-            true
-        }
-        None => {
-            for (_, receipt) in batch.unwrap_or_default() {
-                let _ = p.acker.settle(receipt, Settlement::Visible(0)).await;
-            }
-            false
         }
     }
 }

@@ -1,0 +1,479 @@
+//! `sqs-connector` end to end against moto's SQS server (`SQS_ENDPOINT`, default
+//! `http://127.0.0.1:4566`; scripts/test.sh starts it): the shared scenario suite, then
+//! FIFO order per group, redelivery after SIGKILL once the visibility timeout lapses, the
+//! heartbeat, headers, and startup failures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_smithy_http_client::tls;
+use integration_tests::scenarios::{self, Fixture, eventually_async};
+use integration_tests::{
+    FakeGateway, Process, Reply, eventually, free_addr, http_get, metric, sqs_endpoint, unique,
+    wait_http,
+};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+struct Sqs {
+    client: Client,
+}
+
+impl Sqs {
+    fn new() -> Self {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(sqs_endpoint())
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .http_client(http)
+            .build();
+        Self {
+            client: Client::from_conf(config),
+        }
+    }
+
+    async fn create_queue(&self, name: &str) -> String {
+        let mut request = self.client.create_queue().queue_name(name);
+        if name.ends_with(".fifo") {
+            request = request.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        request.send().await.unwrap().queue_url.unwrap()
+    }
+
+    async fn url(&self, name: &str) -> String {
+        self.client
+            .get_queue_url()
+            .queue_name(name)
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap()
+    }
+
+    /// `[sqs]` for `queue`, dead letters to `<queue>-dlq`, a short visibility timeout so
+    /// the kill tests see redelivery quickly.
+    fn section(queue: &str, extra: &str) -> String {
+        format!(
+            r#"[sqs]
+queues = ["{queue}"]
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+access_key_id = "test"
+secret_access_key = "test"
+wait_time = "1s"
+visibility_timeout = "4s"
+metrics_interval = "1s"
+{extra}
+"#,
+            endpoint = sqs_endpoint(),
+        )
+    }
+
+    /// Every message currently in `url`, left visible (visibility 0 on receive).
+    async fn peek(&self, url: &str) -> Vec<aws_sdk_sqs::types::Message> {
+        self.client
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(10)
+            .visibility_timeout(0)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .unwrap()
+            .messages
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait::async_trait]
+impl Fixture for Sqs {
+    fn binary(&self) -> PathBuf {
+        integration_tests::binary("sqs-connector", "sqs-connector")
+    }
+
+    async fn create_topic(&self, topic: &str) {
+        self.create_queue(topic).await;
+        self.create_queue(&format!("{topic}-dlq")).await;
+    }
+
+    fn source_config(&self, topic: &str) -> String {
+        Self::section(topic, &format!("dead_letter_queue = \"{topic}-dlq\""))
+    }
+
+    async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
+        let url = self.url(topic).await;
+        for (n, chunk) in payloads.chunks(10).enumerate() {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    SendMessageBatchRequestEntry::builder()
+                        .id(format!("m{n}-{i}"))
+                        .message_body(String::from_utf8(p.clone()).unwrap())
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            let out = self
+                .client
+                .send_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .unwrap();
+            assert!(out.failed.is_empty(), "{:?}", out.failed);
+        }
+    }
+
+    async fn dead_letters(&self, topic: &str) -> Vec<Vec<u8>> {
+        let url = self.url(&format!("{topic}-dlq")).await;
+        self.peek(&url)
+            .await
+            .into_iter()
+            .map(|m| m.body.unwrap_or_default().into_bytes())
+            .collect()
+    }
+
+    async fn unacknowledged(&self, topic: &str) -> u64 {
+        let url = self.url(topic).await;
+        let attributes = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap_or_default();
+        attributes.values().map(|v| v.parse::<u64>().unwrap()).sum()
+    }
+}
+
+#[tokio::test]
+async fn sqs_delivered_once() {
+    scenarios::delivered_once(&Sqs::new()).await;
+}
+
+#[tokio::test]
+async fn sqs_failure_then_success() {
+    scenarios::failure_then_success(&Sqs::new()).await;
+}
+
+#[tokio::test]
+async fn sqs_dead_letter_on_4xx() {
+    scenarios::dead_letter_on_4xx(&Sqs::new()).await;
+}
+
+#[tokio::test]
+async fn sqs_nothing_lost_across_kill() {
+    scenarios::nothing_lost_across_kill(&Sqs::new()).await;
+}
+
+#[tokio::test]
+async fn sqs_drain_on_shutdown() {
+    scenarios::drain_on_shutdown(&Sqs::new()).await;
+}
+
+/// A connector for `queue` with `sqs_extra` in `[sqs]` and `connector_extra` in
+/// `[connector]`, ready.
+async fn start(
+    gw: &FakeGateway,
+    queue: &str,
+    connector_extra: &str,
+    sqs_extra: &str,
+) -> (Process, std::net::SocketAddr) {
+    let metrics_addr = free_addr();
+    let config = format!(
+        r#"[connector]
+gateway_url = "{gateway}"
+metrics_addr = "{metrics_addr}"
+rebuild_interval = "500ms"
+upstream_timeout = "10s"
+drain_timeout = "5s"
+{connector_extra}
+
+[connector.backoff]
+initial = "50ms"
+max = "200ms"
+
+{sqs}
+"#,
+        gateway = gw.url(),
+        sqs = Sqs::section(queue, sqs_extra),
+    );
+    let binary = integration_tests::binary("sqs-connector", "sqs-connector");
+    let process = Process::start(&binary, &config, &[]);
+    assert!(
+        wait_http(metrics_addr, "/readyz", 200, WITHIN).await,
+        "connector not ready:\n{}",
+        process.output()
+    );
+    (process, metrics_addr)
+}
+
+/// Messages of one MessageGroupId arrive in the order sent, though the groups are
+/// interleaved and consumed in parallel.
+#[tokio::test]
+async fn sqs_fifo_order_per_group() {
+    let sqs = Sqs::new();
+    let queue = format!("{}.fifo", unique("fifo"));
+    let url = sqs.create_queue(&queue).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("fifo-fn", &queue, |_, _| {
+        Reply::ok().delay(Duration::from_millis(10))
+    });
+    let (mut connector, _) = start(&gw, &queue, "", "").await;
+    let groups = ["g-a", "g-b", "g-c"];
+    let per_group = 12;
+    let mut n = 0;
+    for i in 0..per_group {
+        for (g, group) in groups.iter().enumerate() {
+            sqs.client
+                .send_message()
+                .queue_url(&url)
+                .message_body(format!("{group}:{i:03}"))
+                .message_group_id(*group)
+                .message_deduplication_id(format!("{g}-{i}"))
+                .send()
+                .await
+                .unwrap();
+            n += 1;
+        }
+    }
+    assert!(
+        eventually(WITHIN, || gw.requests_to("fifo-fn").len() >= n).await,
+        "only {} of {n} delivered:\n{}",
+        gw.requests_to("fifo-fn").len(),
+        connector.output()
+    );
+    let mut by_group: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in gw.requests_to("fifo-fn") {
+        let body = String::from_utf8(r.body.to_vec()).unwrap();
+        let (group, _) = body.split_once(':').unwrap();
+        assert_eq!(r.header("x-sqs-message-group-id").as_deref(), Some(group));
+        by_group.entry(group.to_owned()).or_default().push(body);
+    }
+    for (group, bodies) in &by_group {
+        let mut sorted = bodies.clone();
+        sorted.sort();
+        assert_eq!(bodies, &sorted, "group {group} out of order");
+        assert_eq!(
+            bodies.len(),
+            per_group,
+            "group {group}: duplicates or losses"
+        );
+    }
+    assert!(
+        eventually_async(WITHIN, || async { sqs.unacknowledged(&queue).await == 0 }).await,
+        "FIFO messages left undeleted"
+    );
+    assert!(connector.terminate(WITHIN).await.success());
+}
+
+/// SIGKILL while a function runs: the message is not deleted, stays invisible until its
+/// visibility timeout lapses, and is then delivered again with its receive count, the
+/// same `ce-id`, and the attempt counting on.
+#[tokio::test]
+async fn sqs_visibility_redelivery_after_sigkill() {
+    let sqs = Sqs::new();
+    let queue = unique("visibility");
+    sqs.create_queue(&queue).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("slow-fn", &queue, |req, _| {
+        if req.header("x-sqs-receive-count").as_deref() == Some("1") {
+            Reply::ok().delay(Duration::from_secs(60))
+        } else {
+            Reply::ok()
+        }
+    });
+    let (mut connector, _) = start(&gw, &queue, "", "").await;
+    sqs.produce(&queue, &[b"only".to_vec()]).await;
+    assert!(
+        eventually(WITHIN, || gw.requests_to("slow-fn").len() == 1).await,
+        "not delivered:\n{}",
+        connector.output()
+    );
+    connector.kill();
+    assert_eq!(
+        sqs.unacknowledged(&queue).await,
+        1,
+        "deleted before completion"
+    );
+    let (mut connector, _) = start(&gw, &queue, "", "").await;
+    assert!(
+        eventually(WITHIN, || gw.requests_to("slow-fn").len() == 2).await,
+        "not redelivered after the visibility timeout:\n{}",
+        connector.output()
+    );
+    let requests = gw.requests_to("slow-fn");
+    let (first, second) = (&requests[0], &requests[1]);
+    assert!(
+        second.at.duration_since(first.at) >= Duration::from_secs(3),
+        "redelivered before the visibility timeout lapsed"
+    );
+    assert_eq!(second.header("x-sqs-receive-count").as_deref(), Some("2"));
+    assert_eq!(second.header("x-delivery-attempt").as_deref(), Some("2"));
+    assert_eq!(first.header("ce-id"), second.header("ce-id"));
+    assert!(
+        eventually_async(WITHIN, || async { sqs.unacknowledged(&queue).await == 0 }).await,
+        "redelivered message not deleted"
+    );
+    assert!(connector.terminate(WITHIN).await.success());
+}
+
+/// An invocation longer than the visibility timeout is not redelivered meanwhile: the
+/// heartbeat renews the message's visibility.
+#[tokio::test]
+async fn sqs_heartbeat_covers_long_invocations() {
+    let sqs = Sqs::new();
+    let queue = unique("heartbeat");
+    sqs.create_queue(&queue).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("long-fn", &queue, |_, _| {
+        Reply::ok().delay(Duration::from_secs(9))
+    });
+    let (mut connector, _) = start(&gw, &queue, "", "").await;
+    sqs.produce(&queue, &[b"long".to_vec()]).await;
+    assert!(
+        eventually_async(Duration::from_secs(40), || async {
+            !gw.requests_to("long-fn").is_empty() && sqs.unacknowledged(&queue).await == 0
+        })
+        .await,
+        "long invocation not completed and deleted:\n{}",
+        connector.output()
+    );
+    assert_eq!(
+        gw.requests_to("long-fn").len(),
+        1,
+        "redelivered while the function was still running (visibility 4s, invocation 9s)"
+    );
+    assert!(connector.terminate(WITHIN).await.success());
+}
+
+/// The SQS headers, message attributes as `X-SQS-Attr-*`, the topic from a message
+/// attribute, and the queue depth on `/metrics`.
+#[tokio::test]
+async fn sqs_headers_topic_attribute_and_metrics() {
+    let sqs = Sqs::new();
+    let queue = unique("headers");
+    let url = sqs.create_queue(&queue).await;
+    let other_topic = unique("routed");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("queue-fn", &queue, |_, _| Reply::ok());
+    gw.function("routed-fn", &other_topic, |_, _| Reply::ok());
+    let (mut connector, metrics_addr) = start(&gw, &queue, "", "topic_attribute = \"Topic\"").await;
+    let attr = |v: &str| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .unwrap()
+    };
+    let plain = sqs
+        .client
+        .send_message()
+        .queue_url(&url)
+        .message_body("plain")
+        .message_attributes("tenant", attr("acme"))
+        .send()
+        .await
+        .unwrap()
+        .message_id
+        .unwrap();
+    sqs.client
+        .send_message()
+        .queue_url(&url)
+        .message_body("routed")
+        .message_attributes("Topic", attr(&other_topic))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        eventually(WITHIN, || gw.requests_to("queue-fn").len() == 1
+            && gw.requests_to("routed-fn").len() == 1)
+        .await,
+        "not routed by queue and attribute:\n{}",
+        connector.output()
+    );
+    let r = &gw.requests_to("queue-fn")[0];
+    assert_eq!(r.body.as_ref(), b"plain");
+    assert_eq!(
+        r.header("x-sqs-message-id").as_deref(),
+        Some(plain.as_str())
+    );
+    assert_eq!(r.header("ce-id").as_deref(), Some(plain.as_str()));
+    assert_eq!(r.header("x-sqs-queue-url").as_deref(), Some(url.as_str()));
+    assert_eq!(r.header("x-sqs-receive-count").as_deref(), Some("1"));
+    assert_eq!(r.header("x-sqs-attr-tenant").as_deref(), Some("acme"));
+    assert_eq!(r.header("x-topic").as_deref(), Some(queue.as_str()));
+    let routed = &gw.requests_to("routed-fn")[0];
+    assert_eq!(
+        routed.header("x-topic").as_deref(),
+        Some(other_topic.as_str())
+    );
+    let series = format!(r#"connector_sqs_queue_messages{{queue="{queue}",state="visible"}}"#);
+    assert!(
+        eventually_async(WITHIN, || async {
+            http_get(metrics_addr, "/metrics")
+                .await
+                .and_then(|(_, text)| metric(&text, &series))
+                .is_some()
+        })
+        .await,
+        "no queue depth on /metrics"
+    );
+    assert!(connector.terminate(WITHIN).await.success());
+}
+
+/// A queue that does not exist fails the start, naming the queue; so does a visibility
+/// timeout that cannot cover the invocation timeout without the heartbeat, naming the fix.
+#[tokio::test]
+async fn sqs_startup_failures_name_the_cause() {
+    let gw = FakeGateway::start().await.unwrap();
+    let binary = integration_tests::binary("sqs-connector", "sqs-connector");
+    let missing = unique("missing");
+    let config = format!(
+        "[connector]\ngateway_url = \"{}\"\nmetrics_addr = \"{}\"\n\n{}",
+        gw.url(),
+        free_addr(),
+        Sqs::section(&missing, "")
+    );
+    let mut process = Process::start(&binary, &config, &[]);
+    let status = process.wait(WITHIN).await;
+    assert!(!status.success(), "started with a missing queue");
+    assert!(
+        process.output().contains(&missing),
+        "error does not name the queue:\n{}",
+        process.output()
+    );
+
+    let config = format!(
+        "[connector]\ngateway_url = \"{}\"\nupstream_timeout = \"30s\"\n\n{}",
+        gw.url(),
+        Sqs::section("anything", "heartbeat = false")
+    );
+    let mut process = Process::start(&binary, &config, &[]);
+    let status = process.wait(WITHIN).await;
+    assert!(
+        !status.success(),
+        "started with visibility 4s < timeout 30s"
+    );
+    let output = process.output();
+    assert!(output.contains("sqs.visibility_timeout"), "{output}");
+    assert!(output.contains("sqs.heartbeat = true"), "{output}");
+}
