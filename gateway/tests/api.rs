@@ -471,6 +471,16 @@ async fn a_hanging_process_gets_504_and_max_inflight_429_while_others_are_served
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_process_past_the_gateways_upstream_timeout_gets_an_empty_502() {
+    let gw = start(|c| c.gateway.upstream_timeout = Duration::from_millis(300)).await;
+    gw.deploy(json!({"service": "hang", "image": "i", "envProcess": "sleep 30"}))
+        .await;
+    let (status, body) = gw.call("POST", "/function/hang", "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::BAD_GATEWAY, ""));
+    gw.shutdown().await;
+}
+
 async fn echo_service() -> std::net::SocketAddr {
     let app = Router::new().fallback(any(|request: Request<Body>| async move {
         let headers: serde_json::Map<String, serde_json::Value> = request

@@ -69,7 +69,7 @@ async fn replicas_become_ready_and_share_requests() {
     let (status, body) = gw
         .call("GET", "/function/echo.openfaas-fn/a/b?x=y", "")
         .await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::OK, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         (v["path"].as_str(), v["query"].as_str()),

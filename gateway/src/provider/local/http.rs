@@ -566,9 +566,23 @@ pub async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
     let _ = child.kill().await;
 }
 
-/// A port nothing listens on right now. Another process could take it before the replica
-/// binds it; the replica then fails its start and is replaced on another port.
+/// A port nothing listens on right now, drawn at random below Linux's ephemeral range
+/// (32768 and up), where the kernel hands out ports for `bind(0)` and outgoing
+/// connections: a port from there could be taken by another server between this check and
+/// the replica's own bind, and that server could then pass the replica's health check.
+/// Another process may still take the port; the replica then fails to start and is
+/// replaced on another one.
 fn free_port() -> Option<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..64 {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = 20_000 + u16::try_from(random % 12_000).unwrap_or(0);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Some(port);
+        }
+    }
     std::net::TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

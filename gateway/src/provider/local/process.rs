@@ -1,7 +1,8 @@
 //! The `process` runtime: one process per request, with the classic watchdog's contract.
 //! The body goes to stdin, stdout is the response, request headers arrive as `Http_*`
 //! variables. A non-zero exit is 500 with the output; passing `exec_timeout` kills the
-//! process and answers 504; more than `max_inflight` at once answers 429.
+//! process and answers 504 (passing the gateway's `upstream_timeout` first: 502, as for
+//! every runtime); more than `max_inflight` at once answers 429.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -18,7 +19,7 @@ use tokio::sync::Semaphore;
 use super::logs::LogBook;
 use super::spec::FunctionSpec;
 use crate::error::Error;
-use crate::provider::Invocation;
+use crate::provider::{Deadline, Invocation};
 
 /// A `process` function.
 #[derive(Debug)]
@@ -28,7 +29,9 @@ pub struct ProcessRuntime {
     /// `max_inflight` as the watchdog applies it: excess requests are refused at once
     /// rather than queued, so a slow function cannot pile up processes.
     inflight: Option<Arc<Semaphore>>,
-    exec_timeout: Duration,
+    /// The function's `exec_timeout` (504 when passed) or the gateway's
+    /// `upstream_timeout` (502), whichever is shorter.
+    deadline: Deadline,
 }
 
 impl ProcessRuntime {
@@ -36,15 +39,12 @@ impl ProcessRuntime {
     /// `exec_timeout`.
     pub fn new(spec: Arc<FunctionSpec>, logs: Arc<LogBook>, default_timeout: Duration) -> Self {
         let inflight = spec.max_inflight.map(|n| Arc::new(Semaphore::new(n)));
-        let exec_timeout = spec
-            .exec_timeout
-            .filter(|t| !t.is_zero())
-            .map_or(default_timeout, |t| t.min(default_timeout));
+        let deadline = Deadline::new(default_timeout, spec.exec_timeout);
         Self {
             spec,
             logs,
             inflight,
-            exec_timeout,
+            deadline,
         }
     }
 
@@ -103,7 +103,7 @@ impl ProcessRuntime {
             let status = child.wait().await?;
             Ok::<_, std::io::Error>((status, out?))
         };
-        let (status, output) = match tokio::time::timeout(self.exec_timeout, run).await {
+        let (status, output) = match tokio::time::timeout(self.deadline.timeout, run).await {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
                 self.logs
@@ -114,14 +114,19 @@ impl ProcessRuntime {
                 // `kill_on_drop` reaps it when `child` goes out of scope; kill now so the
                 // answer does not wait.
                 let _ = child.start_kill();
+                let limit = humantime::format_duration(self.deadline.timeout);
+                if self.deadline.is_exec_timeout {
+                    self.logs.write(
+                        &pid,
+                        &format!("Killed process after exec_timeout of {limit}"),
+                    );
+                    return Err(Error::GatewayTimeout("Killed process.\n".to_owned()));
+                }
                 self.logs.write(
                     &pid,
-                    &format!(
-                        "Killed process after exec_timeout of {}",
-                        humantime::format_duration(self.exec_timeout)
-                    ),
+                    &format!("Killed process after upstream_timeout of {limit}"),
                 );
-                return Err(Error::GatewayTimeout("Killed process.\n".to_owned()));
+                return Err(Error::BadGateway(format!("process ran past {limit}")));
             }
         };
         // Let the process's last stderr lines reach the log before answering, so the log
