@@ -26,6 +26,10 @@ struct Sqs {
 
 impl Sqs {
     fn new() -> Self {
+        Self::at(&sqs_endpoint())
+    }
+
+    fn at(endpoint: &str) -> Self {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(
                 tls::rustls_provider::CryptoMode::Ring,
@@ -34,7 +38,7 @@ impl Sqs {
         let config = aws_sdk_sqs::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
-            .endpoint_url(sqs_endpoint())
+            .endpoint_url(endpoint)
             .credentials_provider(Credentials::new("test", "test", None, None, "test"))
             .http_client(http)
             .build();
@@ -476,4 +480,169 @@ async fn sqs_startup_failures_name_the_cause() {
     let output = process.output();
     assert!(output.contains("sqs.visibility_timeout"), "{output}");
     assert!(output.contains("sqs.heartbeat = true"), "{output}");
+}
+
+/// Without `dead_letter_queue`, a message that fails for good is made visible again after
+/// a backoff delay rather than deleted, so the queue's own redrive policy moves it to its
+/// dead-letter queue after `maxReceiveCount` receives.
+#[tokio::test]
+async fn sqs_failed_messages_left_to_the_redrive_policy() {
+    let sqs = Sqs::new();
+    let queue = unique("redrive");
+    let dlq = format!("{queue}-dlq");
+    let dlq_url = sqs.create_queue(&dlq).await;
+    let dlq_arn = sqs
+        .client
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()
+        .remove(&QueueAttributeName::QueueArn)
+        .unwrap();
+    sqs.client
+        .create_queue()
+        .queue_name(&queue)
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"2"}}"#),
+        )
+        .send()
+        .await
+        .unwrap();
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("failing-fn", &queue, |_, _| Reply::status(500));
+    let (mut connector, _) = start(&gw, &queue, "max_attempts = 2", "").await;
+    sqs.produce(&queue, &[b"poison".to_vec()]).await;
+    assert!(
+        eventually_async(WITHIN, || async { !sqs.peek(&dlq_url).await.is_empty() }).await,
+        "the redrive policy did not receive the message:\n{}",
+        connector.output()
+    );
+    assert_eq!(sqs.unacknowledged(&queue).await, 0);
+    let receive_counts: std::collections::BTreeSet<String> = gw
+        .requests_to("failing-fn")
+        .iter()
+        .filter_map(|r| r.header("x-sqs-receive-count"))
+        .collect();
+    assert_eq!(
+        receive_counts,
+        ["1", "2"].map(String::from).into_iter().collect(),
+        "each receive should be tried, and the message given back between them"
+    );
+    assert!(connector.terminate(WITHIN).await.success());
+}
+
+/// An SQS endpoint that goes away mid-run turns `/readyz` to 503 and is retried; when it
+/// is back, readiness returns and messages flow again. Runs its own moto server.
+#[tokio::test]
+async fn sqs_endpoint_outage_shows_in_readyz_and_recovers() {
+    let addr = free_addr();
+    let endpoint = format!("http://{addr}");
+    let start_moto = || {
+        std::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &addr.port().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server on PATH (scripts/test.sh installs it)")
+    };
+    let sqs = Sqs::at(&endpoint);
+    let mut moto = start_moto();
+    assert!(
+        eventually_async(WITHIN, || async {
+            sqs.client.list_queues().send().await.is_ok()
+        })
+        .await,
+        "own moto server did not start"
+    );
+    let queue = unique("outage");
+    sqs.create_queue(&queue).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("outage-fn", &queue, |_, _| Reply::ok());
+    let metrics_addr = free_addr();
+    let config = format!(
+        "[connector]\ngateway_url = \"{}\"\nmetrics_addr = \"{metrics_addr}\"\nrebuild_interval = \"500ms\"\n\n{}",
+        gw.url(),
+        Sqs::section(&queue, "").replace(&sqs_endpoint(), &endpoint)
+    );
+    let binary = integration_tests::binary("sqs-connector", "sqs-connector");
+    let mut connector = Process::start(&binary, &config, &[]);
+    assert!(
+        wait_http(metrics_addr, "/readyz", 200, WITHIN).await,
+        "{}",
+        connector.output()
+    );
+    moto.kill().unwrap();
+    moto.wait().unwrap();
+    assert!(
+        wait_http(metrics_addr, "/readyz", 503, WITHIN).await,
+        "/readyz still 200 with the endpoint gone:\n{}",
+        connector.output()
+    );
+    assert!(connector.exited().is_none(), "exited on an outage");
+    // moto keeps nothing across a restart: the same queue name gives the same URL.
+    let mut moto = start_moto();
+    assert!(
+        eventually_async(WITHIN, || async {
+            sqs.client.list_queues().send().await.is_ok()
+        })
+        .await
+    );
+    sqs.create_queue(&queue).await;
+    assert!(
+        wait_http(metrics_addr, "/readyz", 200, Duration::from_secs(60)).await,
+        "not ready again after the endpoint came back:\n{}",
+        connector.output()
+    );
+    sqs.produce(&queue, &[b"after".to_vec()]).await;
+    assert!(
+        eventually(WITHIN, || gw.requests_to("outage-fn").len() == 1).await,
+        "{}",
+        connector.output()
+    );
+    assert!(connector.terminate(WITHIN).await.success());
+    moto.kill().unwrap();
+    moto.wait().unwrap();
+}
+
+/// No credentials anywhere in the standard chain: the start fails, naming where it
+/// looked.
+#[tokio::test]
+async fn sqs_missing_credentials_fail_at_start() {
+    let gw = FakeGateway::start().await.unwrap();
+    let binary = integration_tests::binary("sqs-connector", "sqs-connector");
+    let section = Sqs::section("anything", "")
+        .replace("access_key_id = \"test\"\n", "")
+        .replace("secret_access_key = \"test\"\n", "");
+    let config = format!(
+        "[connector]\ngateway_url = \"{}\"\nmetrics_addr = \"{}\"\n\n{section}",
+        gw.url(),
+        free_addr(),
+    );
+    let mut process = Process::start(
+        &binary,
+        &config,
+        &[
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("AWS_PROFILE", "none"),
+            ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/aws-credentials",
+            ),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    );
+    let status = process.wait(WITHIN).await;
+    assert!(!status.success(), "started without credentials");
+    assert!(
+        process.output().contains("no usable AWS credentials"),
+        "{}",
+        process.output()
+    );
 }
