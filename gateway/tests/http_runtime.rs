@@ -57,6 +57,11 @@ async fn replicas_become_ready_and_share_requests() {
     ))
     .await;
     wait_replicas(&gw, "echo", (2, 2), Duration::from_secs(20)).await;
+    let status = gw.json("/system/function/echo?usage=1").await;
+    assert!(
+        status["usage"]["totalMemoryBytes"].as_f64().unwrap() > 1_000_000.0,
+        "{status}"
+    );
     let mut pids = BTreeSet::new();
     for _ in 0..8 {
         pids.insert(pid_of(&gw, "/function/echo/path?q=1").await);

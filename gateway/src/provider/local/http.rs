@@ -15,7 +15,7 @@
 //! 0. A request that finds no ready replica sets `desired` back to `max(min, 1)` when it
 //! was 0 and waits, up to `ready_timeout`, for one to be ready: scale from zero.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,8 @@ struct Inner {
 struct Replica {
     id: String,
     port: u16,
+    /// The process's PID once started (0 before), for memory usage.
+    pid: AtomicU32,
     ready: AtomicBool,
     inflight: AtomicUsize,
     stop: CancellationToken,
@@ -128,6 +130,17 @@ impl HttpRuntime {
     /// Ready replicas.
     pub fn available(&self) -> u64 {
         u64::try_from(*self.inner.ready.borrow()).unwrap_or(u64::MAX)
+    }
+
+    /// Resident memory of all running replicas, in bytes (from `/proc`).
+    pub fn memory_bytes(&self) -> u64 {
+        self.inner
+            .replicas()
+            .iter()
+            .map(|r| r.pid.load(Ordering::SeqCst))
+            .filter(|pid| *pid != 0)
+            .filter_map(resident_bytes)
+            .sum()
     }
 
     /// Sets desired replicas, capped at the function's maximum.
@@ -379,6 +392,7 @@ impl Inner {
                 let replica = Arc::new(Replica {
                     id: format!("{}-{n}", self.spec.function.name),
                     port,
+                    pid: AtomicU32::new(0),
                     ready: AtomicBool::new(false),
                     inflight: AtomicUsize::new(0),
                     stop: self.cancel.child_token(),
@@ -467,6 +481,7 @@ impl Inner {
             self.logs.pipe(replica.id.clone(), err);
         }
         let pid = child.id();
+        replica.pid.store(pid.unwrap_or_default(), Ordering::SeqCst);
         self.settings.children.add(pid);
         let result = self.watch(replica, &mut child).await;
         self.settings.children.remove(pid);
@@ -587,4 +602,17 @@ fn free_port() -> Option<u16> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .ok()
+}
+
+/// `VmRSS` of a process, in bytes.
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }

@@ -278,6 +278,15 @@ impl LocalProvider {
         let (replicas, available) = deployed.replicas();
         status.replicas = replicas;
         status.available_replicas = available;
+        if let Runtime::Http(rt) = &deployed.runtime {
+            // Reported as faas-cli describe shows it; CPU is not measured.
+            #[allow(clippy::cast_precision_loss)]
+            let bytes = rt.memory_bytes() as f64;
+            status.usage = Some(crate::types::FunctionUsage {
+                cpu: None,
+                total_memory_bytes: Some(bytes),
+            });
+        }
         status
     }
 
