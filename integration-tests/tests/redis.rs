@@ -40,6 +40,8 @@ struct Streams {
     group: String,
     /// `claim_idle`.
     claim_idle: String,
+    /// The CA of a TLS server, for the test's own connections.
+    ca: Option<PathBuf>,
     /// Extra lines for the `[redis]` section.
     extra: String,
 }
@@ -54,12 +56,26 @@ impl Streams {
             url,
             group: unique("group"),
             claim_idle: "3s".to_owned(),
+            ca: None,
             extra: extra.to_owned(),
         }
     }
 
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        connection(&self.url).await
+        match &self.ca {
+            None => connection(&self.url).await,
+            Some(ca) => redis::Client::build_with_tls(
+                self.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            )
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap(),
+        }
     }
 
     fn dead_letter_stream(topic: &str) -> String {
@@ -707,19 +723,117 @@ impl OwnRedis {
     }
 
     async fn start(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.port.to_string())
+        self.start_with(&[], &self.url()).await;
+    }
+
+    /// Starts it serving TLS only, with a certificate for 127.0.0.1 signed by a CA made
+    /// here (openssl); returns the CA file.
+    async fn start_tls(&mut self) -> PathBuf {
+        let dir = self.dir.path();
+        let run = |args: &[&str]| {
+            let ok = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl is installed")
+                .success();
+            assert!(ok, "openssl {args:?} failed");
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let port = self.port.to_string();
+        let ca = dir.join("ca.crt");
+        let probe = String::new();
+        self.start_with(
+            &[
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.crt",
+                "--tls-auth-clients",
+                "no",
+            ],
+            &probe,
+        )
+        .await;
+        ca
+    }
+
+    async fn start_with(&mut self, args: &[&str], probe: &str) {
+        let mut command = Command::new("redis-server");
+        if args.is_empty() {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        let child = command
+            .args(args)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(self.dir.path())
+            .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test.sh installs it)");
         self.child = Some(child);
-        let url = self.url();
+        let url = probe.to_owned();
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         assert!(
             eventually_async(Duration::from_secs(10), || async {
+                if url.is_empty() {
+                    // TLS: listening is enough.
+                    return tokio::net::TcpStream::connect(addr).await.is_ok();
+                }
                 match redis::Client::open(url.as_str()) {
                     Ok(c) => c.get_multiplexed_async_connection().await.is_ok(),
                     Err(_) => false,
@@ -805,5 +919,137 @@ async fn redis_down_at_start_and_restarted_mid_run() {
     assert_eq!(
         bodies(&gw, "restart-fn"),
         [b"before".to_vec(), b"after".to_vec()]
+    );
+}
+
+/// `rediss://` with a private CA (`tls_ca_file`): consumed over TLS end to end.
+#[tokio::test]
+async fn streams_over_tls_with_a_private_ca() {
+    let mut own = OwnRedis::new();
+    let ca = own.start_tls().await;
+    let url = format!("rediss://127.0.0.1:{}", own.port);
+    let mut fx = Streams::with(url, &format!("tls_ca_file = \"{}\"", ca.display()));
+    fx.ca = Some(ca);
+    let topic = unique("tls");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("tls-fn", &topic, |_, _| Reply::ok());
+    // The connector verifies the server's certificate against the CA.
+    let connector = Connector::start(&gw, "", &fx.source_config(&topic)).await;
+    fx.produce(&topic, &[b"secret".to_vec()]).await;
+    assert!(
+        eventually(WITHIN, || gw.requests_to("tls-fn").len() == 1).await,
+        "not delivered over TLS:\n{}",
+        connector.process.output()
+    );
+    assert!(
+        eventually_async(WITHIN, || async { fx.unacknowledged(&topic).await == 0 }).await,
+        "not acknowledged over TLS"
+    );
+}
+
+/// With no dead-letter stream, a delivery that fails for good is not acknowledged: the
+/// entry stays pending, is claimed again after `claim_idle` and retried.
+#[tokio::test]
+async fn held_entries_stay_pending_and_are_retried() {
+    let fx = Streams::with(redis_url(), "dead_letter_stream = \"\"");
+    let topic = unique("held");
+    fx.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("held-fn", &topic, |_, call| {
+        if call == 0 {
+            Reply::status(422)
+        } else {
+            Reply::ok()
+        }
+    });
+    let _connector = Connector::start(&gw, "", &fx.source_config(&topic)).await;
+    fx.produce(&topic, &[b"held".to_vec()]).await;
+    assert!(eventually(WITHIN, || gw.requests_to("held-fn").len() == 1).await);
+    assert_eq!(
+        fx.backlog(&topic).await.0,
+        1,
+        "a rejected entry without a dead-letter stream must stay pending"
+    );
+    assert!(
+        eventually(WITHIN, || gw.requests_to("held-fn").len() == 2).await,
+        "the held entry was not retried"
+    );
+    let second = &gw.requests_to("held-fn")[1];
+    assert_eq!(second.header("x-delivery-attempt").as_deref(), Some("2"));
+    assert!(
+        eventually_async(WITHIN, || async { fx.unacknowledged(&topic).await == 0 }).await,
+        "not acknowledged after the retry succeeded"
+    );
+    assert!(fx.dead_letters(&topic).await.is_empty());
+}
+
+/// `ordering = "key"`: entries with the same key field one after another, in stream
+/// order; different keys in parallel.
+#[tokio::test]
+async fn key_ordering_serialises_each_key() {
+    let fx = Streams::with(redis_url(), "key_field = \"user\"");
+    let topic = unique("ordered");
+    fx.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("ordered-fn", &topic, |_, _| {
+        Reply::ok().delay(Duration::from_millis(150))
+    });
+    let _connector = Connector::start(
+        &gw,
+        "max_inflight = 8\nordering = \"key\"",
+        &fx.source_config(&topic),
+    )
+    .await;
+    let mut c = fx.conn().await;
+    let mut pipe = redis::pipe();
+    for i in 0..4 {
+        for user in ["ann", "bob"] {
+            pipe.cmd("XADD")
+                .arg(&topic)
+                .arg("*")
+                .arg("user")
+                .arg(user)
+                .arg("payload")
+                .arg(format!("{user}-{i}"))
+                .ignore();
+        }
+    }
+    let _: () = pipe.query_async(&mut c).await.unwrap();
+    assert!(eventually(WITHIN, || gw.requests_to("ordered-fn").len() == 8).await);
+    let requests = gw.requests_to("ordered-fn");
+    for user in ["ann", "bob"] {
+        let mine: Vec<_> = requests
+            .iter()
+            .filter(|r| r.body.starts_with(user.as_bytes()))
+            .collect();
+        let order: Vec<String> = mine
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .collect();
+        let expected: Vec<String> = (0..4).map(|i| format!("{user}-{i}")).collect();
+        assert_eq!(order, expected, "out of order for {user}");
+        for pair in mine.windows(2) {
+            assert!(
+                pair[1].at.duration_since(pair[0].at) >= Duration::from_millis(140),
+                "{user}: the next entry started before the previous one finished"
+            );
+        }
+    }
+    let first_ann = requests
+        .iter()
+        .find(|r| r.body.starts_with(b"ann"))
+        .unwrap();
+    let first_bob = requests
+        .iter()
+        .find(|r| r.body.starts_with(b"bob"))
+        .unwrap();
+    let apart = if first_ann.at > first_bob.at {
+        first_ann.at.duration_since(first_bob.at)
+    } else {
+        first_bob.at.duration_since(first_ann.at)
+    };
+    assert!(
+        apart < Duration::from_millis(140),
+        "different keys did not run in parallel"
     );
 }

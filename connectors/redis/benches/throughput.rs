@@ -1,1 +1,347 @@
-fn main() {}
+//! End-to-end throughput of `redis-connector` beside the plain HTTP ceiling, in one run.
+//!
+//! ```text
+//! CARGO_TARGET_DIR=/work/target-redis cargo bench -p redis-connector --bench throughput
+//! ```
+//!
+//! Needs the Redis at `REDIS_URL` (default `redis://127.0.0.1:6379`). A no-op function
+//! (and the gateway's `/system/functions`) runs in a child process: this binary with
+//! `serve`. Then, for each concurrency (`max_inflight`):
+//!
+//! - **ceiling**: a plain `reqwest` loop in this process making the same requests the
+//!   connector makes (same route, same headers, same body), N in flight;
+//! - **connector**: the release `redis-connector` binary as a child process, consuming a
+//!   fresh stream with a fresh group. The clock starts when the first of `COUNT` entries is
+//!   added (pipelined XADD, 1,000 per round trip) and stops when the group has nothing
+//!   pending and no lag (XINFO GROUPS), i.e. every entry was delivered and XACKed.
+//!
+//! Printed: messages per second, the ratio, the connector's CPU time per message (from
+//! `/proc/<pid>/stat`), and its resident memory idle (after `/readyz` turned 200) and at its
+//! peak (`VmHWM`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::{get, post};
+use connector_sdk::gateway::GatewayClient;
+use connector_sdk::{Message, SdkConfig};
+
+const PAYLOAD: &[u8] = br#"{"order":42,"amount":"19.99","currency":"EUR"}"#;
+const COUNT: usize = 40_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("serve") {
+        serve(args[2].parse().unwrap(), args[3].clone());
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench());
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The no-op function, and a gateway listing it as subscribed to `topic`.
+fn serve(addr: SocketAddr, topic: String) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let functions = serde_json::json!([
+            {"name": "noop", "annotations": {"topic": topic}, "replicas": 1}
+        ])
+        .to_string();
+        let app = Router::new()
+            .route("/function/{name}", post(|| async { "" }))
+            .route(
+                "/system/functions",
+                get(move || {
+                    let f = functions.clone();
+                    async move { ([("content-type", "application/json")], f) }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
+fn spawn_server(addr: SocketAddr, topic: &str) -> Child {
+    let child = Command::new(std::env::current_exe().unwrap())
+        .arg("serve")
+        .arg(addr.to_string())
+        .arg(topic)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "function server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+struct Row {
+    concurrency: usize,
+    ceiling: f64,
+    connector: f64,
+    cpu_per_message: Duration,
+    idle_kib: u64,
+    peak_kib: u64,
+}
+
+async fn bench() {
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut rows = Vec::new();
+    for concurrency in [64usize, 1] {
+        let count = if concurrency == 1 { COUNT / 10 } else { COUNT };
+        let stream = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let addr = free_addr();
+        let mut server = spawn_server(addr, &stream);
+        let _ = ceiling_run(addr, concurrency, count / 10).await; // warm-up
+        let ceiling = ceiling_run(addr, concurrency, count).await;
+        let row = connector_run(&mut conn, addr, &stream, concurrency, count, ceiling).await;
+        let _: () = redis::cmd("DEL")
+            .arg(&stream)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        server.kill().ok();
+        server.wait().ok();
+        rows.push(row);
+    }
+    println!(
+        "| max_inflight | messages | ceiling req/s | connector msg/s | ratio | connector CPU/msg | RSS idle | RSS peak |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    rows.sort_by_key(|r| r.concurrency);
+    for r in rows {
+        let count = if r.concurrency == 1 {
+            COUNT / 10
+        } else {
+            COUNT
+        };
+        println!(
+            "| {} | {count} | {:.0} | {:.0} | {:.2} | {:.1} µs | {:.1} MiB | {:.1} MiB |",
+            r.concurrency,
+            r.ceiling,
+            r.connector,
+            r.connector / r.ceiling,
+            r.cpu_per_message.as_secs_f64() * 1e6,
+            r.idle_kib as f64 / 1024.0,
+            r.peak_kib as f64 / 1024.0,
+        );
+    }
+}
+
+/// Plain requests, as the connector makes them, `concurrency` in flight.
+async fn ceiling_run(addr: SocketAddr, concurrency: usize, count: usize) -> f64 {
+    let config = SdkConfig {
+        gateway_url: format!("http://{addr}"),
+        ..SdkConfig::default()
+    };
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
+    let gateway = GatewayClient::new("redis-connector", &config).unwrap();
+    let url = format!("{}/function/noop", config.gateway_url);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, next, gateway) =
+                (client.clone(), url.clone(), next.clone(), gateway.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count as u64 {
+                        break;
+                    }
+                    let id = format!("1700000000000-{i}");
+                    let mut message =
+                        Message::new("bench", PAYLOAD, format!("bench/{id}"), "redis://bench");
+                    message.add_header("X-Redis-Stream", "bench");
+                    message.add_header("X-Redis-Id", &id);
+                    message.add_header("X-Redis-Group", "bench");
+                    let headers = gateway.invocation_headers(&message, 1);
+                    let resp = client
+                        .post(&url)
+                        .headers(headers)
+                        .body(message.payload.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(resp.status().is_success());
+                    resp.bytes().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn connector_run(
+    conn: &mut redis::aio::MultiplexedConnection,
+    addr: SocketAddr,
+    stream: &str,
+    concurrency: usize,
+    count: usize,
+    ceiling: f64,
+) -> Row {
+    let group = "bench";
+    let metrics = free_addr();
+    let dir = std::env::temp_dir().join(format!("redis-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[connector]
+gateway_url = "http://{addr}"
+metrics_addr = "{metrics}"
+topics = ["{stream}"]
+max_inflight = {concurrency}
+
+[redis]
+url = "{url}"
+group = "{group}"
+body_field = "payload"
+"#,
+            url = redis_url(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_redis-connector"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = http
+            .get(format!("http://{metrics}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "connector not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the first reads and the first backlog measurement settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_kib = proc_status_kib(pid, "VmRSS");
+    let cpu = proc_cpu(pid);
+    let started = Instant::now();
+    for chunk in 0..count.div_ceil(1000) {
+        let mut pipe = redis::pipe();
+        for _ in (chunk * 1000)..((chunk + 1) * 1000).min(count) {
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("payload")
+                .arg(PAYLOAD)
+                .ignore();
+        }
+        let _: () = pipe.query_async(conn).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (pending, lag) = backlog(conn, stream, group).await;
+        if pending == 0 && lag == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "connector did not finish");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    let cpu = proc_cpu(pid) - cpu;
+    let peak_kib = proc_status_kib(pid, "VmHWM");
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "connector exit status {status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Row {
+        concurrency,
+        ceiling,
+        connector: count as f64 / took.as_secs_f64(),
+        cpu_per_message: cpu / count as u32,
+        idle_kib,
+        peak_kib,
+    }
+}
+
+async fn backlog(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> (u64, u64) {
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let groups: redis::Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let pending = redis_connector::entry::parse_pending_summary(&pending)
+        .map(|(n, _)| n)
+        .unwrap_or(u64::MAX);
+    let lag = redis_connector::entry::parse_group_lag(&groups, group).unwrap_or(u64::MAX);
+    (pending, lag)
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User plus system CPU time of `pid` (clock ticks of 10 ms).
+fn proc_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}

@@ -1,7 +1,7 @@
 //! The configuration: the SDK's `[connector]` section and our `[redis]` section, layered
 //! by `connector_sdk::config::load` (defaults, `--config` TOML, environment variables).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use connector_sdk::SdkConfig;
@@ -45,6 +45,17 @@ pub struct RedisConfig {
     /// Password, overriding the URL's; never logged. Env `redis_password`. (default: unset)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<Secret>,
+    /// PEM file of the CA that signed the server's certificate (with `rediss://`), instead
+    /// of the bundled web PKI roots. Env `redis_tls_ca_file`. (default: unset)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `tls_key_file`).
+    /// Env `redis_tls_cert_file`. (default: unset)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`. Env `redis_tls_key_file`. (default: unset)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
     /// `streams` (at-least-once) or `pubsub` (at-most-once). Env `redis_mode`.
     /// (default: `"streams"`)
     pub mode: Mode,
@@ -120,6 +131,9 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
             username: None,
             password: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             mode: Mode::Streams,
             group: "faas-connector".to_owned(),
             consumer: None,
@@ -145,6 +159,9 @@ pub const ENV: &[EnvVar] = &[
     EnvVar::new("redis_url", "redis.url"),
     EnvVar::new("redis_username", "redis.username"),
     EnvVar::new("redis_password", "redis.password"),
+    EnvVar::new("redis_tls_ca_file", "redis.tls_ca_file"),
+    EnvVar::new("redis_tls_cert_file", "redis.tls_cert_file"),
+    EnvVar::new("redis_tls_key_file", "redis.tls_key_file"),
     EnvVar::new("redis_mode", "redis.mode"),
     EnvVar::new("redis_group", "redis.group"),
     EnvVar::new("redis_consumer", "redis.consumer"),
@@ -184,6 +201,29 @@ impl Config {
         };
         if let Err(e) = redis::Client::open(r.url.as_str()) {
             fail("url", format!("not a Redis URL: {e}"));
+        }
+        if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
+            fail(
+                "tls_cert_file",
+                "tls_cert_file and tls_key_file are set together or not at all".to_owned(),
+            );
+        }
+        let tls_files = [&r.tls_ca_file, &r.tls_cert_file, &r.tls_key_file];
+        if tls_files.iter().any(|f| f.is_some()) && !r.url.starts_with("rediss://") {
+            fail(
+                "tls_ca_file",
+                "TLS files are set but the url is not rediss://".to_owned(),
+            );
+        }
+        for (key, file) in ["tls_ca_file", "tls_cert_file", "tls_key_file"]
+            .into_iter()
+            .zip(tls_files)
+        {
+            if let Some(path) = file
+                && !path.is_file()
+            {
+                fail(key, format!("no such file {}", path.display()));
+            }
         }
         if r.group.trim().is_empty() {
             fail("group", "must not be empty".to_owned());
@@ -361,5 +401,11 @@ claim_idle = "2m"
         let mut c = Config::default();
         c.redis.url = "rediss://127.0.0.1:6380/#insecure".into();
         c.validate().unwrap();
+        c.redis.url = "redis://127.0.0.1:6380".into();
+        c.redis.tls_cert_file = Some("/nonexistent/cert.pem".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("tls_key_file are set together"), "{e}");
+        assert!(e.contains("not rediss://"), "{e}");
+        assert!(e.contains("no such file /nonexistent/cert.pem"), "{e}");
     }
 }

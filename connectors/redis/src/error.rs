@@ -12,6 +12,15 @@ pub enum Error {
     /// The Redis URL or credentials could not be turned into a client.
     #[error("invalid Redis connection settings: {0}")]
     Client(#[source] redis::RedisError),
+    /// A TLS file could not be read.
+    #[error("reading {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The run harness failed (metrics address in use, signals, a fatal source error).
     #[error(transparent)]
     Runtime(#[from] SdkError),

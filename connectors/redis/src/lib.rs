@@ -50,7 +50,33 @@ pub fn client(config: &RedisConfig) -> Result<redis::Client, Error> {
     if let Some(password) = &config.password {
         settings = settings.set_password(password.expose());
     }
-    redis::Client::open(info.set_redis_settings(settings)).map_err(Error::Client)
+    let info = info.set_redis_settings(settings);
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| Error::TlsFile {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let root_cert = config.tls_ca_file.as_deref().map(read).transpose()?;
+    let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        _ => None,
+    };
+    if root_cert.is_some() || client_tls.is_some() {
+        redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )
+        .map_err(Error::Client)
+    } else {
+        redis::Client::open(info).map_err(Error::Client)
+    }
 }
 
 /// `ce-source` prefix for a client: `redis://host:port/db` (never credentials).

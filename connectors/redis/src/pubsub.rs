@@ -74,6 +74,8 @@ impl Source for PubSubSource {
 
     async fn pull(&mut self) -> Result<Vec<(Message, ())>, SourceError> {
         if let Some(tx) = self.tx.take() {
+            // Not ready until subscribed: a message published before that is never seen.
+            self.ctx.health.set_source_ready(false);
             let subscriber = Subscriber {
                 ctx: self.ctx.clone(),
                 client: self.client.clone(),

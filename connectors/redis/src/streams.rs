@@ -102,16 +102,21 @@ struct Shared {
 }
 
 impl Shared {
-    fn track(&self, batch: &Batch) {
+    /// Starts tracking the entries of `batch`, dropping those already in flight here (a
+    /// history re-read and a claim can race for the same entry).
+    fn track(&self, batch: Batch) -> Batch {
         let mut map = self
             .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for (_, e) in batch {
-            map.entry(e.stream.clone())
-                .or_default()
-                .insert(e.id.clone());
-        }
+        batch
+            .into_iter()
+            .filter(|(_, e)| {
+                map.entry(e.stream.clone())
+                    .or_default()
+                    .insert(e.id.clone())
+            })
+            .collect()
     }
 
     fn untrack(&self, entries: &[&EntryRef]) {
@@ -299,6 +304,8 @@ impl Source for StreamsSource {
 
     async fn pull(&mut self) -> Result<Vec<(Message, EntryRef)>, SourceError> {
         if let Some(tx) = self.tx.take() {
+            // Not ready until the reader has connected and set up the groups.
+            self.ctx.health.set_source_ready(false);
             self.start(tx);
         }
         match self.rx.recv().await {
@@ -799,7 +806,7 @@ impl Reader {
     ) -> Step {
         let mut forget = Vec::new();
         let batch = self.shared.batch(stream, entries, counts, &mut forget);
-        self.shared.track(&batch);
+        let batch = self.shared.track(batch);
         for f in forget {
             self.forget(f);
         }
@@ -931,7 +938,7 @@ async fn claim_stream(
             shared.metrics.claimed(stream, entries.len());
             let mut forget = Vec::new();
             let batch = shared.batch(stream, entries, &counts, &mut forget);
-            shared.track(&batch);
+            let batch = shared.track(batch);
             deliver(tx, batch, stop).await?;
         }
         if next == "0-0" {
