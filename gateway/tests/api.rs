@@ -680,3 +680,25 @@ async fn logs_follow_streams_new_lines_and_ends_when_the_gateway_drains() {
     assert!(rest.is_ok(), "the stream ends on drain");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_deleted_secret_does_not_drop_a_saved_function_on_restart() {
+    let gw = start(|_| {}).await;
+    let (status, _) = gw
+        .call("POST", "/system/secrets", r#"{"name":"key","value":"v"}"#)
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    gw.deploy(
+        json!({"service": "uses-key", "image": "i", "envProcess": "cat", "secrets": ["key"]}),
+    )
+    .await;
+    let (status, _) = gw
+        .call("DELETE", "/system/secrets", r#"{"name":"key"}"#)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let dir = gw.shutdown().await;
+    let gw = start_with(dir, |_| {}).await;
+    let status = gw.json("/system/function/uses-key").await;
+    assert_eq!(status["secrets"], json!(["key"]));
+    gw.shutdown().await;
+}

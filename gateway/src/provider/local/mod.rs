@@ -140,7 +140,12 @@ impl LocalProvider {
                 tracing::warn!(function = %name, namespace = %stored.namespace, "saved function is in another namespace; skipped");
                 continue;
             }
-            match provider.build(stored.deployment, stored.created_at, None) {
+            match provider.build(
+                stored.deployment,
+                stored.created_at,
+                None,
+                SecretCheck::Restoring,
+            ) {
                 Ok(deployed) => {
                     provider.insert(deployed);
                 }
@@ -157,7 +162,7 @@ impl LocalProvider {
                 .map_or_else(now_rfc3339, |p| p.created_at.clone());
             let logs = previous.as_ref().map(|p| Arc::clone(&p.logs));
             let deployed = provider
-                .build(deployment, created_at, logs)
+                .build(deployment, created_at, logs, SecretCheck::Required)
                 .map_err(|e| Error::Config(format!("[[functions]] {name}: {e}")))?;
             if let Some(previous) = provider.insert(deployed) {
                 previous.stop().await;
@@ -206,6 +211,7 @@ impl LocalProvider {
         deployment: FunctionDeployment,
         created_at: String,
         logs: Option<Arc<LogBook>>,
+        secrets: SecretCheck,
     ) -> Result<Deployed, Error> {
         check_service_name(&deployment.service)?;
         let function = FunctionRef {
@@ -219,7 +225,9 @@ impl LocalProvider {
         )?);
         for secret in deployment.secrets.iter().flatten() {
             check_secret_name(secret)?;
-            if !self.settings.provider.secrets_path.join(secret).is_file() {
+            if secrets == SecretCheck::Required
+                && !self.settings.provider.secrets_path.join(secret).is_file()
+            {
                 return Err(Error::BadRequest(format!(
                     "unable to find secret: {secret}"
                 )));
@@ -325,6 +333,14 @@ impl LocalProvider {
     }
 }
 
+/// Whether a deployment's secrets must exist: yes for a deploy, no when restoring saved
+/// functions, so a deleted secret never drops a function from the state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SecretCheck {
+    Required,
+    Restoring,
+}
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
@@ -361,7 +377,7 @@ impl Provider for LocalProvider {
                 deployment.service
             )));
         }
-        let deployed = self.build(deployment, now_rfc3339(), None)?;
+        let deployed = self.build(deployment, now_rfc3339(), None, SecretCheck::Required)?;
         let name = deployed.deployment.service.clone();
         self.insert(deployed);
         if let Err(e) = self.save().await {
@@ -392,6 +408,7 @@ impl Provider for LocalProvider {
             deployment,
             previous.created_at.clone(),
             Some(Arc::clone(&previous.logs)),
+            SecretCheck::Required,
         )?;
         self.insert(deployed);
         previous.stop().await;
