@@ -309,9 +309,6 @@ impl Gateway {
     /// Builds the provider and queue, binds both listeners, serves, and then starts the
     /// connectors (they need a gateway that answers).
     pub async fn start(config: Config) -> Result<Self, Error> {
-        let work = CancellationToken::new();
-        let work_tasks = TaskTracker::new();
-        let state = build_state(&config, &work, &work_tasks).await?;
         let bind = |addr: SocketAddr| async move {
             tokio::net::TcpListener::bind(addr)
                 .await
@@ -332,6 +329,10 @@ impl Gateway {
                 addr: config.gateway.metrics_bind.to_string(),
                 source,
             })?;
+        // Listeners first: a port in use fails the start before any function is started.
+        let work = CancellationToken::new();
+        let work_tasks = TaskTracker::new();
+        let state = build_state(&config, &work, &work_tasks).await?;
         let servers = CancellationToken::new();
         let server_tasks = TaskTracker::new();
         for (listener, app) in [
