@@ -646,3 +646,58 @@ async fn sqs_missing_credentials_fail_at_start() {
         process.output()
     );
 }
+
+/// While `max_inflight` deliveries run, the connector stops receiving: only a bounded
+/// number of messages (running, waiting for room, one batch per poller) are in flight with
+/// SQS, and the rest stay visible for other consumers.
+#[tokio::test]
+async fn sqs_stops_receiving_while_saturated() {
+    let sqs = Sqs::new();
+    let queue = unique("saturated");
+    sqs.create_queue(&queue).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("busy-fn", &queue, |_, _| {
+        Reply::ok().delay(Duration::from_millis(300))
+    });
+    let (mut connector, _) = start(
+        &gw,
+        &queue,
+        "max_inflight = 2",
+        "pollers = 1\nmax_messages = 1",
+    )
+    .await;
+    let sent: Vec<Vec<u8>> = (0..20)
+        .map(|i| format!("busy-{i:02}").into_bytes())
+        .collect();
+    sqs.produce(&queue, &sent).await;
+    assert!(
+        eventually(WITHIN, || gw.requests_to("busy-fn").len() >= 3).await,
+        "{}",
+        connector.output()
+    );
+    let url = sqs.url(&queue).await;
+    let attributes = sqs
+        .client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap();
+    let count = |name| attributes[&name].parse::<u64>().unwrap();
+    let in_flight = count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+    // 2 running + 1 waiting for room + 1 in the poller's slot, + 2 awaiting their delete.
+    assert!(in_flight <= 6, "{in_flight} received while saturated");
+    assert!(count(QueueAttributeName::ApproximateNumberOfMessages) > 0);
+    assert!(
+        eventually(WITHIN, || gw.requests_to("busy-fn").len() >= sent.len()).await,
+        "{}",
+        connector.output()
+    );
+    assert!(gw.max_inflight() <= 2, "{} concurrent", gw.max_inflight());
+    assert!(eventually_async(WITHIN, || async { sqs.unacknowledged(&queue).await == 0 }).await);
+    assert!(connector.terminate(WITHIN).await.success());
+}

@@ -126,17 +126,6 @@ impl SqsSource {
         }
     }
 
-    /// How long a failed message stays invisible before SQS redelivers it: the
-    /// connector's backoff for its receive count, whole seconds, 1 s to 12 h.
-    fn retry_delay(&self, receive_count: u32) -> i32 {
-        let d = self.backoff.ceiling(receive_count.max(1));
-        let secs = d
-            .as_secs_f64()
-            .ceil()
-            .clamp(1.0, MAX_VISIBILITY.as_secs_f64());
-        secs as i32
-    }
-
     async fn settle_as(&self, receipt: Receipt, settlement: Settlement) -> Result<(), SourceError> {
         match &self.acker {
             Some(acker) => acker
@@ -169,7 +158,9 @@ impl Source for SqsSource {
         let settlement = match disposition {
             Disposition::Ack => Settlement::Delete,
             Disposition::Release => Settlement::Visible(0),
-            Disposition::Hold => Settlement::Visible(self.retry_delay(receipt.receive_count)),
+            Disposition::Hold => {
+                Settlement::Visible(retry_delay(&self.backoff, receipt.receive_count))
+            }
         };
         self.settle_as(receipt, settlement).await
     }
@@ -190,6 +181,17 @@ impl Source for SqsSource {
         }
         Ok(())
     }
+}
+
+/// How long a failed message stays invisible before SQS redelivers it: the connector's
+/// backoff ceiling for its receive count, in whole seconds from 1 s to 12 h.
+fn retry_delay(backoff: &Backoff, receive_count: u32) -> i32 {
+    let d = backoff.ceiling(receive_count.max(1));
+    let secs = d
+        .as_secs_f64()
+        .ceil()
+        .clamp(1.0, MAX_VISIBILITY.as_secs_f64());
+    secs as i32
 }
 
 struct Poller {
@@ -251,7 +253,15 @@ async fn poll(p: Poller) {
                 }
                 permit.send(Ok(messages
                     .into_iter()
-                    .filter_map(|m| convert(&p, m))
+                    .filter_map(|m| {
+                        convert(
+                            &p.queue,
+                            &p.url,
+                            p.settings.topic_attribute.as_deref(),
+                            &p.acker,
+                            m,
+                        )
+                    })
                     .collect()));
             }
             Err(e) => {
@@ -272,24 +282,27 @@ async fn poll(p: Poller) {
 }
 
 /// One SQS message as the dispatcher sees it.
-fn convert(p: &Poller, m: aws_sdk_sqs::types::Message) -> Option<(Message, Receipt)> {
+fn convert(
+    queue: &Queue,
+    url: &Arc<str>,
+    topic_attribute: Option<&str>,
+    acker: &Acker,
+    m: aws_sdk_sqs::types::Message,
+) -> Option<(Message, Receipt)> {
     let handle = m.receipt_handle?;
     let system = m.attributes.unwrap_or_default();
     let receive_count: u32 = system
         .get(&MessageSystemAttributeName::ApproximateReceiveCount)
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let receipt = p.acker.lease(p.url.clone(), handle, receive_count);
+    let receipt = acker.lease(url.clone(), handle, receive_count);
     let id = m.message_id.unwrap_or_default();
     let attributes = m.message_attributes.unwrap_or_default();
-    let topic = p
-        .settings
-        .topic_attribute
-        .as_ref()
+    let topic = topic_attribute
         .and_then(|name| attributes.get(name))
         .and_then(|v| v.string_value.clone())
         .filter(|t| !t.is_empty())
-        .unwrap_or_else(|| p.queue.name.clone());
+        .unwrap_or_else(|| queue.name.clone());
     let group = system
         .get(&MessageSystemAttributeName::MessageGroupId)
         .cloned();
@@ -297,9 +310,9 @@ fn convert(p: &Poller, m: aws_sdk_sqs::types::Message) -> Option<(Message, Recei
         topic,
         m.body.unwrap_or_default().into_bytes(),
         id.clone(),
-        format!("sqs://{}", p.queue.name),
+        format!("sqs://{}", queue.name),
     )
-    .with_coordinate("queue", &p.queue.url)
+    .with_coordinate("queue", &queue.url)
     .with_coordinate("message-id", &id)
     .with_coordinate("receive-count", receive_count)
     .with_prior_attempts(receive_count.saturating_sub(1));
@@ -312,7 +325,7 @@ fn convert(p: &Poller, m: aws_sdk_sqs::types::Message) -> Option<(Message, Recei
         message = message.with_time(SystemTime::now());
     }
     message.add_header(headers::MESSAGE_ID, &id);
-    message.add_header(headers::QUEUE_URL, &p.queue.url);
+    message.add_header(headers::QUEUE_URL, &queue.url);
     message.add_header(headers::RECEIVE_COUNT, &receive_count.to_string());
     if let Some(group) = group {
         message.add_header(headers::GROUP_ID, &group);
@@ -332,4 +345,146 @@ fn convert(p: &Poller, m: aws_sdk_sqs::types::Message) -> Option<(Message, Recei
         message.add_header(&format!("{}{name}", headers::ATTRIBUTE_PREFIX), value);
     }
     Some((message, receipt))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use aws_sdk_sqs::config::{BehaviorVersion, Region};
+    use aws_sdk_sqs::types::MessageAttributeValue;
+
+    use super::*;
+    use crate::acker::Acker;
+
+    fn acker() -> (Acker, AckerTasks) {
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .build();
+        Acker::start(
+            Client::from_conf(config),
+            Duration::from_secs(30),
+            false,
+            SqsMetrics::default(),
+        )
+    }
+
+    fn queue(name: &str) -> Queue {
+        Queue {
+            name: name.into(),
+            url: format!("http://127.0.0.1:4566/000000000000/{name}"),
+            fifo: name.ends_with(".fifo"),
+            redrive_policy: None,
+        }
+    }
+
+    fn string(v: &str) -> MessageAttributeValue {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .unwrap()
+    }
+
+    fn sqs_message(
+        group: Option<&str>,
+        attributes: &[(&str, &str)],
+    ) -> aws_sdk_sqs::types::Message {
+        let mut system = HashMap::from([
+            (
+                MessageSystemAttributeName::ApproximateReceiveCount,
+                "3".to_owned(),
+            ),
+            (
+                MessageSystemAttributeName::SentTimestamp,
+                "1700000000000".to_owned(),
+            ),
+        ]);
+        if let Some(group) = group {
+            system.insert(MessageSystemAttributeName::MessageGroupId, group.to_owned());
+        }
+        aws_sdk_sqs::types::Message::builder()
+            .message_id("m-1")
+            .receipt_handle("r-1")
+            .body("hello")
+            .set_attributes(Some(system))
+            .set_message_attributes(Some(
+                attributes
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), string(v)))
+                    .collect(),
+            ))
+            .build()
+    }
+
+    #[tokio::test]
+    async fn a_message_carries_its_coordinates_and_attributes() {
+        let (acker, _tasks) = acker();
+        let q = queue("orders.fifo");
+        let url: Arc<str> = Arc::from(q.url.as_str());
+        let m = sqs_message(
+            Some("g1"),
+            &[("tenant", "acme"), ("content-type", "application/json")],
+        );
+        let (message, receipt) = convert(&q, &url, None, &acker, m).unwrap();
+        assert_eq!(message.topic, "orders.fifo");
+        assert_eq!(message.id, "m-1");
+        assert_eq!(message.payload.as_ref(), b"hello");
+        assert_eq!(message.prior_attempts, 2);
+        assert_eq!(message.ordering_key.as_deref(), Some(&b"g1"[..]));
+        assert_eq!(
+            message.time,
+            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_000))
+        );
+        assert_eq!(
+            message.content_type.as_ref().map(|v| v.as_bytes()),
+            Some(&b"application/json"[..])
+        );
+        let h = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        assert_eq!(h("x-sqs-message-id").as_deref(), Some("m-1"));
+        assert_eq!(h("x-sqs-queue-url").as_deref(), Some(q.url.as_str()));
+        assert_eq!(h("x-sqs-receive-count").as_deref(), Some("3"));
+        assert_eq!(h("x-sqs-message-group-id").as_deref(), Some("g1"));
+        assert_eq!(h("x-sqs-attr-tenant").as_deref(), Some("acme"));
+        assert_eq!(receipt.handle, "r-1");
+        assert_eq!(receipt.receive_count, 3);
+    }
+
+    #[tokio::test]
+    async fn the_topic_attribute_routes_and_falls_back_to_the_queue() {
+        let (acker, _tasks) = acker();
+        let q = queue("inbox");
+        let url: Arc<str> = Arc::from(q.url.as_str());
+        let routed = sqs_message(None, &[("Topic", "billing")]);
+        let (message, _) = convert(&q, &url, Some("Topic"), &acker, routed).unwrap();
+        assert_eq!(message.topic, "billing");
+        assert!(message.ordering_key.is_none());
+        let plain = sqs_message(None, &[("Topic", "")]);
+        let (message, _) = convert(&q, &url, Some("Topic"), &acker, plain).unwrap();
+        assert_eq!(message.topic, "inbox");
+    }
+
+    #[test]
+    fn retry_delay_follows_the_backoff_within_sqs_limits() {
+        let backoff = Backoff {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+        };
+        assert_eq!(retry_delay(&backoff, 0), 1);
+        assert_eq!(retry_delay(&backoff, 1), 1);
+        assert_eq!(retry_delay(&backoff, 4), 4);
+        assert_eq!(retry_delay(&backoff, 30), 60);
+        let huge = Backoff {
+            initial: Duration::from_secs(3600),
+            max: Duration::from_secs(100_000),
+        };
+        assert_eq!(retry_delay(&huge, 10), 43_200);
+    }
 }
