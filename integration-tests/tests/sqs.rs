@@ -701,3 +701,49 @@ async fn sqs_stops_receiving_while_saturated() {
     assert!(eventually_async(WITHIN, || async { sqs.unacknowledged(&queue).await == 0 }).await);
     assert!(connector.terminate(WITHIN).await.success());
 }
+
+/// With its attempts used up and no dead-letter queue, a failed message is not deleted but
+/// given back to SQS after a backoff delay (ChangeMessageVisibility); SQS redelivers it,
+/// and the next receive succeeds.
+#[tokio::test]
+async fn sqs_failure_then_success_through_visibility_redelivery() {
+    let sqs = Sqs::new();
+    let queue = unique("redeliver");
+    sqs.create_queue(&queue).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("flaky-fn", &queue, |req, _| {
+        if req.header("x-sqs-receive-count").as_deref() == Some("1") {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    });
+    let (mut connector, _) = start(&gw, &queue, "max_attempts = 1", "").await;
+    sqs.produce(&queue, &[b"flaky".to_vec()]).await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            gw.requests_to("flaky-fn").len() == 2 && sqs.unacknowledged(&queue).await == 0
+        })
+        .await,
+        "not redelivered and deleted:\n{}",
+        connector.output()
+    );
+    let requests = gw.requests_to("flaky-fn");
+    assert_eq!(
+        requests[1].header("x-sqs-receive-count").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        requests[1].header("x-delivery-attempt").as_deref(),
+        Some("2")
+    );
+    assert!(
+        requests[1].at.duration_since(requests[0].at) >= Duration::from_secs(1),
+        "redelivered before the backoff delay"
+    );
+    assert!(
+        requests[1].at.duration_since(requests[0].at) < Duration::from_secs(4),
+        "waited for the visibility timeout instead of the backoff delay"
+    );
+    assert!(connector.terminate(WITHIN).await.success());
+}
