@@ -528,12 +528,13 @@ async fn dead_letter_carries_provenance() {
 }
 
 /// The dead-letter topic cannot be written: the partition holds at the failed record,
-/// is reported stalled, and nothing past it is committed.
+/// is reported stalled, and nothing past it is committed. Once the topic exists, the held
+/// record is delivered again, dead-lettered, and the partition flows again.
 #[tokio::test(flavor = "multi_thread")]
 async fn unwritable_dead_letter_topic_stalls_the_partition() {
     let k = Kafka::new();
     let topic = unique("stall");
-    k.create(&[&topic], 1).await; // no dead-letter topic: writes fail
+    k.create(&[&topic], 1).await; // no dead-letter topic yet: writes fail
     let gw = FakeGateway::start().await.unwrap();
     gw.function("stall-fn", &topic, |req, _| {
         if req.body.starts_with(b"bad") {
@@ -543,7 +544,8 @@ async fn unwritable_dead_letter_topic_stalls_the_partition() {
         }
     });
     let kafka = source_config(&k.brokers, &topic)
-        .replace("produce_timeout = \"5s\"", "produce_timeout = \"1s\"");
+        .replace("produce_timeout = \"5s\"", "produce_timeout = \"1s\"")
+        + "hold_retry_interval = \"2s\"\n";
     let (p, addr) = start(&gw, "", &kafka).await;
     for body in ["good-0", "good-1", "bad-2", "good-3", "good-4"] {
         k.send(&topic, Some(0), None, Some(body.as_bytes()), &[])
@@ -558,13 +560,13 @@ async fn unwritable_dead_letter_topic_stalls_the_partition() {
         "partition not reported stalled:\n{}",
         p.output()
     );
-    // The records before it are committed, the failed one and everything after are not.
+    // The records before it are committed, the failed one and everything after are not,
+    // and the connector's own lag reading agrees.
     assert!(
         eventually_async(WITHIN, || async { k.unacknowledged(&topic).await == 3 }).await,
         "committed offset is not at the held record: lag {}",
         k.unacknowledged(&topic).await
     );
-    // The connector's own lag reading agrees, and the committed offset has not moved.
     let lag = format!("connector_backlog_messages{{topic=\"{topic}\",partition=\"0\"}}");
     assert!(
         eventually_async(WITHIN, || async {
@@ -574,16 +576,112 @@ async fn unwritable_dead_letter_topic_stalls_the_partition() {
         "lag metric:\n{}",
         metrics_text(addr).await
     );
+    // Held retries keep failing while the topic is missing: never committed past.
+    assert!(
+        eventually(WITHIN, || gw
+            .requests_to("stall-fn")
+            .iter()
+            .filter(|r| r.body.starts_with(b"bad"))
+            .count()
+            >= 2)
+        .await,
+        "the held record was not delivered again:\n{}",
+        p.output()
+    );
     assert_eq!(
         k.unacknowledged(&topic).await,
         3,
         "committed past a held record"
     );
+
+    // The dead-letter topic appears: the partition recovers by itself.
+    k.create(&[&dead_of(&topic)], 1).await;
     assert!(
-        gw.requests_to("stall-fn")
-            .iter()
-            .any(|r| &r.body[..] == b"good-0"),
-        "records before the held one were delivered"
+        eventually_async(Duration::from_secs(60), || async {
+            k.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "the partition did not recover:\n{}",
+        p.output()
+    );
+    assert!(
+        eventually_async(WITHIN, || async {
+            metric(&metrics_text(addr).await, &stalled) == Some(0.0)
+        })
+        .await
+    );
+    let dead = k.read_all(&dead_of(&topic));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].payload, b"bad-2");
+}
+
+/// A replica joining takes partitions from a busy one: the revoked partitions' in-flight
+/// deliveries finish and are committed before the hand-over, so nothing is delivered
+/// twice and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn revoke_drains_in_flight_then_commits() {
+    let k = Kafka::new();
+    let topic = unique("revoke");
+    k.create(&[&topic, &dead_of(&topic)], PARTITIONS).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("revoke-fn", &topic, |_, _| {
+        Reply::ok().delay(Duration::from_millis(1000))
+    });
+    // Eager assignment: tansu 0.6 does not run the follow-up round of an incremental
+    // (cooperative) rebalance that would give the revoked partitions to the newcomer.
+    let kafka = source_config(&k.brokers, &topic)
+        + "[kafka.consumer_properties]\n\"partition.assignment.strategy\" = \"range\"\n";
+    let (a, _) = start(&gw, "", &kafka).await;
+    // 15 records per partition, one at a time per partition: A alone needs 15 s.
+    let n = 60;
+    for i in 0..n {
+        k.send(
+            &topic,
+            Some(i % PARTITIONS),
+            None,
+            Some(format!("r{i}").as_bytes()),
+            &[],
+        )
+        .await;
+    }
+    assert!(
+        eventually(WITHIN, || gw.requests_to("revoke-fn").len() >= 4).await,
+        "{}",
+        a.output()
+    );
+    let (b, _) = start(&gw, "", &kafka.replace("-group-a\"", "-group-b\"")).await;
+    let bodies = |gw: &FakeGateway| {
+        gw.requests_to("revoke-fn")
+            .into_iter()
+            .map(|r| r.body.to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || bodies(&gw)
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .len()
+            == n as usize)
+        .await,
+        "lost records:\nA:\n{}\nB:\n{}",
+        a.output(),
+        b.output()
+    );
+    assert!(eventually_async(WITHIN, || async { k.unacknowledged(&topic).await == 0 }).await);
+    let all = bodies(&gw);
+    let distinct: BTreeSet<_> = all.iter().cloned().collect();
+    assert_eq!(
+        all.len(),
+        distinct.len(),
+        "records delivered twice across the rebalance:\nA:\n{}\nB:\n{}",
+        a.output(),
+        b.output()
+    );
+    assert!(
+        b.output().contains("partitions assigned") && a.output().contains("partitions revoked"),
+        "no partition moved:\nA:\n{}\nB:\n{}",
+        a.output(),
+        b.output()
     );
 }
 

@@ -170,10 +170,16 @@ pub struct KafkaConfig {
     #[serde(with = "config::duration")]
     pub lag_interval: Duration,
     /// Most records of one partition handed to the dispatcher and not yet complete;
-    /// beyond it the partition is paused. `0` means only `max_inflight` bounds it. With
-    /// `ordering = "partition"` a small value keeps one slow partition from holding every
-    /// in-flight slot while its records wait in line. (default: `0`)
+    /// beyond it the partition is paused. `0` means automatic: `2` with
+    /// `ordering = "partition"` (one running, one ready; more would only wait in line,
+    /// hold in-flight slots other partitions could use, and lengthen the drain on
+    /// revoke), otherwise only `max_inflight` bounds it. (default: `0`)
     pub max_pending_per_partition: usize,
+    /// A partition holding at a record (failed for good, not dead-lettered) delivers that
+    /// record again after this long, so it recovers by itself once the dead-letter topic
+    /// is writable again; functions see the record again (same `ce-id`). (default: `"30s"`)
+    #[serde(with = "config::duration")]
+    pub hold_retry_interval: Duration,
     /// How long writing a dead letter or a reply may take (`message.timeout.ms` of the
     /// producer) before it counts as failed. (default: `"10s"`)
     #[serde(with = "config::duration")]
@@ -204,6 +210,7 @@ impl Default for KafkaConfig {
             commit_interval: Duration::from_secs(1),
             lag_interval: Duration::from_secs(10),
             max_pending_per_partition: 0,
+            hold_retry_interval: Duration::from_secs(30),
             produce_timeout: Duration::from_secs(10),
             properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
@@ -240,6 +247,17 @@ const FIXED_CONSUMER: &[(&str, &str)] = &[
 ];
 
 impl Config {
+    /// `max_pending_per_partition` in force (`0`: no per-partition bound).
+    pub fn effective_pending_per_partition(&self) -> usize {
+        match (
+            self.kafka.max_pending_per_partition,
+            self.connector.ordering,
+        ) {
+            (0, Ordering::Partition) => 2,
+            (n, _) => n,
+        }
+    }
+
     /// Cross-field checks, run before anything connects.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errors = match self.connector.validate() {
@@ -265,8 +283,26 @@ impl Config {
             ("dead_letter_topic", &k.dead_letter_topic),
             ("reply_topic", &k.reply_topic),
         ] {
-            if topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
-                fail(key, "must not be empty when set".to_owned());
+            if let Some(t) = topic
+                && !valid_topic_name(t)
+            {
+                fail(
+                    key,
+                    format!("{t:?} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"),
+                );
+            }
+        }
+        let mut topic_errors = Vec::new();
+        for t in &self.connector.topics {
+            if !valid_topic_name(t) {
+                topic_errors.push(ConfigError {
+                    key: "connector.topics".to_owned(),
+                    origin: "configuration".to_owned(),
+                    line: None,
+                    message: format!(
+                        "{t:?} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"
+                    ),
+                });
             }
         }
         let session = self.effective_session_timeout();
@@ -284,6 +320,7 @@ impl Config {
             ("commit_interval", k.commit_interval),
             ("lag_interval", k.lag_interval),
             ("produce_timeout", k.produce_timeout),
+            ("hold_retry_interval", k.hold_retry_interval),
         ] {
             if d.is_zero() {
                 fail(key, "must be above zero".to_owned());
@@ -304,6 +341,7 @@ impl Config {
                 }
             }
         }
+        errors.extend(topic_errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -367,6 +405,18 @@ impl Config {
         apply(&mut c, &k.producer_properties);
         c
     }
+}
+
+/// Whether `name` is a legal Kafka topic name: 1 to 249 of `[a-zA-Z0-9._-]`, not `.`
+/// or `..`.
+pub fn valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn millis(d: Duration) -> String {
@@ -464,6 +514,25 @@ mod tests {
             .properties
             .insert("session.timeout.ms".into(), PropertyValue::Integer(4000));
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn topic_names_are_checked() {
+        assert!(valid_topic_name("orders.v1_eu-west"));
+        assert!(!valid_topic_name("with space"));
+        assert!(!valid_topic_name(".."));
+        assert!(!valid_topic_name(""));
+        assert!(!valid_topic_name(&"x".repeat(250)));
+        let mut c = Config::default();
+        c.connector.topics = vec!["ok".into(), "not ok".into()];
+        c.kafka.dead_letter_topic = Some(String::new());
+        let errs = c.validate().unwrap_err();
+        let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["kafka.dead_letter_topic", "connector.topics"],
+            "{errs}"
+        );
     }
 
     #[test]

@@ -78,6 +78,11 @@ impl PartitionOffsets {
             .count()
     }
 
+    /// Whether `offset` is not complete yet.
+    pub fn is_pending(&self, offset: i64) -> bool {
+        self.pending.contains_key(&offset)
+    }
+
     /// One past the last offset received.
     pub fn next(&self) -> Option<i64> {
         self.next
@@ -155,6 +160,29 @@ impl Watermarks {
                 true
             }
         }
+    }
+
+    /// A held record is delivered again: in flight once more. Returns whether it was
+    /// held.
+    pub fn retry(&mut self, tp: &TopicPartition, offset: i64) -> bool {
+        match self
+            .partitions
+            .get_mut(tp)
+            .and_then(|p| p.pending.get_mut(&offset))
+        {
+            Some(state) if *state == Pending::Held => {
+                *state = Pending::InFlight;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a record of `tp` is held.
+    pub fn is_held(&self, tp: &TopicPartition) -> bool {
+        self.partitions
+            .get(tp)
+            .is_some_and(PartitionOffsets::is_held)
     }
 
     /// Commit points that moved past what was last committed, marked as committed.
@@ -271,6 +299,13 @@ mod tests {
         w.received(&tp(), 5);
         w.settle(&tp(), 5, Settled::Ack);
         assert!(w.take_commits().is_empty());
+        // Delivered again, then dead-lettered: the partition moves on.
+        assert!(w.retry(&tp(), 1));
+        assert!(!w.is_held(&tp()));
+        assert!(w.take_commits().is_empty(), "in flight again");
+        w.settle(&tp(), 1, Settled::Ack);
+        assert_eq!(w.take_commits(), [(tp(), 6)]);
+        assert!(!w.retry(&tp(), 1));
     }
 
     #[test]

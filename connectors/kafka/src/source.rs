@@ -52,7 +52,7 @@ use rdkafka::{ClientContext, TopicPartitionList as Tpl};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, InitialOffset};
+use crate::config::{Config, InitialOffset, valid_topic_name};
 use crate::dead_letter::Originals;
 use crate::error::Error;
 use crate::metrics::KafkaMetrics;
@@ -84,6 +84,8 @@ struct State {
     submitted: HashMap<TopicPartition, usize>,
     /// Partitions that started holding since the loop last looked.
     newly_held: Vec<TopicPartition>,
+    /// The held records, to deliver again after `hold_retry_interval`.
+    held: HashMap<TopicPartition, Vec<Arc<Record>>>,
     /// Partitions revoked since the loop last looked.
     revoked: Vec<TopicPartition>,
 }
@@ -101,11 +103,13 @@ impl Shared {
     }
 
     /// Records the outcome of one record and wakes whoever waits for it.
-    fn settle(&self, tp: &TopicPartition, offset: i64, settled: Settled) {
+    fn settle(&self, record: &Arc<Record>, settled: Settled) {
+        let tp = &record.tp;
         {
             let mut s = self.lock();
-            if s.marks.settle(tp, offset, settled) && settled == Settled::Hold {
+            if s.marks.settle(tp, record.offset, settled) && settled == Settled::Hold {
                 s.newly_held.push(tp.clone());
+                s.held.entry(tp.clone()).or_default().push(record.clone());
             }
             if let Some(n) = s.submitted.get_mut(tp) {
                 *n = n.saturating_sub(1);
@@ -165,6 +169,7 @@ impl ConnectorContext {
         {
             let mut s = self.shared.lock();
             for tp in &revoked {
+                s.held.remove(tp);
                 if let Some(parked) = s.parked.remove(tp) {
                     let offsets: Vec<i64> = parked.iter().map(|r| r.offset).collect();
                     s.marks.release_in_flight(tp, &offsets);
@@ -250,10 +255,17 @@ impl ConsumerContext for ConnectorContext {
 
     fn post_rebalance(
         &self,
-        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // A partition paused before it was revoked (or lost) can come back still
+            // paused; our bookkeeping starts afresh, so librdkafka's must too.
+            if tpl.count() > 0
+                && let Err(e) = consumer.resume(tpl)
+            {
+                tracing::warn!(error = %e, "resuming newly assigned partitions failed");
+            }
             let assigned = partitions(tpl);
             self.metrics.rebalance("assign");
             tracing::info!(partitions = %list(&assigned), "partitions assigned");
@@ -344,8 +356,11 @@ struct Poller {
     per_partition: usize,
     /// Paused for backpressure.
     paused: HashSet<TopicPartition>,
-    /// Paused because a record holds.
-    holding: HashSet<TopicPartition>,
+    /// Paused because a record holds, with when to deliver the held records again.
+    holding: HashMap<TopicPartition, Instant>,
+    /// Held records delivered again and not yet complete.
+    retrying: HashMap<TopicPartition, Vec<i64>>,
+    hold_retry: Duration,
     subscription: Vec<String>,
 }
 
@@ -360,13 +375,15 @@ pub async fn run(ctx: SourceContext, config: &Config, parts: Parts) -> Result<()
         replies: parts.replies,
         group: config.kafka.group.clone(),
         ordering: ctx.config.ordering,
-        per_partition: config.kafka.max_pending_per_partition,
+        per_partition: config.effective_pending_per_partition(),
         paused: HashSet::new(),
-        holding: HashSet::new(),
+        holding: HashMap::new(),
+        retrying: HashMap::new(),
+        hold_retry: config.kafka.hold_retry_interval,
         subscription: Vec::new(),
         ctx,
     };
-    poller.resubscribe()?;
+    poller.resubscribe();
     let probe_stop = CancellationToken::new();
     let probe = tokio::spawn(probe(
         poller.consumer.clone(),
@@ -376,15 +393,15 @@ pub async fn run(ctx: SourceContext, config: &Config, parts: Parts) -> Result<()
         config.kafka.initial_offset,
         probe_stop.clone(),
     ));
-    let result = poller.poll(config.kafka.commit_interval).await;
+    poller.poll(config.kafka.commit_interval).await;
     poller.shut_down().await;
     probe_stop.cancel();
     let _ = probe.await;
-    result
+    Ok(())
 }
 
 impl Poller {
-    async fn poll(&mut self, commit_interval: Duration) -> Result<(), Error> {
+    async fn poll(&mut self, commit_interval: Duration) {
         let follow = self.ctx.topics_follow_map();
         let mut topics = self.ctx.topics.subscribe();
         let mut commit = tokio::time::interval(commit_interval);
@@ -394,16 +411,20 @@ impl Poller {
         let shared = self.shared.clone();
         loop {
             self.step().await;
+            let retry_at = self.holding.values().min().copied();
+            // `step` above already applied every completion; the wake-up only matters
+            // when nothing else is ready, so it comes last and cannot starve commits or
+            // polling under a stream of completions.
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return Ok(()),
-                () = shared.wake.notified() => {}
+                () = shutdown.cancelled() => return,
                 _ = commit.tick() => self.commit_async(),
                 changed = topics.changed(), if follow => {
                     if changed.is_ok() {
-                        self.resubscribe()?;
+                        self.resubscribe();
                     }
                 }
+                () = sleep_until(retry_at), if retry_at.is_some() => {}
                 received = consumer.recv() => match received {
                     Ok(m) => {
                         let record = Record::from_borrowed(&m);
@@ -412,6 +433,7 @@ impl Poller {
                     }
                     Err(e) => self.consume_error(&e),
                 },
+                () = shared.wake.notified() => {}
             }
         }
     }
@@ -427,29 +449,43 @@ impl Poller {
         }
     }
 
-    /// Subscribes to the wanted topics if they changed.
-    fn resubscribe(&mut self) -> Result<(), Error> {
-        let mut wanted = self.ctx.wanted_topics();
+    /// Subscribes to the wanted topics if they changed. A topic from an annotation that
+    /// is not a legal Kafka name is skipped with a warning; a failed subscription keeps
+    /// the previous one and is tried again at the next change of the topic map.
+    fn resubscribe(&mut self) {
+        let mut wanted: Vec<String> = self
+            .ctx
+            .wanted_topics()
+            .into_iter()
+            .filter(|t| {
+                let ok = valid_topic_name(t);
+                if !ok {
+                    tracing::warn!(topic = %t, "not a Kafka topic name: not consumed");
+                }
+                ok
+            })
+            .collect();
         wanted.sort();
         wanted.dedup();
         if wanted == self.subscription {
-            return Ok(());
+            return;
         }
         if wanted.is_empty() {
             tracing::info!("no topics to consume: unsubscribing");
             self.consumer.unsubscribe();
         } else {
             let names: Vec<&str> = wanted.iter().map(String::as_str).collect();
-            self.consumer
-                .subscribe(&names)
-                .map_err(|source| Error::Subscribe {
-                    topics: wanted.clone(),
-                    source,
-                })?;
+            if let Err(e) = self.consumer.subscribe(&names) {
+                let e = Error::Subscribe {
+                    topics: wanted,
+                    source: e,
+                };
+                tracing::error!(error = %e, "keeping the previous subscription");
+                return;
+            }
             tracing::info!(topics = ?wanted, "subscribed");
         }
         self.subscription = wanted;
-        Ok(())
     }
 
     async fn received(&mut self, record: Record) {
@@ -461,7 +497,7 @@ impl Poller {
                 tracing::debug!(partition = %tp, offset = record.offset, "record skipped: not assigned or already seen");
                 return;
             }
-            if self.holding.contains(&tp) || s.parked.get(&tp).is_some_and(|q| !q.is_empty()) {
+            if self.holding.contains_key(&tp) || s.parked.get(&tp).is_some_and(|q| !q.is_empty()) {
                 s.parked.entry(tp.clone()).or_default().push_back(record);
                 return;
             }
@@ -548,7 +584,7 @@ impl Poller {
             if settled == Settled::Hold {
                 tracing::error!(partition = %record.tp, offset = record.offset, "record holds its partition: nothing past it is committed");
             }
-            shared.settle(&record.tp, record.offset, settled);
+            shared.settle(&record, settled);
         });
         Ok(())
     }
@@ -565,19 +601,24 @@ impl Poller {
         for tp in revoked {
             self.paused.remove(&tp);
             self.holding.remove(&tp);
+            self.retrying.remove(&tp);
         }
+        self.metrics.set_paused(self.paused.len());
         for tp in held {
-            if self.holding.insert(tp.clone()) {
+            if !self.holding.contains_key(&tp) {
+                self.holding
+                    .insert(tp.clone(), Instant::now() + self.hold_retry);
                 self.pause(&tp);
                 self.ctx
                     .metrics
                     .set_stalled(&tp.topic, &tp.partition.to_string(), true);
             }
         }
+        self.retry_held().await;
         let waiting: Vec<TopicPartition> = self
             .paused
             .iter()
-            .filter(|tp| !self.holding.contains(*tp))
+            .filter(|tp| !self.holding.contains_key(*tp))
             .cloned()
             .collect();
         for tp in waiting {
@@ -602,6 +643,75 @@ impl Poller {
                     break;
                 }
             }
+        }
+    }
+
+    /// Delivers held records again when their time came; ends the hold of partitions
+    /// whose held records all completed.
+    async fn retry_held(&mut self) {
+        let now = Instant::now();
+        let partitions: Vec<(TopicPartition, Instant)> = self
+            .holding
+            .iter()
+            .map(|(tp, at)| (tp.clone(), *at))
+            .collect();
+        for (tp, at) in partitions {
+            let (still_held, waiting, retrying) = {
+                let s = self.shared.lock();
+                let retrying = self.retrying.get(&tp).is_some_and(|offsets| {
+                    s.marks
+                        .get(&tp)
+                        .is_some_and(|p| offsets.iter().any(|o| p.is_pending(*o)))
+                });
+                (
+                    s.marks.is_held(&tp),
+                    s.held.get(&tp).is_some_and(|h| !h.is_empty()),
+                    retrying,
+                )
+            };
+            if !still_held && !waiting && !retrying {
+                // The held records were delivered again and completed: flow again, parked
+                // records first.
+                self.retrying.remove(&tp);
+                tracing::info!(partition = %tp, "partition no longer holds");
+                self.holding.remove(&tp);
+                self.ctx
+                    .metrics
+                    .set_stalled(&tp.topic, &tp.partition.to_string(), false);
+                continue;
+            }
+            if at > now || !waiting {
+                continue;
+            }
+            let records = self.shared.lock().held.remove(&tp).unwrap_or_default();
+            tracing::info!(partition = %tp, records = records.len(), "delivering held records again");
+            let mut left = Vec::new();
+            let mut retried = Vec::new();
+            for record in records {
+                if !self.shared.lock().marks.retry(&tp, record.offset) {
+                    continue;
+                }
+                let offset = record.offset;
+                if let Err(record) = self.try_submit(record).await {
+                    self.shared
+                        .lock()
+                        .marks
+                        .settle(&tp, record.offset, Settled::Hold);
+                    left.push(record);
+                } else {
+                    retried.push(offset);
+                }
+            }
+            self.retrying.insert(tp.clone(), retried);
+            if !left.is_empty() {
+                self.shared
+                    .lock()
+                    .held
+                    .entry(tp.clone())
+                    .or_default()
+                    .extend(left);
+            }
+            self.holding.insert(tp, now + self.hold_retry);
         }
     }
 
@@ -683,6 +793,14 @@ impl Poller {
     }
 }
 
+/// Sleeps until `at` (forever when `None`; the branch is disabled then).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Probes the brokers for `/readyz` and measures lag, until `stop`.
 async fn probe(
     consumer: Arc<KafkaConsumer>,
@@ -699,7 +817,7 @@ async fn probe(
     .attempts();
     loop {
         let c = consumer.clone();
-        let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let timeout = interval.clamp(Duration::from_secs(5), Duration::from_secs(10));
         let measured = tokio::task::spawn_blocking(move || measure(&c, timeout, initial)).await;
         let delay = match measured {
             Ok(Ok(lags)) => {
