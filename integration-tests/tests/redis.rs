@@ -128,6 +128,19 @@ impl Streams {
         (pending, lag)
     }
 
+    /// The group's consumers on `topic`.
+    async fn consumers(&self, topic: &str) -> Vec<String> {
+        let mut c = self.conn().await;
+        let reply: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(topic)
+            .arg(&self.group)
+            .query_async(&mut c)
+            .await
+            .unwrap_or(Value::Nil);
+        redis_consumers(&reply)
+    }
+
     /// Every field of every dead-letter entry of `topic`.
     async fn dead_letter_entries(&self, topic: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
         let mut c = self.conn().await;
@@ -266,7 +279,6 @@ metrics_addr = "{metrics_addr}"
 rebuild_interval = "300ms"
 upstream_timeout = "10s"
 max_attempts = 3
-drain_timeout = "10s"
 {connector}
 
 [connector.backoff]
@@ -418,6 +430,59 @@ async fn entries_of_a_killed_replica_are_claimed_by_another() {
     }
     assert_eq!(ids.len(), sent.len());
     assert!(ids.values().all(|s| s.len() == 1), "ce-id changed: {ids:?}");
+    // The dead replica, holding nothing now, is removed from the group after twice
+    // claim_idle; the survivor stays.
+    assert!(
+        eventually_async(WITHIN, || async { fx.consumers(&topic).await.len() == 1 }).await,
+        "the dead consumer was not removed: {:?}",
+        fx.consumers(&topic).await
+    );
+}
+
+/// SIGTERM with invocations that outlast `drain_timeout`: the process exits 0 and gives its
+/// entries back to the group (idle time set to `claim_idle`), so another replica claims
+/// them at once instead of after `claim_idle`.
+#[tokio::test]
+async fn entries_cut_short_by_shutdown_are_released_to_the_group() {
+    let mut fx = Streams::new();
+    fx.claim_idle = "30s".to_owned();
+    let topic = unique("release");
+    fx.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("release-fn", &topic, |_, call| {
+        // The first replica's invocations hang past its drain deadline.
+        Reply::ok().delay(if call < 3 {
+            Duration::from_secs(20)
+        } else {
+            Duration::ZERO
+        })
+    });
+    let source = fx.source_config(&topic);
+    let mut first =
+        Connector::start(&gw, "max_inflight = 3\ndrain_timeout = \"500ms\"", &source).await;
+    fx.produce(&topic, &payloads("release", 3)).await;
+    assert!(eventually(WITHIN, || gw.requests_to("release-fn").len() == 3).await);
+    let status = first.process.terminate(WITHIN).await;
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(
+        fx.backlog(&topic).await.0,
+        3,
+        "released entries stay pending"
+    );
+    let _second = Connector::start(&gw, "", &source).await;
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            fx.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "released entries were not claimed at once: {:?}",
+        fx.backlog(&topic).await
+    );
+    let again: BTreeSet<Vec<u8>> = gw.requests_to("release-fn")[3..]
+        .iter()
+        .map(|r| r.body.to_vec())
+        .collect();
+    assert_eq!(again, payloads("release", 3).into_iter().collect());
 }
 
 /// With a stable consumer name, a restarted replica re-reads its own pending entries at
@@ -1052,4 +1117,22 @@ async fn key_ordering_serialises_each_key() {
         apart < Duration::from_millis(140),
         "different keys did not run in parallel"
     );
+}
+
+fn redis_consumers(reply: &Value) -> Vec<String> {
+    let Value::Array(consumers) = reply else {
+        return Vec::new();
+    };
+    consumers
+        .iter()
+        .filter_map(|c| match c {
+            Value::Array(flat) => flat.chunks(2).find_map(|kv| match kv {
+                [Value::BulkString(k), Value::BulkString(v)] if k == b"name" => {
+                    Some(String::from_utf8_lossy(v).into_owned())
+                }
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect()
 }

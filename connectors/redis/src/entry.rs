@@ -243,6 +243,38 @@ pub fn parse_group_lag(v: &Value, group: &str) -> Option<u64> {
     })
 }
 
+/// The consumers in an XINFO CONSUMERS reply: name, pending entries, idle milliseconds.
+pub fn parse_consumers(v: &Value) -> Vec<(String, u64, u64)> {
+    let Value::Array(consumers) = v else {
+        return Vec::new();
+    };
+    consumers
+        .iter()
+        .filter_map(|c| {
+            let pairs: Vec<(String, &Value)> = match c {
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|kv| match kv {
+                        [k, v] => Some((text(k)?, v)),
+                        _ => None,
+                    })
+                    .collect(),
+                Value::Map(pairs) => pairs
+                    .iter()
+                    .filter_map(|(k, v)| Some((text(k)?, v)))
+                    .collect(),
+                _ => return None,
+            };
+            let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+            Some((
+                text(get("name")?)?,
+                int(get("pending")?)?,
+                int(get("idle")?)?,
+            ))
+        })
+        .collect()
+}
+
 /// The time part of an entry id (`<ms>-<seq>`), as a time.
 pub fn entry_time(id: &str) -> Option<SystemTime> {
     let ms: u64 = id.split('-').next()?.parse().ok()?;
@@ -520,6 +552,25 @@ mod tests {
             Value::Nil,
         ])]);
         assert_eq!(parse_group_lag(&unknown, "g"), None);
+    }
+
+    #[test]
+    fn consumers_from_xinfo() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("name"),
+            bulk("host-1a2b"),
+            bulk("pending"),
+            Value::Int(2),
+            bulk("idle"),
+            Value::Int(83_000),
+            bulk("inactive"),
+            Value::Int(83_000),
+        ])]);
+        assert_eq!(
+            parse_consumers(&reply),
+            [("host-1a2b".to_owned(), 2, 83_000)]
+        );
+        assert!(parse_consumers(&Value::Nil).is_empty());
     }
 
     #[test]

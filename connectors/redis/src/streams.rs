@@ -878,6 +878,46 @@ async fn claimer(
             if let Err(rest) = claim_stream(&shared, &mut conn, &stream, &tx, &stop).await {
                 return rest;
             }
+            prune_consumers(&shared, &mut conn, &stream).await;
+        }
+    }
+}
+
+/// Removes consumers of the group that hold nothing and have not read for twice
+/// `claim_idle`: replicas that died (a generated consumer name is new each start, so
+/// without this the group collects one name per crash). A live consumer reads at least
+/// every `block`, shorter than `claim_idle`; and one removed anyway is recreated by its
+/// next read, having nothing pending to lose.
+async fn prune_consumers(shared: &Shared, conn: &mut ConnectionManager, stream: &str) {
+    let s = &shared.settings;
+    let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(&s.group)
+        .query_async(conn)
+        .await;
+    let Ok(reply) = reply else {
+        return;
+    };
+    let limit = u64::try_from((s.claim_idle * 2).as_millis()).unwrap_or(u64::MAX);
+    for (name, pending, idle) in entry::parse_consumers(&reply) {
+        if name == s.consumer || pending > 0 || idle < limit {
+            continue;
+        }
+        let deleted: redis::RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(stream)
+            .arg(&s.group)
+            .arg(&name)
+            .query_async(conn)
+            .await;
+        match deleted {
+            Ok(_) => {
+                tracing::info!(stream, consumer = %name, "removed an idle consumer with nothing pending")
+            }
+            Err(e) => {
+                tracing::debug!(stream, consumer = %name, error = %e, "removing an idle consumer failed")
+            }
         }
     }
 }
