@@ -8,6 +8,17 @@
 //! `X-SQS-Attr-<name>` per String or Number message attribute. Retries of a message
 //! continue across receives: `X-Delivery-Attempt` starts from its receive count.
 //!
+//! Retries: the SDK retries a failed delivery in process, with backoff, while the
+//! heartbeat keeps the message invisible; if the connector dies meanwhile, SQS redelivers
+//! it one visibility timeout after the last renewal. A message whose attempts are used up
+//! and that cannot be dead-lettered is made visible again after a backoff delay
+//! (ChangeMessageVisibility), so SQS redelivers it and the queue's redrive policy counts
+//! the receive.
+//!
+//! Known limit: on a FIFO queue, when a message is held (attempts used up, no dead-letter
+//! queue), later messages of its group that arrived in the same receive still go ahead:
+//! the SDK's key lane does not stop behind a message that was not acknowledged.
+//!
 //! Modules: [`config`] (`[sqs]`), [`queue`] (client, queue resolution, depth),
 //! [`source`] (pollers, settle), [`acker`] (batched deletes, visibility changes,
 //! heartbeat), [`dead_letter`] (the explicit dead-letter queue), [`metrics`]
