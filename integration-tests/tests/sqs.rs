@@ -747,3 +747,54 @@ async fn sqs_failure_then_success_through_visibility_redelivery() {
     );
     assert!(connector.terminate(WITHIN).await.success());
 }
+
+/// A dead letter in the explicit dead-letter queue carries its provenance as message
+/// attributes, and the original is deleted only after it was written.
+#[tokio::test]
+async fn sqs_dead_letter_carries_provenance_attributes() {
+    let sqs = Sqs::new();
+    let queue = unique("provenance");
+    sqs.create_topic(&queue).await;
+    let dlq_url = sqs.url(&format!("{queue}-dlq")).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("picky-fn", &queue, |_, _| {
+        Reply::status(422).body(b"missing field")
+    });
+    let (mut connector, _) = start(
+        &gw,
+        &queue,
+        "",
+        &format!("dead_letter_queue = \"{queue}-dlq\""),
+    )
+    .await;
+    sqs.produce(&queue, &[b"bad".to_vec()]).await;
+    assert!(
+        eventually_async(WITHIN, || async { !sqs.peek(&dlq_url).await.is_empty() }).await,
+        "{}",
+        connector.output()
+    );
+    let letter = sqs.peek(&dlq_url).await.remove(0);
+    assert_eq!(letter.body.as_deref(), Some("bad"));
+    let attributes = letter.message_attributes.unwrap_or_default();
+    let attr = |name: &str| {
+        attributes
+            .get(name)
+            .and_then(|v| v.string_value.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(attr("x-dead-letter-function"), "picky-fn");
+    assert_eq!(attr("x-dead-letter-reason"), "rejected");
+    assert_eq!(attr("x-dead-letter-status"), "422");
+    assert_eq!(attr("x-dead-letter-attempts"), "1");
+    assert_eq!(attr("x-dead-letter-topic"), queue);
+    assert!(attr("x-dead-letter-source-queue").ends_with(&queue));
+    let provenance: serde_json::Value =
+        serde_json::from_str(&attr("x-dead-letter-provenance")).unwrap();
+    assert_eq!(provenance["x-dead-letter-response"], "missing field");
+    assert_eq!(
+        provenance["x-dead-letter-id"],
+        gw.requests_to("picky-fn")[0].header("ce-id").unwrap()
+    );
+    assert!(eventually_async(WITHIN, || async { sqs.unacknowledged(&queue).await == 0 }).await);
+    assert!(connector.terminate(WITHIN).await.success());
+}
