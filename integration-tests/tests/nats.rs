@@ -292,13 +292,24 @@ async fn core_delivery_with_headers() {
 
 #[tokio::test]
 async fn wildcard_annotations_match_as_nats_does_each_once() {
+    wildcards("").await;
+}
+
+/// Without a queue group every overlapping subscription gets its own copy: still once.
+#[tokio::test]
+async fn wildcards_without_a_queue_group_each_once() {
+    wildcards("queue_group = \"\"\n").await;
+}
+
+async fn wildcards(nats_extra: &str) {
     let p = unique("wild");
     let gw = FakeGateway::start().await.unwrap();
     gw.function("exact", &format!("{p}.a"), |_, _| Reply::ok());
     gw.function("star", &format!("{p}.*"), |_, _| Reply::ok());
     gw.function("tail", &format!("{p}.>"), |_, _| Reply::ok());
     gw.function("other", "unrelated.subject", |_, _| Reply::ok());
-    let connector = start(&config(&gw, free_addr(), "", &core_section(&nats_url()))).await;
+    let section = format!("{}{nats_extra}", core_section(&nats_url()));
+    let connector = start(&config(&gw, free_addr(), "", &section)).await;
     let nats = client(&nats_url()).await;
     let a = format!("{p}.a");
     let deep = format!("{p}.x.y");
@@ -325,8 +336,16 @@ async fn wildcard_annotations_match_as_nats_does_each_once() {
     };
     assert!(
         eventually(WITHIN, || sorted("tail").len() >= 3).await,
-        "{}",
-        connector.output()
+        "tail got {:?}, star {:?}, all {:?}",
+        sorted("tail"),
+        sorted("star"),
+        gw.requests()
+            .iter()
+            .map(|r| (
+                r.function.clone(),
+                String::from_utf8_lossy(&r.body).into_owned()
+            ))
+            .collect::<Vec<_>>()
     );
     // Everything queued is delivered within the same poll; give stragglers a moment to
     // show up as duplicates before asserting exact counts.
@@ -939,4 +958,139 @@ async fn token_user_password_and_nkey_authentication() {
         .await
         .unwrap();
     delivers_with_auth(&server, &format!("nkey = \"{seed}\""), publisher).await;
+}
+
+/// A CA and a server certificate for 127.0.0.1 in `dir` (openssl); returns the CA file.
+fn make_certificates(dir: &std::path::Path) -> PathBuf {
+    let run = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl is installed")
+            .success();
+        assert!(ok, "openssl {args:?} failed");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    dir.join("ca.crt")
+}
+
+#[tokio::test]
+async fn tls_with_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_certificates(certs.path());
+    let cert = certs.path().join("server.crt");
+    let key = certs.path().join("server.key");
+    let mut server = OwnServer::with_args(&[
+        "--tls",
+        "--tlscert",
+        cert.to_str().unwrap(),
+        "--tlskey",
+        key.to_str().unwrap(),
+    ]);
+    server.start();
+    let url = format!("tls://127.0.0.1:{}", server.port);
+    let publisher = async_nats::ConnectOptions::new()
+        .add_root_certificates(ca.clone())
+        .require_tls(true)
+        .retry_on_initial_connect()
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    let subject = unique("tls");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("secure", &subject, |_, _| Reply::ok());
+    let section = format!(
+        "{}tls_required = true\ntls_ca_file = \"{}\"\n",
+        core_section(&url),
+        ca.display()
+    );
+    let connector = start(&config(&gw, free_addr(), "", &section)).await;
+    assert!(
+        until_subscribed(&publisher, &subject, || !gw
+            .requests_to("secure")
+            .is_empty())
+        .await,
+        "{}",
+        connector.output()
+    );
+}
+
+#[tokio::test]
+async fn jetstream_consumers_follow_the_topic_map() {
+    let p = unique("follow");
+    let fixture = JetStream::new().await;
+    let stream = stream_name(&p);
+    fixture.create_stream(&stream, vec![format!("{p}.>")]).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("first", &format!("{p}.a"), |_, _| Reply::ok());
+    let nats_section = format!(
+        "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{stream}\"\nconsumer = \"{CONSUMER}\"\n",
+        nats_url()
+    );
+    let connector = start(&config(&gw, free_addr(), "", &nats_section)).await;
+    // Stored before any function wants it: picked up once one does.
+    let later = format!("{p}.b");
+    fixture
+        .js
+        .publish(later.clone(), "waiting".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    fixture.produce(&format!("{p}.a"), &[b"now".to_vec()]).await;
+    assert!(eventually(WITHIN, || gw.requests_to("first").len() == 1).await);
+    gw.function("second", &later, |_, _| Reply::ok());
+    assert!(
+        eventually(WITHIN, || gw.requests_to("second").len() == 1).await,
+        "a function added later got nothing:\n{}",
+        connector.output()
+    );
+    assert_eq!(&gw.requests_to("second")[0].body[..], b"waiting");
 }

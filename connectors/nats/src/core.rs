@@ -50,6 +50,7 @@ pub struct CoreSource {
     ctx: SourceContext,
     source: String,
     reply: bool,
+    grouped: bool,
     connect_timeout: std::time::Duration,
 }
 
@@ -58,6 +59,7 @@ impl CoreSource {
     pub fn new(config: &Config, connection: Connection, ctx: SourceContext) -> Self {
         let client = connection.client.clone();
         let group = Some(config.nats.queue_group.clone()).filter(|g| !g.is_empty());
+        let grouped = group.is_some();
         let capacity = config.connector.max_inflight.max(PULL_BATCH);
         let start: crate::subscriptions::Starter<async_nats::Message> =
             Box::new(move |pattern, tx, token| {
@@ -75,6 +77,7 @@ impl CoreSource {
             changes,
             ctx,
             reply: config.nats.reply,
+            grouped,
             connect_timeout: config.nats.connect_timeout,
         }
     }
@@ -82,8 +85,11 @@ impl CoreSource {
     fn accept(&self, event: Event<async_nats::Message>) -> Option<(Message, CoreAck)> {
         match event {
             Event::Message { pattern, item } => {
-                if !self.subscriptions.owns(&pattern, item.subject.as_str()) {
-                    // Another (overlapping) subscription of ours delivers this one.
+                // In a queue group the server hands a message to one member of the group
+                // across all matching subscriptions (groups are by name, not subject), so
+                // every copy that arrives is the only one. Without a group each
+                // overlapping subscription gets a copy, and only the owner's is delivered.
+                if !self.grouped && !self.subscriptions.owns(&pattern, item.subject.as_str()) {
                     return None;
                 }
                 let message = message::core(&item, &self.source);

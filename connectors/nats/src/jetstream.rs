@@ -24,6 +24,11 @@
 //! attempts (`X-Delivery-Attempt`, `max_attempts`) across redeliveries and restarts.
 //! Backpressure: `max_inflight` in this process, `max_ack_pending` per consumer on the
 //! server.
+//!
+//! Order: with `connector.ordering = "key"` the key is the subject, so messages of one
+//! subject are delivered one after another in stream order (retries inside this process
+//! keep the subject waiting); a message that is nakked (held) or released is redelivered
+//! by the server after later ones.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -346,9 +351,11 @@ impl Source for JetStreamSource {
             .await
             .map_err(SourceError::transient)?;
         // Acks are fire-and-forget; one request on the same connection returns only after
-        // the server has read everything sent before it, acks included.
-        jetstream::new(self.connection.client.clone())
-            .query_account()
+        // the server has read everything sent before it, acks included. The answer itself
+        // is not read (its shape differs between server versions).
+        self.connection
+            .client
+            .request("$JS.API.INFO", bytes::Bytes::new())
             .await
             .map(|_| ())
             .map_err(SourceError::transient)

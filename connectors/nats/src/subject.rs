@@ -7,11 +7,13 @@
 //! `orders.>` and `>`, each once.
 //!
 //! Subscriptions (core) and consumers (JetStream) follow the topic map's patterns, which
-//! may overlap (`orders.*` and `orders.eu`): the server then hands the same message to
-//! both. The [`owner`] of a subject is the smallest pattern (in byte order) among those
-//! subscribed that match it; only the owner's copy is delivered, the others are skipped
-//! (JetStream: acknowledged). Every replica computes the same owner, so each message is
-//! delivered once however the patterns overlap.
+//! may overlap (`orders.*` and `orders.eu`). Core queue subscriptions need nothing more:
+//! the server gives a message to one member of a queue group across every matching
+//! subscription with that group name. But plain subscriptions and JetStream consumers
+//! each get their own copy. The [`owner`] of a subject is the smallest pattern (in byte
+//! order) among those subscribed that match it; only the owner's copy is delivered, the
+//! others are skipped (JetStream: acknowledged). Every replica computes the same owner,
+//! so each message is delivered once however the patterns overlap.
 
 use std::sync::Arc;
 
