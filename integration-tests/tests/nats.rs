@@ -1094,3 +1094,36 @@ async fn jetstream_consumers_follow_the_topic_map() {
     );
     assert_eq!(&gw.requests_to("second")[0].body[..], b"waiting");
 }
+
+#[tokio::test]
+async fn a_function_topic_outside_the_stream_does_not_make_the_connector_unready() {
+    let p = unique("outside");
+    let fixture = JetStream::new().await;
+    let stream = stream_name(&p);
+    fixture.create_stream(&stream, vec![format!("{p}.>")]).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("inside", &format!("{p}.a"), |_, _| Reply::ok());
+    gw.function("elsewhere", &format!("kafka-topic-{p}"), |_, _| Reply::ok());
+    let nats_section = format!(
+        "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{stream}\"\nconsumer = \"{CONSUMER}\"\n",
+        nats_url()
+    );
+    let metrics_addr = free_addr();
+    let connector = start(&config(&gw, metrics_addr, "", &nats_section)).await;
+    assert!(
+        eventually(WITHIN, || connector
+            .output()
+            .contains("the stream captures no message on this subject"))
+        .await,
+        "{}",
+        connector.output()
+    );
+    fixture.produce(&format!("{p}.a"), &[b"in".to_vec()]).await;
+    assert!(eventually(WITHIN, || gw.requests_to("inside").len() == 1).await);
+    assert_eq!(
+        http_get(metrics_addr, "/readyz").await.map(|(s, _)| s),
+        Some(200),
+        "{}",
+        connector.output()
+    );
+}

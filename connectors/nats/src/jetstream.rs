@@ -404,6 +404,21 @@ impl Drop for MetricsGuard {
     }
 }
 
+/// Why consuming one pattern stopped.
+enum ConsumeError {
+    /// Worth retrying with backoff.
+    Failed(String),
+    /// The stream captures no subject the pattern can match: nothing to consume, ever
+    /// (a function topic meant for another source). Not a failure of the connector.
+    NotInStream(String),
+}
+
+impl From<String> for ConsumeError {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
 impl ConsumerTask {
     async fn run(self) {
         let name = consumer_name(&self.settings.consumer_base, &self.pattern);
@@ -422,7 +437,17 @@ impl ConsumerTask {
             let result = self.consume(&name, failed, &mut failures).await;
             let error = match result {
                 Ok(()) => "the message stream ended".to_owned(),
-                Err(e) => e,
+                Err(ConsumeError::Failed(e)) => e,
+                Err(ConsumeError::NotInStream(captured)) => {
+                    tracing::warn!(
+                        subject = %self.pattern,
+                        stream = %self.settings.stream,
+                        stream_subjects = %captured,
+                        "the stream captures no message on this subject; not consuming it"
+                    );
+                    std::future::pending::<()>().await;
+                    return;
+                }
             };
             tracing::warn!(subject = %self.pattern, consumer = %name, error = %error, "JetStream consumer failed; retrying");
             let event = Event::Failed {
@@ -457,9 +482,17 @@ impl ConsumerTask {
         }
     }
 
-    async fn consumer(&self, name: &str) -> Result<PullConsumer, String> {
+    async fn consumer(&self, name: &str) -> Result<PullConsumer, ConsumeError> {
         let s = &self.settings;
         let stream = self.stream().await?;
+        let captured = &stream.cached_info().config.subjects;
+        if !captured.is_empty()
+            && !captured
+                .iter()
+                .any(|c| crate::subject::overlaps(c, &self.pattern))
+        {
+            return Err(ConsumeError::NotInStream(captured.join(", ")));
+        }
         let mut consumer: PullConsumer = stream
             .get_or_create_consumer(
                 name,
@@ -497,7 +530,7 @@ impl ConsumerTask {
         name: &str,
         failed: bool,
         failures: &mut connector_sdk::backoff::Attempts,
-    ) -> Result<(), String> {
+    ) -> Result<(), ConsumeError> {
         let s = &self.settings;
         let mut consumer = self.consumer(name).await?;
         let mut messages = consumer
@@ -538,7 +571,7 @@ impl ConsumerTask {
                             return Ok(());
                         }
                     }
-                    Some(Err(e)) => return Err(format!("pulling from `{name}`: {e}")),
+                    Some(Err(e)) => return Err(ConsumeError::Failed(format!("pulling from `{name}`: {e}"))),
                     None => return Ok(()),
                 },
             }

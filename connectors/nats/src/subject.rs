@@ -103,6 +103,22 @@ pub fn matches(pattern: &str, subject: &str) -> bool {
     }
 }
 
+/// Whether some subject matches both patterns (a consumer filter `a` can select
+/// messages of a stream capturing `b`).
+pub fn overlaps(a: &str, b: &str) -> bool {
+    let mut x = a.split('.');
+    let mut y = b.split('.');
+    loop {
+        match (x.next(), y.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// The pattern among `subscribed` that owns messages on `subject`: the smallest that
 /// matches it.
 pub fn owner<'a>(subscribed: impl IntoIterator<Item = &'a str>, subject: &str) -> Option<&'a str> {
@@ -164,6 +180,17 @@ mod tests {
         assert!(matches(">", "a"));
         assert!(matches("*.b.*", "x.b.y"));
         assert!(!matches("*.b.*", "x.c.y"));
+    }
+
+    #[test]
+    fn overlapping_patterns() {
+        assert!(overlaps("orders.*", "orders.>"));
+        assert!(overlaps("orders.eu", "*.eu"));
+        assert!(overlaps(">", "a.b"));
+        assert!(overlaps("a.*.c", "a.b.*"));
+        assert!(!overlaps("orders.*", "payments.>"));
+        assert!(!overlaps("a.b", "a.b.c"));
+        assert!(!overlaps("a.*", "a"));
     }
 
     #[test]
