@@ -132,5 +132,8 @@ export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}
 export SQS_ENDPOINT=${SQS_ENDPOINT:-http://127.0.0.1:4566}
 
 log "cargo test --workspace"
+# cargo test builds every binary and example before running tests; the end-to-end tests
+# use those instead of building each package again with different features.
+export TEST_BINARIES_BUILT=1
 cargo test --workspace
 log "all tests passed"

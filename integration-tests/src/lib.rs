@@ -67,7 +67,8 @@ fn target_dir() -> PathBuf {
 }
 
 /// The path of workspace binary `name` (package `package`), brought up to date with
-/// `cargo build` first (a no-op after `cargo test --workspace`).
+/// `cargo build` first (skipped when `TEST_BINARIES_BUILT` is set, as scripts/test.sh
+/// does after `cargo test --workspace` built them all).
 pub fn binary(package: &str, name: &str) -> PathBuf {
     build(
         package,
@@ -88,6 +89,12 @@ pub fn example_binary(package: &str, name: &str) -> PathBuf {
 }
 
 fn build(package: &str, kind: &str, name: &str, path: PathBuf) -> PathBuf {
+    // scripts/test.sh runs `cargo test --workspace`, which has already built every binary
+    // and example with the workspace's features; building one package on its own here
+    // would resolve features differently and rebuild it.
+    if std::env::var_os("TEST_BINARIES_BUILT").is_some() && path.exists() {
+        return path;
+    }
     static BUILD_LOCK: OnceLock<std::sync::Mutex<()>> = OnceLock::new();
     let _guard = BUILD_LOCK
         .get_or_init(Default::default)
