@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use connector_sdk::SourceError;
 use connector_sdk::server::Health;
 use tokio::sync::watch;
 
@@ -29,11 +30,31 @@ impl Connection {
 
     /// Waits until the client is connected, for up to `within`; `false` if it is not.
     pub async fn wait_connected(&self, within: Duration) -> bool {
-        let mut rx = self.connected.clone();
         matches!(
-            tokio::time::timeout(within, rx.wait_for(|c| *c)).await,
-            Ok(Ok(_))
+            tokio::time::timeout(within, self.until_connected()).await,
+            Ok(true)
         )
+    }
+
+    /// Waits until the client is connected; `false` if the client is gone.
+    pub async fn until_connected(&self) -> bool {
+        let mut rx = self.connected.clone();
+        rx.wait_for(|c| *c).await.is_ok()
+    }
+
+    /// While disconnected: marks the source not ready and waits for the client's own
+    /// reconnection (it retries with backoff), so pulling resumes the moment it is back.
+    pub async fn ensure_connected(&self, health: &Health) -> Result<(), SourceError> {
+        if self.is_connected() {
+            return Ok(());
+        }
+        health.set_source_ready(false);
+        if self.until_connected().await {
+            health.set_source_ready(true);
+            Ok(())
+        } else {
+            Err(SourceError::fatal("the NATS client is closed"))
+        }
     }
 
     /// Mirrors the connection state into readiness until the client is dropped.

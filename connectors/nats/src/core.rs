@@ -51,7 +51,6 @@ pub struct CoreSource {
     source: String,
     reply: bool,
     grouped: bool,
-    connect_timeout: std::time::Duration,
 }
 
 impl CoreSource {
@@ -78,7 +77,6 @@ impl CoreSource {
             ctx,
             reply: config.nats.reply,
             grouped,
-            connect_timeout: config.nats.connect_timeout,
         }
     }
 
@@ -161,15 +159,12 @@ impl Source for CoreSource {
     type Ack = CoreAck;
 
     async fn pull(&mut self) -> Result<Vec<(Message, CoreAck)>, SourceError> {
-        if !self.connection.wait_connected(self.connect_timeout).await {
-            return Err(SourceError::transient("not connected to NATS"));
-        }
         loop {
+            // Cancel-safe: on shutdown the pump drops this wait.
+            self.connection.ensure_connected(&self.ctx.health).await?;
             let event = tokio::select! {
                 biased;
-                () = self.connection.lost() => {
-                    return Err(SourceError::transient("connection to NATS lost"));
-                }
+                () = self.connection.lost() => continue,
                 changed = async {
                     match self.changes.as_mut() {
                         Some(rx) => rx.changed().await.is_ok(),

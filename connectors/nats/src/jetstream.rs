@@ -129,7 +129,6 @@ pub struct JetStreamSource {
     source: String,
     held: Held,
     backoff: Backoff,
-    connect_timeout: Duration,
     _heartbeats: Option<DropGuard>,
 }
 
@@ -196,7 +195,6 @@ impl JetStreamSource {
             ctx,
             held,
             backoff: config.connector.backoff,
-            connect_timeout: config.nats.connect_timeout,
             _heartbeats: heartbeats,
         }
     }
@@ -256,15 +254,12 @@ impl Source for JetStreamSource {
     type Ack = JsAck;
 
     async fn pull(&mut self) -> Result<Vec<(Message, JsAck)>, SourceError> {
-        if !self.connection.wait_connected(self.connect_timeout).await {
-            return Err(SourceError::transient("not connected to NATS"));
-        }
         loop {
+            // Cancel-safe: on shutdown the pump drops this wait.
+            self.connection.ensure_connected(&self.ctx.health).await?;
             let event = tokio::select! {
                 biased;
-                () = self.connection.lost() => {
-                    return Err(SourceError::transient("connection to NATS lost"));
-                }
+                () = self.connection.lost() => continue,
                 changed = async {
                     match self.changes.as_mut() {
                         Some(rx) => rx.changed().await.is_ok(),
