@@ -133,9 +133,18 @@ pub async fn pump<S: Source>(ctx: &SourceContext, mut source: S) -> Result<(), S
                     ctx.health.set_source_ready(false);
                     let delay = failures.next_delay();
                     tracing::warn!(error = %e, failures = failures.failures(), retry_in = ?delay, "pulling from the source failed");
-                    tokio::select! {
-                        () = ctx.shutdown.cancelled() => break 'pull,
-                        () = tokio::time::sleep(delay) => {}
+                    // Completions keep being settled while waiting to pull again.
+                    let sleep = tokio::time::sleep(delay);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            Some((ack, outcome)) = pending.next(), if !pending.is_empty() => {
+                                settle(&mut source, ack, &outcome).await;
+                            }
+                            () = ctx.shutdown.cancelled() => break 'pull,
+                            () = &mut sleep => break,
+                        }
                     }
                 }
             },

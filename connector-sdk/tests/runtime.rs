@@ -402,3 +402,67 @@ async fn source_pull_errors_are_retried_not_fatal() {
     shutdown.cancel();
     assert!(handle.await.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn completions_are_settled_while_the_source_backs_off() {
+    /// Delivers one message, then fails every pull, so the pump sits in ever longer
+    /// backoff sleeps while the invocation runs.
+    struct FailsAfterOne {
+        calls: u32,
+        settled: Arc<Mutex<Option<std::time::Instant>>>,
+    }
+    #[async_trait::async_trait]
+    impl Source for FailsAfterOne {
+        type Ack = ();
+        async fn pull(&mut self) -> Result<Vec<(Message, ())>, SourceError> {
+            self.calls += 1;
+            if self.calls == 1 {
+                Ok(vec![(Message::new("t", "x", "m", "test://"), ())])
+            } else {
+                Err(SourceError::transient("broker unreachable"))
+            }
+        }
+        async fn settle(
+            &mut self,
+            _: (),
+            _: Disposition,
+            _: &MessageOutcome,
+        ) -> Result<(), SourceError> {
+            *self.settled.lock().unwrap() = Some(std::time::Instant::now());
+            Ok(())
+        }
+    }
+    let gw = FakeGateway::start().await.unwrap();
+    // By the time the function answers, the backoff between pulls is seconds long.
+    let slow = Duration::from_secs(3);
+    gw.function("f", "t", move |_, _| Reply::ok().delay(slow));
+    let mut config = gw.config();
+    config.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    let runtime = Runtime::new("t", config).unwrap().without_signal_handlers();
+    let shutdown = runtime.shutdown_token();
+    let settled = Arc::new(Mutex::new(None));
+    let source = FailsAfterOne {
+        calls: 0,
+        settled: settled.clone(),
+    };
+    let handle = tokio::spawn(runtime.run(|ctx| async move { pump(&ctx, source).await }));
+    assert!(
+        eventually(Duration::from_secs(20), || settled
+            .lock()
+            .unwrap()
+            .is_some())
+        .await
+    );
+    let answered = gw.requests_to("f")[0].at + slow;
+    let lag = settled
+        .lock()
+        .unwrap()
+        .unwrap()
+        .saturating_duration_since(answered);
+    assert!(
+        lag < Duration::from_millis(500),
+        "the completion waited {lag:?} for the backoff sleep to end"
+    );
+    shutdown.cancel();
+    assert!(handle.await.unwrap().is_ok());
+}
