@@ -1127,3 +1127,59 @@ async fn a_function_topic_outside_the_stream_does_not_make_the_connector_unready
         connector.output()
     );
 }
+
+#[tokio::test]
+async fn jetstream_resumes_after_the_server_restarts() {
+    let mut server = OwnServer::new();
+    server.start();
+    let topic = unique("restart");
+    let js = jetstream::new(connect_when_up(&server.url()).await);
+    js.create_stream(stream::Config {
+        name: stream_name(&topic),
+        subjects: vec![topic.clone()],
+        storage: stream::StorageType::File,
+        ..stream::Config::default()
+    })
+    .await
+    .unwrap();
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("durable", &topic, |_, _| Reply::ok());
+    let nats_section = format!(
+        "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{}\"\nconsumer = \"{CONSUMER}\"\n",
+        server.url(),
+        stream_name(&topic)
+    );
+    let metrics_addr = free_addr();
+    let connector = start(&config(&gw, metrics_addr, "", &nats_section)).await;
+    js.publish(topic.clone(), "before".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(eventually(WITHIN, || gw.requests_to("durable").len() == 1).await);
+    drop(js);
+
+    server.stop();
+    assert!(wait_http(metrics_addr, "/readyz", 503, WITHIN).await);
+    server.start();
+    assert!(
+        wait_http(metrics_addr, "/readyz", 200, WITHIN).await,
+        "{}",
+        connector.output()
+    );
+    let js = jetstream::new(connect_when_up(&server.url()).await);
+    js.publish(topic.clone(), "after".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || gw
+            .requests_to("durable")
+            .iter()
+            .any(|r| &r.body[..] == b"after"))
+        .await,
+        "nothing consumed after the restart:\n{}",
+        connector.output()
+    );
+}
