@@ -349,13 +349,15 @@ async fn a_replica_killed_mid_firing_loses_no_tick() {
         let id = format!("replica-{i}");
         replicas.push(start(&gw, &lock, &[("lock_replica_id", &id)]).await);
     }
-    assert!(
-        eventually(Duration::from_secs(15), || !gw
-            .requests_to("takeover")
-            .is_empty())
-        .await
-    );
-    let first = gw.requests_to("takeover")[0].clone();
+    // Only replicas running at a tick watch it: pick a tick after all three were up.
+    let all_up = SystemTime::now();
+    let after_all_up = |gw: &FakeGateway| {
+        gw.requests_to("takeover")
+            .into_iter()
+            .find(|r| ce_time(r) > all_up)
+    };
+    assert!(eventually(Duration::from_secs(15), || after_all_up(&gw).is_some()).await);
+    let first = after_all_up(&gw).unwrap();
     let victim_id = first.header("x-cron-replica").unwrap();
     let tick = first.header("ce-id").unwrap();
     let victim: usize = victim_id.trim_start_matches("replica-").parse().unwrap();
