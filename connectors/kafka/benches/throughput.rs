@@ -474,9 +474,13 @@ async fn bench() {
     let raw_lat_topic = format!("bench-rawlat-{run}");
 
     let setup = Setup {
+        // One record per batch: tansu 0.6 answers a Fetch at an offset inside a batch
+        // with the next batch, so a consumer resuming mid-batch (after pause, restart
+        // or rebalance) would skip the rest of that batch on tansu.
         producer: ClientConfig::new()
             .set("bootstrap.servers", &brokers)
-            .set("linger.ms", "5")
+            .set("batch.num.messages", "1")
+            .set("linger.ms", "0")
             .set("message.timeout.ms", "60000")
             .create()
             .unwrap(),
@@ -487,7 +491,9 @@ async fn bench() {
     }
     eprintln!("producing {n} records to {topic} and {topic2} ({partitions} partitions)");
     setup.fill(&topic, n).await;
-    setup.fill(&topic2, n).await;
+    if std::env::var("BENCH_ORDERED").is_ok() {
+        setup.fill(&topic2, n).await;
+    }
 
     let gateway = free_addr();
     let mut server = spawn_server(gateway, &format!("{topic},{topic2},{lat_topic}"));
@@ -505,12 +511,19 @@ async fn bench() {
     let peak_kib = c.memory_kib("VmHWM:");
     c.stop();
 
-    eprintln!("connector, ordering partition");
-    let extra = format!("max_inflight = {concurrency}");
-    let c = Connector::start(gateway, &brokers, &topic2, &extra);
-    let e2e_ordered = c.consume(n as u64).await;
-    let peak_ordered_kib = c.memory_kib("VmHWM:");
-    c.stop();
+    // Opt-in (BENCH_ORDERED=1): with ordering = "partition" every partition pauses and
+    // resumes every two records, and each pause drops librdkafka's prefetch.
+    let (e2e_ordered, peak_ordered_kib) = if std::env::var("BENCH_ORDERED").is_ok() {
+        eprintln!("connector, ordering partition");
+        let extra = format!("max_inflight = {concurrency}");
+        let c = Connector::start(gateway, &brokers, &topic2, &extra);
+        let r = c.consume(n as u64).await;
+        let peak = c.memory_kib("VmHWM:");
+        c.stop();
+        (r, peak)
+    } else {
+        (f64::NAN, 0)
+    };
 
     eprintln!("latency at {rate}/s for {seconds}s: plain consumer");
     let raw_lat = raw_latency(&setup, &raw_lat_topic, rate, seconds).await;
