@@ -78,15 +78,31 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-impl ConfigErrors {
-    /// One error about `key`, not tied to a file or variable (a cross-field check).
-    pub fn single(key: &str, message: impl Into<String>) -> Self {
-        Self(vec![ConfigError {
-            key: key.to_owned(),
+impl ConfigError {
+    /// An error about `key` found by a cross-field check, not tied to a file or variable.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
             origin: "configuration".to_owned(),
             line: None,
             message: message.into(),
-        }])
+        }
+    }
+}
+
+impl ConfigErrors {
+    /// One error about `key`, not tied to a file or variable (a cross-field check).
+    pub fn single(key: &str, message: impl Into<String>) -> Self {
+        Self(vec![ConfigError::invalid(key, message)])
+    }
+
+    /// `Ok` when the checks found nothing, else all their errors.
+    pub fn check(errors: Vec<ConfigError>) -> Result<(), Self> {
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Self(errors))
+        }
     }
 }
 
@@ -586,12 +602,7 @@ impl SdkConfig {
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
         let mut fail = |key: &str, message: String| {
-            errors.push(ConfigError {
-                key: format!("connector.{key}"),
-                origin: "configuration".to_owned(),
-                line: None,
-                message,
-            });
+            errors.push(ConfigError::invalid(format!("connector.{key}"), message));
         };
         match reqwest::Url::parse(&self.gateway_url) {
             Ok(url) if matches!(url.scheme(), "http" | "https") => {}
@@ -640,11 +651,7 @@ impl SdkConfig {
                 "gateway_username and gateway_password are set together or not at all".to_owned(),
             );
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        ConfigErrors::check(errors)
     }
 }
 

@@ -539,11 +539,7 @@ impl Config {
                 fail(format!("{key}.command"), "is required".into());
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        ConfigErrors::check(errors)
     }
 }
 

@@ -171,12 +171,7 @@ impl Config {
         self.connector.validate()?;
         let mut errors = Vec::new();
         let mut fail = |key: &str, message: String| {
-            errors.push(ConfigError {
-                key: key.to_owned(),
-                origin: "configuration".to_owned(),
-                line: None,
-                message,
-            });
+            errors.push(ConfigError::invalid(key.to_owned(), message));
         };
         if self.cron.topic.trim().is_empty() {
             fail("cron.topic", "must not be empty".to_owned());
@@ -202,11 +197,7 @@ impl Config {
                 );
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        ConfigErrors::check(errors)
     }
 
     /// The default time zone.

@@ -265,12 +265,7 @@ impl Config {
             Err(e) => e.0,
         };
         let mut fail = |key: &str, message: String| {
-            errors.push(ConfigError {
-                key: format!("kafka.{key}"),
-                origin: "configuration".to_owned(),
-                line: None,
-                message,
-            });
+            errors.push(ConfigError::invalid(format!("kafka.{key}"), message));
         };
         let k = &self.kafka;
         if k.brokers.split(',').all(|b| b.trim().is_empty()) {
@@ -342,11 +337,7 @@ impl Config {
             }
         }
         errors.extend(topic_errors);
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        ConfigErrors::check(errors)
     }
 
     /// The session timeout in force: `kafka.session_timeout` unless a property table sets

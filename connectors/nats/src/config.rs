@@ -289,12 +289,7 @@ impl Config {
         self.connector.validate()?;
         let mut errors = Vec::new();
         let mut fail = |key: &str, message: String| {
-            errors.push(ConfigError {
-                key: key.to_owned(),
-                origin: "configuration".to_owned(),
-                line: None,
-                message,
-            });
+            errors.push(ConfigError::invalid(key.to_owned(), message));
         };
         for topic in &self.connector.topics {
             if let Err(e) = subject::validate_pattern(topic) {
@@ -363,11 +358,7 @@ impl Config {
         if self.nats.mode == Mode::Jetstream {
             self.validate_jetstream(&mut fail);
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        ConfigErrors::check(errors)
     }
 
     fn validate_jetstream(&self, fail: &mut impl FnMut(&str, String)) {

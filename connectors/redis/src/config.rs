@@ -192,12 +192,10 @@ impl Config {
         let r = &self.redis;
         let mut errors = Vec::new();
         let mut fail = |key: &str, message: String| {
-            errors.push(connector_sdk::config::ConfigError {
-                key: format!("redis.{key}"),
-                origin: "configuration".to_owned(),
-                line: None,
+            errors.push(connector_sdk::config::ConfigError::invalid(
+                format!("redis.{key}"),
                 message,
-            });
+            ));
         };
         if let Err(e) = redis::Client::open(r.url.as_str()) {
             fail("url", format!("not a Redis URL: {e}"));
@@ -279,11 +277,7 @@ impl Config {
                 ),
             );
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        ConfigErrors::check(errors)
     }
 }
 

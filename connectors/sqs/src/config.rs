@@ -142,12 +142,7 @@ impl Config {
         let sqs = &self.sqs;
         let mut errors = Vec::new();
         let mut fail = |key: &str, message: String| {
-            errors.push(ConfigError {
-                key: key.to_owned(),
-                origin: "configuration".to_owned(),
-                line: None,
-                message,
-            });
+            errors.push(ConfigError::invalid(key.to_owned(), message));
         };
         if sqs.queues.is_empty() {
             fail(
@@ -200,11 +195,7 @@ impl Config {
         if sqs.metrics_interval < Duration::from_secs(1) {
             fail("sqs.metrics_interval", "must be at least 1s".to_owned());
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        ConfigErrors::check(errors)
     }
 
     /// Whether any queue is a FIFO queue (its name ends in `.fifo`).
