@@ -507,3 +507,37 @@ async fn a_broken_config_fails_at_start_naming_file_line_and_key() {
         process.output()
     );
 }
+
+#[tokio::test]
+async fn a_firing_that_exhausts_its_attempts_is_logged_and_counted() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "broken",
+        &annotations(&[("schedule", "* * * * * *")]),
+        |_, _| Reply::status(500),
+    );
+    let cron = start(&gw, "", &[]).await;
+    let failed = "connector_cron_firings_total{function=\"broken\",outcome=\"failed\"}";
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = metrics_text(cron.metrics).await;
+        if metric(&text, failed).unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metric(&text, failed).unwrap_or(0.0) >= 1.0, "{text}");
+    // max_attempts = 2 in these tests: each tick was tried twice, with the same ce-id.
+    let first = gw.requests_to("broken")[0].header("ce-id").unwrap();
+    let attempts = gw
+        .requests_to("broken")
+        .iter()
+        .filter(|r| r.header("ce-id").as_deref() == Some(first.as_str()))
+        .count();
+    assert_eq!(attempts, 2);
+    assert!(
+        cron.process
+            .output()
+            .contains("firing failed after every attempt")
+    );
+}
