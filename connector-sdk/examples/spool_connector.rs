@@ -148,6 +148,11 @@ impl Source for SpoolSource {
                 self.taken.remove(&path);
                 Ok(())
             }
+            // Only with broker retries, which this connector does not turn on.
+            Disposition::Retry { .. } => {
+                self.taken.remove(&path);
+                Ok(())
+            }
         }
     }
 }

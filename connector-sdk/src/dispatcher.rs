@@ -17,6 +17,26 @@
 //! 5. When every delivery is terminal the [`Completion`] resolves. The dispatcher never
 //!    acknowledges anything itself.
 //!
+//! Broker retries ([`DispatcherBuilder::broker_retries`], opt-in; the SQS connector uses
+//! them): instead of sleeping the backoff in process, a retryable failure with attempts
+//! left ends the delivery at once as [`DeliveryOutcome::Retry`], carrying the backoff
+//! delay for this attempt number (at least `Retry-After`). The message's disposition is
+//! then [`Disposition::Retry`] with the longest such delay, and the source has the broker
+//! redeliver it after that delay (SQS: ChangeMessageVisibility). The retry is durable: if
+//! the connector dies during the wait, the broker still redelivers the message on time.
+//! Attempts continue across redeliveries from [`Message::prior_attempts`] (the broker's
+//! receive count), so `max_attempts` counts every receive and exhaustion still
+//! dead-letters. The price, on fan-out: the broker redelivers the whole message, so a
+//! sibling delivery that already succeeded is invoked again on redelivery (same `ce-id`,
+//! on which functions deduplicate), and one that was dead-lettered is dead-lettered again.
+//! At-least-once holds; "a delivery that succeeded is not repeated" does not, in this mode.
+//!
+//! Strict lanes ([`DispatcherBuilder::strict_lanes`], opt-in, with `ordering = "key"`):
+//! a message whose disposition is not `Ack` (held, retrying, released) releases the
+//! messages already queued behind it in its lane, without invoking anything, instead of
+//! letting them go ahead. The broker redelivers them after it, so order per key holds
+//! (SQS FIFO: later messages of a MessageGroupId that arrived in the same receive).
+//!
 //! Shutdown has two steps. [`Dispatcher::drain`]: no new attempt starts (waiting retries
 //! and queued messages are released), running invocations go on. [`Dispatcher::abort`]:
 //! running invocations are cancelled and released.
@@ -63,6 +83,7 @@ struct Policy {
     status: StatusClasses,
     on_exhausted: OnExhausted,
     print_request_body: bool,
+    broker_retries: bool,
 }
 
 /// Hands messages to functions. Cheap to clone.
@@ -87,6 +108,7 @@ struct Inner {
     permits: Arc<Semaphore>,
     max_inflight: usize,
     ordered: bool,
+    strict_lanes: bool,
     lanes: Mutex<HashMap<Bytes, Lane>>,
     next_lane_id: AtomicU64,
     policy: Policy,
@@ -99,10 +121,10 @@ struct Inner {
 }
 
 /// The tail of one ordering lane: the last message queued with a key, and how to learn
-/// that it completed.
+/// that it completed (and whether it may be acknowledged).
 struct Lane {
     id: u64,
-    done: oneshot::Receiver<()>,
+    done: oneshot::Receiver<bool>,
 }
 
 /// Builds a [`Dispatcher`].
@@ -116,9 +138,30 @@ pub struct DispatcherBuilder {
     matcher: Option<Matcher>,
     dead_letters: Option<Arc<dyn DeadLetterSink>>,
     subscribers: Subscribers,
+    strict_lanes: bool,
 }
 
 impl DispatcherBuilder {
+    /// With `true`, retries go through the broker: a retryable failure with attempts left
+    /// ends the delivery at once as [`DeliveryOutcome::Retry`] and the message's
+    /// disposition becomes [`Disposition::Retry`]; the source must then have the broker
+    /// redeliver it after the delay, and set [`Message::prior_attempts`] from the broker's
+    /// redelivery count. See the module docs for what this means on fan-out.
+    /// (default: `false`: retries wait in process)
+    pub fn broker_retries(mut self, on: bool) -> Self {
+        self.policy.broker_retries = on;
+        self
+    }
+
+    /// With `true` and key ordering, a message that may not be acknowledged releases the
+    /// messages queued behind it in its lane without delivering them. (default: `false`:
+    /// the next message of the lane starts once the previous one is complete, whatever
+    /// its disposition)
+    pub fn strict_lanes(mut self, on: bool) -> Self {
+        self.strict_lanes = on;
+        self
+    }
+
     /// Dead letters go to `sink`. Without one, a delivery that fails for good is held (or
     /// dropped with `on_exhausted = "drop"`).
     pub fn dead_letters(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
@@ -154,6 +197,7 @@ impl DispatcherBuilder {
                 permits: Arc::new(Semaphore::new(self.max_inflight)),
                 max_inflight: self.max_inflight,
                 ordered: self.ordering != Ordering::None,
+                strict_lanes: self.strict_lanes,
                 lanes: Mutex::new(HashMap::new()),
                 next_lane_id: AtomicU64::new(0),
                 policy: self.policy,
@@ -189,10 +233,12 @@ impl Dispatcher {
                 status: config.status.clone(),
                 on_exhausted: config.on_exhausted,
                 print_request_body: config.print_request_body,
+                broker_retries: false,
             },
             matcher: None,
             dead_letters: None,
             subscribers: Subscribers::default(),
+            strict_lanes: false,
         }
     }
 
@@ -242,14 +288,10 @@ impl Dispatcher {
         let inner = self.inner.clone();
         let task = self.inner.tracker.spawn(async move {
             let (outcome, lane) = inner.run(message, functions, permits, previous).await;
-            let disposition = match outcome.disposition() {
-                Disposition::Ack => "ack",
-                Disposition::Hold => "hold",
-                Disposition::Release => "release",
-            };
-            inner.metrics.message_finished(disposition);
+            let disposition = outcome.disposition();
+            inner.metrics.message_finished(disposition.as_str());
             if let Some((key, id, done)) = lane {
-                let _ = done.send(());
+                let _ = done.send(disposition == Disposition::Ack);
                 inner.leave_lane(&key, id);
             }
             outcome
@@ -316,8 +358,8 @@ impl Dispatcher {
 struct LaneTicket {
     key: Bytes,
     id: u64,
-    done: oneshot::Sender<()>,
-    previous: Option<oneshot::Receiver<()>>,
+    done: oneshot::Sender<bool>,
+    previous: Option<oneshot::Receiver<bool>>,
 }
 
 impl Inner {
@@ -327,17 +369,32 @@ impl Inner {
         functions: Arc<[FunctionRef]>,
         mut permits: OwnedSemaphorePermit,
         lane: Option<LaneTicket>,
-    ) -> (MessageOutcome, Option<(Bytes, u64, oneshot::Sender<()>)>) {
+    ) -> (MessageOutcome, Option<(Bytes, u64, oneshot::Sender<bool>)>) {
         let (previous, lane) = match lane {
             Some(t) => (t.previous, Some((t.key, t.id, t.done))),
             None => (None, None),
         };
         if let Some(previous) = previous {
-            tokio::select! {
+            let previous_acked = tokio::select! {
                 // An error means the previous message's task ended without signalling,
-                // which only happens if it is gone: it is complete either way.
-                _ = previous => {}
-                () = self.drain.cancelled() => {}
+                // which only happens if it was torn down: complete, and released.
+                acked = previous => acked.unwrap_or(false),
+                () = self.drain.cancelled() => true,
+            };
+            if self.strict_lanes && !previous_acked {
+                // The broker redelivers the previous message; this one must not overtake
+                // it, so it goes back too, untouched (and so does the rest of the lane).
+                tracing::debug!(topic = %message.topic, ce_id = %message.id, "released behind an unacknowledged message of its lane");
+                drop(permits);
+                let deliveries = functions.iter().map(|f| released(f, 0)).collect();
+                return (
+                    MessageOutcome {
+                        id: message.id,
+                        deliveries,
+                        interrupted: false,
+                    },
+                    lane,
+                );
             }
         }
         let message = Arc::new(message);
@@ -510,6 +567,20 @@ impl Inner {
                 Verdict::Retry { retry_after } => {
                     let now = SystemTime::now();
                     let first = *first_failure.get_or_insert(now);
+                    if policy.broker_retries && attempt < policy.max_attempts {
+                        // Counted from the broker's redeliveries: the delay grows with
+                        // every receive, not only within this process.
+                        let after = policy.backoff.delay_with_hint(attempt, retry_after);
+                        self.metrics.retried(function);
+                        tracing::debug!(
+                            attempt,
+                            status = ?response.as_ref().map(|r| r.status.as_u16()),
+                            error = error.as_deref().unwrap_or(""),
+                            redeliver_in = ?after,
+                            "attempt failed; the broker redelivers the message"
+                        );
+                        return report(DeliveryOutcome::Retry { after });
+                    }
                     if attempt >= policy.max_attempts {
                         let outcome = self
                             .dead_letter(

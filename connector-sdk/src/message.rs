@@ -2,7 +2,7 @@
 //! delivery of that message is terminal ([`MessageOutcome`]).
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -153,6 +153,16 @@ pub enum DeliveryOutcome {
     Held,
     /// Abandoned on shutdown before it finished: release the message to the broker.
     Released,
+    /// Only with broker retries ([`DispatcherBuilder::broker_retries`]): an attempt failed
+    /// in a way worth retrying and attempts remain, so the delivery ended at once and the
+    /// broker is to redeliver the message after `after` (the backoff delay, at least the
+    /// function's `Retry-After`).
+    ///
+    /// [`DispatcherBuilder::broker_retries`]: crate::dispatcher::DispatcherBuilder::broker_retries
+    Retry {
+        /// How long the broker should keep the message before redelivering it.
+        after: Duration,
+    },
 }
 
 impl DeliveryOutcome {
@@ -169,6 +179,7 @@ impl DeliveryOutcome {
             Self::Dropped => "dropped",
             Self::Held => "held",
             Self::Released => "released",
+            Self::Retry { .. } => "retry",
         }
     }
 }
@@ -199,6 +210,29 @@ pub enum Disposition {
     Hold,
     /// Do not acknowledge, and give it back now (nak, visibility 0): shutdown cut it short.
     Release,
+    /// Do not acknowledge; have the broker redeliver it after `after` (SQS: visibility
+    /// timeout `after`; JetStream: nak with delay). A delivery is to be retried and the
+    /// dispatcher runs with broker retries; `after` is the longest delay its retrying
+    /// deliveries asked for. Never produced without
+    /// [`DispatcherBuilder::broker_retries`].
+    ///
+    /// [`DispatcherBuilder::broker_retries`]: crate::dispatcher::DispatcherBuilder::broker_retries
+    Retry {
+        /// How long the broker should keep the message before redelivering it.
+        after: Duration,
+    },
+}
+
+impl Disposition {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ack => "ack",
+            Self::Hold => "hold",
+            Self::Release => "release",
+            Self::Retry { .. } => "retry",
+        }
+    }
 }
 
 /// The result of dispatching one message: one report per subscribed function.
@@ -213,11 +247,22 @@ pub struct MessageOutcome {
 }
 
 impl MessageOutcome {
-    /// What the source should do with the message.
+    /// What the source should do with the message: the worst of its deliveries, in the
+    /// order release (shutdown: give it back now), retry (the longest delay asked for),
+    /// hold, ack. A retry outranks a hold: the broker redelivers the message either way,
+    /// and the retrying delivery wants it back on time.
     pub fn disposition(&self) -> Disposition {
         let outcomes = || self.deliveries.iter().map(|d| d.outcome);
+        let retry_after = outcomes()
+            .filter_map(|o| match o {
+                DeliveryOutcome::Retry { after } => Some(after),
+                _ => None,
+            })
+            .max();
         if self.interrupted || outcomes().any(|o| o == DeliveryOutcome::Released) {
             Disposition::Release
+        } else if let Some(after) = retry_after {
+            Disposition::Retry { after }
         } else if outcomes().any(|o| o == DeliveryOutcome::Held) {
             Disposition::Hold
         } else {
@@ -263,6 +308,21 @@ mod tests {
             outcome(&[Held, Released, Delivered]).disposition(),
             Disposition::Release
         );
+        let retry = |secs| Retry {
+            after: Duration::from_secs(secs),
+        };
+        assert_eq!(
+            outcome(&[Delivered, retry(2), Held, retry(5), DeadLettered]).disposition(),
+            Disposition::Retry {
+                after: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(
+            outcome(&[retry(2), Released]).disposition(),
+            Disposition::Release
+        );
+        assert!(!retry(1).allows_ack());
+        assert_eq!(retry(1).as_str(), "retry");
     }
 
     #[test]

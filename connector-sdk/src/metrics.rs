@@ -29,7 +29,8 @@ pub struct FunctionLabels {
 pub struct DeliveryLabels {
     /// `name` or `name.namespace`.
     pub function: FunctionRef,
-    /// `delivered`, `dead_lettered`, `dropped`, `held` or `released`.
+    /// `delivered`, `dead_lettered`, `dropped`, `held`, `released` or `retry` (handed back to
+    /// the broker for a retry, with broker retries).
     pub outcome: &'static str,
 }
 
@@ -45,7 +46,7 @@ pub struct InvocationLabels {
 /// Labels of message outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MessageLabels {
-    /// `ack`, `hold`, `release` or `unmatched`.
+    /// `ack`, `hold`, `release`, `retry` (broker retries) or `unmatched`.
     pub outcome: &'static str,
 }
 

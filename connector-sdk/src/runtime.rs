@@ -83,6 +83,8 @@ pub struct Runtime {
     subscribers: Subscribers,
     dead_letters: Option<Arc<dyn DeadLetterSink>>,
     matcher: Option<Matcher>,
+    broker_retries: bool,
+    strict_lanes: bool,
     install_signals: bool,
     printer: Option<mpsc::Receiver<Arc<InvocationResult>>>,
 }
@@ -117,6 +119,8 @@ impl Runtime {
             subscribers,
             dead_letters: None,
             matcher: None,
+            broker_retries: false,
+            strict_lanes: false,
             install_signals: true,
             printer,
         })
@@ -170,6 +174,21 @@ impl Runtime {
         self
     }
 
+    /// Retries go through the broker (see
+    /// [`DispatcherBuilder::broker_retries`](crate::dispatcher::DispatcherBuilder::broker_retries)):
+    /// the source must handle [`Disposition::Retry`](crate::Disposition::Retry).
+    pub fn broker_retries(mut self, on: bool) -> Self {
+        self.broker_retries = on;
+        self
+    }
+
+    /// A message that is not acknowledged releases the rest of its ordering lane (see
+    /// [`DispatcherBuilder::strict_lanes`](crate::dispatcher::DispatcherBuilder::strict_lanes)).
+    pub fn strict_lanes(mut self, on: bool) -> Self {
+        self.strict_lanes = on;
+        self
+    }
+
     /// Runs the connector until SIGTERM/SIGINT (or the shutdown token), then drains.
     /// `source` consumes the event source through the [`SourceContext`]; it must stop
     /// pulling when `shutdown` is cancelled, await the completions it holds, acknowledge
@@ -192,6 +211,8 @@ impl Runtime {
             subscribers,
             dead_letters,
             matcher,
+            broker_retries,
+            strict_lanes,
             install_signals,
             printer,
         } = self;
@@ -225,7 +246,9 @@ impl Runtime {
         ));
 
         let mut builder = Dispatcher::builder(gateway, topics.clone(), &config, metrics.clone())
-            .subscribers(subscribers);
+            .subscribers(subscribers)
+            .broker_retries(broker_retries)
+            .strict_lanes(strict_lanes);
         if let Some(sink) = dead_letters {
             builder = builder.dead_letters(sink);
         }

@@ -3,7 +3,8 @@
 //!
 //! The loop, in priority order (`select!` with `biased`):
 //!
-//! 1. settle every completed message (ack, hold or release, per its [`Disposition`]);
+//! 1. settle every completed message (ack, hold, release, or retry with broker retries,
+//!    per its [`Disposition`]);
 //! 2. on shutdown, stop pulling;
 //! 3. pull a batch and submit each message, which waits while `max_inflight` deliveries
 //!    are unfinished: the source is not pulled while saturated.
@@ -61,7 +62,9 @@ pub trait Source: Send {
     async fn pull(&mut self) -> Result<Vec<(Message, Self::Ack)>, SourceError>;
 
     /// Settles one completed message: `Ack` acknowledges it, `Hold` keeps it with the
-    /// broker (Kafka: stall the partition), `Release` gives it back for redelivery now.
+    /// broker (Kafka: stall the partition), `Release` gives it back for redelivery now,
+    /// `Retry { after }` (only when the dispatcher runs with broker retries) has the broker
+    /// redeliver it after `after`.
     async fn settle(
         &mut self,
         ack: Self::Ack,

@@ -575,3 +575,192 @@ async fn submit_to_targets_only_the_named_function() {
     assert!(gw.requests_to("a").is_empty());
     assert_eq!(gw.requests_to("b").len(), 1);
 }
+
+fn broker_dispatcher(
+    gw: &FakeGateway,
+    config: SdkConfig,
+    sink: Option<Arc<RecordingSink>>,
+) -> Setup {
+    let (metrics, registry) = Metrics::standalone("test-connector");
+    let client = GatewayClient::new("test-connector", &config).unwrap();
+    let mut builder = Dispatcher::builder(client, gw.topic_map(), &config, metrics)
+        .broker_retries(true)
+        .strict_lanes(true);
+    if let Some(sink) = sink {
+        builder = builder.dead_letters(sink);
+    }
+    Setup {
+        dispatcher: builder.build(),
+        registry,
+    }
+}
+
+/// With broker retries a retryable failure ends the delivery at once with the delay the
+/// broker should wait (at least `Retry-After`), instead of sleeping it in process.
+#[tokio::test]
+async fn broker_retries_hand_the_retry_back_with_its_delay() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("busy", "t", |_, _| {
+        Reply::status(503).header("retry-after", "2")
+    });
+    let mut config = gw.config();
+    config.backoff.max = Duration::from_secs(5);
+    config.max_attempts = 3;
+    let setup = broker_dispatcher(&gw, config, None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("t", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    let after = Duration::from_secs(2);
+    assert_eq!(
+        outcome.deliveries[0].outcome,
+        DeliveryOutcome::Retry { after }
+    );
+    assert_eq!(outcome.deliveries[0].attempts, 1);
+    assert_eq!(outcome.disposition(), Disposition::Retry { after });
+    assert_eq!(gw.requests_to("busy").len(), 1, "retried in process");
+    let text = encode(&setup.registry);
+    assert!(
+        text.contains(r#"connector_deliveries_total{function="busy",outcome="retry"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"connector_retries_total{function="busy"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"connector_messages_total{outcome="retry"} 1"#),
+        "{text}"
+    );
+}
+
+/// The backoff grows with the broker's redelivery count, and the last attempt allowed by
+/// `max_attempts` dead-letters instead of handing back another retry.
+#[tokio::test]
+async fn broker_retries_count_redeliveries_and_exhaustion_dead_letters() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("down", "t", |_, _| Reply::status(500));
+    let sink = Arc::new(RecordingSink::default());
+    let mut config = gw.config();
+    config.max_attempts = 3;
+    config.backoff.initial = Duration::from_secs(1);
+    config.backoff.max = Duration::from_secs(60);
+    let setup = broker_dispatcher(&gw, config, Some(sink.clone()));
+    let second = message("t", "x", "1").with_prior_attempts(1);
+    let outcome = setup.dispatcher.submit(second).await.unwrap().await;
+    match outcome.disposition() {
+        // Attempt 2: full jitter below 2 s.
+        Disposition::Retry { after } => assert!(after <= Duration::from_secs(2), "{after:?}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    let last = message("t", "x", "1").with_prior_attempts(2);
+    let outcome = setup.dispatcher.submit(last).await.unwrap().await;
+    assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::DeadLettered);
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    let seen = gw.requests_to("down");
+    let attempts: Vec<String> = seen
+        .iter()
+        .map(|r| r.header("x-delivery-attempt").unwrap())
+        .collect();
+    assert_eq!(attempts, ["2", "3"]);
+    assert_eq!(sink.letters.lock().unwrap()[0].attempts, 3);
+}
+
+/// On fan-out, one retrying delivery makes the whole message a retry; the sibling that
+/// succeeded is reported delivered (and will be invoked again on redelivery).
+#[tokio::test]
+async fn broker_retries_on_fan_out_retry_the_whole_message() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("fine", "t", |_, _| Reply::ok());
+    gw.function("flaky", "t", |_, _| Reply::status(503));
+    let setup = broker_dispatcher(&gw, gw.config(), None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("t", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert!(matches!(outcome.disposition(), Disposition::Retry { .. }));
+    let by_function = |name: &str| {
+        outcome
+            .deliveries
+            .iter()
+            .find(|d| d.function.to_string() == name)
+            .unwrap()
+            .outcome
+    };
+    assert_eq!(by_function("fine"), DeliveryOutcome::Delivered);
+    assert!(matches!(
+        by_function("flaky"),
+        DeliveryOutcome::Retry { .. }
+    ));
+}
+
+/// With strict lanes, the messages queued behind one that is not acknowledged are
+/// released untouched, and the rest of the lane behind them too; other keys go on.
+#[tokio::test]
+async fn strict_lanes_release_what_queued_behind_a_retry() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("ordered", "events", |req, _| {
+        if req.body.as_ref() == b"a-0" {
+            Reply::status(503).delay(Duration::from_millis(200))
+        } else {
+            Reply::ok()
+        }
+    });
+    let mut config = gw.config();
+    config.ordering = Ordering::Key;
+    let setup = broker_dispatcher(&gw, config, None);
+    let mut completions = Vec::new();
+    for body in ["a-0", "a-1", "b-0", "a-2"] {
+        let key = body[..1].to_owned();
+        let msg = message("events", body, body).with_ordering_key(key);
+        completions.push(setup.dispatcher.submit(msg).await.unwrap());
+    }
+    let mut dispositions = Vec::new();
+    for c in completions {
+        dispositions.push(c.await.disposition());
+    }
+    assert!(matches!(dispositions[0], Disposition::Retry { .. }));
+    assert_eq!(
+        dispositions[1..],
+        [Disposition::Release, Disposition::Ack, Disposition::Release]
+    );
+    let bodies: Vec<String> = gw
+        .requests_to("ordered")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    assert!(bodies.contains(&"a-0".to_owned()) && bodies.contains(&"b-0".to_owned()));
+    // The lane is empty again: a new message of the key is delivered.
+    let msg = message("events", "a-1", "a-1").with_ordering_key("a".to_owned());
+    let outcome = setup.dispatcher.submit(msg).await.unwrap().await;
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+}
+
+/// Without strict lanes (the default), a lane goes on behind a message that was held.
+#[tokio::test]
+async fn default_lanes_go_on_behind_a_held_message() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("ordered", "events", |req, _| {
+        if req.body.as_ref() == b"a-0" {
+            Reply::status(500)
+        } else {
+            Reply::ok()
+        }
+    });
+    let mut config = gw.config();
+    config.ordering = Ordering::Key;
+    config.max_attempts = 2;
+    let setup = dispatcher(&gw, config, None);
+    let first = message("events", "a-0", "a-0").with_ordering_key("a".to_owned());
+    let second = message("events", "a-1", "a-1").with_ordering_key("a".to_owned());
+    let first = setup.dispatcher.submit(first).await.unwrap();
+    let second = setup.dispatcher.submit(second).await.unwrap();
+    assert_eq!(first.await.disposition(), Disposition::Hold);
+    assert_eq!(second.await.disposition(), Disposition::Ack);
+    assert_eq!(gw.requests_to("ordered").len(), 3, "in-process retries");
+}

@@ -193,6 +193,9 @@ async fn sqs_drain_on_shutdown() {
     scenarios::drain_on_shutdown(&Sqs::new()).await;
 }
 
+/// Fast retries: the backoff for most tests.
+const FAST_BACKOFF: &str = "initial = \"50ms\"\nmax = \"200ms\"";
+
 /// A connector for `queue` with `sqs_extra` in `[sqs]` and `connector_extra` in
 /// `[connector]`, ready.
 async fn start(
@@ -200,6 +203,23 @@ async fn start(
     queue: &str,
     connector_extra: &str,
     sqs_extra: &str,
+) -> (Process, std::net::SocketAddr) {
+    start_with(
+        gw,
+        connector_extra,
+        FAST_BACKOFF,
+        &Sqs::section(queue, sqs_extra),
+    )
+    .await
+}
+
+/// A connector with `connector_extra` in `[connector]`, `backoff` as
+/// `[connector.backoff]` and `sqs` as its `[sqs]` section, ready.
+async fn start_with(
+    gw: &FakeGateway,
+    connector_extra: &str,
+    backoff: &str,
+    sqs: &str,
 ) -> (Process, std::net::SocketAddr) {
     let metrics_addr = free_addr();
     let config = format!(
@@ -212,13 +232,11 @@ drain_timeout = "5s"
 {connector_extra}
 
 [connector.backoff]
-initial = "50ms"
-max = "200ms"
+{backoff}
 
 {sqs}
 "#,
         gateway = gw.url(),
-        sqs = Sqs::section(queue, sqs_extra),
     );
     let binary = integration_tests::binary("sqs-connector", "sqs-connector");
     let process = Process::start(&binary, &config, &[]);
@@ -797,4 +815,213 @@ async fn sqs_dead_letter_carries_provenance_attributes() {
     );
     assert!(eventually_async(WITHIN, || async { sqs.unacknowledged(&queue).await == 0 }).await);
     assert!(connector.terminate(WITHIN).await.success());
+}
+
+/// Retries that wait up to 5 s, so a function's `Retry-After` sets the delay exactly.
+const SLOW_BACKOFF: &str = "initial = \"50ms\"\nmax = \"5s\"";
+
+/// `[sqs]` for `queue` with a visibility timeout of 30 s: far longer than any retry delay
+/// here, so a redelivery after the retry delay cannot be the visibility timeout lapsing.
+fn long_visibility_section(queue: &str, extra: &str) -> String {
+    Sqs::section(queue, extra).replace(
+        "visibility_timeout = \"4s\"",
+        "visibility_timeout = \"30s\"",
+    )
+}
+
+/// The number of messages settled by `op` with result `ok`, from `/metrics`.
+async fn acks(metrics_addr: std::net::SocketAddr, op: &str) -> f64 {
+    let series = format!(r#"connector_sqs_acks_total{{op="{op}",result="ok"}}"#);
+    http_get(metrics_addr, "/metrics")
+        .await
+        .and_then(|(_, text)| metric(&text, &series))
+        .unwrap_or(0.0)
+}
+
+/// A failed attempt is a durable retry: the message's visibility becomes the retry delay
+/// (here the function's `Retry-After: 2`), and SQS redelivers it then, with the receive
+/// count as the attempt number and the same `ce-id`; not in process, and not after the
+/// 30 s visibility timeout.
+#[tokio::test]
+async fn sqs_retry_is_redelivered_by_sqs_after_the_backoff_delay() {
+    let sqs = Sqs::new();
+    let queue = unique("durable");
+    sqs.create_queue(&queue).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("flaky-fn", &queue, |req, _| {
+        if req.header("x-sqs-receive-count").as_deref() == Some("1") {
+            Reply::status(503).header("retry-after", "2")
+        } else {
+            Reply::ok()
+        }
+    });
+    let (mut connector, metrics_addr) =
+        start_with(&gw, "", SLOW_BACKOFF, &long_visibility_section(&queue, "")).await;
+    sqs.produce(&queue, &[b"retry-me".to_vec()]).await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            gw.requests_to("flaky-fn").len() == 2 && sqs.unacknowledged(&queue).await == 0
+        })
+        .await,
+        "not redelivered and deleted:\n{}",
+        connector.output()
+    );
+    let requests = gw.requests_to("flaky-fn");
+    let gap = requests[1].at.duration_since(requests[0].at);
+    assert!(
+        gap >= Duration::from_secs(2),
+        "redelivered after {gap:?}, before Retry-After"
+    );
+    assert!(
+        gap < Duration::from_secs(10),
+        "redelivered after {gap:?}: the visibility timeout, not the retry delay"
+    );
+    assert_eq!(
+        requests[1].header("x-sqs-receive-count").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        requests[1].header("x-delivery-attempt").as_deref(),
+        Some("2")
+    );
+    assert_eq!(requests[0].header("ce-id"), requests[1].header("ce-id"));
+    assert_eq!(acks(metrics_addr, "retry_later").await, 1.0);
+    assert!(connector.terminate(WITHIN).await.success());
+}
+
+/// The connector is SIGKILLed while a retry waits: the message still comes back after the
+/// retry delay (visibility 4 s), not after the 30 s visibility timeout, and a new
+/// connector delivers it.
+#[tokio::test]
+async fn sqs_retry_survives_sigkill_during_the_backoff_wait() {
+    let sqs = Sqs::new();
+    let queue = unique("durable-kill");
+    sqs.create_queue(&queue).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("flaky-fn", &queue, |req, _| {
+        if req.header("x-sqs-receive-count").as_deref() == Some("1") {
+            Reply::status(503).header("retry-after", "4")
+        } else {
+            Reply::ok()
+        }
+    });
+    let section = long_visibility_section(&queue, "");
+    let (mut connector, metrics_addr) = start_with(&gw, "", SLOW_BACKOFF, &section).await;
+    sqs.produce(&queue, &[b"survive".to_vec()]).await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            acks(metrics_addr, "retry_later").await >= 1.0
+        })
+        .await,
+        "the retry was not handed to SQS:\n{}",
+        connector.output()
+    );
+    connector.kill();
+    assert_eq!(gw.requests_to("flaky-fn").len(), 1);
+    let (mut connector, _) = start_with(&gw, "", SLOW_BACKOFF, &section).await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            gw.requests_to("flaky-fn").len() == 2 && sqs.unacknowledged(&queue).await == 0
+        })
+        .await,
+        "not redelivered after the kill:\n{}",
+        connector.output()
+    );
+    let requests = gw.requests_to("flaky-fn");
+    let gap = requests[1].at.duration_since(requests[0].at);
+    assert!(
+        gap >= Duration::from_secs(4),
+        "redelivered after {gap:?}, before the retry delay"
+    );
+    assert!(
+        gap < Duration::from_secs(20),
+        "redelivered after {gap:?}: the visibility timeout, not the retry delay"
+    );
+    assert_eq!(
+        requests[1].header("x-sqs-receive-count").as_deref(),
+        Some("2")
+    );
+    assert!(connector.terminate(WITHIN).await.success());
+}
+
+/// On a FIFO queue, a message that fails stops its group: the later messages of the group
+/// that arrived in the same receive are given back untouched, and delivered only after
+/// the failed one succeeded on its redelivery. Another group goes on meanwhile.
+/// `max_attempts` 3: the first message is retrying; 1: it is held (no dead-letter queue).
+async fn fifo_group_waits_behind(max_attempts: u32) {
+    let sqs = Sqs::new();
+    let queue = format!("{}.fifo", unique("fifo-stop"));
+    let url = sqs.create_queue(&queue).await;
+    let mut n = 0;
+    for body in ["a-0", "a-1", "a-2", "b-0"] {
+        n += 1;
+        sqs.client
+            .send_message()
+            .queue_url(&url)
+            .message_body(body)
+            .message_group_id(&body[..1])
+            .message_deduplication_id(n.to_string())
+            .send()
+            .await
+            .unwrap();
+    }
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("fifo-fn", &queue, |req, _| {
+        if req.body.as_ref() == b"a-0" && req.header("x-sqs-receive-count").as_deref() == Some("1")
+        {
+            Reply::status(503).header("retry-after", "2")
+        } else {
+            Reply::ok()
+        }
+    });
+    // Both messages of the batch are received at once (pollers = 1, 10 per receive).
+    let (mut connector, metrics_addr) = start_with(
+        &gw,
+        &format!("max_attempts = {max_attempts}"),
+        SLOW_BACKOFF,
+        &long_visibility_section(&queue, "pollers = 1"),
+    )
+    .await;
+    let bodies = |gw: &FakeGateway| -> Vec<String> {
+        gw.requests_to("fifo-fn")
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .collect()
+    };
+    assert!(
+        eventually_async(WITHIN, || async {
+            bodies(&gw).len() == 5 && sqs.unacknowledged(&queue).await == 0
+        })
+        .await,
+        "not all delivered and deleted: {:?}\n{}",
+        bodies(&gw),
+        connector.output()
+    );
+    let all = bodies(&gw);
+    let group_a: Vec<&String> = all.iter().filter(|b| b.starts_with("a-")).collect();
+    assert_eq!(
+        group_a,
+        ["a-0", "a-0", "a-1", "a-2"],
+        "group a out of order: {all:?}"
+    );
+    let position = |body: &str| all.iter().rposition(|b| b == body).unwrap();
+    assert!(
+        position("b-0") < position("a-0"),
+        "group b waited for group a: {all:?}"
+    );
+    assert!(
+        acks(metrics_addr, "release").await >= 2.0,
+        "a-1 and a-2 not released"
+    );
+    assert!(connector.terminate(WITHIN).await.success());
+}
+
+#[tokio::test]
+async fn sqs_fifo_retrying_message_stops_its_group() {
+    fifo_group_waits_behind(3).await;
+}
+
+#[tokio::test]
+async fn sqs_fifo_held_message_stops_its_group() {
+    fifo_group_waits_behind(1).await;
 }

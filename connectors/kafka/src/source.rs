@@ -570,6 +570,8 @@ impl Poller {
                 Disposition::Ack => Settled::Ack,
                 Disposition::Hold => Settled::Hold,
                 Disposition::Release => Settled::Release,
+                // Only with broker retries, which this connector does not turn on.
+                Disposition::Retry { .. } => Settled::Release,
             };
             if settled == Settled::Ack
                 && let Some(replies) = &replies

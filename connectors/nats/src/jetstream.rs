@@ -323,6 +323,8 @@ impl Source for JetStreamSource {
                 AckKind::Nak(Some(delay))
             }
             Disposition::Release => AckKind::Nak(None),
+            // Only with broker retries, which this connector does not turn on.
+            Disposition::Retry { after } => AckKind::Nak(Some(after)),
         };
         ack.acker
             .ack_with(kind)

@@ -337,6 +337,11 @@ impl Source for StreamsSource {
                 let attempted = outcome.deliveries.iter().any(|d| d.attempts > 0);
                 self.send(AckOp::Release { entry, attempted });
             }
+            // Only with broker retries, which this connector does not turn on: give it back.
+            Disposition::Retry { .. } => {
+                let attempted = outcome.deliveries.iter().any(|d| d.attempts > 0);
+                self.send(AckOp::Release { entry, attempted });
+            }
         }
         Ok(())
     }

@@ -2,9 +2,10 @@
 //!
 //! Every received message holds a [`Lease`] until it is settled. The heartbeat renews the
 //! visibility of leases older than a quarter of the visibility timeout, so a message is
-//! renewed at the latest halfway through its visibility: long invocations and in-process
-//! retries are never redelivered meanwhile, and if the process dies SQS redelivers the
-//! message one visibility timeout after its last renewal at most.
+//! renewed at the latest halfway through its visibility: long invocations are never
+//! redelivered meanwhile, and if the process dies SQS redelivers the message one
+//! visibility timeout after its last renewal at most. (Retries do not hold a lease: a
+//! retrying message is settled with its backoff delay as its visibility.)
 //!
 //! Settlements go through one task that batches them per queue and operation
 //! (DeleteMessageBatch, ChangeMessageVisibilityBatch, 10 entries each) over a short window,

@@ -60,9 +60,9 @@ pub struct SqsConfig {
     /// (default: `"30s"`)
     #[serde(with = "config::duration")]
     pub visibility_timeout: Duration,
-    /// Renew the visibility of messages still in flight every third of
-    /// `visibility_timeout`, so long invocations and in-process retries are not
-    /// redelivered meanwhile. Without it, `visibility_timeout` must exceed
+    /// Renew the visibility of messages still in flight every quarter of
+    /// `visibility_timeout`, so long invocations are not redelivered meanwhile (retries
+    /// do not need it: a retrying message is given back with its backoff delay). Without it, `visibility_timeout` must exceed
     /// `connector.upstream_timeout`. Env `sqs_heartbeat`. (default: `true`)
     #[serde(with = "config::flag")]
     pub heartbeat: bool,
@@ -178,7 +178,7 @@ impl Config {
                 format!(
                     "{} does not cover connector.upstream_timeout ({}) and sqs.heartbeat is off, so \
                      a message could be redelivered while its function still runs; set \
-                     sqs.visibility_timeout above {} (and above the time retries take), or set \
+                     sqs.visibility_timeout above {}, or set \
                      sqs.heartbeat = true",
                     humantime::format_duration(sqs.visibility_timeout),
                     humantime::format_duration(timeout),

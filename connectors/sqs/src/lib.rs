@@ -8,16 +8,23 @@
 //! `X-SQS-Attr-<name>` per String or Number message attribute. Retries of a message
 //! continue across receives: `X-Delivery-Attempt` starts from its receive count.
 //!
-//! Retries: the SDK retries a failed delivery in process, with backoff, while the
-//! heartbeat keeps the message invisible; if the connector dies meanwhile, SQS redelivers
-//! it one visibility timeout after the last renewal. A message whose attempts are used up
-//! and that cannot be dead-lettered is made visible again after a backoff delay
-//! (ChangeMessageVisibility), so SQS redelivers it and the queue's redrive policy counts
-//! the receive.
+//! Retries are durable: the dispatcher runs with broker retries, so a failed attempt that
+//! may be retried ends its delivery at once, and the message's visibility is set to the
+//! backoff delay (ChangeMessageVisibility, at least the function's `Retry-After`, in whole
+//! seconds). SQS redelivers it after that delay whether or not this process is still
+//! alive, and its receive count carries the attempt number, so `max_attempts` counts
+//! across receives and exhaustion still dead-letters. On fan-out (several functions on
+//! one topic) the whole message comes back, so a function that already accepted it is
+//! invoked again with the same `ce-id`: functions deduplicate on it. A message whose
+//! attempts are used up and that cannot be dead-lettered is made visible again after a
+//! backoff delay too, so SQS redelivers it and the queue's redrive policy counts the
+//! receive.
 //!
-//! Known limit: on a FIFO queue, when a message is held (attempts used up, no dead-letter
-//! queue), later messages of its group that arrived in the same receive still go ahead:
-//! the SDK's key lane does not stop behind a message that was not acknowledged.
+//! FIFO queues: messages of one MessageGroupId go one after another (the group id is the
+//! SDK's ordering key). A message that is retrying or held stops its group: the messages
+//! of the group received with it and queued behind it are released (visibility 0) without
+//! being delivered, and SQS, which hands out nothing more of a group while a message of it
+//! is in flight, delivers them again after it.
 //!
 //! Modules: [`config`] (`[sqs]`), [`queue`] (client, queue resolution, depth),
 //! [`source`] (pollers, settle), [`acker`] (batched deletes, visibility changes,
@@ -106,6 +113,7 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), SqsError> {
         }
     }
     let sqs = config.sqs.clone();
+    runtime = runtime.broker_retries(true).strict_lanes(true);
     runtime
         .run(|ctx: SourceContext| async move {
             let depth = tokio::spawn(depth_loop(

@@ -12,7 +12,8 @@
 //! | disposition | SQS |
 //! | --- | --- |
 //! | Ack | DeleteMessageBatch |
-//! | Release (shutdown) | visibility 0: redelivered now |
+//! | Release (shutdown; or queued behind a FIFO message that was not acknowledged) | visibility 0: redelivered now |
+//! | Retry (an attempt failed, attempts remain) | visibility = the backoff delay: redelivered then, even if this process died |
 //! | Hold (failed for good, no dead-letter queue) | visibility = backoff for its receive count: redelivered later, moved by the redrive policy after `maxReceiveCount` |
 
 use std::sync::Arc;
@@ -161,6 +162,7 @@ impl Source for SqsSource {
             Disposition::Hold => {
                 Settlement::Visible(retry_delay(&self.backoff, receipt.receive_count))
             }
+            Disposition::Retry { after } => Settlement::Visible(visibility_secs(after)),
         };
         self.settle_as(receipt, settlement).await
     }
@@ -191,6 +193,16 @@ fn retry_delay(backoff: &Backoff, receive_count: u32) -> i32 {
         .as_secs_f64()
         .ceil()
         .clamp(1.0, MAX_VISIBILITY.as_secs_f64());
+    secs as i32
+}
+
+/// A retry delay as a visibility timeout: whole seconds, rounded up (so a retry never comes
+/// back sooner than asked), at most 12 h.
+fn visibility_secs(after: Duration) -> i32 {
+    let secs = after
+        .as_secs_f64()
+        .ceil()
+        .clamp(0.0, MAX_VISIBILITY.as_secs_f64());
     secs as i32
 }
 
@@ -329,9 +341,11 @@ fn convert(
     message.add_header(headers::RECEIVE_COUNT, &receive_count.to_string());
     if let Some(group) = group {
         message.add_header(headers::GROUP_ID, &group);
+        // Per queue: two FIFO queues may use the same group ids.
+        let key = format!("{}\n{group}", queue.url);
         message = message
             .with_coordinate("message-group-id", &group)
-            .with_ordering_key(group.into_bytes());
+            .with_ordering_key(key.into_bytes());
     }
     let mut names: Vec<&String> = attributes.keys().collect();
     names.sort();
@@ -432,7 +446,10 @@ mod tests {
         assert_eq!(message.id, "m-1");
         assert_eq!(message.payload.as_ref(), b"hello");
         assert_eq!(message.prior_attempts, 2);
-        assert_eq!(message.ordering_key.as_deref(), Some(&b"g1"[..]));
+        assert_eq!(
+            message.ordering_key.as_deref(),
+            Some(format!("{}\ng1", q.url).as_bytes())
+        );
         assert_eq!(
             message.time,
             Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_000))
@@ -486,5 +503,14 @@ mod tests {
             max: Duration::from_secs(100_000),
         };
         assert_eq!(retry_delay(&huge, 10), 43_200);
+    }
+
+    #[test]
+    fn a_retry_delay_becomes_whole_seconds_never_shorter() {
+        assert_eq!(visibility_secs(Duration::ZERO), 0);
+        assert_eq!(visibility_secs(Duration::from_millis(1)), 1);
+        assert_eq!(visibility_secs(Duration::from_millis(2_000)), 2);
+        assert_eq!(visibility_secs(Duration::from_millis(2_001)), 3);
+        assert_eq!(visibility_secs(Duration::from_secs(100_000)), 43_200);
     }
 }
