@@ -11,6 +11,7 @@
 //!   server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod config_keys;
 pub mod scenarios;
 
 use std::net::SocketAddr;
