@@ -366,9 +366,9 @@ async fn process_runtime_follows_the_classic_watchdog() {
     let gw = start(|_| {}).await;
     let script = gw.script(
         "env.py",
-        "import os, sys\nbody = sys.stdin.read()\nprint(os.environ.get('Http_X_Custom'), os.environ.get('Http_Method'), os.environ.get('Http_Path'), os.environ.get('Http_Query'), os.environ.get('mode'), os.environ.get('fprocess') is not None, body, sep='|')\nprint('to the log', file=sys.stderr)\n",
+        "import os, sys\nbody = sys.stdin.read()\nprint(os.environ.get('Http_X_Custom'), os.environ.get('Http_Method'), os.environ.get('Http_Path'), os.environ.get('Http_Query'), os.environ.get('mode'), os.environ.get('fprocess') is not None, os.environ.get('team'), os.environ.get('com.openfaas.scale.max'), body, sep='|')\nprint('to the log', file=sys.stderr)\n",
     );
-    gw.deploy(json!({"service": "env", "image": "i", "envProcess": format!("python3 {script}"), "envVars": {"mode": "m1"}}))
+    gw.deploy(json!({"service": "env", "image": "i", "envProcess": format!("python3 {script}"), "envVars": {"mode": "m1", "team": "from-env"}, "labels": {"team": "from-label", "com.openfaas.scale.max": "3"}}))
         .await;
     let request = Request::put("/function/env/sub/path?x=1")
         .header("x-custom", "yes")
@@ -387,7 +387,7 @@ async fn process_runtime_follows_the_classic_watchdog() {
     );
     assert_eq!(
         text(response).await.trim(),
-        "yes|PUT|/sub/path|x=1|m1|True|payload"
+        "yes|PUT|/sub/path|x=1|m1|True|from-env|3|payload"
     );
 
     let logs = gw.call("GET", "/system/logs?name=env&tail=10", "").await.1;

@@ -45,6 +45,8 @@ pub struct FunctionSpec {
     pub health_path: String,
     /// `envVars` as deployed.
     pub env: StringMap,
+    /// `labels` as deployed, also given to the function in its environment.
+    pub labels: StringMap,
     /// `exec_timeout` from `envVars`.
     pub exec_timeout: Option<Duration>,
     /// `max_inflight` from `envVars` (0 or absent: no limit).
@@ -154,6 +156,10 @@ impl FunctionSpec {
             None => None,
         };
         let scaling = Scaling::from_labels(&labels, zero_after)?;
+        let labels: StringMap = labels
+            .into_iter()
+            .filter(|(key, _)| valid_env_name(key))
+            .collect();
         Ok(Self {
             function,
             runtime,
@@ -163,6 +169,7 @@ impl FunctionSpec {
             health_path,
             content_type: env.get("content_type").cloned(),
             env,
+            labels,
             exec_timeout,
             max_inflight,
             scaling,
@@ -170,7 +177,9 @@ impl FunctionSpec {
     }
 
     /// Sets the function's environment on `command`: a few variables of the gateway's
-    /// own, then `envVars`, then `fprocess`.
+    /// own, then the labels under their own names (`com.openfaas.scale.min` included;
+    /// read them with `os.environ`/`getenv`, as shells cannot name a variable with dots),
+    /// then `envVars`, which win over a label of the same name, then `fprocess`.
     pub fn apply_env(&self, command: &mut tokio::process::Command) {
         command.env_clear();
         for name in INHERITED_ENV {
@@ -178,9 +187,16 @@ impl FunctionSpec {
                 command.env(name, value);
             }
         }
+        command.envs(&self.labels);
         command.envs(&self.env);
         command.env("fprocess", self.argv.join(" "));
     }
+}
+
+/// Whether `name` can be an environment variable: not empty, no `=` and no NUL (what
+/// the process environment itself forbids). Labels that cannot are left out of it.
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['=', '\0'])
 }
 
 impl Scaling {
