@@ -18,6 +18,8 @@
 //! - [`response`]: bounded response subscribers; the OpenFaaS print options.
 //! - [`metrics`] and [`server`]: `connector_` metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
+//! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
+//!   path, removed once delivered.
 //!
 //! See `examples/timer_connector.rs` for a complete connector built on the public API.
 
@@ -29,6 +31,7 @@ pub mod error;
 pub mod gateway;
 pub mod message;
 pub mod metrics;
+pub mod replay;
 pub mod response;
 pub mod runtime;
 pub mod server;

@@ -24,4 +24,10 @@ pub enum Error {
     /// The run harness failed (metrics address in use, signals, a fatal source error).
     #[error(transparent)]
     Runtime(#[from] SdkError),
+    /// `replay` cannot start (no dead-letter stream, Redis unreachable).
+    #[error("replay: {0}")]
+    ReplaySetup(String),
+    /// `replay` stopped: reading, removing or keeping a dead letter failed.
+    #[error(transparent)]
+    Replay(#[from] connector_sdk::replay::ReplayError),
 }

@@ -9,6 +9,7 @@
 //! - [`streams`]: the consumer-group source: reader, claimer, acker, backlog measurer.
 //! - [`pubsub`]: the SUBSCRIBE / PSUBSCRIBE source.
 //! - [`dead_letter`]: the dead-letter stream sink.
+//! - [`replay`]: `redis-connector replay`: dead letters back to their functions.
 //! - [`metrics`]: `connector_redis_*` (pending entries, group lag, claims, errors).
 //! - [`error`]: the crate's error type.
 //!
@@ -23,6 +24,7 @@ pub mod entry;
 pub mod error;
 pub mod metrics;
 pub mod pubsub;
+pub mod replay;
 pub mod streams;
 
 use std::sync::Arc;

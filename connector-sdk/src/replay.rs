@@ -1,0 +1,850 @@
+//! Dead-letter replay: the `replay` subcommand every broker connector offers.
+//!
+//! A connector reads its dead-letter destination through a [`DeadLetterStore`] (the only
+//! broker-specific part: read, remove, keep). [`Replayer`] does the rest, the same for
+//! every broker:
+//!
+//! 1. each stored letter's provenance (the `x-dead-letter-*` names of
+//!    [`crate::dead_letter::names`]) is decoded back into the original [`Message`]
+//!    (topic, payload, `ce-id`, source coordinates, source headers) and the function that
+//!    failed ([`ReplayLetter`]);
+//! 2. letters not for `--function`, or that cannot be decoded, are skipped and kept;
+//! 3. each other letter is delivered through a [`Dispatcher`], the normal path (verdicts,
+//!    retries with backoff, the usual headers and `ce-id`, metrics), to the function named
+//!    in its provenance only (`submit_to`), one letter at a time;
+//! 4. a letter is removed from the dead-letter destination only when its delivery ended
+//!    [`DeliveryOutcome::Delivered`]. Any other end (rejected again, out of attempts,
+//!    dropped by a `drop` status, interrupted) keeps it where it is, unchanged: the replay
+//!    dispatcher has no dead-letter sink and `on_exhausted = "block"`, so a second failure
+//!    never writes a second letter, and the first failure's provenance (which function,
+//!    first failure time) stays true. The failure is printed in the run's output instead;
+//! 5. `--dry-run` prints what would be replayed and touches nothing;
+//! 6. a summary line ends the output: replayed, failed, skipped.
+//!
+//! A replay reads only the letters present when it started (each store bounds its read),
+//! so letters kept by this run, or written meanwhile, are not read twice.
+//!
+//! A replayed delivery starts again at `X-Delivery-Attempt: 1` with the full
+//! `max_attempts`: the earlier attempts are in the provenance, not in the new budget.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{OnExhausted, SdkConfig};
+use crate::dead_letter::names;
+use crate::dispatcher::Dispatcher;
+use crate::error::SdkError;
+use crate::gateway::GatewayClient;
+use crate::message::{DeliveryOutcome, Message, MessageOutcome};
+use crate::metrics::Metrics;
+use crate::topic_map::{FunctionRef, TopicMap, TopicMapHandle};
+
+/// The `replay` subcommand's arguments, shared by every connector (`--config` is the
+/// binary's own, global flag).
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct ReplayArgs {
+    /// Replay at most this many letters (skipped letters do not count); unset: all of
+    /// them.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Print what would be replayed (function, original coordinates, reason, attempts)
+    /// and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Replay only letters whose provenance names this function (`name` or
+    /// `name.namespace`, as in `x-dead-letter-function`); the others are kept.
+    #[arg(long, value_name = "NAME")]
+    pub function: Option<String>,
+}
+
+/// A dead letter read back: the original message, the function it failed for, and why.
+#[derive(Debug, Clone)]
+pub struct ReplayLetter {
+    /// The message as the function first received it (headers included).
+    pub message: Message,
+    /// The function named in the provenance.
+    pub function: FunctionRef,
+    /// The provenance, decoded.
+    pub provenance: Provenance,
+}
+
+/// The provenance of a stored dead letter, decoded from its `x-dead-letter-*` pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provenance {
+    /// `x-dead-letter-function`.
+    pub function: String,
+    /// `x-dead-letter-topic`.
+    pub topic: String,
+    /// `x-dead-letter-id` (`ce-id`).
+    pub id: String,
+    /// `x-dead-letter-reason`: `rejected` or `exhausted` (kept as text).
+    pub reason: Option<String>,
+    /// `x-dead-letter-status`.
+    pub status: Option<u16>,
+    /// `x-dead-letter-error`.
+    pub error: Option<String>,
+    /// `x-dead-letter-response`.
+    pub response: Option<String>,
+    /// `x-dead-letter-attempts`.
+    pub attempts: Option<u32>,
+    /// `x-dead-letter-first-failure`.
+    pub first_failure: Option<SystemTime>,
+    /// `x-dead-letter-last-failure`.
+    pub last_failure: Option<SystemTime>,
+    /// `x-dead-letter-source-*`, in the order written: the original coordinates.
+    pub coordinates: Vec<(String, String)>,
+}
+
+/// Why a stored letter cannot be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A provenance entry every dead letter carries is missing.
+    #[error("no `{0}` in the letter's provenance")]
+    Missing(&'static str),
+    /// The letter is not in the shape this connector writes.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl Provenance {
+    /// Whether `name` is a provenance name (`x-dead-letter-*`, any case).
+    pub fn is_provenance(name: &str) -> bool {
+        name.len() >= PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+    }
+
+    /// Decodes the `x-dead-letter-*` pairs among `pairs` (names in any case; other names
+    /// are ignored). `function`, `topic` and `id` are required; the rest is informative.
+    pub fn parse<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, DecodeError> {
+        let mut known: BTreeMap<String, String> = BTreeMap::new();
+        let mut coordinates = Vec::new();
+        for (name, value) in pairs {
+            if !Self::is_provenance(name) {
+                continue;
+            }
+            let name = name.to_ascii_lowercase();
+            if let Some(coordinate) = name.strip_prefix(names::SOURCE_PREFIX) {
+                coordinates.push((coordinate.to_owned(), value.to_owned()));
+            } else {
+                known.insert(name, value.to_owned());
+            }
+        }
+        let mut take = |name: &'static str| known.remove(name);
+        let required = |value: Option<String>, name: &'static str| {
+            value
+                .filter(|v| !v.is_empty())
+                .ok_or(DecodeError::Missing(name))
+        };
+        let time = |value: Option<String>| {
+            value.and_then(|v| humantime::parse_rfc3339_weak(v.trim()).ok())
+        };
+        Ok(Self {
+            function: required(take(names::FUNCTION), names::FUNCTION)?,
+            topic: required(take(names::TOPIC), names::TOPIC)?,
+            id: required(take(names::ID), names::ID)?,
+            reason: take(names::REASON),
+            status: take(names::STATUS).and_then(|s| s.trim().parse().ok()),
+            error: take(names::ERROR),
+            response: take(names::RESPONSE),
+            attempts: take(names::ATTEMPTS).and_then(|s| s.trim().parse().ok()),
+            first_failure: time(take(names::FIRST_FAILURE)),
+            last_failure: time(take(names::LAST_FAILURE)),
+            coordinates,
+        })
+    }
+
+    /// The function to invoke.
+    pub fn function_ref(&self) -> FunctionRef {
+        // `name.namespace` is kept whole: it is exactly what the gateway was called with.
+        FunctionRef::new(&self.function, None)
+    }
+
+    /// The original coordinate `name` (`partition`, `offset`, `stream`, ...).
+    pub fn coordinate(&self, name: &str) -> Option<&str> {
+        self.coordinates
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The original message's skeleton: topic, `payload`, `ce-id`, `source` (`ce-source`,
+    /// which the connector knows) and coordinates. The connector adds the source headers,
+    /// content type and anything else it can restore.
+    pub fn message(&self, payload: impl Into<Bytes>, source: impl Into<String>) -> Message {
+        let mut message = Message::new(self.topic.clone(), payload, self.id.clone(), source);
+        message.coordinates = self.coordinates.clone();
+        message
+    }
+
+    /// A one-line description for the replay's output.
+    fn describe(&self) -> String {
+        let mut out = format!(
+            "function={} topic={} id={}",
+            self.function, self.topic, self.id
+        );
+        if let Some(r) = &self.reason {
+            out.push_str(&format!(" reason={r}"));
+        }
+        if let Some(s) = self.status {
+            out.push_str(&format!(" status={s}"));
+        }
+        if let Some(a) = self.attempts {
+            out.push_str(&format!(" attempts={a}"));
+        }
+        if let Some(t) = self.last_failure {
+            out.push_str(&format!(
+                " last-failure={}",
+                humantime::format_rfc3339_millis(t)
+            ));
+        }
+        for (k, v) in &self.coordinates {
+            out.push_str(&format!(" {k}={v}"));
+        }
+        out
+    }
+}
+
+const PREFIX: &str = "x-dead-letter-";
+
+/// One letter as a store read it.
+#[derive(Debug)]
+pub struct StoredLetter<H> {
+    /// Where it sits in the dead-letter destination (`orders:dead-letter 1700000000000-0`,
+    /// `dead-letters/0@17`), for the output.
+    pub location: String,
+    /// The decoded letter, or why it cannot be replayed (it is then skipped and kept).
+    pub letter: Result<ReplayLetter, DecodeError>,
+    /// What [`DeadLetterStore::remove`] or [`DeadLetterStore::keep`] needs.
+    pub handle: H,
+}
+
+/// An error of a dead-letter destination.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+impl StoreError {
+    /// An error from anything printable.
+    pub fn new(e: impl std::fmt::Display) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// A connector's dead-letter destination, as replay reads it.
+#[async_trait::async_trait]
+pub trait DeadLetterStore: Send {
+    /// What removing or keeping one letter needs: an entry id, an offset, a receipt
+    /// handle, a JetStream message.
+    type Handle: Send;
+
+    /// The next letters, oldest first. An empty batch means every letter that was there
+    /// when the replay started has been read.
+    async fn next_batch(&mut self) -> Result<Vec<StoredLetter<Self::Handle>>, StoreError>;
+
+    /// Removes a letter that was delivered (XDEL, commit past it, DeleteMessage, ack).
+    async fn remove(&mut self, handle: Self::Handle) -> Result<(), StoreError>;
+
+    /// Leaves a letter that was not delivered, or was skipped, in the destination, if the
+    /// broker needs anything for that (Kafka writes it again at the end of the topic before
+    /// moving past it). Not called on a dry run.
+    async fn keep(&mut self, handle: Self::Handle) -> Result<(), StoreError> {
+        let _ = handle;
+        Ok(())
+    }
+
+    /// Called once at the end, dry run included: return what is still held, close.
+    async fn finish(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// Why a replay stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The SDK could not be set up (gateway client, configuration).
+    #[error(transparent)]
+    Sdk(#[from] SdkError),
+    /// Reading the dead-letter destination failed.
+    #[error("reading the dead letters failed: {0}")]
+    Read(#[source] StoreError),
+    /// Removing a delivered letter failed: it stays and would be replayed again.
+    #[error(
+        "removing delivered letter {location} failed (it stays and will be replayed again): {source}"
+    )]
+    Remove {
+        /// The letter.
+        location: String,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// Keeping a letter failed.
+    #[error("keeping letter {location} failed: {source}")]
+    Keep {
+        /// The letter.
+        location: String,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// Finishing (committing, releasing) failed.
+    #[error("finishing the replay failed: {0}")]
+    Finish(#[source] StoreError),
+    /// The output could not be written.
+    #[error("writing the replay's output failed: {0}")]
+    Output(#[from] std::io::Error),
+    /// Some letters failed again (they were kept): see [`Summary::check`].
+    #[error("{failed} dead letter(s) failed again and were kept")]
+    Failed {
+        /// How many.
+        failed: usize,
+    },
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Delivered and removed (on a dry run: would be replayed).
+    pub replayed: usize,
+    /// Delivered but failed again: kept.
+    pub failed: usize,
+    /// Not for `--function`, or undecodable: kept.
+    pub skipped: usize,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+impl Summary {
+    /// An error when a letter failed again, so that the binary exits non-zero and a
+    /// script running the replay notices.
+    pub fn check(self) -> Result<Self, ReplayError> {
+        if self.failed > 0 {
+            Err(ReplayError::Failed {
+                failed: self.failed,
+            })
+        } else {
+            Ok(self)
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.dry_run {
+            write!(
+                f,
+                "dry run: {} would be replayed, {} skipped; nothing was removed",
+                self.replayed, self.skipped
+            )
+        } else {
+            write!(
+                f,
+                "replay: {} replayed, {} failed, {} skipped",
+                self.replayed, self.failed, self.skipped
+            )
+        }
+    }
+}
+
+/// Runs a replay: decodes, filters, delivers through the normal path, removes what was
+/// delivered. See the module docs.
+pub struct Replayer {
+    dispatcher: Dispatcher,
+    args: ReplayArgs,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Replayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replayer")
+            .field("args", &self.args)
+            .finish()
+    }
+}
+
+impl Replayer {
+    /// A replayer for connector `name` (sent as `X-Connector`) invoking through the
+    /// gateway of `config`, with its retry policy and status classes. Nothing connects.
+    pub fn new(name: &str, config: &SdkConfig, args: ReplayArgs) -> Result<Self, SdkError> {
+        config.validate()?;
+        let mut config = config.clone();
+        // A delivery that fails again is held (its letter kept), never dropped.
+        config.on_exhausted = OnExhausted::Block;
+        let gateway = GatewayClient::new(name, &config)?;
+        let (metrics, _registry) = Metrics::standalone(name);
+        // `submit_to` names the function; the topic map is never consulted.
+        let dispatcher =
+            Dispatcher::builder(gateway, TopicMapHandle::new(), &config, metrics).build();
+        Ok(Self {
+            dispatcher,
+            args,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Cancelling this token stops the replay after the current letter (a running
+    /// delivery is cut short and its letter kept).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Cancels the shutdown token on SIGTERM or SIGINT (for the binaries).
+    pub fn stop_on_signals(&self) -> Result<(), SdkError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(SdkError::Signals)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(SdkError::Signals)?;
+        let token = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("replay interrupted: stopping after the current letter");
+            token.cancel();
+        });
+        Ok(())
+    }
+
+    /// Replays `store`'s letters, writing one line per letter and the summary to `out`.
+    pub async fn run<S: DeadLetterStore>(
+        &self,
+        mut store: S,
+        out: &mut (dyn Write + Send),
+    ) -> Result<Summary, ReplayError> {
+        let result = self.replay(&mut store, out).await;
+        let finished = store.finish().await.map_err(ReplayError::Finish);
+        let summary = result?;
+        finished?;
+        writeln!(out, "{summary}")?;
+        out.flush()?;
+        Ok(summary)
+    }
+
+    async fn replay<S: DeadLetterStore>(
+        &self,
+        store: &mut S,
+        out: &mut (dyn Write + Send),
+    ) -> Result<Summary, ReplayError> {
+        let dry_run = self.args.dry_run;
+        let limit = self.args.limit.unwrap_or(usize::MAX);
+        let mut summary = Summary {
+            dry_run,
+            ..Summary::default()
+        };
+        let mut attempted = 0usize;
+        'read: while attempted < limit && !self.shutdown.is_cancelled() {
+            let batch = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break 'read,
+                b = store.next_batch() => b.map_err(ReplayError::Read)?,
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let mut batch = batch.into_iter();
+            while let Some(stored) = batch.next() {
+                let StoredLetter {
+                    location,
+                    letter,
+                    handle,
+                } = stored;
+                if attempted >= limit || self.shutdown.is_cancelled() {
+                    // Read but not to be replayed in this run: keep it, and the rest.
+                    if !dry_run {
+                        self.keep(store, handle, &location).await?;
+                        for rest in batch.by_ref() {
+                            self.keep(store, rest.handle, &rest.location).await?;
+                        }
+                    }
+                    break 'read;
+                }
+                let letter = match letter {
+                    Ok(letter) => letter,
+                    Err(e) => {
+                        writeln!(out, "skipped {location}: {e}")?;
+                        tracing::warn!(%location, error = %e, "dead letter cannot be replayed; kept");
+                        summary.skipped += 1;
+                        if !dry_run {
+                            self.keep(store, handle, &location).await?;
+                        }
+                        continue;
+                    }
+                };
+                if let Some(wanted) = &self.args.function
+                    && letter.function.as_str() != wanted
+                {
+                    summary.skipped += 1;
+                    if !dry_run {
+                        self.keep(store, handle, &location).await?;
+                    }
+                    continue;
+                }
+                attempted += 1;
+                let described = letter.provenance.describe();
+                if dry_run {
+                    writeln!(out, "would replay {location} {described}")?;
+                    summary.replayed += 1;
+                    continue;
+                }
+                let outcome = self.deliver(letter).await;
+                let delivered = !outcome.interrupted
+                    && !outcome.deliveries.is_empty()
+                    && outcome
+                        .deliveries
+                        .iter()
+                        .all(|d| d.outcome == DeliveryOutcome::Delivered);
+                if delivered {
+                    store
+                        .remove(handle)
+                        .await
+                        .map_err(|source| ReplayError::Remove {
+                            location: location.clone(),
+                            source,
+                        })?;
+                    writeln!(out, "replayed {location} {described}")?;
+                    summary.replayed += 1;
+                } else {
+                    let why = failure(&outcome);
+                    writeln!(out, "failed {location} {described} ({why}); kept")?;
+                    tracing::warn!(%location, why, "replay failed; the letter is kept");
+                    summary.failed += 1;
+                    self.keep(store, handle, &location).await?;
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    async fn keep<S: DeadLetterStore>(
+        &self,
+        store: &mut S,
+        handle: S::Handle,
+        location: &str,
+    ) -> Result<(), ReplayError> {
+        store
+            .keep(handle)
+            .await
+            .map_err(|source| ReplayError::Keep {
+                location: location.to_owned(),
+                source,
+            })
+    }
+
+    async fn deliver(&self, letter: ReplayLetter) -> MessageOutcome {
+        let interrupted = MessageOutcome {
+            id: letter.message.id.clone(),
+            deliveries: Vec::new(),
+            interrupted: true,
+        };
+        let functions: Arc<[FunctionRef]> = Arc::new([letter.function]);
+        let completion = match self.dispatcher.submit_to(letter.message, functions).await {
+            Ok(c) => c,
+            Err(_) => return interrupted,
+        };
+        let completion = std::pin::pin!(completion);
+        let mut completion = completion;
+        tokio::select! {
+            outcome = &mut completion => outcome,
+            () = self.shutdown.cancelled() => {
+                // No new attempt starts; a running one may finish and still count.
+                self.dispatcher.drain();
+                completion.await
+            }
+        }
+    }
+}
+
+/// Why a replayed delivery did not count as delivered, for the output.
+fn failure(outcome: &MessageOutcome) -> String {
+    if outcome.interrupted {
+        return "interrupted".to_owned();
+    }
+    outcome
+        .deliveries
+        .iter()
+        .map(|d| {
+            let status = d
+                .response
+                .as_ref()
+                .map(|r| format!(" status={}", r.status.as_u16()))
+                .unwrap_or_default();
+            let error = d
+                .error
+                .as_ref()
+                .map(|e| format!(" error={e}"))
+                .unwrap_or_default();
+            format!(
+                "{} after {} attempt(s){status}{error}",
+                d.outcome.as_str(),
+                d.attempts
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The topics of the functions the gateway lists right now: where a connector configured
+/// without `topics` looks for dead letters.
+pub async fn gateway_topics(name: &str, config: &SdkConfig) -> Result<Vec<String>, SdkError> {
+    let gateway = GatewayClient::new(name, config)?;
+    let functions = gateway.list_all_functions().await?;
+    let map = TopicMap::build(&functions, &config.topic_delimiter);
+    Ok(map.topics().map(str::to_owned).collect())
+}
+
+/// The topics whose dead letters a replay reads: the configured `topics`, else those of
+/// the gateway's functions.
+pub async fn topics(name: &str, config: &SdkConfig) -> Result<Vec<String>, SdkError> {
+    if config.topics.is_empty() {
+        gateway_topics(name, config).await
+    } else {
+        Ok(config.topics.clone())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::dead_letter::{DeadLetter, DeadLetterReason};
+    use crate::testing::{FakeGateway, Reply};
+
+    fn letter(id: &str, function: &str) -> DeadLetter {
+        let mut message = Message::new("orders", format!("body-{id}"), id, "test://orders")
+            .with_coordinate("partition", 1)
+            .with_coordinate("offset", 9);
+        message.add_header("X-Test", "kept");
+        DeadLetter {
+            message: Arc::new(message),
+            function: FunctionRef::new(function, None),
+            reason: DeadLetterReason::Rejected,
+            status: Some(400),
+            error: None,
+            response_excerpt: Bytes::from_static(b"bad"),
+            attempts: 1,
+            first_failure: SystemTime::UNIX_EPOCH,
+            last_failure: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    /// Decodes what dead_letter.rs writes: headers on top of the provenance.
+    fn decode(letter: &DeadLetter) -> Result<ReplayLetter, DecodeError> {
+        let pairs = letter.provenance();
+        let provenance = Provenance::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        let mut message = provenance.message(letter.message.payload.clone(), "test://orders");
+        message.headers = letter.message.headers.clone();
+        Ok(ReplayLetter {
+            function: provenance.function_ref(),
+            message,
+            provenance,
+        })
+    }
+
+    #[test]
+    fn provenance_round_trips() {
+        let mut l = letter("orders/1/9", "f");
+        l.function = FunctionRef::new("f", Some("ns"));
+        l.error = Some("timeout".into());
+        let pairs: Vec<(String, String)> = l
+            .provenance()
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_uppercase(), v))
+            .chain([("X-Kafka-Key".to_owned(), "k".to_owned())])
+            .collect();
+        let p = Provenance::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        assert_eq!(p.function, "f.ns");
+        assert_eq!(p.function_ref(), FunctionRef::new("f", Some("ns")));
+        assert_eq!(p.topic, "orders");
+        assert_eq!(p.id, "orders/1/9");
+        assert_eq!(p.reason.as_deref(), Some("rejected"));
+        assert_eq!(p.status, Some(400));
+        assert_eq!(p.error.as_deref(), Some("timeout"));
+        assert_eq!(p.response.as_deref(), Some("bad"));
+        assert_eq!(p.attempts, Some(1));
+        assert_eq!(p.first_failure, Some(SystemTime::UNIX_EPOCH));
+        assert_eq!(p.coordinate("partition"), Some("1"));
+        assert_eq!(p.coordinate("offset"), Some("9"));
+        let m = p.message("x", "src");
+        assert_eq!((m.topic.as_str(), m.id.as_str()), ("orders", "orders/1/9"));
+        assert_eq!(m.coordinates, p.coordinates);
+    }
+
+    #[test]
+    fn missing_provenance_is_named() {
+        let e = Provenance::parse([("x-dead-letter-function", "f")]).unwrap_err();
+        assert_eq!(e, DecodeError::Missing(names::TOPIC));
+        assert!(Provenance::is_provenance("X-Dead-Letter-Id"));
+        assert!(!Provenance::is_provenance("x-dead"));
+    }
+
+    /// An in-memory destination recording what replay did.
+    #[derive(Clone, Default)]
+    struct Memory {
+        letters: Arc<Mutex<VecDeque<StoredLetter<String>>>>,
+        removed: Arc<Mutex<Vec<String>>>,
+        kept: Arc<Mutex<Vec<String>>>,
+        finished: Arc<Mutex<bool>>,
+    }
+
+    impl Memory {
+        fn with(letters: Vec<Result<ReplayLetter, DecodeError>>) -> Self {
+            let m = Self::default();
+            for (i, letter) in letters.into_iter().enumerate() {
+                m.letters.lock().unwrap().push_back(StoredLetter {
+                    location: format!("dlq@{i}"),
+                    letter,
+                    handle: format!("dlq@{i}"),
+                });
+            }
+            m
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl DeadLetterStore for Memory {
+        type Handle = String;
+        async fn next_batch(&mut self) -> Result<Vec<StoredLetter<String>>, StoreError> {
+            // Two at a time, to cross batch boundaries.
+            let mut letters = self.letters.lock().unwrap();
+            let n = letters.len().min(2);
+            Ok(letters.drain(..n).collect())
+        }
+        async fn remove(&mut self, handle: String) -> Result<(), StoreError> {
+            self.removed.lock().unwrap().push(handle);
+            Ok(())
+        }
+        async fn keep(&mut self, handle: String) -> Result<(), StoreError> {
+            self.kept.lock().unwrap().push(handle);
+            Ok(())
+        }
+        async fn finish(&mut self) -> Result<(), StoreError> {
+            *self.finished.lock().unwrap() = true;
+            Ok(())
+        }
+    }
+
+    async fn replay(gw: &FakeGateway, args: ReplayArgs, store: Memory) -> (Summary, String) {
+        let mut config = gw.config();
+        config.max_attempts = 2;
+        let replayer = Replayer::new("test-connector", &config, args).unwrap();
+        let mut out = Vec::new();
+        let summary = replayer.run(store, &mut out).await.unwrap();
+        (summary, String::from_utf8(out).unwrap())
+    }
+
+    #[tokio::test]
+    async fn delivered_letters_are_removed_and_failures_kept() {
+        let gw = FakeGateway::start().await.unwrap();
+        gw.function("good", "unrelated", |_, _| Reply::ok());
+        gw.function("bad", "unrelated", |_, _| Reply::status(400));
+        let store = Memory::with(vec![
+            decode(&letter("a", "good")),
+            decode(&letter("b", "bad")),
+            Err(DecodeError::Missing(names::FUNCTION)),
+            decode(&letter("c", "good")),
+        ]);
+        let (summary, out) = replay(&gw, ReplayArgs::default(), store.clone()).await;
+        assert_eq!(
+            (summary.replayed, summary.failed, summary.skipped),
+            (2, 1, 1),
+            "{out}"
+        );
+        assert_eq!(*store.removed.lock().unwrap(), ["dlq@0", "dlq@3"]);
+        assert_eq!(*store.kept.lock().unwrap(), ["dlq@1", "dlq@2"]);
+        assert!(*store.finished.lock().unwrap());
+        assert!(out.contains("failed dlq@1 function=bad"), "{out}");
+        assert!(
+            out.contains("dead_lettered") || out.contains("held"),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("replay: 2 replayed, 1 failed, 1 skipped\n"),
+            "{out}"
+        );
+        // The normal path: original payload, headers and ce-id, attempt 1, one call each.
+        let good = gw.requests_to("good");
+        assert_eq!(good.len(), 2);
+        assert_eq!(&good[0].body[..], b"body-a");
+        assert_eq!(good[0].header("x-test").as_deref(), Some("kept"));
+        assert_eq!(good[0].header("ce-id").as_deref(), Some("a"));
+        assert_eq!(good[0].header("x-topic").as_deref(), Some("orders"));
+        assert_eq!(good[0].header("x-delivery-attempt").as_deref(), Some("1"));
+        assert_eq!(gw.requests_to("bad").len(), 1, "a 4xx is not retried");
+    }
+
+    #[tokio::test]
+    async fn retries_follow_the_policy_and_exhaustion_keeps_the_letter() {
+        let gw = FakeGateway::start().await.unwrap();
+        gw.function("flaky", "t", |_, call| {
+            if call == 0 {
+                Reply::status(503)
+            } else {
+                Reply::ok()
+            }
+        });
+        gw.function("down", "t", |_, _| Reply::status(503));
+        let store = Memory::with(vec![
+            decode(&letter("a", "flaky")),
+            decode(&letter("b", "down")),
+        ]);
+        let (summary, out) = replay(&gw, ReplayArgs::default(), store.clone()).await;
+        assert_eq!((summary.replayed, summary.failed), (1, 1), "{out}");
+        assert_eq!(gw.requests_to("flaky").len(), 2);
+        assert_eq!(gw.requests_to("down").len(), 2, "max_attempts = 2");
+        assert_eq!(*store.removed.lock().unwrap(), ["dlq@0"]);
+        assert_eq!(*store.kept.lock().unwrap(), ["dlq@1"]);
+        assert!(out.contains("held after 2 attempt(s) status=503"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn dry_run_limit_and_function_filter() {
+        let gw = FakeGateway::start().await.unwrap();
+        gw.function("good", "t", |_, _| Reply::ok());
+        let letters = || {
+            vec![
+                decode(&letter("a", "other")),
+                decode(&letter("b", "good")),
+                decode(&letter("c", "good")),
+                decode(&letter("d", "good")),
+            ]
+        };
+        let store = Memory::with(letters());
+        let args = ReplayArgs {
+            dry_run: true,
+            limit: Some(2),
+            function: Some("good".into()),
+        };
+        let (summary, out) = replay(&gw, args, store.clone()).await;
+        assert_eq!((summary.replayed, summary.skipped), (2, 1), "{out}");
+        assert!(out.contains("would replay dlq@1 function=good topic=orders id=b reason=rejected status=400 attempts=1"), "{out}");
+        assert!(!out.contains("dlq@3"), "{out}");
+        assert!(out.ends_with("dry run: 2 would be replayed, 1 skipped; nothing was removed\n"));
+        assert!(gw.requests().is_empty(), "a dry run invokes nothing");
+        assert!(store.removed.lock().unwrap().is_empty());
+        assert!(store.kept.lock().unwrap().is_empty());
+        assert!(*store.finished.lock().unwrap());
+
+        let store = Memory::with(letters().split_off(1));
+        let args = ReplayArgs {
+            limit: Some(1),
+            function: Some("good".into()),
+            ..ReplayArgs::default()
+        };
+        let (summary, out) = replay(&gw, args, store.clone()).await;
+        assert_eq!((summary.replayed, summary.skipped), (1, 0), "{out}");
+        assert_eq!(*store.removed.lock().unwrap(), ["dlq@0"]);
+        // Read past the limit in the same batch: kept, not lost; the next batch is not read.
+        assert_eq!(*store.kept.lock().unwrap(), ["dlq@1"]);
+        assert_eq!(store.letters.lock().unwrap().len(), 1);
+        assert_eq!(gw.requests_to("good").len(), 1);
+    }
+}

@@ -1,0 +1,12 @@
+//! `<connector> replay` end to end: each broker connector's real binary against its real
+//! broker, a function rejecting then accepting (see `integration_tests::replay` for the
+//! steps and what each proves).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use integration_tests::redis_broker::RedisStreams;
+use integration_tests::replay::dead_letters_replayed;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_dead_letters_are_replayed() {
+    dead_letters_replayed(&RedisStreams::new()).await;
+}
