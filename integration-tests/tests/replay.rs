@@ -3,10 +3,16 @@
 //! steps and what each proves).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use integration_tests::kafka_broker::KafkaTopics;
 use integration_tests::redis_broker::RedisStreams;
 use integration_tests::replay::dead_letters_replayed;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_dead_letters_are_replayed() {
     dead_letters_replayed(&RedisStreams::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_dead_letters_are_replayed() {
+    dead_letters_replayed(&KafkaTopics::new()).await;
 }

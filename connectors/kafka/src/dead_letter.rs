@@ -1,7 +1,8 @@
 //! Dead letters to a Kafka topic: the original key, payload and record headers, plus the
 //! SDK's provenance headers (`x-dead-letter-function`, `-reason`, `-status`, `-response`,
 //! `-attempts`, `-first-failure`, `-last-failure`, `-topic`, `-id`, and
-//! `x-dead-letter-source-topic`, `-partition`, `-offset`).
+//! `x-dead-letter-source-topic`, `-partition`, `-offset`, `-timestamp`). `kafka-connector
+//! replay` reads them back (see `replay`).
 //!
 //! The dispatcher only sees HTTP-shaped messages, so the record's own key and headers
 //! are kept aside ([`Originals`]) from submit to completion, keyed by `ce-id`.

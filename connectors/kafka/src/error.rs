@@ -29,4 +29,10 @@ pub enum Error {
     /// The SDK's harness failed (metrics address in use, signals).
     #[error(transparent)]
     Runtime(#[from] SdkError),
+    /// `replay` cannot start (no dead-letter topic, the topic or its offsets unreadable).
+    #[error("replay: {0}")]
+    ReplaySetup(String),
+    /// `replay` stopped: reading, removing or keeping a dead letter failed.
+    #[error(transparent)]
+    Replay(#[from] connector_sdk::replay::ReplayError),
 }

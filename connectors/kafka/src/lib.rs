@@ -13,6 +13,7 @@
 //! - [`offsets`]: the watermark engine.
 //! - [`source`]: consuming, pausing, committing, draining.
 //! - [`dead_letter`]: the dead-letter topic with provenance.
+//! - [`replay`]: `kafka-connector replay`: dead letters back to their functions.
 //! - [`reply`]: response bodies to a reply topic, with a hop guard.
 //! - [`metrics`]: the `connector_kafka_*` metrics.
 
@@ -22,6 +23,7 @@ pub mod error;
 pub mod metrics;
 pub mod offsets;
 pub mod record;
+pub mod replay;
 pub mod reply;
 pub mod source;
 

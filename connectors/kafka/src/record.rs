@@ -93,6 +93,10 @@ impl Record {
         .with_coordinate("topic", &tp.topic)
         .with_coordinate("partition", tp.partition)
         .with_coordinate("offset", self.offset);
+        if let Some(ts) = self.timestamp {
+            // In dead letters' provenance, so a replay restores `ce-time` and the header.
+            m = m.with_coordinate("timestamp", ts);
+        }
         for (name, value) in &self.headers {
             if name.eq_ignore_ascii_case("content-type")
                 && let Some(ct) = value.as_ref().and_then(|v| std::str::from_utf8(v).ok())
@@ -237,7 +241,15 @@ mod tests {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        assert_eq!(coords, ["topic=orders", "partition=3", "offset=42"]);
+        assert_eq!(
+            coords,
+            [
+                "topic=orders",
+                "partition=3",
+                "offset=42",
+                "timestamp=1700000000123"
+            ]
+        );
     }
 
     #[test]
