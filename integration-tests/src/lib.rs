@@ -7,13 +7,15 @@
 //!   [`nats_url`], [`kafka_brokers`], [`sqs_endpoint`]), as `scripts/test.sh` exports them.
 //! - [`unique`] names, so tests never share a topic, stream or queue.
 //! - [`scenarios`]: the shared suite every broker connector runs; [`replay`]: the
-//!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`]: broker fixtures.
+//!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`],
+//!   [`nats_broker`]: broker fixtures.
 //! - The gateway and functions are `connector_sdk::testing::FakeGateway`, a real HTTP
 //!   server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod config_keys;
 pub mod kafka_broker;
+pub mod nats_broker;
 pub mod redis_broker;
 pub mod replay;
 pub mod scenarios;

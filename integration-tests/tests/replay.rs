@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use integration_tests::kafka_broker::KafkaTopics;
+use integration_tests::nats_broker::JetStreamTopics;
 use integration_tests::redis_broker::RedisStreams;
 use integration_tests::replay::dead_letters_replayed;
 
@@ -15,4 +16,9 @@ async fn redis_dead_letters_are_replayed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_dead_letters_are_replayed() {
     dead_letters_replayed(&KafkaTopics::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_dead_letters_are_replayed() {
+    dead_letters_replayed(&JetStreamTopics::new().await).await;
 }

@@ -17,7 +17,8 @@
 //!
 //! Modules: [`config`] (`[nats]`, `[jetstream]`), [`connect`] (credentials, TLS,
 //! reconnection, readiness), [`subscriptions`] (one task per subject pattern),
-//! [`dead_letter`] (the dead-letter subject), [`metrics`] (consumer pending and
+//! [`dead_letter`] (the dead-letter subject), [`replay`] (`nats-connector replay`:
+//! dead letters back to their functions), [`metrics`] (consumer pending and
 //! ack-pending).
 
 pub mod config;
@@ -27,6 +28,7 @@ pub mod dead_letter;
 pub mod jetstream;
 pub mod message;
 pub mod metrics;
+pub mod replay;
 pub mod subject;
 pub mod subscriptions;
 
@@ -55,6 +57,12 @@ pub enum NatsError {
     /// The SDK's harness failed (metrics address taken, a fatal source error, ...).
     #[error(transparent)]
     Sdk(#[from] connector_sdk::SdkError),
+    /// `replay` cannot start (no dead-letter subject, no stream captures it).
+    #[error("replay: {0}")]
+    ReplaySetup(String),
+    /// `replay` stopped: reading, removing or keeping a dead letter failed.
+    #[error(transparent)]
+    Replay(#[from] connector_sdk::replay::ReplayError),
 }
 
 /// Runs the connector until SIGTERM or SIGINT (or `runtime`'s shutdown token).

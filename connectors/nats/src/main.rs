@@ -3,6 +3,8 @@
 //! ```text
 //! nats-connector --config config/nats.toml
 //! broker_host=nats topics=orders.created gateway_url=http://gateway:8080 nats-connector
+//! nats-connector --config config/nats.toml replay --dry-run
+//! nats-connector --config config/nats.toml replay --limit 10
 //! ```
 
 use std::path::PathBuf;
@@ -17,8 +19,18 @@ use nats_connector::config::Config;
 #[command(version, about)]
 struct Args {
     /// TOML configuration file (see config/nats.toml).
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Without a subcommand: run the connector.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Deliver the dead letters again (to the function named in each), deleting each from
+    /// the stream that captures the dead-letter subject once delivered.
+    Replay(connector_sdk::replay::ReplayArgs),
 }
 
 #[tokio::main]
@@ -26,6 +38,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Config::load(args.config.as_deref())?;
     init_tracing(config.connector.log_format);
+    if let Some(Command::Replay(replay)) = args.command {
+        nats_connector::replay::run(&config, replay, &mut std::io::stdout())
+            .await?
+            .check()?;
+        return Ok(());
+    }
     let runtime = Runtime::new(nats_connector::NAME, config.connector.clone())?;
     nats_connector::run(config, runtime).await?;
     Ok(())
