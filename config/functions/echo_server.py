@@ -50,9 +50,11 @@ class Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(os.environ.get("PORT", "8080"))
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    # Loopback for the local provider; compose.yaml sets HOST=0.0.0.0 (its own container).
+    host = os.environ.get("HOST", "127.0.0.1")
+    server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
-    print(f"echo_server listening on 127.0.0.1:{port}", flush=True)
+    print(f"echo_server listening on {host}:{port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
