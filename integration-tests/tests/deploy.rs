@@ -844,3 +844,147 @@ fn metric_name_extraction_skips_labels_and_functions() {
         ]
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Helm chart (helm is not available here to render it: its values are checked as the
+// manifests are, and its templates for the values they read)
+
+/// The dotted paths following `prefix` in `text` (`.Values.image.tag` gives `image.tag`).
+fn references(text: &str, prefix: &str) -> BTreeSet<String> {
+    text.match_indices(prefix)
+        .map(|(i, _)| {
+            text[i + prefix.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+                .collect::<String>()
+                .trim_end_matches('.')
+                .to_owned()
+        })
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+#[test]
+fn helm_chart_values_match_the_connectors() {
+    const CHART: &str = "deploy/helm/faas-connectors";
+    let chart = yaml(&format!("{CHART}/Chart.yaml"));
+    assert_eq!(chart["apiVersion"], "v2");
+    let values = yaml(&format!("{CHART}/values.yaml"));
+    assert_eq!(values["namespace"], "openfaas");
+    assert_eq!(values["basicAuth"]["secretName"], "basic-auth");
+    let mount_path = str_of(&values["basicAuth"]["mountPath"]);
+    let metrics_port = values["metricsPort"].as_u64().unwrap() as u16;
+    let grace = values["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let shared: BTreeMap<String, String> = values["env"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), str_of(v)))
+        .collect();
+
+    let connectors = values["connectors"].as_object().unwrap();
+    let mut seen = BTreeSet::new();
+    for (key, c) in connectors {
+        let binary = format!("{key}-connector");
+        let what = format!("values.yaml connectors.{key}");
+        assert!(
+            CONNECTORS.contains(&binary.as_str()),
+            "{what}: no binary {binary}"
+        );
+        seen.insert(binary.clone());
+        let known = env_names(&binary);
+        let mut env = shared.clone();
+        for (k, v) in c["env"].as_object().into_iter().flatten() {
+            env.insert(k.clone(), str_of(v));
+        }
+        for name in env.keys() {
+            assert!(
+                known.contains(name.as_str()),
+                "{what}: {binary} does not read {name}"
+            );
+        }
+        for s in c["secretEnv"].as_array().into_iter().flatten() {
+            let name = str_of(&s["name"]);
+            assert!(
+                known.contains(name.as_str()),
+                "{what}: {binary} does not read {name}"
+            );
+            assert!(
+                s["secret"].is_string() && s["key"].is_string(),
+                "{what}: {name}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("connector.toml");
+        std::fs::write(&file, c["config"].as_str().unwrap()).unwrap();
+        let facts = load(&binary, Some(&file), &env);
+        assert_eq!(facts.metrics_port, metrics_port, "{what}: metrics port");
+        assert_eq!(facts.gateway_url, "http://gateway.openfaas:8080", "{what}");
+        assert!(facts.basic_auth, "{what}: basic_auth is off");
+        assert_eq!(facts.secret_mount_path, Path::new(&mount_path), "{what}");
+        assert!(
+            Duration::from_secs(grace) >= facts.drain_timeout + Duration::from_secs(5),
+            "{what}: terminationGracePeriodSeconds {grace} does not cover drain_timeout {:?} + 5s",
+            facts.drain_timeout
+        );
+        let requests = &c["resources"]["requests"];
+        assert!(
+            requests["cpu"].is_string() && requests["memory"].is_string(),
+            "{what}"
+        );
+        if key == "cron" {
+            assert!(
+                c["replicas"].as_u64().unwrap() > 1,
+                "{what}: several replicas"
+            );
+            assert!(
+                facts.lock,
+                "{what}: several replicas without lock.redis_url"
+            );
+        }
+    }
+    let expected: BTreeSet<String> = CONNECTORS.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(seen, expected, "values.yaml: an entry per connector");
+
+    // The templates read only values that exist.
+    let templates = repo().join(CHART).join("templates");
+    let mut text = String::new();
+    for entry in std::fs::read_dir(&templates).unwrap() {
+        text.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    let values_paths = references(&text, ".Values.");
+    assert!(values_paths.len() > 5, "{values_paths:?}");
+    for path in values_paths {
+        let mut v = &values;
+        for part in path.split('.') {
+            v = &v[part];
+        }
+        assert!(
+            !v.is_null(),
+            "a template reads .Values.{path}, which values.yaml lacks"
+        );
+    }
+    let fields: BTreeSet<String> = connectors
+        .values()
+        .flat_map(|c| c.as_object().unwrap().keys().cloned())
+        .collect();
+    for path in references(&text, "$c.") {
+        let field = path.split('.').next().unwrap();
+        assert!(
+            fields.contains(field),
+            "a template reads $c.{path}: no connector in values.yaml has {field}"
+        );
+    }
+    for needed in [
+        "/healthz",
+        "/readyz",
+        "prometheus.io/scrape",
+        "terminationGracePeriodSeconds",
+        "--config",
+    ] {
+        assert!(
+            text.contains(needed),
+            "the chart's templates do not mention {needed}"
+        );
+    }
+}
