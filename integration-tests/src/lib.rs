@@ -8,7 +8,7 @@
 //! - [`unique`] names, so tests never share a topic, stream or queue.
 //! - [`scenarios`]: the shared suite every broker connector runs; [`replay`]: the
 //!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`],
-//!   [`nats_broker`]: broker fixtures.
+//!   [`nats_broker`], [`sqs_broker`]: broker fixtures.
 //! - The gateway and functions are `connector_sdk::testing::FakeGateway`, a real HTTP
 //!   server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -19,6 +19,7 @@ pub mod nats_broker;
 pub mod redis_broker;
 pub mod replay;
 pub mod scenarios;
+pub mod sqs_broker;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

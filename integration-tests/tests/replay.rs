@@ -7,6 +7,7 @@ use integration_tests::kafka_broker::KafkaTopics;
 use integration_tests::nats_broker::JetStreamTopics;
 use integration_tests::redis_broker::RedisStreams;
 use integration_tests::replay::dead_letters_replayed;
+use integration_tests::sqs_broker::SqsQueues;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_dead_letters_are_replayed() {
@@ -21,4 +22,9 @@ async fn kafka_dead_letters_are_replayed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_dead_letters_are_replayed() {
     dead_letters_replayed(&JetStreamTopics::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqs_dead_letters_are_replayed() {
+    dead_letters_replayed(&SqsQueues::new()).await;
 }

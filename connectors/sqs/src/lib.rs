@@ -28,7 +28,8 @@
 //!
 //! Modules: [`config`] (`[sqs]`), [`queue`] (client, queue resolution, depth),
 //! [`source`] (pollers, settle), [`acker`] (batched deletes, visibility changes,
-//! heartbeat), [`dead_letter`] (the explicit dead-letter queue), [`metrics`]
+//! heartbeat), [`dead_letter`] (the explicit dead-letter queue), [`replay`]
+//! (`sqs-connector replay`: dead letters back to their functions), [`metrics`]
 //! (`connector_sqs_*`).
 
 pub mod acker;
@@ -36,6 +37,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod metrics;
 pub mod queue;
+pub mod replay;
 pub mod source;
 
 use std::sync::Arc;
@@ -80,6 +82,12 @@ pub enum SqsError {
     /// The SDK's harness failed (metrics address taken, ...).
     #[error(transparent)]
     Sdk(#[from] connector_sdk::SdkError),
+    /// `replay` cannot start (no dead-letter queue configured).
+    #[error("replay: {0}")]
+    ReplaySetup(String),
+    /// `replay` stopped: reading, removing or releasing a dead letter failed.
+    #[error(transparent)]
+    Replay(#[from] connector_sdk::replay::ReplayError),
 }
 
 /// Connects, checks every queue, then runs until SIGTERM or SIGINT (or `runtime`'s
