@@ -988,3 +988,57 @@ fn helm_chart_values_match_the_connectors() {
         );
     }
 }
+
+/// Deserializes `doc` as the Kubernetes type `T` (k8s-openapi's bindings of the API),
+/// failing on a wrong type and on any field the API does not have (a misspelt
+/// `terminationGracePeriodSecond` would otherwise be ignored by the API server's client).
+fn check_schema<T: serde::de::DeserializeOwned>(doc: &Value, origin: &str) {
+    let mut unknown = Vec::new();
+    let result: Result<T, _> =
+        serde_ignored::deserialize(doc.clone(), |path| unknown.push(path.to_string()));
+    if let Err(e) = result {
+        panic!(
+            "{origin} {}: not a valid {}: {e}",
+            doc["kind"],
+            std::any::type_name::<T>()
+        );
+    }
+    assert!(
+        unknown.is_empty(),
+        "{origin} {}: fields the Kubernetes API does not have: {unknown:?}",
+        doc["kind"]
+    );
+}
+
+#[test]
+fn kubernetes_manifests_follow_the_api_schema() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+    let dir = repo().join("deploy/kubernetes");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let file = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if !file.ends_with(".yaml") || file == "kustomization.yaml" {
+            continue;
+        }
+        let origin = format!("deploy/kubernetes/{file}");
+        for doc in yaml_documents(&origin) {
+            match doc["kind"].as_str() {
+                Some("Deployment") => check_schema::<Deployment>(&doc, &origin),
+                Some("ConfigMap") => check_schema::<ConfigMap>(&doc, &origin),
+                Some("ServiceAccount") => check_schema::<ServiceAccount>(&doc, &origin),
+                other => panic!("{origin}: unexpected kind {other:?}"),
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "{checked} documents");
+    // The check itself: a misspelt field and a wrong type are caught.
+    let mut doc = yaml_documents("deploy/kubernetes/kafka-connector.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    doc["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 45.into();
+    let caught = std::panic::catch_unwind(|| check_schema::<Deployment>(&doc, "probe"));
+    assert!(caught.is_err(), "an unknown field was not reported");
+}
