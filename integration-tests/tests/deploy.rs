@@ -11,7 +11,9 @@
 //!   the binary's loader; namespace `openfaas`, the OpenFaaS gateway URL, basic auth from
 //!   the `basic-auth` secret at `/var/secrets`, probes on `/healthz` and `/readyz` and the
 //!   scrape annotation on the loaded metrics port, a grace period longer than the drain,
-//!   resource requests, and the cron connector's several replicas with the Redis lock.
+//!   resource requests, and the cron connector's several replicas with the Redis lock;
+//!   every document deserializes as the Kubernetes API's own type (k8s-openapi) with no
+//!   field the API lacks.
 //! - `deploy/helm/`: the same checks on the chart's values (templates are checked for the
 //!   values they read, since helm is not available to render them here).
 //! - `deploy/grafana/connectors.json` and `deploy/prometheus/*.yml`: every metric name in a
