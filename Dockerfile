@@ -30,7 +30,9 @@ ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 # librdkafka (rdkafka-sys) is configured and compiled from source: a C/C++ toolchain,
-# make, cmake and perl; pkg-config for the -sys crates' probes.
+# make, cmake and perl; pkg-config for the -sys crates' probes. (It is built without
+# OpenSSL today; turning on rdkafka's `ssl` feature would add libssl-dev here, and the
+# runtime base already carries libssl3.)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake perl pkg-config \
  && rm -rf /var/lib/apt/lists/*
