@@ -175,6 +175,12 @@ pub struct KafkaConfig {
     /// hold in-flight slots other partitions could use, and lengthen the drain on
     /// revoke), otherwise only `max_inflight` bounds it. (default: `0`)
     pub max_pending_per_partition: usize,
+    /// Most records read from the consumer and waiting for room in the dispatcher, over
+    /// all partitions. While this buffer is full the connector stops reading (librdkafka
+    /// keeps its own bounded prefetch, so nothing is fetched twice); if it stays full for
+    /// a second, the partitions with waiting records are paused so that rebalances are
+    /// still served, which drops librdkafka's prefetch for them. (default: `1024`)
+    pub max_buffered: usize,
     /// A partition holding at a record (failed for good, not dead-lettered) delivers that
     /// record again after this long, so it recovers by itself once the dead-letter topic
     /// is writable again; functions see the record again (same `ce-id`). (default: `"30s"`)
@@ -210,6 +216,7 @@ impl Default for KafkaConfig {
             commit_interval: Duration::from_secs(1),
             lag_interval: Duration::from_secs(10),
             max_pending_per_partition: 0,
+            max_buffered: 1024,
             hold_retry_interval: Duration::from_secs(30),
             produce_timeout: Duration::from_secs(10),
             properties: BTreeMap::new(),
@@ -273,6 +280,9 @@ impl Config {
         }
         if k.group.trim().is_empty() {
             fail("group", "must not be empty".to_owned());
+        }
+        if k.max_buffered == 0 {
+            fail("max_buffered", "must be at least 1".to_owned());
         }
         for (key, topic) in [
             ("dead_letter_topic", &k.dead_letter_topic),

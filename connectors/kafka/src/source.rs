@@ -1,5 +1,5 @@
-//! Consuming: the poll loop, backpressure by pausing partitions, commits of the
-//! watermark, and the drain on revoke and on shutdown.
+//! Consuming: the poll loop, backpressure by a bounded buffer (pausing partitions only when
+//! it stays full), commits of the watermark, and the drain on revoke and on shutdown.
 //!
 //! # The poll loop
 //!
@@ -7,12 +7,20 @@
 //! `max.poll.interval.ms` is never exceeded and rebalance callbacks are served promptly.
 //! Each record is registered in the [`Watermarks`] first, then handed to the dispatcher
 //! if there is room (`max_inflight` permits for every subscribed function, and
-//! `max_pending_per_partition`). Without room the record is *parked* and its partition
-//! paused; librdkafka drops what it prefetched for that partition and fetches again from
-//! the parked records' successor on resume. Completions free room, wake the loop, which
-//! submits parked records and resumes their partitions once none is left. Memory is
-//! bounded by `max_inflight` plus at most one fetch's worth of parked records per
-//! partition.
+//! `max_pending_per_partition`). Without room the record is *parked*, in order, behind
+//! the other parked records of its partition. Completions free room and wake the loop,
+//! which hands parked records over, one partition after another in turn.
+//!
+//! Backpressure: while `max_buffered` records are parked the loop stops reading.
+//! librdkafka's own prefetch is bounded (`queued.max.messages.kbytes`) and simply waits,
+//! so nothing is fetched twice; this is the steady state under a backlog. Pausing a
+//! partition would make librdkafka drop its prefetch and fetch it again on resume, a
+//! broker round trip each time (hundreds of milliseconds on some brokers): the first
+//! version of this loop paused at once and ran at a fraction of HTTP speed. Only when the
+//! buffer stays full for a second (a slow or unreachable gateway) are the partitions with
+//! parked records paused, so that polling, and with it rebalance callbacks, go on; each
+//! is resumed once its parked records are all handed over. Memory is bounded by
+//! `max_inflight` deliveries, `max_buffered` parked records and librdkafka's prefetch.
 //!
 //! A completed message is settled in the watermarks (after its replies were published);
 //! every `commit_interval` the contiguous prefix of completed offsets is committed. A
@@ -362,7 +370,15 @@ struct Poller {
     retrying: HashMap<TopicPartition, Vec<i64>>,
     hold_retry: Duration,
     subscription: Vec<String>,
+    /// `max_buffered`: most parked records over all partitions.
+    max_buffered: usize,
+    /// Since when the parked records fill `max_buffered` (reading stopped).
+    full_since: Option<Instant>,
 }
+
+/// How long reading may stop because the buffer is full before the congested partitions
+/// are paused and polling goes on (rebalance callbacks run only while polling).
+const FULL_BUFFER_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Runs the source until shutdown, then drains and commits.
 pub async fn run(ctx: SourceContext, config: &Config, parts: Parts) -> Result<(), Error> {
@@ -381,6 +397,8 @@ pub async fn run(ctx: SourceContext, config: &Config, parts: Parts) -> Result<()
         retrying: HashMap::new(),
         hold_retry: config.kafka.hold_retry_interval,
         subscription: Vec::new(),
+        max_buffered: config.kafka.max_buffered.max(1),
+        full_since: None,
         ctx,
     };
     poller.resubscribe();
@@ -412,6 +430,11 @@ impl Poller {
         loop {
             self.step().await;
             let retry_at = self.holding.values().min().copied();
+            let reading = self.may_read();
+            let patience_ends = match self.full_since {
+                Some(since) if !reading => Some(since + FULL_BUFFER_PATIENCE),
+                _ => None,
+            };
             // `step` above already applied every completion; the wake-up only matters
             // when nothing else is ready, so it comes last and cannot starve commits or
             // polling under a stream of completions.
@@ -425,7 +448,8 @@ impl Poller {
                     }
                 }
                 () = sleep_until(retry_at), if retry_at.is_some() => {}
-                received = consumer.recv() => match received {
+                () = sleep_until(patience_ends), if patience_ends.is_some() => {}
+                received = consumer.recv(), if reading => match received {
                     Ok(m) => {
                         let record = Record::from_borrowed(&m);
                         drop(m);
@@ -436,6 +460,35 @@ impl Poller {
                 () = shared.wake.notified() => {}
             }
         }
+    }
+
+    /// Whether to read from the consumer now. With room in the buffer, yes. With the
+    /// buffer full, not at first: librdkafka's prefetch waits, to be read as soon as
+    /// completions make room. After [`FULL_BUFFER_PATIENCE`] the partitions with parked
+    /// records are paused and reading goes on, so rebalances are served; records of other
+    /// partitions that arrive meanwhile are parked and their partitions paused too.
+    fn may_read(&mut self) -> bool {
+        let parked: usize = self.shared.lock().parked.values().map(VecDeque::len).sum();
+        if parked < self.max_buffered {
+            self.full_since = None;
+            return true;
+        }
+        let since = *self.full_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < FULL_BUFFER_PATIENCE {
+            return false;
+        }
+        let congested: Vec<TopicPartition> = self
+            .shared
+            .lock()
+            .parked
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in &congested {
+            self.pause(tp);
+        }
+        true
     }
 
     fn consume_error(&self, e: &KafkaError) {
@@ -506,10 +559,9 @@ impl Poller {
             self.shared
                 .lock()
                 .parked
-                .entry(tp.clone())
+                .entry(tp)
                 .or_default()
                 .push_back(record);
-            self.pause(&tp);
         }
     }
 
@@ -617,23 +669,39 @@ impl Poller {
             }
         }
         self.retry_held().await;
-        let waiting: Vec<TopicPartition> = self
-            .paused
-            .iter()
-            .filter(|tp| !self.holding.contains_key(*tp))
-            .cloned()
-            .collect();
-        for tp in waiting {
-            loop {
+        self.submit_parked().await;
+    }
+
+    /// Hands parked records to the dispatcher while there is room, one per partition in
+    /// turn so that no partition starves the others, oldest first within a partition; a
+    /// paused partition whose parked records are all submitted is resumed.
+    async fn submit_parked(&mut self) {
+        let mut candidates: Vec<TopicPartition> = {
+            let s = self.shared.lock();
+            s.parked
+                .iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(|(tp, _)| tp)
+                .chain(self.paused.iter())
+                .filter(|tp| !self.holding.contains_key(*tp))
+                .cloned()
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        while !candidates.is_empty() {
+            let mut blocked = Vec::new();
+            for (i, tp) in candidates.iter().enumerate() {
                 let next = self
                     .shared
                     .lock()
                     .parked
-                    .get_mut(&tp)
+                    .get_mut(tp)
                     .and_then(VecDeque::pop_front);
                 let Some(record) = next else {
-                    self.resume(&tp);
-                    break;
+                    self.resume(tp);
+                    blocked.push(i);
+                    continue;
                 };
                 if let Err(record) = self.try_submit(record).await {
                     self.shared
@@ -642,8 +710,14 @@ impl Poller {
                         .entry(tp.clone())
                         .or_default()
                         .push_front(record);
-                    break;
+                    blocked.push(i);
                 }
+            }
+            if self.ctx.dispatcher.available_permits() == 0 {
+                return;
+            }
+            for i in blocked.into_iter().rev() {
+                candidates.swap_remove(i);
             }
         }
     }
