@@ -5,6 +5,11 @@
 //! every request is recorded with its headers, body and arrival time, and concurrency is
 //! tracked. `/system/*` can be switched to fail in the ways real gateways do
 //! ([`SystemMode`]). The SDK's own tests and the end-to-end tests use it; so can yours.
+//!
+//! [`load`] holds what the connectors' load programs share: the no-op function in a child
+//! process, the plain HTTP ceiling, and `/proc` readings of the connector process.
+
+pub mod load;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

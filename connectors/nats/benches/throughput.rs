@@ -7,7 +7,8 @@
 //!
 //! Needs the nats-server with JetStream at `NATS_URL` (default `nats://127.0.0.1:4222`).
 //! A no-op function (and the gateway's `/system/functions`, and `/count` of calls
-//! answered) runs in a child process: this binary with `serve`. Then, for each mode at
+//! answered) runs in a child process (`connector_sdk::testing::load`, shared by the
+//! connectors' load programs). Then, for each mode at
 //! `max_inflight` 64:
 //!
 //! - **ceiling**: a plain `reqwest` loop in this process making the same requests the
@@ -26,15 +27,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::routing::{get, post};
-use connector_sdk::gateway::GatewayClient;
-use connector_sdk::{Message, SdkConfig};
+use connector_sdk::Message;
+use connector_sdk::testing::load::{self, NoopFunction};
 use futures::StreamExt;
 
 const PAYLOAD: &[u8] = br#"{"order":42,"amount":"19.99","currency":"EUR"}"#;
@@ -42,9 +39,7 @@ const COUNT: usize = 40_000;
 const CONCURRENCY: usize = 64;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("serve") {
-        serve(args[2].parse().unwrap(), args[3].clone());
+    if load::serve_if_asked() {
         return;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -55,73 +50,8 @@ fn main() {
     runtime.block_on(bench());
 }
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
-/// The no-op function, a gateway listing it as subscribed to `topic`, and `/count`.
-fn serve(addr: SocketAddr, topic: String) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let functions = serde_json::json!([
-            {"name": "noop", "annotations": {"topic": topic}, "replicas": 1}
-        ])
-        .to_string();
-        let calls = Arc::new(AtomicU64::new(0));
-        let counted = calls.clone();
-        let app = Router::new()
-            .route(
-                "/function/{name}",
-                post(move || {
-                    let calls = calls.clone();
-                    async move {
-                        calls.fetch_add(1, Ordering::Relaxed);
-                        ""
-                    }
-                }),
-            )
-            .route(
-                "/count",
-                get(move || {
-                    let n = counted.load(Ordering::Relaxed);
-                    async move { n.to_string() }
-                }),
-            )
-            .route(
-                "/system/functions",
-                get(move || {
-                    let f = functions.clone();
-                    async move { ([("content-type", "application/json")], f) }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        axum::serve(listener, app).await.unwrap();
-    });
-}
-
-fn spawn_server(addr: SocketAddr, topic: &str) -> Child {
-    let child = Command::new(std::env::current_exe().unwrap())
-        .arg("serve")
-        .arg(addr.to_string())
-        .arg(topic)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "function server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
 }
 
 struct Row {
@@ -138,13 +68,12 @@ async fn bench() {
     let mut rows = Vec::new();
     for mode in ["core", "jetstream"] {
         let subject = format!("bench-{}", uuid::Uuid::new_v4().simple());
-        let addr = free_addr();
-        let mut server = spawn_server(addr, &subject);
+        let function = NoopFunction::spawn(&subject).unwrap();
+        let addr = function.addr;
         let _ = ceiling_run(addr, COUNT / 10).await; // warm-up
         let ceiling = ceiling_run(addr, COUNT).await;
-        let row = connector_run(&nats, addr, mode, &subject, ceiling).await;
-        server.kill().ok();
-        server.wait().ok();
+        let row = connector_run(&nats, &function, mode, &subject, ceiling).await;
+        drop(function);
         rows.push(row);
     }
     println!(
@@ -167,70 +96,27 @@ async fn bench() {
 
 /// Plain requests, as the connector makes them, `CONCURRENCY` in flight.
 async fn ceiling_run(addr: SocketAddr, count: usize) -> f64 {
-    let config = SdkConfig {
-        gateway_url: format!("http://{addr}"),
-        ..SdkConfig::default()
-    };
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap();
-    let gateway = GatewayClient::new("nats-connector", &config).unwrap();
-    let url = format!("{}/function/noop", config.gateway_url);
-    let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let (client, url, next, gateway) =
-                (client.clone(), url.clone(), next.clone(), gateway.clone());
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count as u64 {
-                        break;
-                    }
-                    let mut message =
-                        Message::new("bench", PAYLOAD, format!("S/{i}"), "nats://bench");
-                    message.add_header("X-Nats-Subject", "bench");
-                    message.add_header("X-Nats-Stream", "S");
-                    message.add_header("X-Nats-Sequence", &i.to_string());
-                    message.add_header("X-Nats-Delivered", "1");
-                    let headers = gateway.invocation_headers(&message, 1);
-                    let resp = client
-                        .post(&url)
-                        .headers(headers)
-                        .body(message.payload.clone())
-                        .send()
-                        .await
-                        .unwrap();
-                    assert!(resp.status().is_success());
-                    resp.bytes().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await.unwrap();
-    }
-    count as f64 / started.elapsed().as_secs_f64()
-}
-
-async fn calls(http: &reqwest::Client, addr: SocketAddr) -> u64 {
-    http.get(format!("http://{addr}/count"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-        .parse()
-        .unwrap()
+    load::ceiling(
+        &format!("http://{addr}"),
+        "nats-connector",
+        CONCURRENCY,
+        count as u64,
+        |i| {
+            let mut message = Message::new("bench", PAYLOAD, format!("S/{i}"), "nats://bench");
+            message.add_header("X-Nats-Subject", "bench");
+            message.add_header("X-Nats-Stream", "S");
+            message.add_header("X-Nats-Sequence", &i.to_string());
+            message.add_header("X-Nats-Delivered", "1");
+            message
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn connector_run(
     nats: &async_nats::Client,
-    addr: SocketAddr,
+    function: &NoopFunction,
     mode: &'static str,
     subject: &str,
     ceiling: f64,
@@ -247,7 +133,7 @@ async fn connector_run(
         .await
         .unwrap();
     }
-    let metrics = free_addr();
+    let metrics = load::free_addr().unwrap();
     let dir = std::env::temp_dir().join(format!("nats-bench-{}-{mode}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.toml");
@@ -255,7 +141,7 @@ async fn connector_run(
         &config,
         format!(
             r#"[connector]
-gateway_url = "http://{addr}"
+gateway_url = "{gateway}"
 metrics_addr = "{metrics}"
 topics = ["{subject}"]
 max_inflight = {CONCURRENCY}
@@ -271,6 +157,7 @@ max_ack_pending = 1024
 batch = 128
 "#,
             url = nats_url(),
+            gateway = function.url(),
         ),
     )
     .unwrap();
@@ -300,7 +187,7 @@ batch = 128
     // Core NATS has no history: wait until a probe gets through, then measure from zero.
     if mode == "core" {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while calls(&http, addr).await == 0 {
+        while function.calls().await.unwrap() == 0 {
             assert!(Instant::now() < deadline, "subscription never came up");
             nats.publish(subject.to_owned(), PAYLOAD.into())
                 .await
@@ -310,9 +197,9 @@ batch = 128
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let base = calls(&http, addr).await;
-    let idle_kib = proc_status_kib(pid, "VmRSS");
-    let cpu = proc_cpu(pid);
+    let base = function.calls().await.unwrap();
+    let idle_kib = load::status_kib(pid, "VmRSS");
+    let cpu = load::cpu_time(pid);
     let started = Instant::now();
     if mode == "core" {
         for _ in 0..COUNT {
@@ -335,7 +222,7 @@ batch = 128
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        if calls(&http, addr).await >= base + COUNT as u64 {
+        if function.calls().await.unwrap() >= base + COUNT as u64 {
             if mode == "core" {
                 break;
             }
@@ -350,8 +237,8 @@ batch = 128
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = started.elapsed();
-    let cpu = proc_cpu(pid) - cpu;
-    let peak_kib = proc_status_kib(pid, "VmHWM");
+    let cpu = load::cpu_time(pid) - cpu;
+    let peak_kib = load::status_kib(pid, "VmHWM");
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -369,23 +256,4 @@ batch = 128
         idle_kib,
         peak_kib,
     }
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// User plus system CPU time of `pid` (clock ticks of 10 ms).
-fn proc_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
 }

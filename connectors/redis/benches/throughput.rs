@@ -5,8 +5,8 @@
 //! ```
 //!
 //! Needs the Redis at `REDIS_URL` (default `redis://127.0.0.1:6379`). A no-op function
-//! (and the gateway's `/system/functions`) runs in a child process: this binary with
-//! `serve`. Then, for each concurrency (`max_inflight`):
+//! (and the gateway's `/system/functions`) runs in a child process
+//! (`connector_sdk::testing::load`, shared by the connectors' load programs). Then, for each concurrency (`max_inflight`):
 //!
 //! - **ceiling**: a plain `reqwest` loop in this process making the same requests the
 //!   connector makes (same route, same headers, same body), N in flight;
@@ -22,24 +22,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::routing::{get, post};
-use connector_sdk::gateway::GatewayClient;
-use connector_sdk::{Message, SdkConfig};
+use connector_sdk::Message;
+use connector_sdk::testing::load::{self, NoopFunction};
 
 const PAYLOAD: &[u8] = br#"{"order":42,"amount":"19.99","currency":"EUR"}"#;
 const COUNT: usize = 40_000;
 const REPEATS: usize = 3;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("serve") {
-        serve(args[2].parse().unwrap(), args[3].clone());
+    if load::serve_if_asked() {
         return;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -48,53 +42,6 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(bench());
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// The no-op function, and a gateway listing it as subscribed to `topic`.
-fn serve(addr: SocketAddr, topic: String) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let functions = serde_json::json!([
-            {"name": "noop", "annotations": {"topic": topic}, "replicas": 1}
-        ])
-        .to_string();
-        let app = Router::new()
-            .route("/function/{name}", post(|| async { "" }))
-            .route(
-                "/system/functions",
-                get(move || {
-                    let f = functions.clone();
-                    async move { ([("content-type", "application/json")], f) }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        axum::serve(listener, app).await.unwrap();
-    });
-}
-
-fn spawn_server(addr: SocketAddr, topic: &str) -> Child {
-    let child = Command::new(std::env::current_exe().unwrap())
-        .arg("serve")
-        .arg(addr.to_string())
-        .arg(topic)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "function server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
 }
 
 fn redis_url() -> String {
@@ -121,8 +68,8 @@ async fn bench() {
         let mut reps = Vec::new();
         for _ in 0..REPEATS {
             let stream = format!("bench-{}", uuid::Uuid::new_v4().simple());
-            let addr = free_addr();
-            let mut server = spawn_server(addr, &stream);
+            let function = NoopFunction::spawn(&stream).unwrap();
+            let addr = function.addr;
             let _ = ceiling_run(addr, concurrency, count / 10).await; // warm-up
             let ceiling = ceiling_run(addr, concurrency, count).await;
             let row = connector_run(&mut conn, addr, &stream, concurrency, count, ceiling).await;
@@ -131,8 +78,7 @@ async fn bench() {
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            server.kill().ok();
-            server.wait().ok();
+            drop(function);
             eprintln!(
                 "max_inflight {concurrency}: ceiling {:.0}/s, connector {:.0}/s, ratio {:.2}",
                 row.ceiling,
@@ -193,53 +139,23 @@ fn median_row(mut reps: Vec<Row>) -> Row {
 
 /// Plain requests, as the connector makes them, `concurrency` in flight.
 async fn ceiling_run(addr: SocketAddr, concurrency: usize, count: usize) -> f64 {
-    let config = SdkConfig {
-        gateway_url: format!("http://{addr}"),
-        ..SdkConfig::default()
-    };
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap();
-    let gateway = GatewayClient::new("redis-connector", &config).unwrap();
-    let url = format!("{}/function/noop", config.gateway_url);
-    let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (client, url, next, gateway) =
-                (client.clone(), url.clone(), next.clone(), gateway.clone());
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count as u64 {
-                        break;
-                    }
-                    let id = format!("1700000000000-{i}");
-                    let mut message =
-                        Message::new("bench", PAYLOAD, format!("bench/{id}"), "redis://bench");
-                    message.add_header("X-Redis-Stream", "bench");
-                    message.add_header("X-Redis-Id", &id);
-                    message.add_header("X-Redis-Group", "bench");
-                    let headers = gateway.invocation_headers(&message, 1);
-                    let resp = client
-                        .post(&url)
-                        .headers(headers)
-                        .body(message.payload.clone())
-                        .send()
-                        .await
-                        .unwrap();
-                    assert!(resp.status().is_success());
-                    resp.bytes().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await.unwrap();
-    }
-    count as f64 / started.elapsed().as_secs_f64()
+    load::ceiling(
+        &format!("http://{addr}"),
+        "redis-connector",
+        concurrency,
+        count as u64,
+        |i| {
+            let id = format!("1700000000000-{i}");
+            let mut message =
+                Message::new("bench", PAYLOAD, format!("bench/{id}"), "redis://bench");
+            message.add_header("X-Redis-Stream", "bench");
+            message.add_header("X-Redis-Id", &id);
+            message.add_header("X-Redis-Group", "bench");
+            message
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn connector_run(
@@ -251,7 +167,7 @@ async fn connector_run(
     ceiling: f64,
 ) -> Row {
     let group = "bench";
-    let metrics = free_addr();
+    let metrics = load::free_addr().unwrap();
     let dir = std::env::temp_dir().join(format!("redis-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.toml");
@@ -298,8 +214,8 @@ body_field = "payload"
     }
     // Let the first reads and the first backlog measurement settle.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_kib = proc_status_kib(pid, "VmRSS");
-    let cpu = proc_cpu(pid);
+    let idle_kib = load::status_kib(pid, "VmRSS");
+    let cpu = load::cpu_time(pid);
     let started = Instant::now();
     for chunk in 0..count.div_ceil(1000) {
         let mut pipe = redis::pipe();
@@ -323,8 +239,8 @@ body_field = "payload"
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = started.elapsed();
-    let cpu = proc_cpu(pid) - cpu;
-    let peak_kib = proc_status_kib(pid, "VmHWM");
+    let cpu = load::cpu_time(pid) - cpu;
+    let peak_kib = load::status_kib(pid, "VmHWM");
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -363,23 +279,4 @@ async fn backlog(
         .unwrap_or(u64::MAX);
     let lag = redis_connector::entry::parse_group_lag(&groups, group).unwrap_or(u64::MAX);
     (pending, lag)
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// User plus system CPU time of `pid` (clock ticks of 10 ms).
-fn proc_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
 }

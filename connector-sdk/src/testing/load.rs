@@ -1,0 +1,300 @@
+//! Pieces of the connectors' load programs (`benches/throughput.rs`, `harness = false`):
+//! the no-op function they invoke, the plain HTTP ceiling they are compared to, and what
+//! they read about the connector process.
+//!
+//! The function runs in a child process, so its CPU is not the load program's: the load
+//! program calls [`serve_if_asked`] first thing in `main`, and [`NoopFunction::spawn`]
+//! starts the same executable again with [`SERVE_ARG`]. The function answers
+//! `POST /function/{name}` with 200 and an empty body, lists one function `noop`
+//! subscribed to the given topic on `GET /system/functions`, and counts the calls it
+//! answered on `GET /count`.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::{get, post};
+
+use crate::gateway::GatewayClient;
+use crate::{Message, SdkConfig};
+
+/// The first argument that makes a load program serve the no-op function.
+pub const SERVE_ARG: &str = "serve-noop-function";
+
+/// When this process was started by [`NoopFunction::spawn`] (arguments `SERVE_ARG ADDR
+/// TOPIC`), serves the no-op function until killed and returns `true`; otherwise returns
+/// `false` at once.
+pub fn serve_if_asked() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) != Some(SERVE_ARG) {
+        return false;
+    }
+    let (Some(addr), Some(topic)) = (
+        args.get(2).and_then(|a| a.parse::<SocketAddr>().ok()),
+        args.get(3),
+    ) else {
+        eprintln!("usage: {SERVE_ARG} ADDR TOPIC");
+        return true;
+    };
+    if let Err(e) = serve(addr, topic) {
+        eprintln!("no-op function on {addr}: {e}");
+    }
+    true
+}
+
+fn serve(addr: SocketAddr, topic: &str) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("noop-function")
+        .enable_all()
+        .build()?;
+    let functions = serde_json::json!([
+        {"name": "noop", "annotations": {"topic": topic}, "replicas": 1}
+    ])
+    .to_string();
+    runtime.block_on(async move {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        let app = Router::new()
+            .route(
+                "/function/{name}",
+                post(move || {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    async { "" }
+                }),
+            )
+            .route(
+                "/count",
+                get(move || {
+                    let n = counted.load(Ordering::Relaxed);
+                    async move { n.to_string() }
+                }),
+            )
+            .route(
+                "/system/functions",
+                get(move || {
+                    let f = functions.clone();
+                    async move { ([("content-type", "application/json")], f) }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        axum::serve(listener, app).await
+    })
+}
+
+/// The no-op function in its child process; killed on drop.
+#[derive(Debug)]
+pub struct NoopFunction {
+    /// Where it listens: the gateway URL is `http://{addr}`.
+    pub addr: SocketAddr,
+    child: Child,
+    http: reqwest::Client,
+}
+
+impl NoopFunction {
+    /// Starts this executable again as the no-op function subscribed to `topic`, and waits
+    /// until it accepts connections.
+    pub fn spawn(topic: &str) -> std::io::Result<Self> {
+        let addr = free_addr()?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg(SERVE_ARG)
+            .arg(addr.to_string())
+            .arg(topic)
+            .stdout(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                return Err(std::io::Error::other("the no-op function did not start"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            addr,
+            child,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// The gateway URL to configure the connector with.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Calls answered so far.
+    pub async fn calls(&self) -> Result<u64, LoadError> {
+        let text = self
+            .http
+            .get(format!("http://{}/count", self.addr))
+            .send()
+            .await?
+            .text()
+            .await?;
+        text.trim()
+            .parse()
+            .map_err(|_| LoadError::Unexpected(format!("/count answered {text:?}")))
+    }
+}
+
+impl Drop for NoopFunction {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What went wrong in a load run.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// An HTTP request failed.
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The gateway client could not be built.
+    #[error(transparent)]
+    Sdk(#[from] crate::SdkError),
+    /// An answer that should not happen.
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+/// The plain HTTP ceiling: `count` requests to `{gateway_url}/function/noop`, made as the
+/// connector named `connector` makes them (its route, the headers of
+/// [`GatewayClient::invocation_headers`] for `message(i)`, the same body), with
+/// `concurrency` in flight on a keep-alive pool. Returns requests per second.
+pub async fn ceiling(
+    gateway_url: &str,
+    connector: &str,
+    concurrency: usize,
+    count: u64,
+    message: impl Fn(u64) -> Message + Send + Sync + 'static,
+) -> Result<f64, LoadError> {
+    let config = SdkConfig {
+        gateway_url: gateway_url.to_owned(),
+        ..SdkConfig::default()
+    };
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .tcp_nodelay(true)
+        .build()?;
+    let gateway = GatewayClient::new(connector, &config)?;
+    let url = format!("{}/function/noop", config.gateway_url);
+    let next = Arc::new(AtomicU64::new(0));
+    let message = Arc::new(message);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, next, gateway, message) = (
+                client.clone(),
+                url.clone(),
+                next.clone(),
+                gateway.clone(),
+                message.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return Ok(());
+                    }
+                    let message = message(i);
+                    let headers = gateway.invocation_headers(&message, 1);
+                    let resp = client
+                        .post(&url)
+                        .headers(headers)
+                        .body(message.payload.clone())
+                        .send()
+                        .await?;
+                    if !resp.status().is_success() {
+                        return Err(LoadError::Unexpected(format!(
+                            "the no-op function answered {}",
+                            resp.status()
+                        )));
+                    }
+                    resp.bytes().await?;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await
+            .map_err(|e| LoadError::Unexpected(format!("ceiling worker: {e}")))??;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Waits until `GET http://{addr}/readyz` answers 200, for at most `within`.
+pub async fn wait_ready(addr: SocketAddr, within: Duration) -> bool {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let ready = http
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ready {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A free loopback port.
+pub fn free_addr() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB; 0 when unreadable.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User plus system CPU time of `pid` from `/proc/<pid>/stat` (clock ticks of 10 ms:
+/// USER_HZ is 100 on Linux); zero when unreadable.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .unwrap_or("");
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let field = |n: usize| {
+        fields
+            .get(n)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((field(11) + field(12)) * 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_memory_and_cpu() {
+        let pid = std::process::id();
+        assert!(status_kib(pid, "VmRSS") > 0);
+        assert!(status_kib(pid, "VmHWM") >= status_kib(pid, "VmRSS"));
+        let mut x = 0u64;
+        let until = Instant::now() + Duration::from_millis(50);
+        while Instant::now() < until {
+            x = x.wrapping_add(1);
+        }
+        assert!(x > 0);
+        assert!(cpu_time(pid) > Duration::ZERO);
+        assert_eq!(status_kib(u32::MAX, "VmRSS"), 0);
+    }
+}
