@@ -847,4 +847,30 @@ mod tests {
         assert_eq!(store.letters.lock().unwrap().len(), 1);
         assert_eq!(gw.requests_to("good").len(), 1);
     }
+
+    #[tokio::test]
+    async fn a_signal_lets_the_running_letter_finish_and_keeps_the_rest() {
+        let gw = FakeGateway::start().await.unwrap();
+        gw.function("slow", "t", |_, _| {
+            Reply::ok().delay(std::time::Duration::from_millis(300))
+        });
+        let store = Memory::with(vec![
+            decode(&letter("a", "slow")),
+            decode(&letter("b", "slow")),
+        ]);
+        let replayer =
+            Replayer::new("test-connector", &gw.config(), ReplayArgs::default()).unwrap();
+        let token = replayer.shutdown_token();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            token.cancel();
+        });
+        let mut out = Vec::new();
+        let summary = replayer.run(store.clone(), &mut out).await.unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!((summary.replayed, summary.failed), (1, 0), "{out}");
+        assert_eq!(*store.removed.lock().unwrap(), ["dlq@0"]);
+        assert_eq!(*store.kept.lock().unwrap(), ["dlq@1"]);
+        assert_eq!(gw.requests_to("slow").len(), 1);
+    }
 }
