@@ -99,6 +99,14 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), SqsError> {
     for spec in &config.sqs.queues {
         let queue = queue::resolve(&client, spec).await?;
         tracing::info!(queue = %queue.name, url = %queue.url, fifo = queue.fifo, "consuming");
+        let max_attempts = config.connector.max_attempts;
+        if let Some(receives) = queue.max_receive_count()
+            && receives < max_attempts
+        {
+            // Every retry is a receive: SQS moves the message before the connector
+            // would dead-letter it with provenance.
+            tracing::warn!(queue = %queue.name, max_receive_count = receives, max_attempts, "the queue's redrive policy moves a message after fewer receives than connector.max_attempts: each retry is a receive, so SQS takes failing messages to its dead-letter queue after {receives} attempts, without the connector's provenance");
+        }
         queues.push(queue);
     }
     match &config.sqs.dead_letter_queue {

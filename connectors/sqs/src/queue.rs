@@ -115,6 +115,19 @@ pub struct Queue {
     pub redrive_policy: Option<String>,
 }
 
+impl Queue {
+    /// `maxReceiveCount` of its redrive policy, when it has one.
+    pub fn max_receive_count(&self) -> Option<u32> {
+        let policy: serde_json::Value =
+            serde_json::from_str(self.redrive_policy.as_deref()?).ok()?;
+        match &policy["maxReceiveCount"] {
+            serde_json::Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+            serde_json::Value::String(s) => s.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
 /// Finds `spec` (a name or URL) and reads its attributes: a missing queue, or credentials
 /// that may not read it, fail here with the queue named.
 pub async fn resolve(client: &Client, spec: &str) -> Result<Queue, SqsError> {
@@ -214,5 +227,22 @@ mod tests {
             "orders.fifo"
         );
         assert_eq!(name_of("plain"), "plain");
+    }
+
+    #[test]
+    fn max_receive_count_as_string_or_number() {
+        let queue = |policy: Option<&str>| Queue {
+            name: "q".into(),
+            url: "http://127.0.0.1:4566/000000000000/q".into(),
+            fifo: false,
+            redrive_policy: policy.map(str::to_owned),
+        };
+        let arn = "arn:aws:sqs:us-east-1:000000000000:q-dlq";
+        let text = format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"2"}}"#);
+        assert_eq!(queue(Some(&text)).max_receive_count(), Some(2));
+        let number = format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":5}}"#);
+        assert_eq!(queue(Some(&number)).max_receive_count(), Some(5));
+        assert_eq!(queue(Some("not json")).max_receive_count(), None);
+        assert_eq!(queue(None).max_receive_count(), None);
     }
 }
