@@ -16,7 +16,8 @@
 # Runtime base: gcr.io/distroless/cc-debian12, as the `nonroot` user (uid 65532).
 # - The binaries link glibc dynamically and need libgcc_s for unwinding, which `cc` has and
 #   `static` lacks; everything else is linked in: librdkafka is built from source by
-#   rdkafka-sys and zlib statically (LIBZ_SYS_STATIC), TLS is rustls (no OpenSSL).
+#   rdkafka-sys and zlib statically (LIBZ_SYS_STATIC); HTTP TLS is rustls; librdkafka
+#   uses the base image's libssl3 for broker TLS and SCRAM.
 # - It carries CA certificates (gateway and broker TLS, AWS) and /etc/passwd for the
 #   non-root user, and no shell, package manager or coreutils: nothing to exec into but
 #   the binary. Kubernetes probes are HTTP (`/healthz`, `/readyz`), so none is needed.
@@ -30,11 +31,10 @@ ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 # librdkafka (rdkafka-sys) is configured and compiled from source: a C/C++ toolchain,
-# make, cmake and perl; pkg-config for the -sys crates' probes. (It is built without
-# OpenSSL today; turning on rdkafka's `ssl` feature would add libssl-dev here, and the
-# runtime base already carries libssl3.)
+# make, cmake and perl; pkg-config for the -sys crates' probes; libssl-dev because
+# librdkafka is built with OpenSSL (TLS, SASL_SSL, SCRAM). The runtime base carries libssl3.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential cmake perl pkg-config \
+ && apt-get install -y --no-install-recommends build-essential cmake perl pkg-config libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

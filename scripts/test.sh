@@ -114,6 +114,15 @@ ensure_sqs() {
   wait_for moto 127.0.0.1 4566 30
 }
 
+# librdkafka is built with OpenSSL (rdkafka's `ssl` feature: broker TLS, SASL_SSL, SCRAM).
+ensure_build_deps() {
+  command -v dpkg >/dev/null || return 0
+  dpkg -s libssl-dev >/dev/null 2>&1 || apt_install libssl-dev
+  command -v pkg-config >/dev/null || apt_install pkg-config
+}
+
+ensure_build_deps
+
 if [ "$lint" = 1 ]; then
   log "cargo fmt --check"
   cargo fmt --all -- --check

@@ -504,6 +504,28 @@ mod tests {
         });
     }
 
+    /// librdkafka checks `security.protocol` and `sasl.mechanism` against what it was
+    /// built with when a client is created: without OpenSSL, SSL, SASL_SSL and SCRAM fail
+    /// at start. No broker is contacted here.
+    #[test]
+    fn tls_and_scram_are_built_in() {
+        let mut c = Config::default();
+        for (name, value) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "connector"),
+            ("sasl.password", "secret"),
+        ] {
+            c.kafka
+                .properties
+                .insert(name.into(), PropertyValue::Text(value.into()));
+        }
+        let consumer: Result<rdkafka::consumer::BaseConsumer, _> = c.consumer_config().create();
+        assert!(consumer.is_ok(), "{:?}", consumer.err());
+        let producer: Result<rdkafka::producer::BaseProducer, _> = c.producer_config().create();
+        assert!(producer.is_ok(), "{:?}", producer.err());
+    }
+
     #[test]
     fn drain_must_be_shorter_than_the_session() {
         let mut c = Config::default();
