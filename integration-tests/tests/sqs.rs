@@ -969,7 +969,13 @@ async fn fifo_group_waits_behind(max_attempts: u32) {
     gw.function("fifo-fn", &queue, |req, _| {
         if req.body.as_ref() == b"a-0" && req.header("x-sqs-receive-count").as_deref() == Some("1")
         {
-            Reply::status(503).header("retry-after", "2")
+            // Slow enough that a-1 and a-2 of the same receive are queued behind it when
+            // it fails. If a-0 failed before the connector had handed a-1 to the
+            // dispatcher, a-1 would go ahead (a known gap, see the module docs of
+            // connectors/sqs/src/source.rs): this test covers the queued case.
+            Reply::status(503)
+                .header("retry-after", "2")
+                .delay(Duration::from_millis(500))
         } else {
             Reply::ok()
         }

@@ -15,6 +15,15 @@
 //! | Release (shutdown; or queued behind a FIFO message that was not acknowledged) | visibility 0: redelivered now |
 //! | Retry (an attempt failed, attempts remain) | visibility = the backoff delay: redelivered then, even if this process died |
 //! | Hold (failed for good, no dead-letter queue) | visibility = backoff for its receive count: redelivered later, moved by the redrive policy after `maxReceiveCount` |
+//!
+//! FIFO order: messages of one group share an ordering lane with strict release, so a
+//! message that is not acknowledged releases the ones queued behind it. Known gap: if it
+//! fails before the next message of its group from the same receive was handed to the
+//! dispatcher (a fast failure while the batch is still being submitted), that next
+//! message finds an empty lane and goes ahead. Real SQS does not return a group's later
+//! messages while an earlier one is in flight, so only messages of the same receive are
+//! exposed. The fix is a per-group block, kept until the failed message id is received
+//! again, checked before submitting.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
