@@ -36,6 +36,12 @@
 //! messages already queued behind it in its lane, without invoking anything, instead of
 //! letting them go ahead. The broker redelivers them after it, so order per key holds
 //! (SQS FIFO: later messages of a MessageGroupId that arrived in the same receive).
+//! The key stays blocked after that message completed, so a message of the same key
+//! submitted a moment later (the rest of its receive, still being handed over) is
+//! released at once too. The block ends when the failed message is submitted again
+//! (same `id`) or after its retry delay plus [`STRICT_BLOCK_GRACE`], whichever is
+//! first: a broker that keeps a key's messages in order does not hand out the key's
+//! later messages meanwhile, so only messages received with the failed one can meet it.
 //!
 //! Shutdown has two steps. [`Dispatcher::drain`]: no new attempt starts (waiting retries
 //! and queued messages are released), running invocations go on. [`Dispatcher::abort`]:
@@ -47,7 +53,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::future::join_all;
@@ -72,6 +78,10 @@ use crate::verdict::{StatusClasses, Verdict};
 /// Finds the functions for a topic in a topic map. The default is exact match; the NATS
 /// connector matches subjects against wildcard topics.
 pub type Matcher = Arc<dyn Fn(&TopicMap, &str) -> Arc<[FunctionRef]> + Send + Sync>;
+
+/// With strict lanes, how long a key stays blocked after an unacknowledged message
+/// beyond its retry delay, unless that message comes back first.
+pub const STRICT_BLOCK_GRACE: Duration = Duration::from_secs(5);
 
 /// How many times writing one dead letter is tried before the delivery is held.
 const DEAD_LETTER_WRITE_TRIES: u32 = 3;
@@ -110,6 +120,8 @@ struct Inner {
     ordered: bool,
     strict_lanes: bool,
     lanes: Mutex<HashMap<Bytes, Lane>>,
+    /// Strict lanes: keys blocked by an unacknowledged message (its id, and until when).
+    blocked: Mutex<HashMap<Bytes, (String, Instant)>>,
     next_lane_id: AtomicU64,
     policy: Policy,
     dead_letters: Option<Arc<dyn DeadLetterSink>>,
@@ -199,6 +211,7 @@ impl DispatcherBuilder {
                 ordered: self.ordering != Ordering::None,
                 strict_lanes: self.strict_lanes,
                 lanes: Mutex::new(HashMap::new()),
+                blocked: Mutex::new(HashMap::new()),
                 next_lane_id: AtomicU64::new(0),
                 policy: self.policy,
                 dead_letters: self.dead_letters,
@@ -276,6 +289,17 @@ impl Dispatcher {
                 interrupted: false,
             }))));
         }
+        if self.inner.blocked_by_earlier(&message) {
+            tracing::debug!(topic = %message.topic, ce_id = %message.id, "released: its key is blocked by an unacknowledged message");
+            self.inner
+                .metrics
+                .message_finished(Disposition::Release.as_str());
+            return Ok(Completion(CompletionState::Ready(Some(MessageOutcome {
+                id: message.id,
+                deliveries: functions.iter().map(|f| released(f, 0)).collect(),
+                interrupted: false,
+            }))));
+        }
         let wanted = functions.len().min(self.inner.max_inflight);
         let permits = self
             .inner
@@ -290,6 +314,9 @@ impl Dispatcher {
             let (outcome, lane) = inner.run(message, functions, permits, previous).await;
             let disposition = outcome.disposition();
             inner.metrics.message_finished(disposition.as_str());
+            if let Some((key, _, _)) = &lane {
+                inner.block_after(key, &outcome.id, disposition);
+            }
             if let Some((key, id, done)) = lane {
                 let _ = done.send(disposition == Disposition::Ack);
                 inner.leave_lane(&key, id);
@@ -428,6 +455,50 @@ impl Inner {
             },
             lane,
         )
+    }
+
+    /// Strict lanes: whether `message` must be released because an earlier message of its
+    /// key was not acknowledged. The failed message itself, submitted again, lifts the
+    /// block.
+    fn blocked_by_earlier(&self, message: &Message) -> bool {
+        if !self.strict_lanes || !self.ordered {
+            return false;
+        }
+        let Some(key) = &message.ordering_key else {
+            return false;
+        };
+        let Ok(mut blocked) = self.blocked.lock() else {
+            return false;
+        };
+        match blocked.get(key) {
+            Some((id, until)) if *id != message.id && Instant::now() < *until => true,
+            Some(_) => {
+                blocked.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Strict lanes: blocks `key` after its message `id` ended with `disposition`, unless
+    /// a block is already in force (the first failed message is the one to wait for).
+    fn block_after(&self, key: &Bytes, id: &str, disposition: Disposition) {
+        if !self.strict_lanes || self.drain.is_cancelled() {
+            return;
+        }
+        let delay = match disposition {
+            Disposition::Ack => return,
+            Disposition::Retry { after } => after,
+            Disposition::Hold | Disposition::Release => Duration::ZERO,
+        };
+        let until = Instant::now() + delay + STRICT_BLOCK_GRACE;
+        if let Ok(mut blocked) = self.blocked.lock() {
+            let now = Instant::now();
+            blocked.retain(|_, (_, until)| *until > now);
+            blocked
+                .entry(key.clone())
+                .or_insert_with(|| (id.to_owned(), until));
+        }
     }
 
     fn leave_lane(&self, key: &Bytes, id: u64) {

@@ -735,10 +735,59 @@ async fn strict_lanes_release_what_queued_behind_a_retry() {
         .collect();
     assert_eq!(bodies.len(), 2, "{bodies:?}");
     assert!(bodies.contains(&"a-0".to_owned()) && bodies.contains(&"b-0".to_owned()));
-    // The lane is empty again: a new message of the key is delivered.
-    let msg = message("events", "a-1", "a-1").with_ordering_key("a".to_owned());
-    let outcome = setup.dispatcher.submit(msg).await.unwrap().await;
-    assert_eq!(outcome.disposition(), Disposition::Ack);
+    // The key stays blocked after a-0 completed: a later a-1 (the rest of a receive
+    // still being handed over) is released at once, without an invocation.
+    let a1 = || message("events", "a-1", "a-1").with_ordering_key("a".to_owned());
+    let outcome = setup.dispatcher.submit(a1()).await.unwrap().await;
+    assert_eq!(outcome.disposition(), Disposition::Release);
+    assert_eq!(gw.requests_to("ordered").len(), 2);
+    // a-0 redelivered lifts the block (it fails again here, and blocks again); the block
+    // of a message that then succeeds is gone, and the key flows.
+    let a0 = message("events", "a-0", "a-0").with_ordering_key("a".to_owned());
+    let outcome = setup.dispatcher.submit(a0).await.unwrap().await;
+    assert!(matches!(outcome.disposition(), Disposition::Retry { .. }));
+    assert_eq!(gw.requests_to("ordered").len(), 3, "a-0 was invoked again");
+    let b = message("events", "b-1", "b-1").with_ordering_key("b".to_owned());
+    let outcome = setup.dispatcher.submit(b).await.unwrap().await;
+    assert_eq!(outcome.disposition(), Disposition::Ack, "other keys go on");
+}
+
+/// With strict lanes, a key whose failed message came back and succeeded flows again.
+#[tokio::test]
+async fn strict_lanes_unblock_when_the_failed_message_succeeds() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("ordered", "events", |req, _| {
+        if req.body.as_ref() == b"a-0" && req.header("x-delivery-attempt").as_deref() == Some("1") {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    });
+    let mut config = gw.config();
+    config.ordering = Ordering::Key;
+    config.max_attempts = 3;
+    let setup = broker_dispatcher(&gw, config, None);
+    let msg = |body: &str| message("events", body, body).with_ordering_key("a".to_owned());
+    let first = setup.dispatcher.submit(msg("a-0")).await.unwrap().await;
+    assert!(matches!(first.disposition(), Disposition::Retry { .. }));
+    let early = setup.dispatcher.submit(msg("a-1")).await.unwrap().await;
+    assert_eq!(early.disposition(), Disposition::Release, "overtook a-0");
+    // The broker redelivers a-0 (its receive count makes this attempt 2).
+    let again = setup
+        .dispatcher
+        .submit(msg("a-0").with_prior_attempts(1))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(again.disposition(), Disposition::Ack);
+    let later = setup.dispatcher.submit(msg("a-1")).await.unwrap().await;
+    assert_eq!(later.disposition(), Disposition::Ack);
+    let bodies: Vec<String> = gw
+        .requests_to("ordered")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(bodies, ["a-0", "a-0", "a-1"]);
 }
 
 /// Without strict lanes (the default), a lane goes on behind a message that was held.

@@ -970,9 +970,8 @@ async fn fifo_group_waits_behind(max_attempts: u32) {
         if req.body.as_ref() == b"a-0" && req.header("x-sqs-receive-count").as_deref() == Some("1")
         {
             // Slow enough that a-1 and a-2 of the same receive are queued behind it when
-            // it fails. If a-0 failed before the connector had handed a-1 to the
-            // dispatcher, a-1 would go ahead (a known gap, see the module docs of
-            // connectors/sqs/src/source.rs): this test covers the queued case.
+            // it fails (the case of a-0 failing before a-1 was handed over is covered by
+            // the dispatcher's strict-lane tests).
             Reply::status(503)
                 .header("retry-after", "2")
                 .delay(Duration::from_millis(500))

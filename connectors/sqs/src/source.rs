@@ -17,13 +17,11 @@
 //! | Hold (failed for good, no dead-letter queue) | visibility = backoff for its receive count: redelivered later, moved by the redrive policy after `maxReceiveCount` |
 //!
 //! FIFO order: messages of one group share an ordering lane with strict release, so a
-//! message that is not acknowledged releases the ones queued behind it. Known gap: if it
-//! fails before the next message of its group from the same receive was handed to the
-//! dispatcher (a fast failure while the batch is still being submitted), that next
-//! message finds an empty lane and goes ahead. Real SQS does not return a group's later
-//! messages while an earlier one is in flight, so only messages of the same receive are
-//! exposed. The fix is a per-group block, kept until the failed message id is received
-//! again, checked before submitting.
+//! message that is not acknowledged releases the ones queued behind it, and its group
+//! stays blocked until it is received again (or its retry delay plus a grace period
+//! passed): messages of the group handed over a moment after it failed (the rest of the
+//! same receive) are released at once as well. Real SQS does not return a group's later
+//! messages while an earlier one is in flight, so nothing else can overtake it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
