@@ -551,7 +551,7 @@ pub struct SdkConfig {
     /// are abandoned and their messages released. Env `drain_timeout`. (default: `"30s"`)
     #[serde(with = "duration")]
     pub drain_timeout: Duration,
-    /// Address of `/metrics`, `/healthz` and `/readyz`. Env `metrics_addr`.
+    /// Address of `/metrics`, `/healthz`, `/readyz` and `/drain`. Env `metrics_addr`.
     /// (default: `"0.0.0.0:8081"`)
     pub metrics_addr: SocketAddr,
     /// `text` or `json`; the level comes from `RUST_LOG` (default `info`).

@@ -3,9 +3,10 @@
 //! [`Runtime::new`] validates the configuration and builds everything without I/O.
 //! [`Runtime::run`] then:
 //!
-//! 1. binds `metrics_addr` (`/metrics`, `/healthz`, `/readyz`), failing at once if it
-//!    cannot;
-//! 2. installs SIGTERM and SIGINT handlers that cancel the root shutdown token;
+//! 1. binds `metrics_addr` (`/metrics`, `/healthz`, `/readyz`, `/drain`), failing at
+//!    once if it cannot;
+//! 2. installs SIGTERM and SIGINT handlers that cancel the root shutdown token (as does
+//!    a request to `/drain`, which answers once the drain below is over);
 //! 3. starts the topic-map rebuild loop and waits for the first successful build (the
 //!    gateway may be down at start: the loop retries, nothing exits);
 //! 4. runs the source with a [`SourceContext`];
@@ -223,7 +224,12 @@ impl Runtime {
             // Detached: it ends when the last sender (the dispatcher) is gone.
             tokio::spawn(print_responses(rx, config.print_response_body));
         }
-        let router = server::router(Arc::new(registry), metrics.clone(), health.clone());
+        let drained = CancellationToken::new();
+        let drain = server::Drain {
+            start: shutdown.clone(),
+            done: drained.clone(),
+        };
+        let router = server::router(Arc::new(registry), metrics.clone(), health.clone(), drain);
         let (addr, serve) = server::bind(config.metrics_addr, router, background.clone()).await?;
         tasks.spawn(serve);
         if install_signals {
@@ -285,6 +291,8 @@ impl Runtime {
             dispatcher.wait_idle().await;
         }
         drop(dispatcher);
+        // `/drain` answers now; the server's graceful shutdown below lets it finish.
+        drained.cancel();
         background.cancel();
         tasks.close();
         tasks.wait().await;

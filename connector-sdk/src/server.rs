@@ -1,8 +1,15 @@
-//! `/metrics`, `/healthz` and `/readyz` on `metrics_addr`.
+//! `/metrics`, `/healthz`, `/readyz` and `/drain` on `metrics_addr`.
 //!
 //! `/healthz` answers 200 while the process runs. `/readyz` answers 200 only when the
 //! topic map has been built, the source says it is connected, and the connector is not
 //! draining; otherwise 503 with the reasons, one per line.
+//!
+//! `/drain` (GET or POST) starts the same drain as SIGTERM and answers 200 only once it
+//! is over: in-flight deliveries finished (or were released at `drain_timeout`) and
+//! acknowledged. It is meant for a Kubernetes `preStop` `httpGet` hook, which the kubelet
+//! runs to completion before it sends SIGTERM, so the pod's grace period is spent
+//! draining and SIGTERM finds nothing left to do. Anyone who can reach `metrics_addr` can
+//! stop the connector this way: keep that port inside the cluster.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,19 +91,40 @@ struct AppState {
     registry: Arc<Registry>,
     metrics: Metrics,
     health: Health,
+    drain: Drain,
+}
+
+/// How `/drain` starts the drain and learns that it is over.
+#[derive(Clone, Debug, Default)]
+pub struct Drain {
+    /// Cancelled to start the drain (the runtime's root shutdown token).
+    pub start: CancellationToken,
+    /// Cancelled by the runtime once the drain is over.
+    pub done: CancellationToken,
 }
 
 /// The router of the metrics and health server; tests call it without a socket.
-pub fn router(registry: Arc<Registry>, metrics: Metrics, health: Health) -> Router {
+pub fn router(registry: Arc<Registry>, metrics: Metrics, health: Health, drain: Drain) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/drain", get(drain_handler).post(drain_handler))
         .with_state(AppState {
             registry,
             metrics,
             health,
+            drain,
         })
+}
+
+async fn drain_handler(State(state): State<AppState>) -> impl IntoResponse {
+    if !state.drain.start.is_cancelled() {
+        tracing::info!("drain requested on /drain");
+        state.drain.start.cancel();
+    }
+    state.drain.done.cancelled().await;
+    (StatusCode::OK, "drained\n")
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {

@@ -147,6 +147,45 @@ async fn drain_on_shutdown_finishes_in_flight_work_and_acks_it() {
     assert!(*running.flushed.lock().unwrap());
 }
 
+/// `/drain` (a Kubernetes preStop hook) starts the drain and answers only after the
+/// in-flight work finished and was acknowledged; then the runtime returns.
+#[tokio::test]
+async fn drain_endpoint_answers_once_in_flight_work_is_acknowledged() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("slow", "jobs", |_, _| {
+        Reply::ok().delay(Duration::from_millis(400))
+    });
+    let running = start(gw.config()).await;
+    assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
+    for i in 0..3 {
+        running
+            .tx
+            .send(Message::new("jobs", "x", format!("m{i}"), "test://"))
+            .await
+            .unwrap();
+    }
+    assert!(eventually(Duration::from_secs(5), || gw.requests().len() == 3).await);
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(10), get(running.metrics_addr, "/drain"))
+            .await
+            .expect("/drain answers after the drain")
+            .expect("/drain answered");
+    assert_eq!((status, body.as_str()), (200, "drained\n"));
+    // By the time it answered, everything in flight was acknowledged.
+    let settled = running.settled.lock().unwrap().clone();
+    assert_eq!(settled.len(), 3, "{settled:?}");
+    assert!(
+        settled.iter().all(|(_, d)| *d == Disposition::Ack),
+        "{settled:?}"
+    );
+    assert!(running.shutdown.is_cancelled());
+    let result = tokio::time::timeout(Duration::from_secs(10), running.handle)
+        .await
+        .expect("run returns after the drain")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}
+
 #[tokio::test]
 async fn drain_timeout_releases_what_did_not_finish() {
     let gw = FakeGateway::start().await.unwrap();

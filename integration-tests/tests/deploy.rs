@@ -626,6 +626,10 @@ fn check_deployment(d: &Deployment, origin: &str) {
         assert_eq!(get["path"], path, "{what}: {probe} path");
         assert_eq!(named(&get["port"]), port, "{what}: {probe} port");
     }
+    // The preStop hook drains through the health server (connector_sdk::server, /drain).
+    let pre_stop = &container["lifecycle"]["preStop"]["httpGet"];
+    assert_eq!(pre_stop["path"], "/drain", "{what}: preStop path");
+    assert_eq!(named(&pre_stop["port"]), port, "{what}: preStop port");
     let annotations = &template["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true", "{what}");
     assert_eq!(
@@ -980,6 +984,7 @@ fn helm_chart_values_match_the_connectors() {
     for needed in [
         "/healthz",
         "/readyz",
+        "/drain",
         "prometheus.io/scrape",
         "terminationGracePeriodSeconds",
         "--config",
