@@ -960,71 +960,10 @@ async fn token_user_password_and_nkey_authentication() {
     delivers_with_auth(&server, &format!("nkey = \"{seed}\""), publisher).await;
 }
 
-/// A CA and a server certificate for 127.0.0.1 in `dir` (openssl); returns the CA file.
-fn make_certificates(dir: &std::path::Path) -> PathBuf {
-    let run = |args: &[&str]| {
-        let ok = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl is installed")
-            .success();
-        assert!(ok, "openssl {args:?} failed");
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    dir.join("ca.crt")
-}
-
 #[tokio::test]
 async fn tls_with_a_private_ca() {
     let certs = tempfile::tempdir().unwrap();
-    let ca = make_certificates(certs.path());
+    let ca = integration_tests::tls_certificates(certs.path());
     let cert = certs.path().join("server.crt");
     let key = certs.path().join("server.key");
     let mut server = OwnServer::with_args(&[
