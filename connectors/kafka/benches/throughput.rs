@@ -36,6 +36,8 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
+use connector_sdk::Message as SdkMessage;
+use connector_sdk::testing::load;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -141,13 +143,6 @@ fn serve(addr: SocketAddr, topics: String) {
     });
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 fn wait_port(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_err() {
@@ -241,41 +236,31 @@ async fn raw_consume(brokers: &str, topic: &str, n: usize) -> f64 {
     (n - 1) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Requests per second of `n` POSTs like the connector's, `concurrency` in flight.
-async fn http_ceiling(addr: SocketAddr, n: usize, concurrency: usize) -> f64 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(128)
-        .build()
-        .unwrap();
-    let url = format!("http://{addr}/function/noop");
-    let started = Instant::now();
-    let mut pending = FuturesUnordered::new();
-    for i in 0..n {
-        let req = client
-            .post(&url)
-            .header("x-topic", "bench")
-            .header("x-connector", "kafka-connector")
-            .header("ce-specversion", "1.0")
-            .header("ce-id", format!("bench/0/{i}"))
-            .header("ce-source", "kafka://bench/bench")
-            .header("ce-type", "kafka-connector.message")
-            .header("x-delivery-attempt", "1")
-            .header("x-kafka-topic", "bench")
-            .header("x-kafka-partition", "0")
-            .header("x-kafka-offset", i.to_string())
-            .header("x-kafka-key", (i % 1024).to_string())
-            .body(PAYLOAD);
-        pending.push(async move {
-            let r = req.send().await.unwrap();
-            assert!(r.status().is_success());
-            r.bytes().await.unwrap();
-        });
-        if pending.len() >= concurrency {
-            pending.next().await;
-        }
-    }
-    while pending.next().await.is_some() {}
-    n as f64 / started.elapsed().as_secs_f64()
+/// Requests per second of `n` POSTs as the connector makes them for records of `topic`
+/// (the SDK's invocation headers plus the record's `X-Kafka-*`), `concurrency` in flight.
+async fn http_ceiling(gateway: SocketAddr, topic: &str, n: usize, concurrency: usize) -> f64 {
+    let topic = topic.to_owned();
+    load::ceiling(
+        &format!("http://{gateway}"),
+        "kafka-connector",
+        concurrency,
+        n as u64,
+        move |i| {
+            let mut m = SdkMessage::new(
+                topic.as_str(),
+                PAYLOAD,
+                format!("{topic}/0/{i}"),
+                format!("kafka://bench-{topic}/{topic}"),
+            );
+            m.add_header("X-Kafka-Topic", &topic);
+            m.add_header("X-Kafka-Partition", "0");
+            m.add_header("X-Kafka-Offset", &i.to_string());
+            m.add_header("X-Kafka-Key", &(i % 1024).to_string());
+            m
+        },
+    )
+    .await
+    .unwrap()
 }
 
 struct Connector {
@@ -287,7 +272,7 @@ struct Connector {
 impl Connector {
     fn start(gateway: SocketAddr, brokers: &str, topic: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = free_addr();
+        let metrics = load::free_addr().unwrap();
         let config = format!(
             r#"[connector]
 gateway_url = "http://{gateway}"
@@ -356,13 +341,7 @@ lag_interval = "5s"
     }
 
     fn memory_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        load::status_kib(self.child.id(), field)
     }
 
     /// Messages per second from the first acknowledged message to the `n`th.
@@ -495,20 +474,20 @@ async fn bench() {
         setup.fill(&topic2, n).await;
     }
 
-    let gateway = free_addr();
+    let gateway = load::free_addr().unwrap();
     let mut server = spawn_server(gateway, &format!("{topic},{topic2},{lat_topic}"));
 
     eprintln!("broker raw consume rate");
     let raw = raw_consume(&brokers, &topic, n).await;
     eprintln!("HTTP ceiling");
-    let _ = http_ceiling(gateway, n / 10, concurrency).await; // warm-up
-    let ceiling = http_ceiling(gateway, n, concurrency).await;
+    let _ = http_ceiling(gateway, &topic, n / 10, concurrency).await; // warm-up
+    let ceiling = http_ceiling(gateway, &topic, n, concurrency).await;
 
     eprintln!("connector, ordering none");
     let extra = format!("max_inflight = {concurrency}\nordering = \"none\"");
     let c = Connector::start(gateway, &brokers, &topic, &extra);
     let e2e = c.consume(n as u64).await;
-    let peak_kib = c.memory_kib("VmHWM:");
+    let peak_kib = c.memory_kib("VmHWM");
     c.stop();
 
     // Opt-in (BENCH_ORDERED=1): with ordering = "partition" every partition pauses and
@@ -518,7 +497,7 @@ async fn bench() {
         let extra = format!("max_inflight = {concurrency}");
         let c = Connector::start(gateway, &brokers, &topic2, &extra);
         let r = c.consume(n as u64).await;
-        let peak = c.memory_kib("VmHWM:");
+        let peak = c.memory_kib("VmHWM");
         c.stop();
         (r, peak)
     } else {
@@ -537,7 +516,7 @@ async fn bench() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // let start-up allocations settle
-    let idle_kib = c.memory_kib("VmRSS:");
+    let idle_kib = c.memory_kib("VmRSS");
     produce_at_rate(&setup, &lat_topic, rate, seconds).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while c.acked() < rate * seconds {
