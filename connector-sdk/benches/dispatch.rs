@@ -114,14 +114,37 @@ async fn bench(addr: SocketAddr) {
     // Ceiling and SDK alternate, three rounds each, and the medians are reported: on a
     // shared machine single runs scatter, and alternating exposes both to the same noise.
     let mut rows = Vec::new();
-    for concurrency in [64usize, 1] {
-        let count = if concurrency == 1 { 4_000 } else { 40_000 };
+    // BENCH_CONCURRENCY=64 (or "1,64") measures only those; BENCH_ONLY=sdk skips the
+    // ceiling (for profiling one side).
+    let levels: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
+        .map(|v| v.split(',').map(|c| c.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|_| vec![64, 1]);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(3, |v| v.parse().unwrap());
+    for concurrency in levels {
+        let count = std::env::var("BENCH_COUNT")
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(if concurrency == 1 { 4_000 } else { 40_000 });
         let _ = sdk_run(&config, &topics, concurrency, count / 10).await; // warm-up
         let _ = ceiling_run(&config, concurrency, count / 10).await; // warm-up
         let (mut sdk, mut ceiling) = (Vec::new(), Vec::new());
-        for round in 0..3 {
-            let s = sdk_run(&config, &topics, concurrency, count).await;
-            let c = ceiling_run(&config, concurrency, count).await;
+        for round in 0..rounds {
+            let s = if only == "ceiling" {
+                Figures {
+                    per_second: f64::NAN,
+                    cpu_per_request: Duration::ZERO,
+                }
+            } else {
+                sdk_run(&config, &topics, concurrency, count).await
+            };
+            let c = if only == "sdk" {
+                Figures {
+                    per_second: f64::NAN,
+                    cpu_per_request: Duration::ZERO,
+                }
+            } else {
+                ceiling_run(&config, concurrency, count).await
+            };
             eprintln!(
                 "concurrency {concurrency} round {round}: ceiling {:.0}/s, sdk {:.0}/s, ratio {:.2}",
                 c.per_second,

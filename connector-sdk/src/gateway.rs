@@ -70,6 +70,9 @@ pub enum InvokeError {
 pub struct GatewayClient {
     http: reqwest::Client,
     base: String,
+    /// `{base}/function/` or `{base}/async-function/`, parsed once: parsing a URL per
+    /// request (host included) costs more than the rest of building it.
+    invoke_base: Url,
     auth: Option<BasicAuth>,
     timeout: Duration,
     asynchronous: bool,
@@ -105,9 +108,23 @@ impl GatewayClient {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| SdkError::HttpClient(e.to_string()))?;
+        let base = config.gateway_url.trim_end_matches('/').to_owned();
+        let route = if config.asynchronous_invocation {
+            "async-function"
+        } else {
+            "function"
+        };
+        let invoke_base = Url::parse(&format!("{base}/{route}/"))
+            .map_err(|e| SdkError::HttpClient(format!("gateway_url {base:?} is not a URL: {e}")))?;
+        if invoke_base.cannot_be_a_base() {
+            return Err(SdkError::HttpClient(format!(
+                "gateway_url {base:?} cannot be a base URL"
+            )));
+        }
         Ok(Self {
             http,
-            base: config.gateway_url.trim_end_matches('/').to_owned(),
+            base,
+            invoke_base,
             auth: BasicAuth::from_config(config)?,
             timeout: config.upstream_timeout,
             asynchronous: config.asynchronous_invocation,
@@ -241,7 +258,10 @@ impl GatewayClient {
     /// The headers of one invocation of `function` with `message`, attempt number
     /// `attempt` (1-based, counting the broker's earlier deliveries).
     pub fn invocation_headers(&self, message: &Message, attempt: u32) -> HeaderMap {
-        let mut headers = message.headers.clone();
+        // Room for the message's own headers and the dozen of the contract, so that
+        // inserting them never grows the map.
+        let mut headers = HeaderMap::with_capacity(message.headers.len() + 12);
+        headers.extend(message.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut set = |name: &HeaderName, value: HeaderValue| {
             headers.insert(name.clone(), value);
         };
@@ -291,25 +311,27 @@ impl GatewayClient {
         message: &Message,
         attempt: u32,
     ) -> Result<InvocationResponse, InvokeError> {
-        let route = if self.asynchronous {
-            "async-function"
-        } else {
-            "function"
-        };
-        let url = format!("{}/{route}/{}", self.base, function.as_str());
+        let mut url = self.invoke_base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push(function.as_str());
+        }
         let mut headers = self.invocation_headers(message, attempt);
         if message.payload.is_empty() {
             // hyper sends no length for an empty body; say it, as other clients do, so
             // that an empty message reaches the function as an empty body.
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(0u32));
         }
-        let request = self
+        // Built in place rather than through `RequestBuilder`, which would merge the
+        // header map into an empty one header by header.
+        let mut request = reqwest::Request::new(http::Method::POST, url);
+        *request.headers_mut() = headers;
+        *request.body_mut() = Some(message.payload.clone().into());
+        *request.timeout_mut() = Some(self.timeout);
+        let mut response = self
             .http
-            .post(url)
-            .headers(headers)
-            .body(message.payload.clone())
-            .timeout(self.timeout);
-        let mut response = request.send().await.map_err(|e| self.classify(e))?;
+            .execute(request)
+            .await
+            .map_err(|e| self.classify(e))?;
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
         let body = read_limited(response).await.map_err(|e| self.classify(e))?;
