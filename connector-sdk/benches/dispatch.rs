@@ -9,11 +9,13 @@
 //!
 //! - **ceiling**: a plain `reqwest` loop making the same requests the SDK makes (same
 //!   route, same headers, same body), with N requests in flight;
+//! - **client loop**: the same, through the SDK's own HTTP layer (`GatewayClient::invoke`)
+//!   without the dispatcher, so "sdk's own CPU" is what the dispatcher adds;
 //! - **sdk**: a `Dispatcher` with `max_inflight = N`, fed as fast as `submit` admits.
 //!
 //! For each it prints requests per second and this process's CPU time per request (from
 //! `/proc/self/stat`), and for the SDK the resident memory idle and at its peak under load
-//! (`VmRSS`, `VmHWM` from `/proc/self/status`). Each pair runs three times, alternating,
+//! (`VmRSS`, `VmHWM` from `/proc/self/status`). Each side runs three times, alternating,
 //! and the medians are printed (single runs go to stderr).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,7 +29,7 @@ use axum::Router;
 use axum::routing::post;
 use connector_sdk::gateway::GatewayClient;
 use connector_sdk::metrics::Metrics;
-use connector_sdk::topic_map::{FunctionStatus, TopicMap, TopicMapHandle};
+use connector_sdk::topic_map::{FunctionRef, FunctionStatus, TopicMap, TopicMapHandle};
 use connector_sdk::{Dispatcher, Disposition, Message, SdkConfig};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -111,70 +113,89 @@ async fn bench(addr: SocketAddr) {
     let topics = TopicMapHandle::fixed(TopicMap::build(&functions, ","));
     let idle_rss = rss_kib("VmRSS");
 
-    // Ceiling and SDK alternate, three rounds each, and the medians are reported: on a
-    // shared machine single runs scatter, and alternating exposes both to the same noise.
-    let mut rows = Vec::new();
-    // BENCH_CONCURRENCY=64 (or "1,64") measures only those; BENCH_ONLY=sdk skips the
-    // ceiling (for profiling one side).
+    // BENCH_CONCURRENCY=64 (or "1,64") measures only those levels; BENCH_ONLY=sdk (or
+    // ceiling, client) runs only that side, for profiling; BENCH_COUNT and BENCH_ROUNDS
+    // override the request count and the number of rounds.
     let levels: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
         .map(|v| v.split(',').map(|c| c.trim().parse().unwrap()).collect())
         .unwrap_or_else(|_| vec![64, 1]);
-    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let only = std::env::var("BENCH_ONLY").ok();
+    let runs = |side: &str| only.as_deref().is_none_or(|o| o == side);
     let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(3, |v| v.parse().unwrap());
+    let skipped = || Figures {
+        per_second: f64::NAN,
+        cpu_per_request: Duration::ZERO,
+    };
+    let mut rows = Vec::new();
     for concurrency in levels {
         let count = std::env::var("BENCH_COUNT")
             .map(|v| v.parse().unwrap())
             .unwrap_or(if concurrency == 1 { 4_000 } else { 40_000 });
-        let _ = sdk_run(&config, &topics, concurrency, count / 10).await; // warm-up
-        let _ = ceiling_run(&config, concurrency, count / 10).await; // warm-up
-        let (mut sdk, mut ceiling) = (Vec::new(), Vec::new());
+        // Warm-up: connections, allocator, caches.
+        let _ = sdk_run(&config, &topics, concurrency, count / 10).await;
+        let _ = ceiling_run(&config, concurrency, count / 10).await;
+        let _ = client_run(&config, concurrency, count / 10).await;
+        let (mut sdk, mut ceiling, mut client) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
-            let s = if only == "ceiling" {
-                Figures {
-                    per_second: f64::NAN,
-                    cpu_per_request: Duration::ZERO,
-                }
-            } else {
+            let s = if runs("sdk") {
                 sdk_run(&config, &topics, concurrency, count).await
-            };
-            let c = if only == "sdk" {
-                Figures {
-                    per_second: f64::NAN,
-                    cpu_per_request: Duration::ZERO,
-                }
             } else {
+                skipped()
+            };
+            let c = if runs("ceiling") {
                 ceiling_run(&config, concurrency, count).await
+            } else {
+                skipped()
+            };
+            let k = if runs("client") {
+                client_run(&config, concurrency, count).await
+            } else {
+                skipped()
             };
             eprintln!(
-                "concurrency {concurrency} round {round}: ceiling {:.0}/s, sdk {:.0}/s, ratio {:.2}",
+                "concurrency {concurrency} round {round}: ceiling {:.0}/s, client {:.0}/s, sdk {:.0}/s, ratio {:.2} (to the client loop {:.2})",
                 c.per_second,
+                k.per_second,
                 s.per_second,
-                s.per_second / c.per_second
+                s.per_second / c.per_second,
+                s.per_second / k.per_second,
             );
             sdk.push(s);
             ceiling.push(c);
+            client.push(k);
         }
         let peak = rss_kib("VmHWM");
-        rows.push((concurrency, count, median(ceiling), median(sdk), peak));
+        rows.push((
+            concurrency,
+            count,
+            median(ceiling),
+            median(client),
+            median(sdk),
+            peak,
+        ));
     }
     println!(
-        "| concurrency | requests | ceiling req/s | sdk deliveries/s | ratio | ceiling CPU/req | sdk CPU/delivery | sdk's own CPU/delivery |"
+        "| concurrency | requests | ceiling req/s | client loop req/s | sdk deliveries/s | ratio to ceiling | ratio to client loop | ceiling CPU/req | client loop CPU/req | sdk CPU/delivery | sdk's own CPU/delivery (over the client loop) |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     rows.sort_by_key(|r| r.0);
-    for (c, n, ceiling, sdk, _) in &rows {
-        let own = sdk.cpu_per_request.saturating_sub(ceiling.cpu_per_request);
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    for (c, n, ceiling, client, sdk, _) in &rows {
+        let own = sdk.cpu_per_request.saturating_sub(client.cpu_per_request);
         println!(
-            "| {c} | {n} | {:.0} | {:.0} | {:.2} | {:.1} µs | {:.1} µs | {:.1} µs |",
+            "| {c} | {n} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
             ceiling.per_second,
+            client.per_second,
             sdk.per_second,
             sdk.per_second / ceiling.per_second,
-            ceiling.cpu_per_request.as_secs_f64() * 1e6,
-            sdk.cpu_per_request.as_secs_f64() * 1e6,
-            own.as_secs_f64() * 1e6,
+            sdk.per_second / client.per_second,
+            micros(ceiling.cpu_per_request),
+            micros(client.cpu_per_request),
+            micros(sdk.cpu_per_request),
+            micros(own),
         );
     }
-    let peak = rows.iter().map(|r| r.4).max().unwrap_or(0);
+    let peak = rows.iter().map(|r| r.5).max().unwrap_or(0);
     println!();
     println!(
         "resident memory: idle {:.1} MiB, peak under load (concurrency 64) {:.1} MiB",
@@ -183,7 +204,6 @@ async fn bench(addr: SocketAddr) {
     );
 }
 
-/// The median run by throughput (its CPU figure comes with it).
 fn median(mut runs: Vec<Figures>) -> Figures {
     runs.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
     runs.swap_remove(runs.len() / 2)
@@ -257,6 +277,37 @@ async fn ceiling_run(config: &SdkConfig, concurrency: usize, count: usize) -> Fi
                         .unwrap();
                     assert!(resp.status().is_success());
                     resp.bytes().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    figures(count, started.elapsed(), cpu_time() - cpu)
+}
+
+/// The SDK's own HTTP layer without the dispatcher: N workers calling
+/// `GatewayClient::invoke` in a loop, as the ceiling calls reqwest.
+async fn client_run(config: &SdkConfig, concurrency: usize, count: usize) -> Figures {
+    let gateway = GatewayClient::new("bench-connector", config).unwrap();
+    let function = FunctionRef::new("noop", None);
+    let next = Arc::new(AtomicU64::new(0));
+    let cpu = cpu_time();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (gateway, function, next) = (gateway.clone(), function.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count as u64 {
+                        break;
+                    }
+                    let message =
+                        Message::new("bench", PAYLOAD, format!("bench/0/{i}"), "bench://");
+                    let resp = gateway.invoke(&function, &message, 1).await.unwrap();
+                    assert!(resp.status.is_success());
                 }
             })
         })
