@@ -60,7 +60,8 @@ fn main() {
             .build()
             .unwrap()
     };
-    runtime.block_on(bench(addr));
+    // On a worker, as `Runtime::run` runs a connector's source.
+    runtime.block_on(async move { tokio::spawn(bench(addr)).await.unwrap() });
     child.kill().ok();
     child.wait().ok();
 }

@@ -280,25 +280,69 @@ impl Dispatcher {
         message: Message,
         functions: Arc<[FunctionRef]>,
     ) -> Result<Completion, SdkError> {
+        Ok(
+            match self
+                .start(message, functions, |outcome| async move { outcome })
+                .await?
+            {
+                Started::Task(task) => Completion(CompletionState::Task(task)),
+                Started::Ready(outcome, _) => Completion(CompletionState::Ready(Some(outcome))),
+            },
+        )
+    }
+
+    /// Like [`submit`](Self::submit), but instead of returning a [`Completion`] to await,
+    /// runs `then` with the outcome at the end of the message's own task. That saves a
+    /// task and a wake-up per message for a source whose settling needs no state of the
+    /// loop that submitted (Kafka: mark the offset). [`wait_idle`](Self::wait_idle)
+    /// waits for `then` too. When the dispatcher is draining, `then` is not run and the
+    /// error says so.
+    pub async fn submit_then<F, Fut>(&self, message: Message, then: F) -> Result<(), SdkError>
+    where
+        F: FnOnce(MessageOutcome) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let functions = self.functions_for(&message.topic);
+        if let Started::Ready(outcome, then) = self.start(message, functions, then).await? {
+            self.inner.tracker.spawn(then(outcome));
+        }
+        Ok(())
+    }
+
+    /// Starts the message's task, which ends with `finish(outcome)`; or, when the outcome
+    /// is known at once (no subscriber, a blocked key), gives it back with `finish`.
+    async fn start<F, Fut, T>(
+        &self,
+        message: Message,
+        functions: Arc<[FunctionRef]>,
+        finish: F,
+    ) -> Result<Started<F, T>, SdkError>
+    where
+        F: FnOnce(MessageOutcome) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
         if functions.is_empty() {
             tracing::debug!(topic = %message.topic, ce_id = %message.id, "no function subscribes to this topic");
             self.inner.metrics.message_finished("unmatched");
-            return Ok(Completion(CompletionState::Ready(Some(MessageOutcome {
+            let outcome = MessageOutcome {
                 id: message.id,
                 deliveries: Vec::new(),
                 interrupted: false,
-            }))));
+            };
+            return Ok(Started::Ready(outcome, finish));
         }
         if self.inner.blocked_by_earlier(&message) {
             tracing::debug!(topic = %message.topic, ce_id = %message.id, "released: its key is blocked by an unacknowledged message");
             self.inner
                 .metrics
                 .message_finished(Disposition::Release.as_str());
-            return Ok(Completion(CompletionState::Ready(Some(MessageOutcome {
+            let outcome = MessageOutcome {
                 id: message.id,
                 deliveries: functions.iter().map(|f| released(f, 0)).collect(),
                 interrupted: false,
-            }))));
+            };
+            return Ok(Started::Ready(outcome, finish));
         }
         let wanted = functions.len().min(self.inner.max_inflight);
         let permits = self
@@ -321,9 +365,9 @@ impl Dispatcher {
                 let _ = done.send(disposition == Disposition::Ack);
                 inner.leave_lane(&key, id);
             }
-            outcome
+            finish(outcome).await
         });
-        Ok(Completion(CompletionState::Task(task)))
+        Ok(Started::Task(task))
     }
 
     /// Joins the message's lane, returning the lane entry to wait on and what to signal.
@@ -380,6 +424,14 @@ impl Dispatcher {
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
+}
+
+/// What [`Dispatcher::start`] did with a message.
+enum Started<F, T> {
+    /// Its task runs and ends with the finishing step's result.
+    Task(tokio::task::JoinHandle<T>),
+    /// Its outcome was known at once; the finishing step was not run.
+    Ready(MessageOutcome, F),
 }
 
 struct LaneTicket {

@@ -194,11 +194,16 @@ impl Runtime {
     /// `source` consumes the event source through the [`SourceContext`]; it must stop
     /// pulling when `shutdown` is cancelled, await the completions it holds, acknowledge
     /// what they allow, and return.
+    ///
+    /// The source runs as a task of the runtime rather than inline: under
+    /// `#[tokio::main]` the caller is the main thread, outside the worker pool, and every
+    /// delivery it started there would go through the runtime's shared queue and wake a
+    /// parked worker (and every completion would wake the main thread back).
     pub async fn run<F, Fut, E>(self, source: F) -> Result<(), SdkError>
     where
         F: FnOnce(SourceContext) -> Fut,
-        Fut: Future<Output = Result<(), E>>,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
     {
         let Runtime {
             name,
@@ -273,7 +278,19 @@ impl Runtime {
                     metrics,
                     config: config.clone(),
                 };
-                drive(source(ctx), &dispatcher, &health, &shutdown, config.drain_timeout).await
+                let task = tokio::spawn(source(ctx));
+                let stop = task.abort_handle();
+                let source = async move {
+                    match task.await {
+                        Ok(result) => result.map_err(Into::into),
+                        Err(e) => Err(format!("the source task failed: {e}").into()),
+                    }
+                };
+                let result =
+                    drive(source, &dispatcher, &health, &shutdown, config.drain_timeout).await;
+                // `drive` gives up on a source that does not stop; make sure it is gone.
+                stop.abort();
+                result
             }
             () = shutdown.cancelled() => {
                 tracing::info!("stopped before the topic map was ever built");
@@ -305,7 +322,7 @@ impl Runtime {
 }
 
 /// Runs the source; on shutdown, drains with the deadline described in the module docs.
-async fn drive<Fut, E>(
+async fn drive<Fut>(
     source: Fut,
     dispatcher: &Dispatcher,
     health: &Health,
@@ -313,8 +330,7 @@ async fn drive<Fut, E>(
     drain_timeout: Duration,
 ) -> Result<(), SdkError>
 where
-    Fut: Future<Output = Result<(), E>>,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
     let source = std::pin::pin!(source);
     let mut source = source;
@@ -348,7 +364,7 @@ where
             }
         }
     };
-    result.map_err(|e| SdkError::Source(e.into()))
+    result.map_err(SdkError::Source)
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT. Returns the waiting future so that

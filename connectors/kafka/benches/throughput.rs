@@ -285,14 +285,22 @@ brokers = "{brokers}"
 group = "bench-{topic}"
 commit_interval = "1s"
 lag_interval = "5s"
-"#
+{properties}
+"#,
+            // BENCH_KAFKA_PROPERTIES='"fetch.max.bytes" = "52428800"' tries librdkafka settings.
+            properties = std::env::var("BENCH_KAFKA_PROPERTIES")
+                .map(|p| format!("\n[kafka.properties]\n{p}"))
+                .unwrap_or_default(),
         );
         let path = dir.path().join("kafka.toml");
         std::fs::write(&path, config).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kafka-connector"))
             .arg("--config")
             .arg(&path)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_CONNECTOR_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

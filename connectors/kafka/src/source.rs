@@ -96,6 +96,9 @@ struct State {
     held: HashMap<TopicPartition, Vec<Arc<Record>>>,
     /// Partitions revoked since the loop last looked.
     revoked: Vec<TopicPartition>,
+    /// Rebalance callbacks waiting on `settled`: only then does a settle signal it
+    /// (signalling a condition variable is a system call even with nobody waiting).
+    draining: usize,
 }
 
 impl Shared {
@@ -122,8 +125,10 @@ impl Shared {
             if let Some(n) = s.submitted.get_mut(tp) {
                 *n = n.saturating_sub(1);
             }
+            if s.draining > 0 {
+                self.settled.notify_all();
+            }
         }
-        self.settled.notify_all();
         self.wake.notify_one();
     }
 }
@@ -149,10 +154,11 @@ impl ConnectorContext {
     fn drain(&self, revoked: &[TopicPartition]) -> bool {
         let deadline = Instant::now() + self.drain_timeout;
         let mut s = self.shared.lock();
-        loop {
+        s.draining += 1;
+        let drained = loop {
             let busy: usize = revoked.iter().map(|tp| s.marks.in_flight(tp)).sum();
             if busy == 0 {
-                return true;
+                break true;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -160,13 +166,15 @@ impl ConnectorContext {
                     in_flight = busy,
                     "rebalance_drain_timeout reached: handing over partitions with deliveries in flight; they will be delivered again"
                 );
-                return false;
+                break false;
             }
             s = match self.shared.settled.wait_timeout(s, deadline - now) {
                 Ok((guard, _)) => guard,
                 Err(poisoned) => poisoned.into_inner().0,
             };
-        }
+        };
+        s.draining -= 1;
+        drained
     }
 
     fn revoke(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, tpl: &Tpl) {
@@ -597,16 +605,8 @@ impl Poller {
         if let Some(o) = &self.originals {
             o.insert(&record);
         }
-        let completion = match self.ctx.dispatcher.submit(message).await {
-            Ok(c) => c,
-            Err(_) => {
-                // Draining for shutdown: it stays unsettled, delivered again later.
-                if let Some(o) = &self.originals {
-                    o.remove(&record.id());
-                }
-                return Err(record);
-            }
-        };
+        // Counted before the hand-over: the record may settle (and uncount itself) before
+        // `submit_then` returns.
         *self
             .shared
             .lock()
@@ -616,30 +616,45 @@ impl Poller {
         let shared = self.shared.clone();
         let originals = self.originals.clone();
         let replies = self.replies.clone();
-        tokio::spawn(async move {
-            let outcome = completion.await;
-            let mut settled = match outcome.disposition() {
-                Disposition::Ack => Settled::Ack,
-                Disposition::Hold => Settled::Hold,
-                Disposition::Release => Settled::Release,
-                // Only with broker retries, which this connector does not turn on.
-                Disposition::Retry { .. } => Settled::Release,
-            };
-            if settled == Settled::Ack
-                && let Some(replies) = &replies
-                && let Err(e) = replies.publish(&record, &outcome).await
-            {
-                tracing::error!(error = %e, ce_id = %record.id(), "reply not published: the record holds its partition");
-                settled = Settled::Hold;
+        let settling = record.clone();
+        let submitted = self
+            .ctx
+            .dispatcher
+            .submit_then(message, move |outcome| async move {
+                let record = settling;
+                let mut settled = match outcome.disposition() {
+                    Disposition::Ack => Settled::Ack,
+                    Disposition::Hold => Settled::Hold,
+                    Disposition::Release => Settled::Release,
+                    // Only with broker retries, which this connector does not turn on.
+                    Disposition::Retry { .. } => Settled::Release,
+                };
+                if settled == Settled::Ack
+                    && let Some(replies) = &replies
+                    && let Err(e) = replies.publish(&record, &outcome).await
+                {
+                    tracing::error!(error = %e, ce_id = %record.id(), "reply not published: the record holds its partition");
+                    settled = Settled::Hold;
+                }
+                if let Some(o) = &originals {
+                    o.remove(&record.id());
+                }
+                if settled == Settled::Hold {
+                    tracing::error!(partition = %record.tp, offset = record.offset, "record holds its partition: nothing past it is committed");
+                }
+                shared.settle(&record, settled);
+            })
+            .await;
+        if submitted.is_err() {
+            // Draining for shutdown: it stays unsettled, delivered again later.
+            if let Some(n) = self.shared.lock().submitted.get_mut(&record.tp) {
+                *n = n.saturating_sub(1);
             }
-            if let Some(o) = &originals {
+            if let Some(o) = &self.originals {
                 o.remove(&record.id());
             }
-            if settled == Settled::Hold {
-                tracing::error!(partition = %record.tp, offset = record.offset, "record holds its partition: nothing past it is committed");
-            }
-            shared.settle(&record, settled);
-        });
+            return Err(record);
+        }
         Ok(())
     }
 
