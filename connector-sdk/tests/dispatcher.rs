@@ -813,3 +813,56 @@ async fn default_lanes_go_on_behind_a_held_message() {
     assert_eq!(second.await.disposition(), Disposition::Ack);
     assert_eq!(gw.requests_to("ordered").len(), 3, "in-process retries");
 }
+
+#[tokio::test]
+async fn submit_then_settles_in_the_delivery_task_and_drain_waits_for_it() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("slow", "slow", |_, _| {
+        Reply::ok().delay(Duration::from_millis(200))
+    });
+    let setup = dispatcher(&gw, gw.config(), None);
+    let settled: Arc<Mutex<Vec<(String, Disposition)>>> = Arc::default();
+    for (topic, id) in [("slow", "1"), ("nobody-listens", "2")] {
+        let settled = settled.clone();
+        setup
+            .dispatcher
+            .submit_then(message(topic, "x", id), move |outcome| async move {
+                // A settle step that awaits, as publishing a reply does.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let disposition = outcome.disposition();
+                settled.lock().unwrap().push((outcome.id, disposition));
+            })
+            .await
+            .unwrap();
+    }
+    // Drained with the invocation running: wait_idle returns only once its settle step
+    // has run too.
+    assert!(
+        connector_sdk::testing::eventually(Duration::from_secs(5), || gw.requests().len() == 1)
+            .await
+    );
+    setup.dispatcher.drain();
+    setup.dispatcher.wait_idle().await;
+    let mut seen = settled.lock().unwrap().clone();
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        seen,
+        vec![
+            ("1".to_owned(), Disposition::Ack),
+            ("2".to_owned(), Disposition::Ack)
+        ]
+    );
+    assert_eq!(gw.requests_to("slow").len(), 1);
+    // Draining: refused, and the settle step is not run.
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ran.clone();
+    let refused = setup
+        .dispatcher
+        .submit_then(message("slow", "x", "3"), move |_| async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await;
+    assert!(refused.is_err());
+    setup.dispatcher.wait_idle().await;
+    assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+}
