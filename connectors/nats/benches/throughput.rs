@@ -19,7 +19,11 @@
 //! - **jetstream**: the same in JetStream mode on a fresh memory stream, the messages
 //!   published while it runs (each publish confirmed by the stream, 1,000 in flight).
 //!   The clock stops when every call was answered and the consumer has nothing pending
-//!   and nothing unacknowledged.
+//!   and nothing unacknowledged. The publisher shares the two cores and can be what
+//!   limits this row;
+//! - **jetstream-backlog**: the messages published first, then the connector started;
+//!   the clock starts at the first call, so the row measures consuming a backlog, as
+//!   the Kafka benchmark does.
 //!
 //! Printed: messages per second, the ratio to the ceiling, the connector's CPU time per
 //! message (from `/proc/<pid>/stat`), and its resident memory idle (after `/readyz` turned
@@ -59,14 +63,17 @@ struct Row {
     ceiling: f64,
     connector: f64,
     cpu_per_message: Duration,
-    idle_kib: u64,
+    /// Not measured with a backlog waiting at start.
+    idle_kib: Option<u64>,
+    /// Confirmed publishes per second while nothing consumes (backlog mode).
+    published: Option<f64>,
     peak_kib: u64,
 }
 
 async fn bench() {
     let nats = async_nats::connect(nats_url()).await.unwrap();
     let mut rows = Vec::new();
-    for mode in ["core", "jetstream"] {
+    for mode in ["core", "jetstream", "jetstream-backlog"] {
         let subject = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let function = NoopFunction::spawn(&subject).unwrap();
         let addr = function.addr;
@@ -80,16 +87,26 @@ async fn bench() {
         "| mode | max_inflight | messages | ceiling req/s | connector msg/s | ratio | connector CPU/msg | RSS idle | RSS peak |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let published: Vec<f64> = rows.iter().filter_map(|r| r.published).collect();
     for r in rows {
         println!(
-            "| {} | {CONCURRENCY} | {COUNT} | {:.0} | {:.0} | {:.2} | {:.1} µs | {:.1} MiB | {:.1} MiB |",
+            "| {} | {CONCURRENCY} | {COUNT} | {:.0} | {:.0} | {:.2} | {:.1} µs | {} | {:.1} MiB |",
             r.mode,
             r.ceiling,
             r.connector,
             r.connector / r.ceiling,
             r.cpu_per_message.as_secs_f64() * 1e6,
-            r.idle_kib as f64 / 1024.0,
+            r.idle_kib.map_or("–".to_owned(), |k| format!(
+                "{:.1} MiB",
+                k as f64 / 1024.0
+            )),
             r.peak_kib as f64 / 1024.0,
+        );
+    }
+    for rate in published {
+        println!();
+        println!(
+            "JetStream publishing alone (confirmed, 1,000 in flight, nothing consuming): {rate:.0} msg/s"
         );
     }
 }
@@ -123,7 +140,9 @@ async fn connector_run(
 ) -> Row {
     let js = async_nats::jetstream::new(nats.clone());
     let stream = format!("BENCH_{}", uuid::Uuid::new_v4().simple());
-    if mode == "jetstream" {
+    let jetstream = mode != "core";
+    let backlog = mode == "jetstream-backlog";
+    if jetstream {
         js.create_stream(async_nats::jetstream::stream::Config {
             name: stream.clone(),
             subjects: vec![subject.to_owned()],
@@ -133,6 +152,13 @@ async fn connector_run(
         .await
         .unwrap();
     }
+    let mut published = None;
+    if backlog {
+        let started = Instant::now();
+        publish_confirmed(&js, subject).await;
+        published = Some(COUNT as f64 / started.elapsed().as_secs_f64());
+    }
+    let base = function.calls().await.unwrap();
     let metrics = load::free_addr().unwrap();
     let dir = std::env::temp_dir().join(format!("nats-bench-{}-{mode}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -148,7 +174,7 @@ max_inflight = {CONCURRENCY}
 
 [nats]
 url = "{url}"
-mode = "{mode}"
+mode = "{nats_mode}"
 
 [jetstream]
 stream = "{stream}"
@@ -158,6 +184,7 @@ batch = 128
 "#,
             url = nats_url(),
             gateway = function.url(),
+            nats_mode = if jetstream { "jetstream" } else { "core" },
         ),
     )
     .unwrap();
@@ -171,7 +198,7 @@ batch = 128
     let pid = child.id();
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    while !backlog {
         let ready = http
             .get(format!("http://{metrics}/readyz"))
             .send()
@@ -196,11 +223,27 @@ batch = 128
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let base = function.calls().await.unwrap();
-    let idle_kib = load::status_kib(pid, "VmRSS");
-    let cpu = load::cpu_time(pid);
-    let started = Instant::now();
+    let (idle_kib, cpu, started, first) = if backlog {
+        // The clock starts at the first call: consuming the backlog, not starting up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let calls = function.calls().await.unwrap();
+            if calls > base {
+                break (None, load::cpu_time(pid), Instant::now(), calls - base);
+            }
+            assert!(Instant::now() < deadline, "nothing delivered");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    } else {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = load::status_kib(pid, "VmRSS");
+        (Some(idle), load::cpu_time(pid), Instant::now(), 0)
+    };
+    let base = if mode == "core" {
+        function.calls().await.unwrap()
+    } else {
+        base
+    };
     if mode == "core" {
         for _ in 0..COUNT {
             nats.publish(subject.to_owned(), PAYLOAD.into())
@@ -208,17 +251,8 @@ batch = 128
                 .unwrap();
         }
         nats.flush().await.unwrap();
-    } else {
-        let mut acks = futures::stream::iter(0..COUNT)
-            .map(|_| {
-                let js = js.clone();
-                let subject = subject.to_owned();
-                async move { js.publish(subject, PAYLOAD.into()).await.unwrap().await }
-            })
-            .buffer_unordered(1000);
-        while let Some(ack) = acks.next().await {
-            ack.unwrap();
-        }
+    } else if !backlog {
+        publish_confirmed(&js, subject).await;
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -244,16 +278,32 @@ batch = 128
         .status();
     let status = child.wait().unwrap();
     assert!(status.success(), "connector exit status {status:?}");
-    if mode == "jetstream" {
+    if jetstream {
         js.delete_stream(&stream).await.unwrap();
     }
     let _ = std::fs::remove_dir_all(&dir);
     Row {
         mode,
         ceiling,
-        connector: COUNT as f64 / took.as_secs_f64(),
-        cpu_per_message: cpu / COUNT as u32,
+        connector: (COUNT as u64 - first) as f64 / took.as_secs_f64(),
+        cpu_per_message: cpu / (COUNT as u64 - first) as u32,
         idle_kib,
         peak_kib,
+        published,
+    }
+}
+
+/// Publishes `COUNT` messages to the stream capturing `subject`, each confirmed by the
+/// stream, 1,000 in flight.
+async fn publish_confirmed(js: &async_nats::jetstream::Context, subject: &str) {
+    let mut acks = futures::stream::iter(0..COUNT)
+        .map(|_| {
+            let js = js.clone();
+            let subject = subject.to_owned();
+            async move { js.publish(subject, PAYLOAD.into()).await.unwrap().await }
+        })
+        .buffer_unordered(1000);
+    while let Some(ack) = acks.next().await {
+        ack.unwrap();
     }
 }
