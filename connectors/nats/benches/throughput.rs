@@ -73,7 +73,15 @@ struct Row {
 async fn bench() {
     let nats = async_nats::connect(nats_url()).await.unwrap();
     let mut rows = Vec::new();
-    for mode in ["core", "jetstream", "jetstream-backlog"] {
+    // BENCH_MODES=jetstream,jetstream-backlog runs only those.
+    let modes: Vec<&'static str> = match std::env::var("BENCH_MODES") {
+        Ok(list) => ["core", "jetstream", "jetstream-backlog"]
+            .into_iter()
+            .filter(|m| list.split(',').any(|l| l.trim() == *m))
+            .collect(),
+        Err(_) => vec!["core", "jetstream", "jetstream-backlog"],
+    };
+    for mode in modes {
         let subject = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let function = NoopFunction::spawn(&subject).unwrap();
         let addr = function.addr;
