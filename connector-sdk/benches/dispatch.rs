@@ -48,6 +48,14 @@ fn main() {
         l.local_addr().unwrap()
     };
     let mut child = spawn_server(addr);
+    // BENCH_LOG=info: log as a connector does by default (fmt, to a sink), so that what
+    // tracing costs per delivery at that level is in the figures.
+    if let Ok(level) = std::env::var("BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .with_writer(std::io::sink)
+            .init();
+    }
     let runtime = if std::env::var("BENCH_CURRENT_THREAD").is_ok() {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
