@@ -159,6 +159,8 @@ impl GatewayClient {
             .pool_idle_timeout(config.pool_idle_timeout)
             .connect_timeout(config.upstream_timeout.min(Duration::from_secs(10)))
             .tcp_nodelay(true)
+            // As invocations: the gateway is reached directly, whatever HTTP_PROXY says.
+            .no_proxy()
             .build()
             .map_err(|e| SdkError::HttpClient(e.to_string()))?;
         let base = config.gateway_url.trim_end_matches('/').to_owned();
