@@ -1,12 +1,13 @@
 //! NATS JetStream for end-to-end tests: a [`Fixture`] and [`ReplayFixture`] with one
 //! stream per topic (`S_<topic>`) and a dead-letter stream `DL_<topic>` capturing
-//! `dlq.<topic>`.
+//! `dlq.<topic>`, consumed by a durable consumer named after a base (`replay-it` unless
+//! [`JetStreamTopics::with_consumer`] says otherwise).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::{self, stream};
-use futures::StreamExt;
 
 use crate::nats_url;
 use crate::replay::ReplayFixture;
@@ -15,14 +16,29 @@ use crate::scenarios::Fixture;
 /// JetStream on `NATS_URL`.
 pub struct JetStreamTopics {
     js: jetstream::Context,
+    /// The base of the connector's consumer names (`[jetstream] consumer`).
+    consumer: String,
 }
 
 impl JetStreamTopics {
-    /// Connected to `NATS_URL`.
+    /// Connected to `NATS_URL`, consumer base `replay-it`.
     pub async fn new() -> Self {
         Self {
             js: jetstream::new(async_nats::connect(nats_url()).await.unwrap()),
+            consumer: "replay-it".to_owned(),
         }
+    }
+
+    /// With `consumer` as the base of the connector's consumer names.
+    #[must_use]
+    pub fn with_consumer(mut self, consumer: &str) -> Self {
+        consumer.clone_into(&mut self.consumer);
+        self
+    }
+
+    /// The JetStream context.
+    pub fn js(&self) -> &jetstream::Context {
+        &self.js
     }
 
     /// The stream of `topic`.
@@ -35,7 +51,8 @@ impl JetStreamTopics {
         format!("DL_{topic}")
     }
 
-    async fn create_stream(&self, name: &str, subjects: Vec<String>) {
+    /// Creates stream `name` (in memory, messages kept ten minutes) on `subjects`.
+    pub async fn create_stream(&self, name: &str, subjects: Vec<String>) {
         self.js
             .create_stream(stream::Config {
                 name: name.to_owned(),
@@ -50,6 +67,15 @@ impl JetStreamTopics {
 
     /// The payloads stored in `stream`, by sequence.
     pub async fn payloads(&self, stream: &str) -> Vec<Vec<u8>> {
+        self.stored(stream)
+            .await
+            .into_iter()
+            .map(|m| m.payload.to_vec())
+            .collect()
+    }
+
+    /// The messages stored in `stream`, by sequence.
+    pub async fn stored(&self, stream: &str) -> Vec<StreamMessage> {
         let mut s = self.js.get_stream(stream).await.unwrap();
         let state = s.info().await.unwrap().state.clone();
         let mut out = Vec::new();
@@ -58,7 +84,7 @@ impl JetStreamTopics {
         }
         for seq in state.first_sequence..=state.last_sequence {
             if let Ok(m) = s.get_raw_message(seq).await {
-                out.push(m.payload.to_vec());
+                out.push(m);
             }
         }
         out
@@ -86,7 +112,7 @@ mode = "jetstream"
 
 [jetstream]
 stream = "{stream}"
-consumer = "replay-it"
+consumer = "{consumer}"
 dead_letter_subject = "dlq.{{subject}}"
 ack_wait = "5s"
 in_progress_interval = "1s"
@@ -94,6 +120,7 @@ backlog_interval = "200ms"
 "#,
             url = nats_url(),
             stream = Self::stream_of(topic),
+            consumer = self.consumer,
         )
     }
 
@@ -112,16 +139,16 @@ backlog_interval = "200ms"
         self.payloads(&Self::dead_stream_of(topic)).await
     }
 
-    /// Pending plus ack-pending over the stream's consumers (the connector's); everything
-    /// stored while it has none.
+    /// Pending plus ack-pending of the connector's consumer on `topic`; everything stored
+    /// while it has none.
     async fn unacknowledged(&self, topic: &str) -> u64 {
         let stream = self.js.get_stream(Self::stream_of(topic)).await.unwrap();
-        let mut consumers = stream.consumers();
-        let mut total = None;
-        while let Some(Ok(info)) = consumers.next().await {
-            *total.get_or_insert(0) += info.num_pending + info.num_ack_pending as u64;
+        let name = nats_connector::jetstream::consumer_name(&self.consumer, topic);
+        match stream.consumer_info(&name).await {
+            Ok(info) => info.num_pending + info.num_ack_pending as u64,
+            // No consumer yet: everything in the stream is unacknowledged.
+            Err(_) => stream.cached_info().state.messages,
         }
-        total.unwrap_or(stream.cached_info().state.messages)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Redis Streams for end-to-end tests: a [`Fixture`] and [`ReplayFixture`] with its own
 //! consumer group, the dead-letter stream `<topic>:dead-letter`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use redis::Value;
@@ -13,6 +14,12 @@ use crate::scenarios::Fixture;
 pub struct RedisStreams {
     url: String,
     group: String,
+    /// `claim_idle` of the `[redis]` section.
+    claim_idle: String,
+    /// The CA of a TLS server, for the fixture's own connections.
+    ca: Option<PathBuf>,
+    /// Extra lines for the `[redis]` section.
+    extra: String,
 }
 
 impl Default for RedisStreams {
@@ -22,17 +29,64 @@ impl Default for RedisStreams {
 }
 
 impl RedisStreams {
-    /// On `REDIS_URL`, with a fresh group name.
+    /// On `REDIS_URL`, with a fresh group name, `claim_idle = "3s"` and no extra lines.
     pub fn new() -> Self {
         Self {
             url: redis_url(),
             group: crate::unique("group"),
+            claim_idle: "3s".to_owned(),
+            ca: None,
+            extra: String::new(),
         }
+    }
+
+    /// On the Redis at `url` instead of `REDIS_URL`.
+    #[must_use]
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.url = url.into();
+        self
+    }
+
+    /// With `claim_idle = "<claim_idle>"` in the `[redis]` section.
+    #[must_use]
+    pub fn with_claim_idle(mut self, claim_idle: &str) -> Self {
+        claim_idle.clone_into(&mut self.claim_idle);
+        self
+    }
+
+    /// With `extra` (TOML lines) at the end of the `[redis]` section.
+    #[must_use]
+    pub fn with_extra_config(mut self, extra: &str) -> Self {
+        extra.clone_into(&mut self.extra);
+        self
+    }
+
+    /// The fixture's own connections trust the CA in `ca` (for a `rediss://` url; the
+    /// connector's is `tls_ca_file`, an extra config line).
+    #[must_use]
+    pub fn with_tls_ca(mut self, ca: PathBuf) -> Self {
+        self.ca = Some(ca);
+        self
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
     }
 
     /// A connection to the test's Redis.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url.as_str())
+        let client = match &self.ca {
+            None => redis::Client::open(self.url.as_str()),
+            Some(ca) => redis::Client::build_with_tls(
+                self.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            ),
+        };
+        client
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -46,6 +100,20 @@ impl RedisStreams {
 
     /// The `payload` field of every entry of `stream`, oldest first.
     pub async fn payloads(&self, stream: &str) -> Vec<Vec<u8>> {
+        self.entries(stream)
+            .await
+            .into_iter()
+            .filter_map(|mut fields| fields.remove("payload"))
+            .collect()
+    }
+
+    /// Every field of every dead-letter entry of `topic`, oldest first.
+    pub async fn dead_letter_entries(&self, topic: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
+        self.entries(&Self::dead_letter_stream(topic)).await
+    }
+
+    /// Every field of every entry of `stream`, oldest first.
+    async fn entries(&self, stream: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
         let mut c = self.conn().await;
         let reply: Value = redis::cmd("XRANGE")
             .arg(stream)
@@ -61,12 +129,16 @@ impl RedisStreams {
             .into_iter()
             .filter_map(|e| match e {
                 Value::Array(mut pair) if pair.len() == 2 => match pair.remove(1) {
-                    Value::Array(flat) => flat.chunks(2).find_map(|kv| match kv {
-                        [Value::BulkString(k), Value::BulkString(v)] if k == b"payload" => {
-                            Some(v.clone())
-                        }
-                        _ => None,
-                    }),
+                    Value::Array(flat) => Some(
+                        flat.chunks(2)
+                            .filter_map(|kv| match kv {
+                                [Value::BulkString(k), Value::BulkString(v)] => {
+                                    Some((String::from_utf8_lossy(k).into_owned(), v.clone()))
+                                }
+                                _ => None,
+                            })
+                            .collect(),
+                    ),
                     _ => None,
                 },
                 _ => None,
@@ -74,7 +146,8 @@ impl RedisStreams {
             .collect()
     }
 
-    async fn pending_plus_lag(&self, topic: &str) -> u64 {
+    /// Pending entries and lag of the group on `topic` (what it has not acknowledged).
+    pub async fn backlog(&self, topic: &str) -> (u64, u64) {
         let mut c = self.conn().await;
         let pending: Value = redis::cmd("XPENDING")
             .arg(topic)
@@ -114,7 +187,34 @@ impl RedisStreams {
                 }
             }
         }
-        pending.saturating_add(lag)
+        (pending, lag)
+    }
+
+    /// The names of the group's consumers on `topic`.
+    pub async fn consumers(&self, topic: &str) -> Vec<String> {
+        let mut c = self.conn().await;
+        let reply: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(topic)
+            .arg(&self.group)
+            .query_async(&mut c)
+            .await
+            .unwrap_or(Value::Nil);
+        let Value::Array(consumers) = reply else {
+            return Vec::new();
+        };
+        consumers
+            .iter()
+            .filter_map(|c| match c {
+                Value::Array(flat) => flat.chunks(2).find_map(|kv| match kv {
+                    [Value::BulkString(k), Value::BulkString(v)] if k == b"name" => {
+                        Some(String::from_utf8_lossy(v).into_owned())
+                    }
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -144,27 +244,30 @@ url = "{url}"
 group = "{group}"
 body_field = "payload"
 block = "500ms"
-claim_idle = "3s"
+claim_idle = "{claim_idle}"
 claim_interval = "500ms"
 metrics_interval = "200ms"
+{extra}
 "#,
             url = self.url,
             group = self.group,
+            claim_idle = self.claim_idle,
+            extra = self.extra,
         )
     }
 
     async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
         let mut c = self.conn().await;
+        let mut pipe = redis::pipe();
         for p in payloads {
-            let _: String = redis::cmd("XADD")
+            pipe.cmd("XADD")
                 .arg(topic)
                 .arg("*")
                 .arg("payload")
                 .arg(p.as_slice())
-                .query_async(&mut c)
-                .await
-                .unwrap();
+                .ignore();
         }
+        let _: () = pipe.query_async(&mut c).await.unwrap();
     }
 
     async fn dead_letters(&self, topic: &str) -> Vec<Vec<u8>> {
@@ -172,7 +275,8 @@ metrics_interval = "200ms"
     }
 
     async fn unacknowledged(&self, topic: &str) -> u64 {
-        self.pending_plus_lag(topic).await
+        let (pending, lag) = self.backlog(topic).await;
+        pending.saturating_add(lag)
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_sqs::types::QueueAttributeName;
+use aws_sdk_sqs::types::{Message, QueueAttributeName, SendMessageBatchRequestEntry};
 use aws_smithy_http_client::tls;
 
 use crate::replay::ReplayFixture;
@@ -26,6 +26,11 @@ impl Default for SqsQueues {
 impl SqsQueues {
     /// A client for `SQS_ENDPOINT` with moto's test credentials.
     pub fn new() -> Self {
+        Self::at(&sqs_endpoint())
+    }
+
+    /// A client for the SQS at `endpoint` with moto's test credentials.
+    pub fn at(endpoint: &str) -> Self {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(
                 tls::rustls_provider::CryptoMode::Ring,
@@ -34,7 +39,7 @@ impl SqsQueues {
         let config = aws_sdk_sqs::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
-            .endpoint_url(sqs_endpoint())
+            .endpoint_url(endpoint)
             .credentials_provider(Credentials::new("test", "test", None, None, "test"))
             .http_client(http)
             .build();
@@ -43,7 +48,22 @@ impl SqsQueues {
         }
     }
 
-    async fn url(&self, name: &str) -> String {
+    /// The SQS client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Creates queue `name` (a FIFO queue if it ends in `.fifo`); returns its url.
+    pub async fn create_queue(&self, name: &str) -> String {
+        let mut request = self.client.create_queue().queue_name(name);
+        if name.ends_with(".fifo") {
+            request = request.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        request.send().await.unwrap().queue_url.unwrap()
+    }
+
+    /// The url of queue `name`.
+    pub async fn url(&self, name: &str) -> String {
         self.client
             .get_queue_url()
             .queue_name(name)
@@ -54,22 +74,39 @@ impl SqsQueues {
             .unwrap()
     }
 
-    /// The bodies of the messages visible in queue `name`, without hiding them.
-    pub async fn peek(&self, name: &str) -> Vec<Vec<u8>> {
-        let url = self.url(name).await;
+    /// `[sqs]` for `queue` on `SQS_ENDPOINT` with `extra` (TOML lines) at its end, a short
+    /// visibility timeout so the kill tests see redelivery quickly.
+    pub fn section(queue: &str, extra: &str) -> String {
+        format!(
+            r#"[sqs]
+queues = ["{queue}"]
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+access_key_id = "test"
+secret_access_key = "test"
+wait_time = "1s"
+visibility_timeout = "4s"
+metrics_interval = "1s"
+{extra}
+"#,
+            endpoint = sqs_endpoint(),
+        )
+    }
+
+    /// Up to ten messages of the queue at `url`, with their attributes, left visible
+    /// (visibility 0 on receive).
+    pub async fn peek(&self, url: &str) -> Vec<Message> {
         self.client
             .receive_message()
             .queue_url(url)
             .max_number_of_messages(10)
             .visibility_timeout(0)
+            .message_attribute_names("All")
             .send()
             .await
             .unwrap()
             .messages
             .unwrap_or_default()
-            .into_iter()
-            .map(|m| m.body.unwrap_or_default().into_bytes())
-            .collect()
     }
 }
 
@@ -80,48 +117,47 @@ impl Fixture for SqsQueues {
     }
 
     async fn create_topic(&self, topic: &str) {
-        for name in [topic.to_owned(), format!("{topic}-dlq")] {
-            self.client
-                .create_queue()
-                .queue_name(name)
-                .send()
-                .await
-                .unwrap();
-        }
+        self.create_queue(topic).await;
+        self.create_queue(&format!("{topic}-dlq")).await;
     }
 
     fn source_config(&self, topic: &str) -> String {
-        format!(
-            r#"[sqs]
-queues = ["{topic}"]
-endpoint_url = "{endpoint}"
-region = "us-east-1"
-access_key_id = "test"
-secret_access_key = "test"
-wait_time = "1s"
-visibility_timeout = "4s"
-metrics_interval = "1s"
-dead_letter_queue = "{topic}-dlq"
-"#,
-            endpoint = sqs_endpoint(),
-        )
+        Self::section(topic, &format!("dead_letter_queue = \"{topic}-dlq\""))
     }
 
     async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
         let url = self.url(topic).await;
-        for p in payloads {
-            self.client
-                .send_message()
+        for (n, chunk) in payloads.chunks(10).enumerate() {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    SendMessageBatchRequestEntry::builder()
+                        .id(format!("m{n}-{i}"))
+                        .message_body(String::from_utf8(p.clone()).unwrap())
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            let out = self
+                .client
+                .send_message_batch()
                 .queue_url(&url)
-                .message_body(String::from_utf8(p.clone()).unwrap())
+                .set_entries(Some(entries))
                 .send()
                 .await
                 .unwrap();
+            assert!(out.failed.is_empty(), "{:?}", out.failed);
         }
     }
 
     async fn dead_letters(&self, topic: &str) -> Vec<Vec<u8>> {
-        self.peek(&format!("{topic}-dlq")).await
+        let url = self.url(&format!("{topic}-dlq")).await;
+        self.peek(&url)
+            .await
+            .into_iter()
+            .map(|m| m.body.unwrap_or_default().into_bytes())
+            .collect()
     }
 
     async fn unacknowledged(&self, topic: &str) -> u64 {

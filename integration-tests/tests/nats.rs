@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use integration_tests::nats_broker::JetStreamTopics;
 use integration_tests::scenarios::{self, Fixture, eventually_async};
 use integration_tests::{
     FakeGateway, Process, Reply, eventually, free_addr, http_get, metric, nats_url, unique,
@@ -30,145 +31,38 @@ async fn client(url: &str) -> async_nats::Client {
     async_nats::connect(url).await.unwrap()
 }
 
-/// The stream of `topic` in these tests.
-fn stream_name(topic: &str) -> String {
-    format!("S_{topic}")
-}
-
-/// The dead-letter stream of `topic`.
-fn dead_letter_stream(topic: &str) -> String {
-    format!("DL_{topic}")
-}
-
+/// The base of the connector's consumer names in these tests.
 const CONSUMER: &str = "it";
 
-/// JetStream: one stream per topic, capturing the topic as its subject, and one
-/// dead-letter stream capturing `dlq.<topic>`.
-struct JetStream {
-    js: jetstream::Context,
-}
-
-impl JetStream {
-    async fn new() -> Self {
-        Self {
-            js: jetstream::new(client(&nats_url()).await),
-        }
-    }
-
-    async fn create_stream(&self, name: &str, subjects: Vec<String>) {
-        self.js
-            .create_stream(stream::Config {
-                name: name.to_owned(),
-                subjects,
-                storage: stream::StorageType::Memory,
-                max_age: Duration::from_secs(600),
-                ..stream::Config::default()
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn stored(&self, stream: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
-        let mut s = self.js.get_stream(stream).await.unwrap();
-        let state = s.info().await.unwrap().state.clone();
-        let mut out = Vec::new();
-        if state.messages == 0 {
-            return out;
-        }
-        for seq in state.first_sequence..=state.last_sequence {
-            if let Ok(m) = s.get_raw_message(seq).await {
-                out.push(m);
-            }
-        }
-        out
-    }
-}
-
-#[async_trait::async_trait]
-impl Fixture for JetStream {
-    fn binary(&self) -> PathBuf {
-        binary()
-    }
-
-    async fn create_topic(&self, topic: &str) {
-        self.create_stream(&stream_name(topic), vec![topic.to_owned()])
-            .await;
-        self.create_stream(&dead_letter_stream(topic), vec![format!("dlq.{topic}")])
-            .await;
-    }
-
-    fn source_config(&self, topic: &str) -> String {
-        format!(
-            r#"[nats]
-url = "{url}"
-mode = "jetstream"
-
-[jetstream]
-stream = "{stream}"
-consumer = "{CONSUMER}"
-dead_letter_subject = "dlq.{{subject}}"
-ack_wait = "5s"
-in_progress_interval = "1s"
-backlog_interval = "200ms"
-"#,
-            url = nats_url(),
-            stream = stream_name(topic),
-        )
-    }
-
-    async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
-        for p in payloads {
-            self.js
-                .publish(topic.to_owned(), p.clone().into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    }
-
-    async fn dead_letters(&self, topic: &str) -> Vec<Vec<u8>> {
-        self.stored(&dead_letter_stream(topic))
-            .await
-            .into_iter()
-            .map(|m| m.payload.to_vec())
-            .collect()
-    }
-
-    async fn unacknowledged(&self, topic: &str) -> u64 {
-        let stream = self.js.get_stream(stream_name(topic)).await.unwrap();
-        let name = nats_connector::jetstream::consumer_name(CONSUMER, topic);
-        match stream.consumer_info(&name).await {
-            Ok(info) => info.num_pending + info.num_ack_pending as u64,
-            // No consumer yet: everything in the stream is unacknowledged.
-            Err(_) => stream.cached_info().state.messages,
-        }
-    }
+/// JetStream on `NATS_URL` (a stream per topic, a dead-letter stream capturing
+/// `dlq.<topic>`), consumed with [`CONSUMER`].
+async fn jetstream_topics() -> JetStreamTopics {
+    JetStreamTopics::new().await.with_consumer(CONSUMER)
 }
 
 #[tokio::test]
 async fn jetstream_delivered_once() {
-    scenarios::delivered_once(&JetStream::new().await).await;
+    scenarios::delivered_once(&jetstream_topics().await).await;
 }
 
 #[tokio::test]
 async fn jetstream_failure_then_success() {
-    scenarios::failure_then_success(&JetStream::new().await).await;
+    scenarios::failure_then_success(&jetstream_topics().await).await;
 }
 
 #[tokio::test]
 async fn jetstream_dead_letter_on_4xx() {
-    scenarios::dead_letter_on_4xx(&JetStream::new().await).await;
+    scenarios::dead_letter_on_4xx(&jetstream_topics().await).await;
 }
 
 #[tokio::test]
 async fn jetstream_nothing_lost_across_kill() {
-    scenarios::nothing_lost_across_kill(&JetStream::new().await).await;
+    scenarios::nothing_lost_across_kill(&jetstream_topics().await).await;
 }
 
 #[tokio::test]
 async fn jetstream_drain_on_shutdown() {
-    scenarios::drain_on_shutdown(&JetStream::new().await).await;
+    scenarios::drain_on_shutdown(&jetstream_topics().await).await;
 }
 
 /// A connector with `[connector]` lines `extra` and the NATS sections `nats`.
@@ -462,8 +356,8 @@ async fn queue_group_splits_messages_across_two_replicas() {
 #[tokio::test]
 async fn jetstream_keeps_order_per_subject() {
     let p = unique("order");
-    let fixture = JetStream::new().await;
-    let stream = stream_name(&p);
+    let fixture = jetstream_topics().await;
+    let stream = JetStreamTopics::stream_of(&p);
     fixture.create_stream(&stream, vec![format!("{p}.>")]).await;
     let gw = FakeGateway::start().await.unwrap();
     gw.function("ordered", &format!("{p}.*"), |req, _| {
@@ -490,7 +384,7 @@ async fn jetstream_keeps_order_per_subject() {
     for n in 0..20 {
         for s in &subjects {
             fixture
-                .js
+                .js()
                 .publish(s.clone(), format!("{s}-{n}").into())
                 .await
                 .unwrap()
@@ -521,7 +415,7 @@ async fn jetstream_keeps_order_per_subject() {
 #[tokio::test]
 async fn dead_letters_carry_provenance_and_the_message_is_terminated() {
     let topic = unique("prov");
-    let fixture = JetStream::new().await;
+    let fixture = jetstream_topics().await;
     fixture.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
     gw.function("flaky", &topic, |_, _| {
@@ -538,7 +432,7 @@ async fn dead_letters_carry_provenance_and_the_message_is_terminated() {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("X-Tenant", "acme");
     fixture
-        .js
+        .js()
         .publish_with_headers(topic.clone(), headers, "payload".into())
         .await
         .unwrap()
@@ -546,13 +440,18 @@ async fn dead_letters_carry_provenance_and_the_message_is_terminated() {
         .unwrap();
     assert!(
         eventually_async(WITHIN, || async {
-            !fixture.stored(&dead_letter_stream(&topic)).await.is_empty()
+            !fixture
+                .stored(&JetStreamTopics::dead_stream_of(&topic))
+                .await
+                .is_empty()
         })
         .await,
         "{}",
         connector.output()
     );
-    let letters = fixture.stored(&dead_letter_stream(&topic)).await;
+    let letters = fixture
+        .stored(&JetStreamTopics::dead_stream_of(&topic))
+        .await;
     assert_eq!(letters.len(), 1);
     let h = &letters[0].headers;
     let get = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
@@ -567,7 +466,7 @@ async fn dead_letters_carry_provenance_and_the_message_is_terminated() {
     );
     assert_eq!(
         get("x-dead-letter-source-stream").as_deref(),
-        Some(stream_name(&topic).as_str())
+        Some(JetStreamTopics::stream_of(&topic).as_str())
     );
     assert_eq!(get("x-dead-letter-source-sequence").as_deref(), Some("1"));
     assert_eq!(get("x-tenant").as_deref(), Some("acme"));
@@ -581,7 +480,7 @@ async fn dead_letters_carry_provenance_and_the_message_is_terminated() {
     // The backlog metric follows the consumer.
     let series = format!(
         "connector_backlog_messages{{topic=\"{}\",partition=\"{}\"}}",
-        stream_name(&topic),
+        JetStreamTopics::stream_of(&topic),
         nats_connector::jetstream::consumer_name(CONSUMER, &topic)
     );
     assert!(
@@ -597,7 +496,7 @@ async fn dead_letters_carry_provenance_and_the_message_is_terminated() {
 #[tokio::test]
 async fn ce_id_and_delivery_count_come_from_jetstream() {
     let topic = unique("ceid");
-    let fixture = JetStream::new().await;
+    let fixture = jetstream_topics().await;
     fixture.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
     gw.function("counted", &topic, |req, _| {
@@ -617,7 +516,7 @@ async fn ce_id_and_delivery_count_come_from_jetstream() {
     fixture.produce(&topic, &[b"one".to_vec()]).await;
     assert!(eventually(WITHIN, || gw.requests_to("counted").len() >= 2).await);
     let r = gw.requests_to("counted");
-    let expected = format!("{}/1", stream_name(&topic));
+    let expected = format!("{}/1", JetStreamTopics::stream_of(&topic));
     assert_eq!(r[0].header("ce-id").as_deref(), Some(expected.as_str()));
     assert_eq!(r[1].header("ce-id").as_deref(), Some(expected.as_str()));
     assert_eq!(r[0].header("x-nats-delivered").as_deref(), Some("1"));
@@ -766,7 +665,7 @@ async fn an_invalid_subject_is_refused_at_start_with_its_name() {
 #[tokio::test]
 async fn a_failed_message_without_dead_letters_is_nakked_and_redelivered() {
     let topic = unique("nak");
-    let fixture = JetStream::new().await;
+    let fixture = jetstream_topics().await;
     fixture.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
     // Fails the first four calls: three attempts, held, nakked; the redelivery succeeds.
@@ -780,7 +679,7 @@ async fn a_failed_message_without_dead_letters_is_nakked_and_redelivered() {
     let nats_section = format!(
         "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{}\"\nconsumer = \"{CONSUMER}\"\nack_wait = \"5s\"\nin_progress_interval = \"1s\"\n",
         nats_url(),
-        stream_name(&topic)
+        JetStreamTopics::stream_of(&topic)
     );
     let connector = start(&config(&gw, free_addr(), "", &nats_section)).await;
     fixture.produce(&topic, &[b"once".to_vec()]).await;
@@ -809,7 +708,7 @@ async fn a_failed_message_without_dead_letters_is_nakked_and_redelivered() {
 #[tokio::test]
 async fn in_progress_reports_keep_a_slow_invocation_from_redelivery() {
     let topic = unique("slow");
-    let fixture = JetStream::new().await;
+    let fixture = jetstream_topics().await;
     fixture.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
     gw.function("slow", &topic, |_, _| {
@@ -818,7 +717,7 @@ async fn in_progress_reports_keep_a_slow_invocation_from_redelivery() {
     let nats_section = format!(
         "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{}\"\nconsumer = \"{CONSUMER}\"\nack_wait = \"2s\"\nin_progress_interval = \"500ms\"\n",
         nats_url(),
-        stream_name(&topic)
+        JetStreamTopics::stream_of(&topic)
     );
     let connector = start(&config(&gw, free_addr(), "", &nats_section)).await;
     fixture.produce(&topic, &[b"long job".to_vec()]).await;
@@ -841,8 +740,8 @@ async fn in_progress_reports_keep_a_slow_invocation_from_redelivery() {
 #[tokio::test]
 async fn jetstream_overlapping_patterns_deliver_each_message_once_per_function() {
     let p = unique("jsw");
-    let fixture = JetStream::new().await;
-    let stream = stream_name(&p);
+    let fixture = jetstream_topics().await;
+    let stream = JetStreamTopics::stream_of(&p);
     fixture.create_stream(&stream, vec![format!("{p}.>")]).await;
     let gw = FakeGateway::start().await.unwrap();
     gw.function("exact", &format!("{p}.a"), |_, _| Reply::ok());
@@ -855,7 +754,7 @@ async fn jetstream_overlapping_patterns_deliver_each_message_once_per_function()
     let connector = start(&config(&gw, free_addr(), "", &nats_section)).await;
     for subject in [format!("{p}.a"), format!("{p}.b"), format!("{p}.x.y")] {
         fixture
-            .js
+            .js()
             .publish(subject.clone(), subject.into())
             .await
             .unwrap()
@@ -869,7 +768,7 @@ async fn jetstream_overlapping_patterns_deliver_each_message_once_per_function()
     };
     // Three consumers each see the messages of their filter; all end acknowledged.
     let all_acked = || async {
-        let js = &fixture.js;
+        let js = fixture.js();
         let s = js.get_stream(&stream).await.unwrap();
         let mut left = 0;
         for pattern in [format!("{p}.a"), format!("{p}.*"), format!("{p}.>")] {
@@ -1004,8 +903,8 @@ async fn tls_with_a_private_ca() {
 #[tokio::test]
 async fn jetstream_consumers_follow_the_topic_map() {
     let p = unique("follow");
-    let fixture = JetStream::new().await;
-    let stream = stream_name(&p);
+    let fixture = jetstream_topics().await;
+    let stream = JetStreamTopics::stream_of(&p);
     fixture.create_stream(&stream, vec![format!("{p}.>")]).await;
     let gw = FakeGateway::start().await.unwrap();
     gw.function("first", &format!("{p}.a"), |_, _| Reply::ok());
@@ -1017,7 +916,7 @@ async fn jetstream_consumers_follow_the_topic_map() {
     // Stored before any function wants it: picked up once one does.
     let later = format!("{p}.b");
     fixture
-        .js
+        .js()
         .publish(later.clone(), "waiting".into())
         .await
         .unwrap()
@@ -1037,8 +936,8 @@ async fn jetstream_consumers_follow_the_topic_map() {
 #[tokio::test]
 async fn a_function_topic_outside_the_stream_does_not_make_the_connector_unready() {
     let p = unique("outside");
-    let fixture = JetStream::new().await;
-    let stream = stream_name(&p);
+    let fixture = jetstream_topics().await;
+    let stream = JetStreamTopics::stream_of(&p);
     fixture.create_stream(&stream, vec![format!("{p}.>")]).await;
     let gw = FakeGateway::start().await.unwrap();
     gw.function("inside", &format!("{p}.a"), |_, _| Reply::ok());
@@ -1074,7 +973,7 @@ async fn jetstream_resumes_after_the_server_restarts() {
     let topic = unique("restart");
     let js = jetstream::new(connect_when_up(&server.url()).await);
     js.create_stream(stream::Config {
-        name: stream_name(&topic),
+        name: JetStreamTopics::stream_of(&topic),
         subjects: vec![topic.clone()],
         storage: stream::StorageType::File,
         ..stream::Config::default()
@@ -1086,7 +985,7 @@ async fn jetstream_resumes_after_the_server_restarts() {
     let nats_section = format!(
         "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{}\"\nconsumer = \"{CONSUMER}\"\n",
         server.url(),
-        stream_name(&topic)
+        JetStreamTopics::stream_of(&topic)
     );
     let metrics_addr = free_addr();
     let connector = start(&config(&gw, metrics_addr, "", &nats_section)).await;

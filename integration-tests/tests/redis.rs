@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use integration_tests::redis_broker::RedisStreams;
 use integration_tests::scenarios::{self, Fixture, eventually_async};
 use integration_tests::{
     FakeGateway, Process, Reply, eventually, free_addr, http_get, metric, redis_url, unique,
@@ -34,239 +35,31 @@ async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-/// Streams with one group per fixture.
-struct Streams {
-    url: String,
-    group: String,
-    /// `claim_idle`.
-    claim_idle: String,
-    /// The CA of a TLS server, for the test's own connections.
-    ca: Option<PathBuf>,
-    /// Extra lines for the `[redis]` section.
-    extra: String,
-}
-
-impl Streams {
-    fn new() -> Self {
-        Self::with(redis_url(), "")
-    }
-
-    fn with(url: String, extra: &str) -> Self {
-        Self {
-            url,
-            group: unique("group"),
-            claim_idle: "3s".to_owned(),
-            ca: None,
-            extra: extra.to_owned(),
-        }
-    }
-
-    async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        match &self.ca {
-            None => connection(&self.url).await,
-            Some(ca) => redis::Client::build_with_tls(
-                self.url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(std::fs::read(ca).unwrap()),
-                },
-            )
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap(),
-        }
-    }
-
-    fn dead_letter_stream(topic: &str) -> String {
-        format!("{topic}:dead-letter")
-    }
-
-    /// Pending entries and lag of the group (what it has not acknowledged).
-    async fn backlog(&self, topic: &str) -> (u64, u64) {
-        let mut c = self.conn().await;
-        let pending: Value = redis::cmd("XPENDING")
-            .arg(topic)
-            .arg(&self.group)
-            .query_async(&mut c)
-            .await
-            .unwrap_or(Value::Nil);
-        let pending = match pending {
-            Value::Array(parts) => match parts.first() {
-                Some(Value::Int(n)) => *n as u64,
-                _ => 0,
-            },
-            _ => 0,
-        };
-        let groups: Value = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(topic)
-            .query_async(&mut c)
-            .await
-            .unwrap_or(Value::Nil);
-        let mut lag = 0;
-        if let Value::Array(groups) = groups {
-            for g in groups {
-                let Value::Array(flat) = g else { continue };
-                let fields: BTreeMap<String, Value> = flat
-                    .chunks(2)
-                    .filter_map(|kv| match kv {
-                        [Value::BulkString(k), v] => {
-                            Some((String::from_utf8_lossy(k).into_owned(), v.clone()))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                if fields.get("name") == Some(&Value::BulkString(self.group.clone().into_bytes())) {
-                    lag = match fields.get("lag") {
-                        Some(Value::Int(n)) => *n as u64,
-                        _ => u64::MAX,
-                    };
-                }
-            }
-        }
-        (pending, lag)
-    }
-
-    /// The group's consumers on `topic`.
-    async fn consumers(&self, topic: &str) -> Vec<String> {
-        let mut c = self.conn().await;
-        let reply: Value = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(topic)
-            .arg(&self.group)
-            .query_async(&mut c)
-            .await
-            .unwrap_or(Value::Nil);
-        redis_consumers(&reply)
-    }
-
-    /// Every field of every dead-letter entry of `topic`.
-    async fn dead_letter_entries(&self, topic: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
-        let mut c = self.conn().await;
-        let reply: Value = redis::cmd("XRANGE")
-            .arg(Self::dead_letter_stream(topic))
-            .arg("-")
-            .arg("+")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        let Value::Array(entries) = reply else {
-            return Vec::new();
-        };
-        entries
-            .into_iter()
-            .filter_map(|e| match e {
-                Value::Array(mut pair) if pair.len() == 2 => match pair.remove(1) {
-                    Value::Array(flat) => Some(
-                        flat.chunks(2)
-                            .filter_map(|kv| match kv {
-                                [Value::BulkString(k), Value::BulkString(v)] => {
-                                    Some((String::from_utf8_lossy(k).into_owned(), v.clone()))
-                                }
-                                _ => None,
-                            })
-                            .collect(),
-                    ),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect()
-    }
-}
-
-#[async_trait::async_trait]
-impl Fixture for Streams {
-    fn binary(&self) -> PathBuf {
-        binary()
-    }
-
-    async fn create_topic(&self, topic: &str) {
-        let mut c = self.conn().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(topic)
-            .arg(&self.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
-
-    fn source_config(&self, _topic: &str) -> String {
-        format!(
-            r#"[redis]
-url = "{url}"
-group = "{group}"
-body_field = "payload"
-block = "500ms"
-claim_idle = "{claim_idle}"
-claim_interval = "500ms"
-metrics_interval = "200ms"
-{extra}
-"#,
-            url = self.url,
-            group = self.group,
-            claim_idle = self.claim_idle,
-            extra = self.extra,
-        )
-    }
-
-    async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
-        let mut c = self.conn().await;
-        let mut pipe = redis::pipe();
-        for p in payloads {
-            pipe.cmd("XADD")
-                .arg(topic)
-                .arg("*")
-                .arg("payload")
-                .arg(p.as_slice())
-                .ignore();
-        }
-        let _: () = pipe.query_async(&mut c).await.unwrap();
-    }
-
-    async fn dead_letters(&self, topic: &str) -> Vec<Vec<u8>> {
-        self.dead_letter_entries(topic)
-            .await
-            .into_iter()
-            .filter_map(|mut f| f.remove("payload"))
-            .collect()
-    }
-
-    async fn unacknowledged(&self, topic: &str) -> u64 {
-        let (pending, lag) = self.backlog(topic).await;
-        pending.saturating_add(lag)
-    }
-}
-
 // ---------------------------------------------------------------- the shared suite
 
 #[tokio::test]
 async fn redis_delivered_once() {
-    scenarios::delivered_once(&Streams::new()).await;
+    scenarios::delivered_once(&RedisStreams::new()).await;
 }
 
 #[tokio::test]
 async fn redis_failure_then_success() {
-    scenarios::failure_then_success(&Streams::new()).await;
+    scenarios::failure_then_success(&RedisStreams::new()).await;
 }
 
 #[tokio::test]
 async fn redis_dead_letter_on_4xx() {
-    scenarios::dead_letter_on_4xx(&Streams::new()).await;
+    scenarios::dead_letter_on_4xx(&RedisStreams::new()).await;
 }
 
 #[tokio::test]
 async fn redis_nothing_lost_across_kill() {
-    scenarios::nothing_lost_across_kill(&Streams::new()).await;
+    scenarios::nothing_lost_across_kill(&RedisStreams::new()).await;
 }
 
 #[tokio::test]
 async fn redis_drain_on_shutdown() {
-    scenarios::drain_on_shutdown(&Streams::new()).await;
+    scenarios::drain_on_shutdown(&RedisStreams::new()).await;
 }
 
 // ---------------------------------------------------------------- Redis specifics
@@ -338,7 +131,7 @@ fn payloads(prefix: &str, n: usize) -> Vec<Vec<u8>> {
 /// Two replicas in one group split the stream between them; nothing is delivered twice.
 #[tokio::test]
 async fn two_replicas_share_the_work_without_duplicates() {
-    let fx = Streams::new();
+    let fx = RedisStreams::new();
     let topic = unique("shared");
     fx.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -384,7 +177,7 @@ async fn two_replicas_share_the_work_without_duplicates() {
 /// after `claim_idle` and delivers them, with the same `ce-id` and a higher attempt.
 #[tokio::test]
 async fn entries_of_a_killed_replica_are_claimed_by_another() {
-    let fx = Streams::new();
+    let fx = RedisStreams::new();
     let topic = unique("claim");
     fx.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -444,8 +237,7 @@ async fn entries_of_a_killed_replica_are_claimed_by_another() {
 /// them at once instead of after `claim_idle`.
 #[tokio::test]
 async fn entries_cut_short_by_shutdown_are_released_to_the_group() {
-    let mut fx = Streams::new();
-    fx.claim_idle = "30s".to_owned();
+    let fx = RedisStreams::new().with_claim_idle("30s");
     let topic = unique("release");
     fx.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -489,8 +281,9 @@ async fn entries_cut_short_by_shutdown_are_released_to_the_group() {
 /// once, long before `claim_idle`.
 #[tokio::test]
 async fn a_restarted_consumer_rereads_its_own_pending_entries() {
-    let mut fx = Streams::with(redis_url(), &format!("consumer = \"{}\"", unique("pod")));
-    fx.claim_idle = "5m".to_owned();
+    let fx = RedisStreams::new()
+        .with_extra_config(&format!("consumer = \"{}\"", unique("pod")))
+        .with_claim_idle("5m");
     let topic = unique("history");
     fx.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -530,7 +323,7 @@ async fn a_restarted_consumer_rereads_its_own_pending_entries() {
 /// letter carries provenance, and the original is acknowledged.
 #[tokio::test]
 async fn the_delivery_count_decides_the_dead_letter() {
-    let fx = Streams::new();
+    let fx = RedisStreams::new();
     let topic = unique("poison");
     fx.create_topic(&topic).await;
     fx.produce(&topic, &[b"poison".to_vec()]).await;
@@ -538,7 +331,7 @@ async fn the_delivery_count_decides_the_dead_letter() {
     let mut c = fx.conn().await;
     let read: Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
-        .arg(&fx.group)
+        .arg(fx.group())
         .arg("ghost")
         .arg("STREAMS")
         .arg(&topic)
@@ -550,7 +343,7 @@ async fn the_delivery_count_decides_the_dead_letter() {
     let id: String = {
         let ids: Value = redis::cmd("XPENDING")
             .arg(&topic)
-            .arg(&fx.group)
+            .arg(fx.group())
             .arg("-")
             .arg("+")
             .arg(1)
@@ -570,7 +363,7 @@ async fn the_delivery_count_decides_the_dead_letter() {
     };
     let _: Value = redis::cmd("XCLAIM")
         .arg(&topic)
-        .arg(&fx.group)
+        .arg(fx.group())
         .arg("ghost")
         .arg(0)
         .arg(&id)
@@ -625,7 +418,7 @@ async fn the_delivery_count_decides_the_dead_letter() {
 /// never dropped; the content type comes from the configured field.
 #[tokio::test]
 async fn entries_without_the_body_field_arrive_as_json() {
-    let fx = Streams::with(redis_url(), "content_type_field = \"ct\"");
+    let fx = RedisStreams::new().with_extra_config("content_type_field = \"ct\"");
     let topic = unique("shape");
     fx.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -669,7 +462,7 @@ async fn entries_without_the_body_field_arrive_as_json() {
 /// function caught up.
 #[tokio::test]
 async fn backlog_metrics_follow_pending_and_lag() {
-    let fx = Streams::new();
+    let fx = RedisStreams::new();
     let topic = unique("backlog");
     fx.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -708,7 +501,7 @@ async fn backlog_metrics_follow_pending_and_lag() {
 /// without a restart.
 #[tokio::test]
 async fn follows_topic_map_changes() {
-    let fx = Streams::new();
+    let fx = RedisStreams::new();
     let first = unique("follow-a");
     let second = unique("follow-b");
     fx.create_topic(&first).await;
@@ -872,7 +665,7 @@ impl Drop for OwnRedis {
 #[tokio::test]
 async fn redis_down_at_start_and_restarted_mid_run() {
     let mut own = OwnRedis::new();
-    let fx = Streams::with(own.url(), "");
+    let fx = RedisStreams::new().with_url(own.url());
     let topic = unique("restart");
     let gw = FakeGateway::start().await.unwrap();
     gw.function("restart-fn", &topic, |_, _| Reply::ok());
@@ -936,8 +729,10 @@ async fn streams_over_tls_with_a_private_ca() {
     let mut own = OwnRedis::new();
     let ca = own.start_tls().await;
     let url = format!("rediss://127.0.0.1:{}", own.port);
-    let mut fx = Streams::with(url, &format!("tls_ca_file = \"{}\"", ca.display()));
-    fx.ca = Some(ca);
+    let fx = RedisStreams::new()
+        .with_url(url)
+        .with_extra_config(&format!("tls_ca_file = \"{}\"", ca.display()))
+        .with_tls_ca(ca);
     let topic = unique("tls");
     let gw = FakeGateway::start().await.unwrap();
     gw.function("tls-fn", &topic, |_, _| Reply::ok());
@@ -959,7 +754,7 @@ async fn streams_over_tls_with_a_private_ca() {
 /// entry stays pending, is claimed again after `claim_idle` and retried.
 #[tokio::test]
 async fn held_entries_stay_pending_and_are_retried() {
-    let fx = Streams::with(redis_url(), "dead_letter_stream = \"\"");
+    let fx = RedisStreams::new().with_extra_config("dead_letter_stream = \"\"");
     let topic = unique("held");
     fx.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -995,7 +790,7 @@ async fn held_entries_stay_pending_and_are_retried() {
 /// order; different keys in parallel.
 #[tokio::test]
 async fn key_ordering_serialises_each_key() {
-    let fx = Streams::with(redis_url(), "key_field = \"user\"");
+    let fx = RedisStreams::new().with_extra_config("key_field = \"user\"");
     let topic = unique("ordered");
     fx.create_topic(&topic).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -1060,22 +855,4 @@ async fn key_ordering_serialises_each_key() {
         apart < Duration::from_millis(140),
         "different keys did not run in parallel"
     );
-}
-
-fn redis_consumers(reply: &Value) -> Vec<String> {
-    let Value::Array(consumers) = reply else {
-        return Vec::new();
-    };
-    consumers
-        .iter()
-        .filter_map(|c| match c {
-            Value::Array(flat) => flat.chunks(2).find_map(|kv| match kv {
-                [Value::BulkString(k), Value::BulkString(v)] if k == b"name" => {
-                    Some(String::from_utf8_lossy(v).into_owned())
-                }
-                _ => None,
-            }),
-            _ => None,
-        })
-        .collect()
 }

@@ -5,14 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use aws_sdk_sqs::Client;
-use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
-use aws_smithy_http_client::tls;
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
 use integration_tests::scenarios::{self, Fixture, eventually_async};
+use integration_tests::sqs_broker::SqsQueues;
 use integration_tests::{
     FakeGateway, Process, Reply, eventually, free_addr, http_get, metric, sqs_endpoint, unique,
     wait_http,
@@ -20,177 +17,29 @@ use integration_tests::{
 
 const WITHIN: Duration = Duration::from_secs(30);
 
-struct Sqs {
-    client: Client,
-}
-
-impl Sqs {
-    fn new() -> Self {
-        Self::at(&sqs_endpoint())
-    }
-
-    fn at(endpoint: &str) -> Self {
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let config = aws_sdk_sqs::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .endpoint_url(endpoint)
-            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-            .http_client(http)
-            .build();
-        Self {
-            client: Client::from_conf(config),
-        }
-    }
-
-    async fn create_queue(&self, name: &str) -> String {
-        let mut request = self.client.create_queue().queue_name(name);
-        if name.ends_with(".fifo") {
-            request = request.attributes(QueueAttributeName::FifoQueue, "true");
-        }
-        request.send().await.unwrap().queue_url.unwrap()
-    }
-
-    async fn url(&self, name: &str) -> String {
-        self.client
-            .get_queue_url()
-            .queue_name(name)
-            .send()
-            .await
-            .unwrap()
-            .queue_url
-            .unwrap()
-    }
-
-    /// `[sqs]` for `queue`, dead letters to `<queue>-dlq`, a short visibility timeout so
-    /// the kill tests see redelivery quickly.
-    fn section(queue: &str, extra: &str) -> String {
-        format!(
-            r#"[sqs]
-queues = ["{queue}"]
-endpoint_url = "{endpoint}"
-region = "us-east-1"
-access_key_id = "test"
-secret_access_key = "test"
-wait_time = "1s"
-visibility_timeout = "4s"
-metrics_interval = "1s"
-{extra}
-"#,
-            endpoint = sqs_endpoint(),
-        )
-    }
-
-    /// Every message currently in `url`, left visible (visibility 0 on receive).
-    async fn peek(&self, url: &str) -> Vec<aws_sdk_sqs::types::Message> {
-        self.client
-            .receive_message()
-            .queue_url(url)
-            .max_number_of_messages(10)
-            .visibility_timeout(0)
-            .message_attribute_names("All")
-            .send()
-            .await
-            .unwrap()
-            .messages
-            .unwrap_or_default()
-    }
-}
-
-#[async_trait::async_trait]
-impl Fixture for Sqs {
-    fn binary(&self) -> PathBuf {
-        integration_tests::binary("sqs-connector", "sqs-connector")
-    }
-
-    async fn create_topic(&self, topic: &str) {
-        self.create_queue(topic).await;
-        self.create_queue(&format!("{topic}-dlq")).await;
-    }
-
-    fn source_config(&self, topic: &str) -> String {
-        Self::section(topic, &format!("dead_letter_queue = \"{topic}-dlq\""))
-    }
-
-    async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
-        let url = self.url(topic).await;
-        for (n, chunk) in payloads.chunks(10).enumerate() {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    SendMessageBatchRequestEntry::builder()
-                        .id(format!("m{n}-{i}"))
-                        .message_body(String::from_utf8(p.clone()).unwrap())
-                        .build()
-                        .unwrap()
-                })
-                .collect();
-            let out = self
-                .client
-                .send_message_batch()
-                .queue_url(&url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .unwrap();
-            assert!(out.failed.is_empty(), "{:?}", out.failed);
-        }
-    }
-
-    async fn dead_letters(&self, topic: &str) -> Vec<Vec<u8>> {
-        let url = self.url(&format!("{topic}-dlq")).await;
-        self.peek(&url)
-            .await
-            .into_iter()
-            .map(|m| m.body.unwrap_or_default().into_bytes())
-            .collect()
-    }
-
-    async fn unacknowledged(&self, topic: &str) -> u64 {
-        let url = self.url(topic).await;
-        let attributes = self
-            .client
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .unwrap()
-            .attributes
-            .unwrap_or_default();
-        attributes.values().map(|v| v.parse::<u64>().unwrap()).sum()
-    }
-}
-
 #[tokio::test]
 async fn sqs_delivered_once() {
-    scenarios::delivered_once(&Sqs::new()).await;
+    scenarios::delivered_once(&SqsQueues::new()).await;
 }
 
 #[tokio::test]
 async fn sqs_failure_then_success() {
-    scenarios::failure_then_success(&Sqs::new()).await;
+    scenarios::failure_then_success(&SqsQueues::new()).await;
 }
 
 #[tokio::test]
 async fn sqs_dead_letter_on_4xx() {
-    scenarios::dead_letter_on_4xx(&Sqs::new()).await;
+    scenarios::dead_letter_on_4xx(&SqsQueues::new()).await;
 }
 
 #[tokio::test]
 async fn sqs_nothing_lost_across_kill() {
-    scenarios::nothing_lost_across_kill(&Sqs::new()).await;
+    scenarios::nothing_lost_across_kill(&SqsQueues::new()).await;
 }
 
 #[tokio::test]
 async fn sqs_drain_on_shutdown() {
-    scenarios::drain_on_shutdown(&Sqs::new()).await;
+    scenarios::drain_on_shutdown(&SqsQueues::new()).await;
 }
 
 /// Fast retries: the backoff for most tests.
@@ -208,7 +57,7 @@ async fn start(
         gw,
         connector_extra,
         FAST_BACKOFF,
-        &Sqs::section(queue, sqs_extra),
+        &SqsQueues::section(queue, sqs_extra),
     )
     .await
 }
@@ -252,7 +101,7 @@ drain_timeout = "5s"
 /// interleaved and consumed in parallel.
 #[tokio::test]
 async fn sqs_fifo_order_per_group() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = format!("{}.fifo", unique("fifo"));
     let url = sqs.create_queue(&queue).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -265,7 +114,7 @@ async fn sqs_fifo_order_per_group() {
     let mut n = 0;
     for i in 0..per_group {
         for (g, group) in groups.iter().enumerate() {
-            sqs.client
+            sqs.client()
                 .send_message()
                 .queue_url(&url)
                 .message_body(format!("{group}:{i:03}"))
@@ -312,7 +161,7 @@ async fn sqs_fifo_order_per_group() {
 /// same `ce-id`, and the attempt counting on.
 #[tokio::test]
 async fn sqs_visibility_redelivery_after_sigkill() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = unique("visibility");
     sqs.create_queue(&queue).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -362,7 +211,7 @@ async fn sqs_visibility_redelivery_after_sigkill() {
 /// heartbeat renews the message's visibility.
 #[tokio::test]
 async fn sqs_heartbeat_covers_long_invocations() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = unique("heartbeat");
     sqs.create_queue(&queue).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -391,7 +240,7 @@ async fn sqs_heartbeat_covers_long_invocations() {
 /// attribute, and the queue depth on `/metrics`.
 #[tokio::test]
 async fn sqs_headers_topic_attribute_and_metrics() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = unique("headers");
     let url = sqs.create_queue(&queue).await;
     let other_topic = unique("routed");
@@ -407,7 +256,7 @@ async fn sqs_headers_topic_attribute_and_metrics() {
             .unwrap()
     };
     let plain = sqs
-        .client
+        .client()
         .send_message()
         .queue_url(&url)
         .message_body("plain")
@@ -417,7 +266,7 @@ async fn sqs_headers_topic_attribute_and_metrics() {
         .unwrap()
         .message_id
         .unwrap();
-    sqs.client
+    sqs.client()
         .send_message()
         .queue_url(&url)
         .message_body("routed")
@@ -473,7 +322,7 @@ async fn sqs_startup_failures_name_the_cause() {
         "[connector]\ngateway_url = \"{}\"\nmetrics_addr = \"{}\"\n\n{}",
         gw.url(),
         free_addr(),
-        Sqs::section(&missing, "")
+        SqsQueues::section(&missing, "")
     );
     let mut process = Process::start(&binary, &config, &[]);
     let status = process.wait(WITHIN).await;
@@ -487,7 +336,7 @@ async fn sqs_startup_failures_name_the_cause() {
     let config = format!(
         "[connector]\ngateway_url = \"{}\"\nupstream_timeout = \"30s\"\n\n{}",
         gw.url(),
-        Sqs::section("anything", "heartbeat = false")
+        SqsQueues::section("anything", "heartbeat = false")
     );
     let mut process = Process::start(&binary, &config, &[]);
     let status = process.wait(WITHIN).await;
@@ -505,12 +354,12 @@ async fn sqs_startup_failures_name_the_cause() {
 /// dead-letter queue after `maxReceiveCount` receives.
 #[tokio::test]
 async fn sqs_failed_messages_left_to_the_redrive_policy() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = unique("redrive");
     let dlq = format!("{queue}-dlq");
     let dlq_url = sqs.create_queue(&dlq).await;
     let dlq_arn = sqs
-        .client
+        .client()
         .get_queue_attributes()
         .queue_url(&dlq_url)
         .attribute_names(QueueAttributeName::QueueArn)
@@ -521,7 +370,7 @@ async fn sqs_failed_messages_left_to_the_redrive_policy() {
         .unwrap()
         .remove(&QueueAttributeName::QueueArn)
         .unwrap();
-    sqs.client
+    sqs.client()
         .create_queue()
         .queue_name(&queue)
         .attributes(
@@ -568,11 +417,11 @@ async fn sqs_endpoint_outage_shows_in_readyz_and_recovers() {
             .spawn()
             .expect("moto_server on PATH (scripts/test.sh installs it)")
     };
-    let sqs = Sqs::at(&endpoint);
+    let sqs = SqsQueues::at(&endpoint);
     let mut moto = start_moto();
     assert!(
         eventually_async(WITHIN, || async {
-            sqs.client.list_queues().send().await.is_ok()
+            sqs.client().list_queues().send().await.is_ok()
         })
         .await,
         "own moto server did not start"
@@ -585,7 +434,7 @@ async fn sqs_endpoint_outage_shows_in_readyz_and_recovers() {
     let config = format!(
         "[connector]\ngateway_url = \"{}\"\nmetrics_addr = \"{metrics_addr}\"\nrebuild_interval = \"500ms\"\n\n{}",
         gw.url(),
-        Sqs::section(&queue, "").replace(&sqs_endpoint(), &endpoint)
+        SqsQueues::section(&queue, "").replace(&sqs_endpoint(), &endpoint)
     );
     let binary = integration_tests::binary("sqs-connector", "sqs-connector");
     let mut connector = Process::start(&binary, &config, &[]);
@@ -606,7 +455,7 @@ async fn sqs_endpoint_outage_shows_in_readyz_and_recovers() {
     let mut moto = start_moto();
     assert!(
         eventually_async(WITHIN, || async {
-            sqs.client.list_queues().send().await.is_ok()
+            sqs.client().list_queues().send().await.is_ok()
         })
         .await
     );
@@ -633,7 +482,7 @@ async fn sqs_endpoint_outage_shows_in_readyz_and_recovers() {
 async fn sqs_missing_credentials_fail_at_start() {
     let gw = FakeGateway::start().await.unwrap();
     let binary = integration_tests::binary("sqs-connector", "sqs-connector");
-    let section = Sqs::section("anything", "")
+    let section = SqsQueues::section("anything", "")
         .replace("access_key_id = \"test\"\n", "")
         .replace("secret_access_key = \"test\"\n", "");
     let config = format!(
@@ -670,7 +519,7 @@ async fn sqs_missing_credentials_fail_at_start() {
 /// SQS, and the rest stay visible for other consumers.
 #[tokio::test]
 async fn sqs_stops_receiving_while_saturated() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = unique("saturated");
     sqs.create_queue(&queue).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -695,7 +544,7 @@ async fn sqs_stops_receiving_while_saturated() {
     );
     let url = sqs.url(&queue).await;
     let attributes = sqs
-        .client
+        .client()
         .get_queue_attributes()
         .queue_url(url)
         .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
@@ -725,7 +574,7 @@ async fn sqs_stops_receiving_while_saturated() {
 /// and the next receive succeeds.
 #[tokio::test]
 async fn sqs_failure_then_success_through_visibility_redelivery() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = unique("redeliver");
     sqs.create_queue(&queue).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -770,7 +619,7 @@ async fn sqs_failure_then_success_through_visibility_redelivery() {
 /// attributes, and the original is deleted only after it was written.
 #[tokio::test]
 async fn sqs_dead_letter_carries_provenance_attributes() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = unique("provenance");
     sqs.create_topic(&queue).await;
     let dlq_url = sqs.url(&format!("{queue}-dlq")).await;
@@ -823,7 +672,7 @@ const SLOW_BACKOFF: &str = "initial = \"50ms\"\nmax = \"5s\"";
 /// `[sqs]` for `queue` with a visibility timeout of 30 s: far longer than any retry delay
 /// here, so a redelivery after the retry delay cannot be the visibility timeout lapsing.
 fn long_visibility_section(queue: &str, extra: &str) -> String {
-    Sqs::section(queue, extra).replace(
+    SqsQueues::section(queue, extra).replace(
         "visibility_timeout = \"4s\"",
         "visibility_timeout = \"30s\"",
     )
@@ -844,7 +693,7 @@ async fn acks(metrics_addr: std::net::SocketAddr, op: &str) -> f64 {
 /// 30 s visibility timeout.
 #[tokio::test]
 async fn sqs_retry_is_redelivered_by_sqs_after_the_backoff_delay() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = unique("durable");
     sqs.create_queue(&queue).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -894,7 +743,7 @@ async fn sqs_retry_is_redelivered_by_sqs_after_the_backoff_delay() {
 /// connector delivers it.
 #[tokio::test]
 async fn sqs_retry_survives_sigkill_during_the_backoff_wait() {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = unique("durable-kill");
     sqs.create_queue(&queue).await;
     let gw = FakeGateway::start().await.unwrap();
@@ -949,13 +798,13 @@ async fn sqs_retry_survives_sigkill_during_the_backoff_wait() {
 /// the failed one succeeded on its redelivery. Another group goes on meanwhile.
 /// `max_attempts` 3: the first message is retrying; 1: it is held (no dead-letter queue).
 async fn fifo_group_waits_behind(max_attempts: u32) {
-    let sqs = Sqs::new();
+    let sqs = SqsQueues::new();
     let queue = format!("{}.fifo", unique("fifo-stop"));
     let url = sqs.create_queue(&queue).await;
     let mut n = 0;
     for body in ["a-0", "a-1", "a-2", "b-0"] {
         n += 1;
-        sqs.client
+        sqs.client()
             .send_message()
             .queue_url(&url)
             .message_body(body)
