@@ -98,10 +98,31 @@ struct Shared {
     in_flight: Mutex<HashMap<Arc<str>, HashSet<String>>>,
     /// Streams whose group exists, as the reader last set them up.
     ready: watch::Sender<Arc<[Arc<str>]>>,
+    /// Streams whose own pending entries the reader has not re-read yet. The claimer
+    /// leaves them alone until then: re-reading history and claiming both raise an
+    /// entry's delivery count, so a claim racing the re-read counted one delivery twice.
+    history_pending: Mutex<HashSet<Arc<str>>>,
     metrics: RedisMetrics,
 }
 
 impl Shared {
+    /// Records which streams still have their own history to re-read.
+    fn set_history_pending(&self, history: &BTreeSet<Arc<str>>) {
+        let mut pending = self
+            .history_pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        pending.clear();
+        pending.extend(history.iter().cloned());
+    }
+
+    fn history_pending(&self, stream: &Arc<str>) -> bool {
+        self.history_pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(stream)
+    }
+
     /// Starts tracking the entries of `batch`, dropping those already in flight here (a
     /// history re-read and a claim can race for the same entry).
     fn track(&self, batch: Batch) -> Batch {
@@ -250,6 +271,7 @@ impl StreamsSource {
             shape,
             in_flight: Mutex::new(HashMap::new()),
             ready: watch::channel(Arc::from(Vec::new())).0,
+            history_pending: Mutex::new(HashSet::new()),
             metrics,
         });
         let acker = tokio::spawn(acker(shared.clone(), ack_rx));
@@ -650,6 +672,8 @@ impl Reader {
             ready.push(stream);
         }
         self.history.retain(|h| ready.contains(h));
+        // Before `ready` wakes the claimer.
+        self.shared.set_history_pending(&self.history);
         let previous = self.shared.ready.send_replace(Arc::from(ready.clone()));
         for gone in previous.iter().filter(|p| !ready.contains(p)) {
             self.shared.metrics.forget(gone);
@@ -694,6 +718,7 @@ impl Reader {
         let Some(last) = entries.last().map(|e| e.id.clone()) else {
             self.history.remove(&stream);
             self.history_from.remove(&stream);
+            self.shared.set_history_pending(&self.history);
             return Step::Continue;
         };
         self.history_from.insert(stream.clone(), last);
@@ -880,6 +905,10 @@ async fn claimer(
         last_claim = Some(tokio::time::Instant::now());
         let streams: Vec<Arc<str>> = ready.borrow_and_update().iter().cloned().collect();
         for stream in streams {
+            if shared.history_pending(&stream) {
+                // Claimed at a later round, once the reader has re-read it.
+                continue;
+            }
             if let Err(rest) = claim_stream(&shared, &mut conn, &stream, &tx, &stop).await {
                 return rest;
             }
