@@ -260,40 +260,23 @@ async fn ceiling_run(config: &SdkConfig, concurrency: usize, count: usize) -> Fi
         .unwrap();
     let gateway = GatewayClient::new("bench-connector", config).unwrap();
     let url = format!("{}/function/noop", config.gateway_url);
-    let next = Arc::new(AtomicU64::new(0));
-    let cpu = cpu_time();
-    let started = Instant::now();
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (client, url, next, gateway) =
-                (client.clone(), url.clone(), next.clone(), gateway.clone());
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count as u64 {
-                        break;
-                    }
-                    // The same headers the SDK sends, built the same way.
-                    let message =
-                        Message::new("bench", PAYLOAD, format!("bench/0/{i}"), "bench://");
-                    let headers = gateway.invocation_headers(&message, 1);
-                    let resp = client
-                        .post(&url)
-                        .headers(headers)
-                        .body(message.payload.clone())
-                        .send()
-                        .await
-                        .unwrap();
-                    assert!(resp.status().is_success());
-                    resp.bytes().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await.unwrap();
-    }
-    figures(count, started.elapsed(), cpu_time() - cpu)
+    workers(concurrency, count, move |message| {
+        let (client, url) = (client.clone(), url.clone());
+        // The same headers the SDK sends, built the same way.
+        let headers = gateway.invocation_headers(&message, 1);
+        async move {
+            let resp = client
+                .post(&url)
+                .headers(headers)
+                .body(message.payload.clone())
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.status().is_success());
+            resp.bytes().await.unwrap();
+        }
+    })
+    .await
 }
 
 /// The SDK's own HTTP layer without the dispatcher: N workers calling
@@ -301,28 +284,49 @@ async fn ceiling_run(config: &SdkConfig, concurrency: usize, count: usize) -> Fi
 async fn client_run(config: &SdkConfig, concurrency: usize, count: usize) -> Figures {
     let gateway = GatewayClient::new("bench-connector", config).unwrap();
     let function = FunctionRef::new("noop", None);
+    workers(concurrency, count, move |message| {
+        let (gateway, function) = (gateway.clone(), function.clone());
+        async move {
+            let resp = gateway.invoke(&function, &message, 1).await.unwrap();
+            assert!(resp.status.is_success());
+        }
+    })
+    .await
+}
+
+/// `count` requests made by `concurrency` workers, each taking the next message number
+/// and awaiting `request` for it before taking another.
+async fn workers<F, Fut>(concurrency: usize, count: usize, request: F) -> Figures
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let request = Arc::new(request);
     let next = Arc::new(AtomicU64::new(0));
     let cpu = cpu_time();
     let started = Instant::now();
-    let workers: Vec<_> = (0..concurrency)
+    let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (gateway, function, next) = (gateway.clone(), function.clone(), next.clone());
+            let (request, next) = (request.clone(), next.clone());
             tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= count as u64 {
                         break;
                     }
-                    let message =
-                        Message::new("bench", PAYLOAD, format!("bench/0/{i}"), "bench://");
-                    let resp = gateway.invoke(&function, &message, 1).await.unwrap();
-                    assert!(resp.status.is_success());
+                    request(Message::new(
+                        "bench",
+                        PAYLOAD,
+                        format!("bench/0/{i}"),
+                        "bench://",
+                    ))
+                    .await;
                 }
             })
         })
         .collect();
-    for w in workers {
-        w.await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
     }
     figures(count, started.elapsed(), cpu_time() - cpu)
 }

@@ -204,23 +204,12 @@ batch = 128
         .spawn()
         .unwrap();
     let pid = child.id();
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
     // With a backlog the connector consumes at once; the clock below starts at the first call.
     if !backlog {
-        loop {
-            let ready = http
-                .get(format!("http://{metrics}/readyz"))
-                .send()
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false);
-            if ready {
-                break;
-            }
-            assert!(Instant::now() < deadline, "connector not ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert!(
+            load::wait_ready(metrics, Duration::from_secs(30)).await,
+            "connector not ready"
+        );
     }
     // Core NATS has no history: wait until a probe gets through, then measure from zero.
     if mode == "core" {

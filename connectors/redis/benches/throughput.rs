@@ -197,21 +197,10 @@ body_field = "payload"
         .spawn()
         .unwrap();
     let pid = child.id();
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = http
-            .get(format!("http://{metrics}/readyz"))
-            .send()
-            .await
-            .map(|r| r.status().is_success())
-            .unwrap_or(false);
-        if ready {
-            break;
-        }
-        assert!(Instant::now() < deadline, "connector not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        load::wait_ready(metrics, Duration::from_secs(30)).await,
+        "connector not ready"
+    );
     // Let the first reads and the first backlog measurement settle.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_kib = load::status_kib(pid, "VmRSS");
