@@ -63,6 +63,32 @@ impl SqsQueues {
     }
 
     /// The url of queue `name`.
+    /// SQS's approximate counts of `topic`'s queue: visible, and in flight (received, not
+    /// yet deleted or visible again).
+    pub async fn depth(&self, topic: &str) -> (u64, u64) {
+        let url = self.url(topic).await;
+        let attributes = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap_or_default();
+        let count = |name| {
+            attributes
+                .get(&name)
+                .map_or(0, |v| v.parse::<u64>().unwrap())
+        };
+        (
+            count(QueueAttributeName::ApproximateNumberOfMessages),
+            count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        )
+    }
+
     pub async fn url(&self, name: &str) -> String {
         self.client
             .get_queue_url()
@@ -161,19 +187,8 @@ impl Fixture for SqsQueues {
     }
 
     async fn unacknowledged(&self, topic: &str) -> u64 {
-        let url = self.url(topic).await;
-        let attributes = self
-            .client
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .unwrap()
-            .attributes
-            .unwrap_or_default();
-        attributes.values().map(|v| v.parse::<u64>().unwrap()).sum()
+        let (visible, in_flight) = self.depth(topic).await;
+        visible + in_flight
     }
 }
 
