@@ -60,6 +60,7 @@ use futures::future::join_all;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
@@ -100,6 +101,19 @@ struct Policy {
 #[derive(Clone)]
 pub struct Dispatcher {
     inner: Arc<Inner>,
+    /// Dropped with the last clone: the idle workers then exit.
+    _open: Arc<OpenGuard>,
+}
+
+/// Closes the worker pool when the last [`Dispatcher`] clone is dropped. The workers hold
+/// the dispatcher's state themselves, so without this an idle worker would keep it (and
+/// its connection pool) alive for ever.
+struct OpenGuard(Arc<Inner>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.pool.close();
+    }
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -129,7 +143,10 @@ struct Inner {
     metrics: Metrics,
     drain: CancellationToken,
     abort: CancellationToken,
+    /// Counts the messages in progress (and settle steps of `submit_then`), for
+    /// `wait_idle`.
     tracker: TaskTracker,
+    pool: Pool,
 }
 
 /// The tail of one ordering lane: the last message queued with a key, and how to learn
@@ -201,26 +218,29 @@ impl DispatcherBuilder {
 
     /// The dispatcher.
     pub fn build(self) -> Dispatcher {
+        let inner = Arc::new(Inner {
+            gateway: self.gateway,
+            topics: self.topics,
+            matcher: self.matcher,
+            permits: Arc::new(Semaphore::new(self.max_inflight)),
+            max_inflight: self.max_inflight,
+            ordered: self.ordering != Ordering::None,
+            strict_lanes: self.strict_lanes,
+            lanes: Mutex::new(HashMap::new()),
+            blocked: Mutex::new(HashMap::new()),
+            next_lane_id: AtomicU64::new(0),
+            policy: self.policy,
+            dead_letters: self.dead_letters,
+            subscribers: self.subscribers,
+            metrics: self.metrics,
+            drain: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            pool: Pool::default(),
+        });
         Dispatcher {
-            inner: Arc::new(Inner {
-                gateway: self.gateway,
-                topics: self.topics,
-                matcher: self.matcher,
-                permits: Arc::new(Semaphore::new(self.max_inflight)),
-                max_inflight: self.max_inflight,
-                ordered: self.ordering != Ordering::None,
-                strict_lanes: self.strict_lanes,
-                lanes: Mutex::new(HashMap::new()),
-                blocked: Mutex::new(HashMap::new()),
-                next_lane_id: AtomicU64::new(0),
-                policy: self.policy,
-                dead_letters: self.dead_letters,
-                subscribers: self.subscribers,
-                metrics: self.metrics,
-                drain: CancellationToken::new(),
-                abort: CancellationToken::new(),
-                tracker: TaskTracker::new(),
-            }),
+            _open: Arc::new(OpenGuard(inner.clone())),
+            inner,
         }
     }
 }
@@ -280,21 +300,22 @@ impl Dispatcher {
         message: Message,
         functions: Arc<[FunctionRef]>,
     ) -> Result<Completion, SdkError> {
-        Ok(
-            match self
-                .start(message, functions, |outcome| async move { outcome })
-                .await?
-            {
-                Started::Task(task) => Completion(CompletionState::Task(task)),
-                Started::Ready(outcome, _) => Completion(CompletionState::Ready(Some(outcome))),
-            },
-        )
+        Ok(match self.admit(message, functions).await? {
+            Admitted::Ready(outcome) => Completion(CompletionState::Ready(Some(outcome))),
+            Admitted::Run(run) => {
+                let (tx, rx) = oneshot::channel();
+                self.inner
+                    .pool
+                    .run(&self.inner, run.into_job(Finish::Channel(tx)));
+                Completion(CompletionState::Pending(rx))
+            }
+        })
     }
 
     /// Like [`submit`](Self::submit), but instead of returning a [`Completion`] to await,
-    /// runs `then` with the outcome at the end of the message's own task. That saves a
-    /// task and a wake-up per message for a source whose settling needs no state of the
-    /// loop that submitted (Kafka: mark the offset). [`wait_idle`](Self::wait_idle)
+    /// runs `then` with the outcome on the worker that delivered the message, right after
+    /// the last delivery. That saves a wake-up per message for a source whose settling
+    /// needs no state of the loop that submitted (Kafka: mark the offset). [`wait_idle`](Self::wait_idle)
     /// waits for `then` too. When the dispatcher is draining, `then` is not run and the
     /// error says so.
     pub async fn submit_then<F, Fut>(&self, message: Message, then: F) -> Result<(), SdkError>
@@ -303,25 +324,27 @@ impl Dispatcher {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let functions = self.functions_for(&message.topic);
-        if let Started::Ready(outcome, then) = self.start(message, functions, then).await? {
-            self.inner.tracker.spawn(then(outcome));
+        match self.admit(message, functions).await? {
+            Admitted::Ready(outcome) => {
+                self.inner.tracker.spawn(then(outcome));
+            }
+            Admitted::Run(run) => {
+                let then: SettleStep = Box::new(move |outcome| Box::pin(then(outcome)));
+                self.inner
+                    .pool
+                    .run(&self.inner, run.into_job(Finish::Then(then)));
+            }
         }
         Ok(())
     }
 
-    /// Starts the message's task, which ends with `finish(outcome)`; or, when the outcome
-    /// is known at once (no subscriber, a blocked key), gives it back with `finish`.
-    async fn start<F, Fut, T>(
+    /// Waits for room for `message` and joins its ordering lane; or, when its outcome is
+    /// known at once (no subscriber, a blocked key), returns that outcome.
+    async fn admit(
         &self,
         message: Message,
         functions: Arc<[FunctionRef]>,
-        finish: F,
-    ) -> Result<Started<F, T>, SdkError>
-    where
-        F: FnOnce(MessageOutcome) -> Fut + Send + 'static,
-        Fut: Future<Output = T> + Send + 'static,
-        T: Send + 'static,
-    {
+    ) -> Result<Admitted, SdkError> {
         if functions.is_empty() {
             tracing::debug!(topic = %message.topic, ce_id = %message.id, "no function subscribes to this topic");
             self.inner.metrics.message_finished("unmatched");
@@ -330,7 +353,7 @@ impl Dispatcher {
                 deliveries: Vec::new(),
                 interrupted: false,
             };
-            return Ok(Started::Ready(outcome, finish));
+            return Ok(Admitted::Ready(outcome));
         }
         if self.inner.blocked_by_earlier(&message) {
             tracing::debug!(topic = %message.topic, ce_id = %message.id, "released: its key is blocked by an unacknowledged message");
@@ -342,7 +365,7 @@ impl Dispatcher {
                 deliveries: functions.iter().map(|f| released(f, 0)).collect(),
                 interrupted: false,
             };
-            return Ok(Started::Ready(outcome, finish));
+            return Ok(Admitted::Ready(outcome));
         }
         let wanted = functions.len().min(self.inner.max_inflight);
         let permits = self
@@ -352,22 +375,14 @@ impl Dispatcher {
             .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
             .await
             .map_err(|_| SdkError::DispatcherClosed)?;
-        let previous = self.enter_lane(&message);
-        let inner = self.inner.clone();
-        let task = self.inner.tracker.spawn(async move {
-            let (outcome, lane) = inner.run(message, functions, permits, previous).await;
-            let disposition = outcome.disposition();
-            inner.metrics.message_finished(disposition.as_str());
-            if let Some((key, _, _)) = &lane {
-                inner.block_after(key, &outcome.id, disposition);
-            }
-            if let Some((key, id, done)) = lane {
-                let _ = done.send(disposition == Disposition::Ack);
-                inner.leave_lane(&key, id);
-            }
-            finish(outcome).await
-        });
-        Ok(Started::Task(task))
+        let lane = self.enter_lane(&message);
+        Ok(Admitted::Run(Admission {
+            message,
+            functions,
+            permits,
+            lane,
+            token: self.inner.tracker.token(),
+        }))
     }
 
     /// Joins the message's lane, returning the lane entry to wait on and what to signal.
@@ -400,6 +415,7 @@ impl Dispatcher {
     pub fn drain(&self) {
         self.inner.drain.cancel();
         self.inner.permits.close();
+        self.inner.pool.close();
     }
 
     /// Cancels running invocations; their messages are released.
@@ -426,12 +442,157 @@ impl Dispatcher {
     }
 }
 
-/// What [`Dispatcher::start`] did with a message.
-enum Started<F, T> {
-    /// Its task runs and ends with the finishing step's result.
-    Task(tokio::task::JoinHandle<T>),
-    /// Its outcome was known at once; the finishing step was not run.
-    Ready(MessageOutcome, F),
+/// What [`Dispatcher::admit`] did with a message.
+// Returned once per message and matched at once: boxing the large variant would cost an
+// allocation per message to save a move.
+#[allow(clippy::large_enum_variant)]
+enum Admitted {
+    /// Its outcome was known at once.
+    Ready(MessageOutcome),
+    /// It has its permits and its place in its lane: a worker delivers it.
+    Run(Admission),
+}
+
+/// A message admitted for delivery.
+struct Admission {
+    message: Message,
+    functions: Arc<[FunctionRef]>,
+    permits: OwnedSemaphorePermit,
+    lane: Option<LaneTicket>,
+    /// Keeps `wait_idle` waiting until the message is settled.
+    token: TaskTrackerToken,
+}
+
+impl Admission {
+    fn into_job(self, finish: Finish) -> Job {
+        Job {
+            admission: self,
+            finish,
+        }
+    }
+}
+
+/// The settle step of [`Dispatcher::submit_then`], type-erased.
+type SettleStep =
+    Box<dyn FnOnce(MessageOutcome) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Where a message's outcome goes.
+enum Finish {
+    /// To the [`Completion`] the submitter awaits.
+    Channel(oneshot::Sender<MessageOutcome>),
+    /// Into the settle step, run on the worker.
+    Then(SettleStep),
+}
+
+/// One message for a worker: deliver it, then finish it.
+struct Job {
+    admission: Admission,
+    finish: Finish,
+}
+
+/// The workers that deliver messages. A worker takes one message at a time and stays
+/// alive between messages, parked in `idle`, so a delivery costs neither a task spawn
+/// nor moving a task's state around: at `max_inflight` 64 this is what brings the
+/// dispatcher close to a plain loop of HTTP calls (see BENCHMARKS.md). There is no
+/// queue: a message goes to an idle worker, or a new worker is started for it. The
+/// number of workers follows the messages being delivered or settled at once, which
+/// the in-flight permits bound.
+#[derive(Default)]
+struct Pool {
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<Arc<Slot>>,
+    closed: bool,
+}
+
+/// Where an idle worker waits for its next message; `None` after a wake-up means exit.
+#[derive(Default)]
+struct Slot {
+    job: Mutex<Option<Job>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Pool {
+    /// Hands `job` to an idle worker, or starts one for it.
+    fn run(&self, inner: &Arc<Inner>, job: Job) {
+        let idle = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|mut state| state.idle.pop());
+        match idle {
+            Some(slot) => {
+                match slot.job.lock() {
+                    Ok(mut next) => *next = Some(job),
+                    // A worker panicked while holding this lock; start another instead.
+                    Err(_) => {
+                        spawn_worker(inner.clone(), job);
+                        return;
+                    }
+                }
+                slot.wake.notify_one();
+            }
+            None => spawn_worker(inner.clone(), job),
+        }
+    }
+
+    /// Parks `slot` as idle; `false` when the pool is closed and the worker should exit.
+    fn park(&self, slot: &Arc<Slot>) -> bool {
+        match self.state.lock() {
+            Ok(mut state) if !state.closed => {
+                state.idle.push(slot.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Makes idle workers exit, and busy ones once their message is finished.
+    fn close(&self) {
+        let idle = match self.state.lock() {
+            Ok(mut state) => {
+                state.closed = true;
+                std::mem::take(&mut state.idle)
+            }
+            Err(_) => return,
+        };
+        for slot in idle {
+            slot.wake.notify_one();
+        }
+    }
+}
+
+/// A worker's own children of the dispatcher's drain and abort tokens. Checking or
+/// awaiting a token locks its node; with one node per worker, deliveries on both runtime
+/// threads do not contend for the dispatcher's.
+struct Cancel {
+    drain: CancellationToken,
+    abort: CancellationToken,
+}
+
+fn spawn_worker(inner: Arc<Inner>, first: Job) {
+    tokio::spawn(async move {
+        let slot = Arc::new(Slot::default());
+        let cancel = Cancel {
+            drain: inner.drain.child_token(),
+            abort: inner.abort.child_token(),
+        };
+        let mut job = first;
+        loop {
+            inner.execute(&cancel, job).await;
+            if !inner.pool.park(&slot) {
+                return;
+            }
+            slot.wake.notified().await;
+            match slot.job.lock().ok().and_then(|mut next| next.take()) {
+                Some(next) => job = next,
+                None => return,
+            }
+        }
+    });
 }
 
 struct LaneTicket {
@@ -442,8 +603,39 @@ struct LaneTicket {
 }
 
 impl Inner {
+    /// Delivers a message, records its outcome, lets its lane go on, and finishes it.
+    async fn execute(self: &Arc<Self>, cancel: &Cancel, job: Job) {
+        let Job {
+            admission:
+                Admission {
+                    message,
+                    functions,
+                    permits,
+                    lane,
+                    token,
+                },
+            finish,
+        } = job;
+        let (outcome, lane) = self.run(cancel, message, functions, permits, lane).await;
+        let disposition = outcome.disposition();
+        self.metrics.message_finished(disposition.as_str());
+        if let Some((key, id, done)) = lane {
+            self.block_after(&key, &outcome.id, disposition);
+            let _ = done.send(disposition == Disposition::Ack);
+            self.leave_lane(&key, id);
+        }
+        match finish {
+            Finish::Channel(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Finish::Then(then) => then(outcome).await,
+        }
+        drop(token);
+    }
+
     async fn run(
         self: &Arc<Self>,
+        cancel: &Cancel,
         message: Message,
         functions: Arc<[FunctionRef]>,
         mut permits: OwnedSemaphorePermit,
@@ -458,7 +650,7 @@ impl Inner {
                 // An error means the previous message's task ended without signalling,
                 // which only happens if it was torn down: complete, and released.
                 acked = previous => acked.unwrap_or(false),
-                () = self.drain.cancelled() => true,
+                () = cancel.drain.cancelled() => true,
             };
             if self.strict_lanes && !previous_acked {
                 // The broker redelivers the previous message; this one must not overtake
@@ -488,13 +680,13 @@ impl Inner {
         let deliveries = match &*functions {
             // The common case, without join_all's bookkeeping.
             [function] => vec![
-                self.deliver(message.clone(), function.clone(), own.pop())
+                self.deliver(cancel, message.clone(), function.clone(), own.pop())
                     .await,
             ],
             _ => {
                 let deliveries = functions.iter().map(|function| {
                     let permit = own.pop();
-                    self.deliver(message.clone(), function.clone(), permit)
+                    self.deliver(cancel, message.clone(), function.clone(), permit)
                 });
                 join_all(deliveries).await
             }
@@ -563,6 +755,7 @@ impl Inner {
 
     async fn deliver(
         self: &Arc<Self>,
+        cancel: &Cancel,
         message: Arc<Message>,
         function: FunctionRef,
         permit: Option<OwnedSemaphorePermit>,
@@ -585,12 +778,12 @@ impl Inner {
                             Ok(p) => p,
                             Err(_) => return released(&function, 0),
                         },
-                        () = self.drain.cancelled() => return released(&function, 0),
+                        () = cancel.drain.cancelled() => return released(&function, 0),
                     }
                 }
             };
             self.metrics.inflight().inc();
-            let report = self.attempts(&message, &function).await;
+            let report = self.attempts(cancel, &message, &function).await;
             self.metrics.inflight().dec();
             report
         }
@@ -600,13 +793,18 @@ impl Inner {
         report
     }
 
-    async fn attempts(&self, message: &Arc<Message>, function: &FunctionRef) -> DeliveryReport {
+    async fn attempts(
+        &self,
+        cancel: &Cancel,
+        message: &Arc<Message>,
+        function: &FunctionRef,
+    ) -> DeliveryReport {
         let policy = &self.policy;
         let mut attempt = message.prior_attempts;
         let mut local = 0u32;
         let mut first_failure: Option<SystemTime> = None;
         loop {
-            if self.drain.is_cancelled() {
+            if cancel.drain.is_cancelled() {
                 return released(function, local);
             }
             attempt = attempt.saturating_add(1);
@@ -624,7 +822,7 @@ impl Inner {
             let started = Instant::now();
             let result = tokio::select! {
                 biased;
-                () = self.abort.cancelled() => return released(function, local),
+                () = cancel.abort.cancelled() => return released(function, local),
                 r = self.gateway.invoke(function, message, attempt) => r,
             };
             let took = started.elapsed();
@@ -688,6 +886,7 @@ impl Inner {
                     let now = SystemTime::now();
                     let outcome = self
                         .dead_letter(
+                            cancel,
                             message,
                             function,
                             DeadLetterReason::Rejected,
@@ -719,6 +918,7 @@ impl Inner {
                     if attempt >= policy.max_attempts {
                         let outcome = self
                             .dead_letter(
+                                cancel,
                                 message,
                                 function,
                                 DeadLetterReason::Exhausted,
@@ -741,7 +941,7 @@ impl Inner {
                     );
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = self.drain.cancelled() => return report(DeliveryOutcome::Released),
+                        () = cancel.drain.cancelled() => return report(DeliveryOutcome::Released),
                     }
                 }
             }
@@ -751,6 +951,7 @@ impl Inner {
     #[allow(clippy::too_many_arguments)]
     async fn dead_letter(
         &self,
+        cancel: &Cancel,
         message: &Arc<Message>,
         function: &FunctionRef,
         reason: DeadLetterReason,
@@ -797,7 +998,7 @@ impl Inner {
         for try_number in 1..=DEAD_LETTER_WRITE_TRIES {
             let written = tokio::select! {
                 biased;
-                () = self.abort.cancelled() => return DeliveryOutcome::Released,
+                () = cancel.abort.cancelled() => return DeliveryOutcome::Released,
                 r = sink.write(&letter) => r,
             };
             match written {
@@ -826,7 +1027,7 @@ impl Inner {
                     if try_number < DEAD_LETTER_WRITE_TRIES {
                         tokio::select! {
                             () = tokio::time::sleep(failures.next_delay()) => {}
-                            () = self.drain.cancelled() => return DeliveryOutcome::Released,
+                            () = cancel.drain.cancelled() => return DeliveryOutcome::Released,
                         }
                     }
                 }
@@ -855,8 +1056,8 @@ pub struct Completion(CompletionState);
 enum CompletionState {
     /// Known at submission (no subscriber); taken by the first poll.
     Ready(Option<MessageOutcome>),
-    /// The task delivering the message.
-    Task(tokio::task::JoinHandle<MessageOutcome>),
+    /// Sent by the worker delivering the message.
+    Pending(oneshot::Receiver<MessageOutcome>),
 }
 
 impl Future for Completion {
@@ -872,9 +1073,9 @@ impl Future for Completion {
             CompletionState::Ready(outcome) => {
                 Poll::Ready(outcome.take().unwrap_or_else(interrupted))
             }
-            // The task fails only if it was torn down (runtime shutdown, panic): the message
-            // must go back to the broker.
-            CompletionState::Task(task) => Pin::new(task)
+            // The sender is dropped without an outcome only if the worker was torn down
+            // (runtime shutdown, panic): the message must go back to the broker.
+            CompletionState::Pending(rx) => Pin::new(rx)
                 .poll(cx)
                 .map(|result| result.unwrap_or_else(|_| interrupted())),
         }

@@ -3,8 +3,9 @@
 //! Labels come from bounded sets only: function names (one per deployed function), topic
 //! and partition names, outcome and status classes. Never message keys or error text.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -66,8 +67,30 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// The status classes of `connector_invocations_total`, in [`FunctionSeries`] order.
+const STATUS_CLASSES: [&str; 7] = ["2xx", "3xx", "4xx", "5xx", "other", "timeout", "error"];
+
+/// How many outcomes `connector_deliveries_total` has (see `delivery_finished`).
+const DELIVERY_OUTCOMES: usize = 6;
+
+/// The message outcomes of `connector_messages_total`.
+const MESSAGE_OUTCOMES: [&str; 5] = ["ack", "hold", "release", "retry", "unmatched"];
+
+/// One function's handles on the per-delivery series, each taken from its family the first
+/// time it is used (so a series appears when it first counts, as with the families alone).
+/// Every delivery updates three series; through the families that is three label hashes
+/// and three reads of a lock both runtime threads contend for.
+#[derive(Default)]
+struct FunctionSeries {
+    invocations: [OnceLock<Counter>; STATUS_CLASSES.len()],
+    duration: OnceLock<Histogram>,
+    deliveries: [OnceLock<Counter>; DELIVERY_OUTCOMES],
+}
+
+type SeriesMap = HashMap<FunctionRef, Arc<FunctionSeries>>;
+
 /// The SDK's metrics. Cheap to clone; every clone updates the same series.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Metrics {
     deliveries: Family<DeliveryLabels, Counter>,
     invocations: Family<InvocationLabels, Counter>,
@@ -87,6 +110,17 @@ pub struct Metrics {
     responses_dropped: Counter,
     ready: Gauge,
     draining: Gauge,
+    /// Read on every delivery, written once per new function.
+    functions: Arc<arc_swap::ArcSwap<SeriesMap>>,
+    message_outcomes: Arc<[OnceLock<Counter>; MESSAGE_OUTCOMES.len()]>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("functions", &self.functions.load().len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn duration_histogram() -> Histogram {
@@ -118,6 +152,8 @@ impl Metrics {
             responses_dropped: Counter::default(),
             ready: Gauge::default(),
             draining: Gauge::default(),
+            functions: Arc::default(),
+            message_outcomes: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("connector");
         let info = prometheus_client::metrics::info::Info::new(vec![
@@ -224,28 +260,78 @@ impl Metrics {
         (m, registry)
     }
 
+    /// Runs `f` with `function`'s series, creating them the first time.
+    fn with_series<R>(&self, function: &FunctionRef, f: impl FnOnce(&FunctionSeries) -> R) -> R {
+        if let Some(series) = self.functions.load().get(function) {
+            return f(series);
+        }
+        self.functions.rcu(|map| {
+            let mut map = SeriesMap::clone(map);
+            map.entry(function.clone()).or_default();
+            map
+        });
+        match self.functions.load().get(function) {
+            Some(series) => f(series),
+            None => f(&FunctionSeries::default()),
+        }
+    }
+
     pub(crate) fn delivery_finished(&self, function: &FunctionRef, outcome: DeliveryOutcome) {
-        self.deliveries
-            .get_or_create(&DeliveryLabels {
-                function: function.clone(),
-                outcome: outcome.as_str(),
-            })
-            .inc();
+        let index = match outcome {
+            DeliveryOutcome::Delivered => 0,
+            DeliveryOutcome::DeadLettered => 1,
+            DeliveryOutcome::Dropped => 2,
+            DeliveryOutcome::Held => 3,
+            DeliveryOutcome::Released => 4,
+            DeliveryOutcome::Retry { .. } => 5,
+        };
+        self.with_series(function, |series| {
+            series.deliveries[index]
+                .get_or_init(|| {
+                    self.deliveries
+                        .get_or_create(&DeliveryLabels {
+                            function: function.clone(),
+                            outcome: outcome.as_str(),
+                        })
+                        .clone()
+                })
+                .inc();
+        });
         if outcome == DeliveryOutcome::DeadLettered {
             self.dead_letters.get_or_create(&fn_labels(function)).inc();
         }
     }
 
     pub(crate) fn invoked(&self, function: &FunctionRef, status: &'static str, took: Duration) {
-        self.invocations
-            .get_or_create(&InvocationLabels {
-                function: function.clone(),
-                status,
-            })
-            .inc();
-        self.invocation_duration
-            .get_or_create(&fn_labels(function))
-            .observe(took.as_secs_f64());
+        let Some(index) = STATUS_CLASSES.iter().position(|c| *c == status) else {
+            self.invocations
+                .get_or_create(&InvocationLabels {
+                    function: function.clone(),
+                    status,
+                })
+                .inc();
+            return;
+        };
+        self.with_series(function, |series| {
+            series.invocations[index]
+                .get_or_init(|| {
+                    self.invocations
+                        .get_or_create(&InvocationLabels {
+                            function: function.clone(),
+                            status,
+                        })
+                        .clone()
+                })
+                .inc();
+            series
+                .duration
+                .get_or_init(|| {
+                    self.invocation_duration
+                        .get_or_create(&fn_labels(function))
+                        .clone()
+                })
+                .observe(took.as_secs_f64());
+        });
     }
 
     pub(crate) fn retried(&self, function: &FunctionRef) {
@@ -259,9 +345,15 @@ impl Metrics {
     }
 
     pub(crate) fn message_finished(&self, outcome: &'static str) {
-        self.messages
-            .get_or_create(&MessageLabels { outcome })
-            .inc();
+        let counter = || {
+            self.messages
+                .get_or_create(&MessageLabels { outcome })
+                .clone()
+        };
+        match MESSAGE_OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(index) => self.message_outcomes[index].get_or_init(counter).inc(),
+            None => counter().inc(),
+        };
     }
 
     pub(crate) fn inflight(&self) -> &Gauge {
@@ -398,5 +490,45 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn cached_series_count_like_the_families() {
+        let (m, registry) = Metrics::standalone("test-connector");
+        let (a, b) = (
+            FunctionRef::new("a", None),
+            FunctionRef::new("b", Some("ns")),
+        );
+        for _ in 0..3 {
+            m.invoked(&a, "2xx", Duration::from_millis(3));
+            m.delivery_finished(&a, DeliveryOutcome::Delivered);
+            m.message_finished("ack");
+        }
+        m.invoked(&b, "timeout", Duration::from_secs(1));
+        m.invoked(&b, "5xx", Duration::from_millis(7));
+        m.delivery_finished(
+            &b,
+            DeliveryOutcome::Retry {
+                after: Duration::from_secs(2),
+            },
+        );
+        m.message_finished("retry");
+        let text = encode(&registry);
+        for needle in [
+            "connector_invocations_total{function=\"a\",status=\"2xx\"} 3",
+            "connector_invocations_total{function=\"b.ns\",status=\"timeout\"} 1",
+            "connector_invocations_total{function=\"b.ns\",status=\"5xx\"} 1",
+            "connector_invocation_duration_seconds_count{function=\"a\"} 3",
+            "connector_invocation_duration_seconds_count{function=\"b.ns\"} 2",
+            "connector_deliveries_total{function=\"a\",outcome=\"delivered\"} 3",
+            "connector_deliveries_total{function=\"b.ns\",outcome=\"retry\"} 1",
+            "connector_messages_total{outcome=\"ack\"} 3",
+            "connector_messages_total{outcome=\"retry\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        // A series appears when it first counts, not before.
+        assert!(!text.contains("outcome=\"held\""), "{text}");
+        assert!(!text.contains("status=\"4xx\""), "{text}");
     }
 }
