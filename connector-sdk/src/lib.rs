@@ -48,3 +48,11 @@ pub use message::{DeliveryOutcome, Disposition, Message, MessageOutcome};
 pub use runtime::{Runtime, SourceContext};
 pub use source::{Source, SourceError, pump};
 pub use topic_map::{FunctionRef, TopicMap, TopicMapHandle};
+
+/// mimalloc is the global allocator of every binary built on the SDK (feature
+/// `mimalloc`, on by default). A delivery allocates a few dozen small blocks (the message,
+/// its headers, the request, the response); with glibc's allocator that was about a fifth
+/// of a JetStream connector's CPU time (`perf record` during the nats benchmark).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
