@@ -48,9 +48,11 @@ fn main() {
         l.local_addr().unwrap()
     };
     let mut child = spawn_server(addr);
-    // BENCH_LOG=info: log as a connector does by default (fmt, to a sink), so that what
-    // tracing costs per delivery at that level is in the figures.
-    if let Ok(level) = std::env::var("BENCH_LOG") {
+    // Log as a connector does by default (fmt at `info`, here to a sink), so that what
+    // tracing costs per delivery is in the figures; BENCH_LOG sets another filter, and
+    // BENCH_LOG=none installs no subscriber at all.
+    let level = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".to_owned());
+    if level != "none" {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(level))
             .with_writer(std::io::sink)
@@ -136,6 +138,7 @@ async fn bench(addr: SocketAddr) {
         cpu_per_request: Duration::ZERO,
     };
     let mut rows = Vec::new();
+    let mut round_summaries = Vec::new();
     for concurrency in levels {
         let count = std::env::var("BENCH_COUNT")
             .map(|v| v.parse().unwrap())
@@ -145,6 +148,9 @@ async fn bench(addr: SocketAddr) {
         let _ = ceiling_run(&config, concurrency, count / 10).await;
         let _ = client_run(&config, concurrency, count / 10).await;
         let (mut sdk, mut ceiling, mut client) = (Vec::new(), Vec::new(), Vec::new());
+        // Per round: the sides of one round ran one after another, so their ratio is less
+        // exposed to the machine's drift than a ratio of medians over all rounds.
+        let mut ratios: Vec<(f64, f64)> = Vec::new();
         for round in 0..rounds {
             let s = if runs("sdk") {
                 sdk_run(&config, &topics, concurrency, count).await
@@ -169,11 +175,25 @@ async fn bench(addr: SocketAddr) {
                 s.per_second / c.per_second,
                 s.per_second / k.per_second,
             );
+            ratios.push((s.per_second / c.per_second, s.per_second / k.per_second));
             sdk.push(s);
             ceiling.push(c);
             client.push(k);
         }
         let peak = rss_kib("VmHWM");
+        let round_ratios = |pick: fn(&(f64, f64)) -> f64| {
+            let mut r: Vec<f64> = ratios.iter().map(pick).filter(|r| r.is_finite()).collect();
+            r.sort_by(f64::total_cmp);
+            match (r.first(), r.last()) {
+                (Some(lo), Some(hi)) => format!("{:.2} ({lo:.2} to {hi:.2})", r[r.len() / 2]),
+                _ => "–".to_owned(),
+            }
+        };
+        round_summaries.push(format!(
+            "concurrency {concurrency}: per-round ratio, median (range) over {rounds} rounds: to the ceiling {}, to the client loop {}",
+            round_ratios(|r| r.0),
+            round_ratios(|r| r.1),
+        ));
         rows.push((
             concurrency,
             count,
@@ -205,6 +225,10 @@ async fn bench(addr: SocketAddr) {
         );
     }
     let peak = rows.iter().map(|r| r.5).max().unwrap_or(0);
+    println!();
+    for line in round_summaries {
+        println!("{line}");
+    }
     println!();
     println!(
         "resident memory: idle {:.1} MiB, peak under load (concurrency 64) {:.1} MiB",

@@ -84,6 +84,17 @@ pub type Matcher = Arc<dyn Fn(&TopicMap, &str) -> Arc<[FunctionRef]> + Send + Sy
 /// beyond its retry delay, unless that message comes back first.
 pub const STRICT_BLOCK_GRACE: Duration = Duration::from_secs(5);
 
+/// How many topics' matcher answers are kept before the cache starts over (topics can be
+/// unbounded: `orders.<id>` under a wildcard).
+const MATCHED_TOPICS: usize = 4096;
+
+/// A custom matcher's answers for one topic map.
+#[derive(Default)]
+struct MatchCache {
+    map: Option<Arc<TopicMap>>,
+    by_topic: HashMap<String, Arc<[FunctionRef]>>,
+}
+
 /// How many times writing one dead letter is tried before the delivery is held.
 const DEAD_LETTER_WRITE_TRIES: u32 = 3;
 
@@ -129,6 +140,7 @@ struct Inner {
     gateway: GatewayClient,
     topics: TopicMapHandle,
     matcher: Option<Matcher>,
+    matched: Mutex<MatchCache>,
     permits: Arc<Semaphore>,
     max_inflight: usize,
     ordered: bool,
@@ -222,6 +234,7 @@ impl DispatcherBuilder {
             gateway: self.gateway,
             topics: self.topics,
             matcher: self.matcher,
+            matched: Mutex::default(),
             permits: Arc::new(Semaphore::new(self.max_inflight)),
             max_inflight: self.max_inflight,
             ordered: self.ordering != Ordering::None,
@@ -278,10 +291,27 @@ impl Dispatcher {
     /// The functions `topic` is delivered to right now.
     pub fn functions_for(&self, topic: &str) -> Arc<[FunctionRef]> {
         let map = self.inner.topics.current();
-        match &self.inner.matcher {
-            Some(matcher) => matcher(&map, topic),
-            None => map.lookup(topic).cloned().unwrap_or_else(|| Arc::new([])),
+        let Some(matcher) = &self.inner.matcher else {
+            return map.lookup(topic).cloned().unwrap_or_else(|| Arc::new([]));
+        };
+        // A matcher walks the whole map (wildcards); its answers are kept per topic until
+        // the map is replaced.
+        let Ok(mut cache) = self.inner.matched.lock() else {
+            return matcher(&map, topic);
+        };
+        if !cache.map.as_ref().is_some_and(|m| Arc::ptr_eq(m, &map)) {
+            cache.by_topic.clear();
+            cache.map = Some(map.clone());
         }
+        if let Some(functions) = cache.by_topic.get(topic) {
+            return functions.clone();
+        }
+        let functions = matcher(&map, topic);
+        if cache.by_topic.len() >= MATCHED_TOPICS {
+            cache.by_topic.clear();
+        }
+        cache.by_topic.insert(topic.to_owned(), functions.clone());
+        functions
     }
 
     /// Starts delivering `message`, once there is room (this wait is the backpressure).

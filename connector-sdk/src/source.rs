@@ -18,12 +18,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 
 use crate::backoff::Backoff;
+use crate::dispatcher::Completion;
 use crate::message::{Disposition, Message, MessageOutcome};
 use crate::runtime::SourceContext;
 
@@ -78,7 +80,28 @@ pub trait Source: Send {
     }
 }
 
-type Pending<A> = Pin<Box<dyn Future<Output = (A, MessageOutcome)> + Send>>;
+pin_project_lite::pin_project! {
+    /// A submitted message: its completion, with what settling it needs. A named future
+    /// rather than a boxed one: no allocation per message.
+    struct Pending<A> {
+        ack: Option<A>,
+        completion: Completion,
+    }
+}
+
+impl<A> Future for Pending<A> {
+    type Output = (A, MessageOutcome);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let outcome = std::task::ready!(Pin::new(this.completion).poll(cx));
+        match this.ack.take() {
+            Some(ack) => Poll::Ready((ack, outcome)),
+            // Polled again after it completed: FuturesUnordered never does that.
+            None => Poll::Pending,
+        }
+    }
+}
 
 /// Runs `source` until shutdown: pulls, submits, settles; then drains and flushes.
 /// Returns an error only when the source reports a fatal one.
@@ -95,6 +118,11 @@ pub async fn pump<S: Source>(ctx: &SourceContext, mut source: S) -> Result<(), S
             biased;
             Some((ack, outcome)) = pending.next(), if !pending.is_empty() => {
                 settle(&mut source, ack, &outcome).await;
+                // Settle the rest of what completed meanwhile before pulling again: every
+                // turn of this loop builds a new `pull` future.
+                while let Some(Some((ack, outcome))) = pending.next().now_or_never() {
+                    settle(&mut source, ack, &outcome).await;
+                }
             }
             () = ctx.shutdown.cancelled() => break 'pull,
             pulled = source.pull() => match pulled {
@@ -112,9 +140,10 @@ pub async fn pump<S: Source>(ctx: &SourceContext, mut source: S) -> Result<(), S
                             c = ctx.dispatcher.submit(message) => c.ok(),
                         };
                         match submitted {
-                            Some(completion) => pending.push(Box::pin(async move {
-                                (ack, completion.await)
-                            })),
+                            Some(completion) => pending.push(Pending {
+                                ack: Some(ack),
+                                completion,
+                            }),
                             None => {
                                 // Shutdown while waiting for room: give back this message and
                                 // the rest of the batch.

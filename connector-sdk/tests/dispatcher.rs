@@ -866,3 +866,54 @@ async fn submit_then_settles_in_the_delivery_task_and_drain_waits_for_it() {
     setup.dispatcher.wait_idle().await;
     assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
 }
+
+#[tokio::test]
+async fn matcher_answers_follow_the_topic_map() {
+    use connector_sdk::topic_map::{FunctionStatus, TopicMap, TopicMapHandle};
+    let subscribed = |name: &str, topic: &str| FunctionStatus {
+        name: name.into(),
+        namespace: None,
+        annotations: [("topic".to_owned(), topic.to_owned())].into(),
+    };
+    let config = SdkConfig {
+        gateway_url: "http://127.0.0.1:1".into(),
+        ..SdkConfig::default()
+    };
+    let topics = TopicMapHandle::fixed(TopicMap::build(&[subscribed("a", "orders")], ","));
+    let (metrics, _registry) = Metrics::standalone("test-connector");
+    let client = GatewayClient::new("test-connector", &config).unwrap();
+    // Prefix match: "orders" subscribes to "orders.created".
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let matcher: connector_sdk::dispatcher::Matcher = Arc::new(move |map, topic| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        map.entries()
+            .filter(|(pattern, _)| topic.starts_with(*pattern))
+            .flat_map(|(_, functions)| functions.iter().cloned())
+            .collect::<Vec<_>>()
+            .into()
+    });
+    let dispatcher = Dispatcher::builder(client, topics.clone(), &config, metrics)
+        .matcher(matcher)
+        .build();
+    let names = |d: &Dispatcher, topic: &str| -> Vec<String> {
+        d.functions_for(topic)
+            .iter()
+            .map(|f| f.to_string())
+            .collect()
+    };
+    assert_eq!(names(&dispatcher, "orders.created"), ["a"]);
+    assert_eq!(names(&dispatcher, "orders.created"), ["a"]);
+    assert_eq!(names(&dispatcher, "payments"), Vec::<String>::new());
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "answers are kept"
+    );
+    topics.replace(TopicMap::build(&[subscribed("b", "orders")], ","));
+    assert_eq!(
+        names(&dispatcher, "orders.created"),
+        ["b"],
+        "a new map, new answers"
+    );
+}

@@ -30,7 +30,7 @@
 //! keep the subject waiting); a message that is nakked (held) or released is redelivered
 //! by the server after later ones.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,26 +89,37 @@ struct Settings {
 }
 
 /// Replies of the messages this process holds: reported in progress until settled.
+/// Keyed by the reply subject itself (a shared buffer: adding one copies nothing).
 #[derive(Clone, Default)]
-struct Held(Arc<Mutex<HashMap<String, Subject>>>);
+struct Held(Arc<Mutex<HashSet<Reply>>>);
+
+/// A reply subject as a set key (`Subject` has no `Hash`).
+#[derive(PartialEq, Eq)]
+struct Reply(Subject);
+
+impl std::hash::Hash for Reply {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_str().hash(state);
+    }
+}
 
 impl Held {
     fn add(&self, reply: &Subject) {
         if let Ok(mut set) = self.0.lock() {
-            set.insert(reply.as_str().to_owned(), reply.clone());
+            set.insert(Reply(reply.clone()));
         }
     }
 
     fn remove(&self, reply: &Subject) {
         if let Ok(mut set) = self.0.lock() {
-            set.remove(reply.as_str());
+            set.remove(&Reply(reply.clone()));
         }
     }
 
     fn snapshot(&self) -> Vec<Subject> {
         self.0
             .lock()
-            .map(|set| set.values().cloned().collect())
+            .map(|set| set.iter().map(|r| r.0.clone()).collect())
             .unwrap_or_default()
     }
 }

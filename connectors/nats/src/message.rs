@@ -19,6 +19,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use connector_sdk::Message;
+use http::{HeaderName, HeaderValue};
 
 /// `X-Nats-Subject`.
 pub const SUBJECT_HEADER: &str = "X-Nats-Subject";
@@ -30,43 +31,64 @@ pub const SEQUENCE_HEADER: &str = "X-Nats-Sequence";
 pub const DELIVERED_HEADER: &str = "X-Nats-Delivered";
 
 /// A message on `subject` with the common headers; `headers` are the NATS ones.
+/// `coordinates` is how many provenance coordinates the caller adds after `subject`.
+///
+/// Built by setting fields rather than through the builder methods, each of which moves
+/// the whole message: this runs once per message received.
 pub fn common(
     subject: &str,
     payload: Bytes,
     headers: Option<&async_nats::HeaderMap>,
     id: String,
     source: &str,
+    coordinates: usize,
 ) -> Message {
-    let mut message = Message::new(subject, payload, id, source)
-        .with_subject(subject)
-        .with_ordering_key(Bytes::copy_from_slice(subject.as_bytes()))
-        .with_coordinate("subject", subject);
+    let mut message = Message::new(subject, payload, id, source);
+    message.subject = Some(subject.to_owned());
+    message.ordering_key = Some(Bytes::copy_from_slice(subject.as_bytes()));
+    message.coordinates.reserve_exact(1 + coordinates);
+    message
+        .coordinates
+        .push(("subject".to_owned(), subject.to_owned()));
     if let Some(headers) = headers {
         for (name, values) in headers.iter() {
             let name: &str = name.as_ref();
             for value in values {
                 let value: &str = value.as_ref();
                 if name.eq_ignore_ascii_case("content-type") {
-                    message = message.with_content_type(value);
+                    message.content_type = HeaderValue::from_str(value).ok();
                 }
                 message.add_header(name, value);
             }
         }
     }
-    message.add_header(SUBJECT_HEADER, subject);
+    if let Ok(value) = HeaderValue::from_str(subject) {
+        message
+            .headers
+            .append(HeaderName::from_static(SUBJECT_HEADER_NAME), value);
+    }
     message
 }
 
+// The header names as `HeaderName::from_static` takes them (lower case): no allocation
+// per message, as parsing the mixed-case constants above would take.
+const SUBJECT_HEADER_NAME: &str = "x-nats-subject";
+const STREAM_HEADER_NAME: &str = "x-nats-stream";
+const SEQUENCE_HEADER_NAME: &str = "x-nats-sequence";
+const DELIVERED_HEADER_NAME: &str = "x-nats-delivered";
+
 /// A core NATS message: a fresh id.
 pub fn core(message: &async_nats::Message, source: &str) -> Message {
-    common(
+    let mut out = common(
         message.subject.as_str(),
         message.payload.clone(),
         message.headers.as_ref(),
         uuid::Uuid::new_v4().simple().to_string(),
         source,
-    )
-    .with_time(SystemTime::now())
+        0,
+    );
+    out.time = Some(SystemTime::now());
+    out
 }
 
 /// Where a JetStream message sits: parsed from its reply subject.
@@ -111,21 +133,81 @@ pub fn jetstream(
         message.headers.as_ref(),
         format!("{}/{}", position.stream, position.sequence),
         source,
-    )
-    .with_time(position.published)
-    .with_prior_attempts(position.delivered.saturating_sub(1))
-    .with_coordinate("stream", &position.stream)
-    .with_coordinate("sequence", position.sequence)
-    .with_coordinate("consumer", &position.consumer);
-    out.add_header(STREAM_HEADER, &position.stream);
-    out.add_header(SEQUENCE_HEADER, &position.sequence.to_string());
-    out.add_header(DELIVERED_HEADER, &position.delivered.to_string());
+        3,
+    );
+    out.time = Some(position.published);
+    out.prior_attempts = position.delivered.saturating_sub(1);
+    let sequence = position.sequence.to_string();
+    out.coordinates.extend([
+        ("stream".to_owned(), position.stream.clone()),
+        ("sequence".to_owned(), sequence.clone()),
+        ("consumer".to_owned(), position.consumer.clone()),
+    ]);
+    if let Ok(stream) = HeaderValue::from_str(&position.stream) {
+        out.headers
+            .append(HeaderName::from_static(STREAM_HEADER_NAME), stream);
+    }
+    if let Ok(sequence) = HeaderValue::from_str(&sequence) {
+        out.headers
+            .append(HeaderName::from_static(SEQUENCE_HEADER_NAME), sequence);
+    }
+    out.headers.append(
+        HeaderName::from_static(DELIVERED_HEADER_NAME),
+        HeaderValue::from(position.delivered),
+    );
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jetstream_messages_carry_their_position() {
+        let nats = async_nats::Message {
+            subject: "orders.created".into(),
+            reply: None,
+            payload: Bytes::from_static(b"{}"),
+            headers: None,
+            status: None,
+            description: None,
+            length: 2,
+        };
+        let position = StreamPosition {
+            stream: "ORDERS".into(),
+            consumer: "c".into(),
+            sequence: 42,
+            delivered: 3,
+            published: SystemTime::UNIX_EPOCH,
+        };
+        let m = jetstream(&nats, &position, "nats://127.0.0.1:4222");
+        assert_eq!(m.id, "ORDERS/42");
+        assert_eq!(m.prior_attempts, 2);
+        assert_eq!(m.time, Some(SystemTime::UNIX_EPOCH));
+        for (name, value) in [
+            (SUBJECT_HEADER, "orders.created"),
+            (STREAM_HEADER, "ORDERS"),
+            (SEQUENCE_HEADER, "42"),
+            (DELIVERED_HEADER, "3"),
+        ] {
+            assert_eq!(m.headers[name], value, "{name}");
+        }
+        let coordinates: Vec<(&str, &str)> = m
+            .coordinates
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            coordinates,
+            [
+                ("subject", "orders.created"),
+                ("stream", "ORDERS"),
+                ("sequence", "42"),
+                ("consumer", "c")
+            ]
+        );
+        assert_eq!(m.ordering_key.as_deref(), Some(&b"orders.created"[..]));
+    }
 
     #[test]
     fn nats_headers_are_forwarded_and_content_type_taken() {
@@ -138,6 +220,7 @@ mod tests {
             Some(&headers),
             "id-1".into(),
             "nats://127.0.0.1:4222",
+            0,
         );
         assert_eq!(m.headers["x-tenant"], "acme");
         assert_eq!(m.headers["x-nats-subject"], "orders.created");
