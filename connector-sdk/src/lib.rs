@@ -22,6 +22,10 @@
 //!   path, removed once delivered.
 //!
 //! See `examples/timer_connector.rs` for a complete connector built on the public API.
+//!
+//! Linking the SDK makes mimalloc the binary's global allocator (feature `mimalloc`, on
+//! by default). A connector with its own `#[global_allocator]` depends on the SDK with
+//! `default-features = false`.
 
 pub mod backoff;
 pub mod config;
