@@ -180,10 +180,12 @@ impl DeadLetterSink for SpoolDeadLetters {
             .map(|(k, v)| (k, serde_json::Value::String(v)))
             .collect();
         let json = serde_json::to_vec_pretty(&provenance).map_err(DeadLetterError::new)?;
-        tokio::fs::write(folder.join(format!("{name}.provenance.json")), json)
+        // The payload first, the provenance last: a letter whose provenance file exists is
+        // complete.
+        tokio::fs::write(folder.join(&name), &letter.message.payload)
             .await
             .map_err(DeadLetterError::new)?;
-        tokio::fs::write(folder.join(name), &letter.message.payload)
+        tokio::fs::write(folder.join(format!("{name}.provenance.json")), json)
             .await
             .map_err(DeadLetterError::new)
     }
