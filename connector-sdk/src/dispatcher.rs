@@ -332,11 +332,10 @@ impl Dispatcher {
     ) -> Result<Completion, SdkError> {
         Ok(match self.admit(message, functions).await? {
             Admitted::Ready(outcome) => Completion(CompletionState::Ready(Some(outcome))),
-            Admitted::Run(run) => {
+            Admitted::Run(admission) => {
                 let (tx, rx) = oneshot::channel();
-                self.inner
-                    .pool
-                    .run(&self.inner, run.into_job(Finish::Channel(tx)));
+                let finish = Finish::Channel(tx);
+                self.inner.pool.run(&self.inner, Job { admission, finish });
                 Completion(CompletionState::Pending(rx))
             }
         })
@@ -358,11 +357,9 @@ impl Dispatcher {
             Admitted::Ready(outcome) => {
                 self.inner.tracker.spawn(then(outcome));
             }
-            Admitted::Run(run) => {
-                let then: SettleStep = Box::new(move |outcome| Box::pin(then(outcome)));
-                self.inner
-                    .pool
-                    .run(&self.inner, run.into_job(Finish::Then(then)));
+            Admitted::Run(admission) => {
+                let finish = Finish::Then(Box::new(move |outcome| Box::pin(then(outcome))));
+                self.inner.pool.run(&self.inner, Job { admission, finish });
             }
         }
         Ok(())
@@ -491,15 +488,6 @@ struct Admission {
     lane: Option<LaneTicket>,
     /// Keeps `wait_idle` waiting until the message is settled.
     token: TaskTrackerToken,
-}
-
-impl Admission {
-    fn into_job(self, finish: Finish) -> Job {
-        Job {
-            admission: self,
-            finish,
-        }
-    }
 }
 
 /// The settle step of [`Dispatcher::submit_then`], type-erased.
@@ -635,18 +623,16 @@ struct LaneTicket {
 impl Inner {
     /// Delivers a message, records its outcome, lets its lane go on, and finishes it.
     async fn execute(self: &Arc<Self>, cancel: &Cancel, job: Job) {
-        let Job {
-            admission:
-                Admission {
-                    message,
-                    functions,
-                    permits,
-                    lane,
-                    token,
-                },
-            finish,
-        } = job;
-        let (outcome, lane) = self.run(cancel, message, functions, permits, lane).await;
+        let Job { admission, finish } = job;
+        let (outcome, lane) = self
+            .run(
+                cancel,
+                admission.message,
+                admission.functions,
+                admission.permits,
+                admission.lane,
+            )
+            .await;
         let disposition = outcome.disposition();
         self.metrics.message_finished(disposition.as_str());
         if let Some((key, id, done)) = lane {
@@ -660,7 +646,8 @@ impl Inner {
             }
             Finish::Then(then) => then(outcome).await,
         }
-        drop(token);
+        // Only now may `wait_idle` return.
+        drop(admission.token);
     }
 
     async fn run(

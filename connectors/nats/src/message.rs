@@ -31,7 +31,6 @@ pub const SEQUENCE_HEADER: &str = "X-Nats-Sequence";
 pub const DELIVERED_HEADER: &str = "X-Nats-Delivered";
 
 /// A message on `subject` with the common headers; `headers` are the NATS ones.
-/// `coordinates` is how many provenance coordinates the caller adds after `subject`.
 ///
 /// Built by setting fields rather than through the builder methods, each of which moves
 /// the whole message: this runs once per message received.
@@ -41,12 +40,10 @@ pub fn common(
     headers: Option<&async_nats::HeaderMap>,
     id: String,
     source: &str,
-    coordinates: usize,
 ) -> Message {
     let mut message = Message::new(subject, payload, id, source);
     message.subject = Some(subject.to_owned());
     message.ordering_key = Some(Bytes::copy_from_slice(subject.as_bytes()));
-    message.coordinates.reserve_exact(1 + coordinates);
     message
         .coordinates
         .push(("subject".to_owned(), subject.to_owned()));
@@ -63,19 +60,17 @@ pub fn common(
         }
     }
     if let Ok(value) = HeaderValue::from_str(subject) {
-        message
-            .headers
-            .append(HeaderName::from_static(SUBJECT_HEADER_NAME), value);
+        message.headers.append(SUBJECT_HEADER_NAME, value);
     }
     message
 }
 
-// The header names as `HeaderName::from_static` takes them (lower case): no allocation
-// per message, as parsing the mixed-case constants above would take.
-const SUBJECT_HEADER_NAME: &str = "x-nats-subject";
-const STREAM_HEADER_NAME: &str = "x-nats-stream";
-const SEQUENCE_HEADER_NAME: &str = "x-nats-sequence";
-const DELIVERED_HEADER_NAME: &str = "x-nats-delivered";
+// The constants above as header names, built at compile time: parsing the mixed-case
+// strings allocates per message. The JetStream test checks that both spellings agree.
+const SUBJECT_HEADER_NAME: HeaderName = HeaderName::from_static("x-nats-subject");
+const STREAM_HEADER_NAME: HeaderName = HeaderName::from_static("x-nats-stream");
+const SEQUENCE_HEADER_NAME: HeaderName = HeaderName::from_static("x-nats-sequence");
+const DELIVERED_HEADER_NAME: HeaderName = HeaderName::from_static("x-nats-delivered");
 
 /// A core NATS message: a fresh id.
 pub fn core(message: &async_nats::Message, source: &str) -> Message {
@@ -85,7 +80,6 @@ pub fn core(message: &async_nats::Message, source: &str) -> Message {
         message.headers.as_ref(),
         uuid::Uuid::new_v4().simple().to_string(),
         source,
-        0,
     );
     out.time = Some(SystemTime::now());
     out
@@ -127,34 +121,29 @@ pub fn jetstream(
     position: &StreamPosition,
     source: &str,
 ) -> Message {
+    let sequence = position.sequence.to_string();
     let mut out = common(
         message.subject.as_str(),
         message.payload.clone(),
         message.headers.as_ref(),
-        format!("{}/{}", position.stream, position.sequence),
+        format!("{}/{sequence}", position.stream),
         source,
-        3,
     );
     out.time = Some(position.published);
     out.prior_attempts = position.delivered.saturating_sub(1);
-    let sequence = position.sequence.to_string();
     out.coordinates.extend([
         ("stream".to_owned(), position.stream.clone()),
         ("sequence".to_owned(), sequence.clone()),
         ("consumer".to_owned(), position.consumer.clone()),
     ]);
     if let Ok(stream) = HeaderValue::from_str(&position.stream) {
-        out.headers
-            .append(HeaderName::from_static(STREAM_HEADER_NAME), stream);
+        out.headers.append(STREAM_HEADER_NAME, stream);
     }
     if let Ok(sequence) = HeaderValue::from_str(&sequence) {
-        out.headers
-            .append(HeaderName::from_static(SEQUENCE_HEADER_NAME), sequence);
+        out.headers.append(SEQUENCE_HEADER_NAME, sequence);
     }
-    out.headers.append(
-        HeaderName::from_static(DELIVERED_HEADER_NAME),
-        HeaderValue::from(position.delivered),
-    );
+    out.headers
+        .append(DELIVERED_HEADER_NAME, HeaderValue::from(position.delivered));
     out
 }
 
@@ -220,7 +209,6 @@ mod tests {
             Some(&headers),
             "id-1".into(),
             "nats://127.0.0.1:4222",
-            0,
         );
         assert_eq!(m.headers["x-tenant"], "acme");
         assert_eq!(m.headers["x-nats-subject"], "orders.created");
