@@ -5,10 +5,14 @@
 //!
 //! 1. [`Dispatcher::submit`] looks the topic up in the current topic map. No subscriber:
 //!    the outcome is ready at once (acknowledge; counted as `unmatched`).
-//! 2. It waits for in-flight permits, one per delivery (at most `max_inflight` in all).
-//!    This wait is the backpressure: a source awaiting `submit` is not pulling.
-//! 3. With `ordering = "key"`, the message queues behind the previous message with the
-//!    same key and starts only when that one is complete. Other keys run in parallel.
+//! 2. It waits for room: an idle worker, or a place in the hand-off queue, which holds at
+//!    most half of `max_inflight` messages (at least one) waiting for a worker. This wait
+//!    is the backpressure: a source awaiting `submit` is not pulling. The queue lets a
+//!    worker that finished a message take the next one itself, without waking the source
+//!    for every message: the source is woken once the queue is down to half.
+//! 3. A worker takes the message and waits for in-flight permits, one per delivery (at
+//!    most `max_inflight` deliveries run at once). With `ordering = "key"`, it first waits
+//!    for the previous message with the same key to complete; other keys run in parallel.
 //! 4. Each delivery invokes its function until the verdict is terminal: delivered, dropped,
 //!    dead-lettered (at once on a non-retryable status, or after `max_attempts`), or held
 //!    (dead-lettering impossible and `on_exhausted = "block"`). Retries wait an
@@ -43,11 +47,12 @@
 //! first: a broker that keeps a key's messages in order does not hand out the key's
 //! later messages meanwhile, so only messages received with the failed one can meet it.
 //!
-//! Shutdown has two steps. [`Dispatcher::drain`]: no new attempt starts (waiting retries
-//! and queued messages are released), running invocations go on. [`Dispatcher::abort`]:
+//! Shutdown has two steps. [`Dispatcher::drain`]: no new attempt starts (waiting retries,
+//! and messages waiting in the hand-off queue or for their lane, are released), running
+//! invocations go on. [`Dispatcher::abort`]:
 //! running invocations are cancelled and released.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -123,7 +128,7 @@ struct OpenGuard(Arc<Inner>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.pool.close();
+        self.0.pool.close(&self.0);
     }
 }
 
@@ -249,7 +254,7 @@ impl DispatcherBuilder {
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            pool: Pool::default(),
+            pool: Pool::new(self.max_inflight),
         });
         Dispatcher {
             _open: Arc::new(OpenGuard(inner.clone())),
@@ -330,12 +335,12 @@ impl Dispatcher {
         message: Message,
         functions: Arc<[FunctionRef]>,
     ) -> Result<Completion, SdkError> {
-        Ok(match self.admit(message, functions).await? {
+        Ok(match self.admit(message, functions) {
             Admitted::Ready(outcome) => Completion(CompletionState::Ready(Some(outcome))),
             Admitted::Run(admission) => {
                 let (tx, rx) = oneshot::channel();
                 let finish = Finish::Channel(tx);
-                self.inner.pool.run(&self.inner, Job { admission, finish });
+                self.place(Job { admission, finish }).await?;
                 Completion(CompletionState::Pending(rx))
             }
         })
@@ -353,25 +358,21 @@ impl Dispatcher {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let functions = self.functions_for(&message.topic);
-        match self.admit(message, functions).await? {
+        match self.admit(message, functions) {
             Admitted::Ready(outcome) => {
                 self.inner.tracker.spawn(then(outcome));
             }
             Admitted::Run(admission) => {
                 let finish = Finish::Then(Box::new(move |outcome| Box::pin(then(outcome))));
-                self.inner.pool.run(&self.inner, Job { admission, finish });
+                self.place(Job { admission, finish }).await?;
             }
         }
         Ok(())
     }
 
-    /// Waits for room for `message` and joins its ordering lane; or, when its outcome is
-    /// known at once (no subscriber, a blocked key), returns that outcome.
-    async fn admit(
-        &self,
-        message: Message,
-        functions: Arc<[FunctionRef]>,
-    ) -> Result<Admitted, SdkError> {
+    /// Decides what happens to `message`: its outcome when it is known at once (no
+    /// subscriber, a blocked key), else an admission for a worker.
+    fn admit(&self, message: Message, functions: Arc<[FunctionRef]>) -> Admitted {
         if functions.is_empty() {
             tracing::debug!(topic = %message.topic, ce_id = %message.id, "no function subscribes to this topic");
             self.inner.metrics.message_finished("unmatched");
@@ -380,44 +381,58 @@ impl Dispatcher {
                 deliveries: Vec::new(),
                 interrupted: false,
             };
-            return Ok(Admitted::Ready(outcome));
+            return Admitted::Ready(outcome);
         }
         if self.inner.blocked_by_earlier(&message) {
             tracing::debug!(topic = %message.topic, ce_id = %message.id, "released: its key is blocked by an unacknowledged message");
             self.inner
                 .metrics
                 .message_finished(Disposition::Release.as_str());
-            let outcome = MessageOutcome {
-                id: message.id,
-                deliveries: functions.iter().map(|f| released(f, 0)).collect(),
-                interrupted: false,
-            };
-            return Ok(Admitted::Ready(outcome));
+            return Admitted::Ready(released_all(&message, &functions));
         }
-        let wanted = functions.len().min(self.inner.max_inflight);
-        let permits = self
-            .inner
-            .permits
-            .clone()
-            .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
-            .await
-            .map_err(|_| SdkError::DispatcherClosed)?;
-        let lane = self.enter_lane(&message);
-        Ok(Admitted::Run(Admission {
-            message,
+        Admitted::Run(Admission {
+            // Shared by its deliveries; behind one pointer, the job is cheap to move
+            // through the queue and the futures that carry it.
+            message: Arc::new(message),
             functions,
-            permits,
-            lane,
+            lane: None,
             token: self.inner.tracker.token(),
-        }))
+        })
     }
 
-    /// Joins the message's lane, returning the lane entry to wait on and what to signal.
-    fn enter_lane(&self, message: &Message) -> Option<LaneTicket> {
-        if !self.inner.ordered {
-            return None;
+    /// Hands `job` to a worker or the hand-off queue, waiting while both are full. The
+    /// message joins its ordering lane at the moment it is placed, so lanes follow the
+    /// queue's order. Cancel-safe: a job not yet placed is dropped unseen.
+    async fn place(&self, job: Job) -> Result<(), SdkError> {
+        let pool = &self.inner.pool;
+        let mut job = match pool.offer(&self.inner, job, |job| self.enter_lane(job)) {
+            Offer::Taken => return Ok(()),
+            Offer::Closed => return Err(SdkError::DispatcherClosed),
+            Offer::Full(job) => job,
+        };
+        loop {
+            // Registered before the second look, so a wake-up in between is not lost.
+            let room = pool.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            job = match pool.offer(&self.inner, job, |job| self.enter_lane(job)) {
+                Offer::Taken => return Ok(()),
+                Offer::Closed => return Err(SdkError::DispatcherClosed),
+                Offer::Full(job) => job,
+            };
+            room.await;
         }
-        let key = message.ordering_key.clone()?;
+    }
+
+    /// Joins the message's lane: it will wait for the lane's previous message, and signal
+    /// the next one.
+    fn enter_lane(&self, job: &mut Job) {
+        if !self.inner.ordered {
+            return;
+        }
+        let Some(key) = job.admission.message.ordering_key.clone() else {
+            return;
+        };
         let id = self
             .inner
             .next_lane_id
@@ -429,20 +444,21 @@ impl Dispatcher {
             // delivery can.
             Err(_) => None,
         };
-        Some(LaneTicket {
+        job.admission.lane = Some(LaneTicket {
             key,
             id,
             done: done_tx,
             previous: previous.map(|lane| lane.done),
-        })
+        });
     }
 
     /// Stops starting new attempts: waiting retries and queued messages are released,
-    /// `submit` fails from now on; running invocations continue.
+    /// `submit` fails from now on; running invocations continue. Workers release what is
+    /// left in the hand-off queue, then exit.
     pub fn drain(&self) {
         self.inner.drain.cancel();
         self.inner.permits.close();
-        self.inner.pool.close();
+        self.inner.pool.close(&self.inner);
     }
 
     /// Cancels running invocations; their messages are released.
@@ -458,9 +474,15 @@ impl Dispatcher {
         self.inner.tracker.reopen();
     }
 
-    /// Deliveries that may start right now before `submit` waits.
+    /// Deliveries that may start right now: free in-flight permits.
     pub fn available_permits(&self) -> usize {
         self.inner.permits.available_permits()
+    }
+
+    /// How many messages `submit` takes right now without waiting: idle workers, workers
+    /// yet to be started, and free places in the hand-off queue. `0` when draining.
+    pub fn room(&self) -> usize {
+        self.inner.pool.room_now()
     }
 
     /// The metrics this dispatcher updates.
@@ -470,21 +492,18 @@ impl Dispatcher {
 }
 
 /// What [`Dispatcher::admit`] did with a message.
-// Returned once per message and matched at once: boxing the large variant would cost an
-// allocation per message to save a move.
-#[allow(clippy::large_enum_variant)]
 enum Admitted {
     /// Its outcome was known at once.
     Ready(MessageOutcome),
-    /// It has its permits and its place in its lane: a worker delivers it.
+    /// A worker delivers it.
     Run(Admission),
 }
 
 /// A message admitted for delivery.
 struct Admission {
-    message: Message,
+    message: Arc<Message>,
     functions: Arc<[FunctionRef]>,
-    permits: OwnedSemaphorePermit,
+    /// Its place in its ordering lane, taken when it is handed to a worker or the queue.
     lane: Option<LaneTicket>,
     /// Keeps `wait_idle` waiting until the message is settled.
     token: TaskTrackerToken,
@@ -508,77 +527,197 @@ struct Job {
     finish: Finish,
 }
 
-/// The workers that deliver messages. A worker takes one message at a time and stays
-/// alive between messages, parked in `idle`, so a delivery costs neither a task spawn
-/// nor moving a task's state around: at `max_inflight` 64 this is what brings the
-/// dispatcher close to a plain loop of HTTP calls (see BENCHMARKS.md). There is no
-/// queue: a message goes to an idle worker, or a new worker is started for it. The
-/// number of workers follows the messages being delivered or settled at once, which
-/// the in-flight permits bound.
-#[derive(Default)]
+/// The workers that deliver messages, and the hand-off queue in front of them.
+///
+/// A worker takes one message at a time and stays alive between messages, so a delivery
+/// costs neither a task spawn nor moving a task's state around. A message goes to an idle
+/// worker, to a new worker (at most `max_inflight` of them), or into the queue; a worker
+/// that finished takes the next message from the queue itself. While the source keeps
+/// the queue supplied, no message costs a wake-up: workers never park, and a submitter
+/// waiting for room is woken once the queue is down to half, not for every message. At
+/// `max_inflight` 64 this is what brings the dispatcher close to a plain loop of HTTP
+/// calls (see BENCHMARKS.md).
+///
+/// Invariants, under the state lock: a worker parks only when the queue is empty, and an
+/// offered message goes to a parked worker before the queue, so there is never a parked
+/// worker while messages wait. The queue is FIFO and lanes are entered in queue order, so
+/// the oldest message a worker holds never waits for its lane: there is no deadlock
+/// however few workers there are.
 struct Pool {
     state: Mutex<PoolState>,
+    /// Submitters waiting for room in the queue.
+    room: tokio::sync::Notify,
 }
 
-#[derive(Default)]
 struct PoolState {
+    queue: VecDeque<Job>,
+    /// How many messages the queue holds at most.
+    capacity: usize,
     idle: Vec<Arc<Slot>>,
+    /// Workers alive, idle or busy.
+    workers: usize,
+    max_workers: usize,
     closed: bool,
+    /// A submitter found the queue full: wake submitters once it is down to half.
+    waiting: bool,
 }
 
-/// Where an idle worker waits for its next message; `None` after a wake-up means exit.
+/// What [`Pool::offer`] did with a job.
+enum Offer {
+    Taken,
+    /// No room; the job is given back.
+    Full(Job),
+    /// Draining: the job was dropped.
+    Closed,
+}
+
+/// Where an idle worker waits for its next message; a wake-up without one means: look
+/// at the queue (or exit, when the pool is closed).
 #[derive(Default)]
 struct Slot {
     job: Mutex<Option<Job>>,
     wake: tokio::sync::Notify,
 }
 
+/// What a worker does next.
+enum Next {
+    Run(Job),
+    Park,
+    Exit,
+}
+
 impl Pool {
-    /// Hands `job` to an idle worker, or starts one for it.
-    fn run(&self, inner: &Arc<Inner>, job: Job) {
-        let idle = self
-            .state
-            .lock()
-            .ok()
-            .and_then(|mut state| state.idle.pop());
-        match idle {
-            Some(slot) => {
-                match slot.job.lock() {
-                    Ok(mut next) => *next = Some(job),
-                    // A worker panicked while holding this lock; start another instead.
-                    Err(_) => {
-                        spawn_worker(inner.clone(), job);
-                        return;
-                    }
+    /// A pool of at most `max_workers` workers, with a queue of half as many places (at
+    /// least one).
+    fn new(max_workers: usize) -> Self {
+        let capacity = max_workers.div_ceil(2).max(1);
+        Self {
+            state: Mutex::new(PoolState {
+                queue: VecDeque::with_capacity(capacity),
+                capacity,
+                idle: Vec::new(),
+                workers: 0,
+                max_workers,
+                closed: false,
+                waiting: false,
+            }),
+            room: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Hands `job` to an idle worker, a new worker or the queue, calling `placed` on it
+    /// first (under the pool's lock, so jobs are placed in the order `placed` sees them).
+    fn offer(&self, inner: &Arc<Inner>, mut job: Job, placed: impl FnOnce(&mut Job)) -> Offer {
+        let Ok(mut state) = self.state.lock() else {
+            // A worker panicked while holding the lock: run the job on a worker of its
+            // own rather than lose it.
+            placed(&mut job);
+            spawn_worker(inner.clone(), Some(job));
+            return Offer::Taken;
+        };
+        if state.closed {
+            return Offer::Closed;
+        }
+        if let Some(slot) = state.idle.pop() {
+            placed(&mut job);
+            drop(state);
+            match slot.job.lock() {
+                Ok(mut next) => *next = Some(job),
+                // Its worker panicked while holding this lock; start another instead.
+                Err(_) => {
+                    spawn_worker(inner.clone(), Some(job));
+                    return Offer::Taken;
                 }
-                slot.wake.notify_one();
             }
-            None => spawn_worker(inner.clone(), job),
+            slot.wake.notify_one();
+            return Offer::Taken;
         }
+        if state.workers < state.max_workers {
+            state.workers += 1;
+            placed(&mut job);
+            drop(state);
+            spawn_worker(inner.clone(), Some(job));
+            return Offer::Taken;
+        }
+        if state.queue.len() < state.capacity {
+            placed(&mut job);
+            state.queue.push_back(job);
+            return Offer::Taken;
+        }
+        state.waiting = true;
+        Offer::Full(job)
     }
 
-    /// Parks `slot` as idle; `false` when the pool is closed and the worker should exit.
-    fn park(&self, slot: &Arc<Slot>) -> bool {
+    /// The next job for a worker: from the queue, else park (`slot` is registered as
+    /// idle), else exit when the pool is closed.
+    fn next(&self, slot: &Arc<Slot>) -> Next {
+        let Ok(mut state) = self.state.lock() else {
+            return Next::Exit;
+        };
+        if let Some(job) = state.queue.pop_front() {
+            let wake = state.waiting && state.queue.len() <= state.capacity / 2;
+            if wake {
+                state.waiting = false;
+            }
+            drop(state);
+            if wake {
+                self.room.notify_waiters();
+            }
+            return Next::Run(job);
+        }
+        if state.closed {
+            return Next::Exit;
+        }
+        state.idle.push(slot.clone());
+        Next::Park
+    }
+
+    /// Messages `offer` takes right now.
+    fn room_now(&self) -> usize {
         match self.state.lock() {
-            Ok(mut state) if !state.closed => {
-                state.idle.push(slot.clone());
-                true
+            Ok(state) if !state.closed => {
+                state.idle.len()
+                    + state.max_workers.saturating_sub(state.workers)
+                    + (state.capacity - state.queue.len())
             }
-            _ => false,
+            _ => 0,
         }
     }
 
-    /// Makes idle workers exit, and busy ones once their message is finished.
-    fn close(&self) {
-        let idle = match self.state.lock() {
+    /// Refuses new jobs; idle workers exit, busy ones once their message is finished.
+    /// Queued messages are finished at once on a task of their own: with the in-flight
+    /// permits closed (drain), each is released without an invocation.
+    fn close(&self, inner: &Arc<Inner>) {
+        let (idle, queued) = match self.state.lock() {
             Ok(mut state) => {
                 state.closed = true;
-                std::mem::take(&mut state.idle)
+                (
+                    std::mem::take(&mut state.idle),
+                    std::mem::take(&mut state.queue),
+                )
             }
             Err(_) => return,
         };
         for slot in idle {
             slot.wake.notify_one();
+        }
+        self.room.notify_waiters();
+        if queued.is_empty() {
+            return;
+        }
+        // Without a runtime (dropped outside one) the jobs are dropped: their completions
+        // resolve as interrupted, which releases the messages too.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let inner = inner.clone();
+            runtime.spawn(async move {
+                let cancel = Cancel {
+                    drain: inner.drain.child_token(),
+                    abort: inner.abort.child_token(),
+                };
+                for job in queued {
+                    inner.execute(&cancel, job).await;
+                }
+            });
         }
     }
 }
@@ -591,26 +730,59 @@ struct Cancel {
     abort: CancellationToken,
 }
 
-fn spawn_worker(inner: Arc<Inner>, first: Job) {
-    tokio::spawn(async move {
-        let slot = Arc::new(Slot::default());
-        let cancel = Cancel {
-            drain: inner.drain.child_token(),
-            abort: inner.abort.child_token(),
+/// Counts a worker out of the pool when it ends, even by a panic; then, if messages are
+/// still queued, starts a worker for them.
+struct Alive(Arc<Inner>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        let Ok(mut state) = self.0.pool.state.lock() else {
+            return;
         };
-        let mut job = first;
-        loop {
-            inner.execute(&cancel, job).await;
-            if !inner.pool.park(&slot) {
-                return;
+        if !state.queue.is_empty() && state.workers <= 1 {
+            // The last worker ended with messages queued (a panic): keep them moving,
+            // unless the runtime itself is going away.
+            drop(state);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(work(self.0.clone(), None));
             }
-            slot.wake.notified().await;
-            match slot.job.lock().ok().and_then(|mut next| next.take()) {
-                Some(next) => job = next,
-                None => return,
+            return;
+        }
+        state.workers = state.workers.saturating_sub(1);
+    }
+}
+
+/// Starts a worker, counted in the pool's `workers` by the caller; it runs `first`, then
+/// whatever the queue holds, until the pool closes.
+fn spawn_worker(inner: Arc<Inner>, first: Option<Job>) {
+    tokio::spawn(work(inner, first));
+}
+
+/// A worker's life.
+async fn work(inner: Arc<Inner>, first: Option<Job>) {
+    let alive = Alive(inner);
+    let inner = &alive.0;
+    let slot = Arc::new(Slot::default());
+    let cancel = Cancel {
+        drain: inner.drain.child_token(),
+        abort: inner.abort.child_token(),
+    };
+    if let Some(job) = first {
+        inner.execute(&cancel, job).await;
+    }
+    loop {
+        match inner.pool.next(&slot) {
+            Next::Run(job) => inner.execute(&cancel, job).await,
+            Next::Exit => return,
+            Next::Park => {
+                slot.wake.notified().await;
+                let handed = slot.job.lock().ok().and_then(|mut next| next.take());
+                if let Some(job) = handed {
+                    inner.execute(&cancel, job).await;
+                }
             }
         }
-    });
+    }
 }
 
 struct LaneTicket {
@@ -629,7 +801,6 @@ impl Inner {
                 cancel,
                 admission.message,
                 admission.functions,
-                admission.permits,
                 admission.lane,
             )
             .await;
@@ -653,9 +824,8 @@ impl Inner {
     async fn run(
         self: &Arc<Self>,
         cancel: &Cancel,
-        message: Message,
+        message: Arc<Message>,
         functions: Arc<[FunctionRef]>,
-        mut permits: OwnedSemaphorePermit,
         lane: Option<LaneTicket>,
     ) -> (MessageOutcome, Option<(Bytes, u64, oneshot::Sender<bool>)>) {
         let (previous, lane) = match lane {
@@ -673,34 +843,35 @@ impl Inner {
                 // The broker redelivers the previous message; this one must not overtake
                 // it, so it goes back too, untouched (and so does the rest of the lane).
                 tracing::debug!(topic = %message.topic, ce_id = %message.id, "released behind an unacknowledged message of its lane");
-                drop(permits);
-                let deliveries = functions.iter().map(|f| released(f, 0)).collect();
-                return (
-                    MessageOutcome {
-                        id: message.id,
-                        deliveries,
-                        interrupted: false,
-                    },
-                    lane,
-                );
+                return (released_all(&message, &functions), lane);
             }
         }
-        let message = Arc::new(message);
-        let mut own: Vec<OwnedSemaphorePermit> = Vec::with_capacity(functions.len());
-        while permits.num_permits() > 1 {
-            match permits.split(1) {
-                Some(p) => own.push(p),
-                None => break,
-            }
-        }
-        own.push(permits);
+        // Permits for as many deliveries as may run at once; a fan-out wider than
+        // `max_inflight` acquires the rest one by one. The semaphore is closed on drain:
+        // a message still waiting is released.
+        let wanted = u32::try_from(functions.len().min(self.max_inflight)).unwrap_or(u32::MAX);
+        let mut permits = match self.permits.clone().try_acquire_many_owned(wanted) {
+            Ok(permits) => permits,
+            Err(_) => match self.permits.clone().acquire_many_owned(wanted).await {
+                Ok(permits) => permits,
+                Err(_) => return (released_all(&message, &functions), lane),
+            },
+        };
         let deliveries = match &*functions {
-            // The common case, without join_all's bookkeeping.
+            // The common case, without splitting permits or join_all's bookkeeping.
             [function] => vec![
-                self.deliver(cancel, message.clone(), function.clone(), own.pop())
+                self.deliver(cancel, message.clone(), function.clone(), Some(permits))
                     .await,
             ],
             _ => {
+                let mut own: Vec<OwnedSemaphorePermit> = Vec::with_capacity(functions.len());
+                while permits.num_permits() > 1 {
+                    match permits.split(1) {
+                        Some(p) => own.push(p),
+                        None => break,
+                    }
+                }
+                own.push(permits);
                 let deliveries = functions.iter().map(|function| {
                     let permit = own.pop();
                     self.deliver(cancel, message.clone(), function.clone(), permit)
@@ -1051,6 +1222,15 @@ impl Inner {
             }
         }
         give_up("writing the dead letter failed")
+    }
+}
+
+/// The outcome of a message none of whose deliveries started.
+fn released_all(message: &Message, functions: &[FunctionRef]) -> MessageOutcome {
+    MessageOutcome {
+        id: message.id.clone(),
+        deliveries: functions.iter().map(|f| released(f, 0)).collect(),
+        interrupted: false,
     }
 }
 

@@ -10,6 +10,7 @@ use connector_sdk::gateway::GatewayClient;
 use connector_sdk::metrics::{Metrics, encode};
 use connector_sdk::testing::{FakeGateway, Reply};
 use connector_sdk::{DeliveryOutcome, Dispatcher, Disposition, Message, SdkConfig};
+use futures::FutureExt;
 use prometheus_client::registry::Registry;
 
 #[derive(Default)]
@@ -329,6 +330,102 @@ async fn max_inflight_is_never_exceeded() {
         max >= 4,
         "only {max} concurrent: the limit is not being used"
     );
+}
+
+/// `submit` takes `max_inflight` messages for the workers and half as many again into the
+/// hand-off queue without waiting; the next one waits until a worker is free. A drain
+/// releases the queued messages at once, without invoking them, while the running ones
+/// finish.
+#[tokio::test]
+async fn hand_off_queue_is_bounded_and_drain_releases_it() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("slow", "t", |_, _| {
+        Reply::ok().delay(Duration::from_millis(1500))
+    });
+    let mut config = gw.config();
+    config.max_inflight = 4;
+    let setup = dispatcher(&gw, config, None);
+    let d = &setup.dispatcher;
+    assert_eq!(d.room(), 6);
+    let mut running = Vec::new();
+    for i in 0..4 {
+        running.push(
+            d.submit(message("t", "x", &format!("run-{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(
+        connector_sdk::testing::eventually(Duration::from_secs(5), || gw.requests().len() == 4)
+            .await,
+        "four invocations should have started"
+    );
+    assert_eq!(d.room(), 2);
+    let mut queued = Vec::new();
+    for i in 0..2 {
+        let submitted = d
+            .submit(message("t", "x", &format!("queued-{i}")))
+            .now_or_never();
+        queued.push(submitted.expect("room in the queue").unwrap());
+    }
+    assert_eq!(d.room(), 0);
+    let mut full = Box::pin(d.submit(message("t", "x", "waits")));
+    assert!((&mut full).now_or_never().is_none(), "submit must wait");
+    drop(full);
+
+    d.drain();
+    for completion in queued {
+        let outcome = tokio::time::timeout(Duration::from_secs(1), completion)
+            .await
+            .expect("a queued message is released at once on drain");
+        assert_eq!(outcome.disposition(), Disposition::Release);
+        assert_eq!(outcome.deliveries[0].attempts, 0);
+    }
+    for completion in running {
+        assert_eq!(completion.await.disposition(), Disposition::Ack);
+    }
+    assert_eq!(gw.requests().len(), 4, "nothing queued was invoked");
+    d.wait_idle().await;
+}
+
+/// A waiting submitter gets room as soon as the queue moves, and every message is
+/// delivered once, in key order, even with a single worker and permit.
+#[tokio::test]
+async fn one_permit_and_a_queue_keep_key_order_without_deadlock() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("ordered", "events", |_, _| {
+        Reply::ok().delay(Duration::from_millis(2))
+    });
+    let mut config = gw.config();
+    config.ordering = Ordering::Key;
+    config.max_inflight = 1;
+    let setup = dispatcher(&gw, config, None);
+    let mut completions = Vec::new();
+    for n in 0..40 {
+        let key = ["a", "b", "a", "c"][n % 4];
+        let body = format!("{key}-{n}");
+        let msg = message("events", &body, &body).with_ordering_key(key.to_owned());
+        completions.push(setup.dispatcher.submit(msg).await.unwrap());
+    }
+    for c in completions {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("every message completes");
+        assert_eq!(outcome.disposition(), Disposition::Ack);
+    }
+    let delivered: Vec<String> = gw
+        .requests_to("ordered")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..40)
+        .map(|n| format!("{}-{n}", ["a", "b", "a", "c"][n % 4]))
+        .collect();
+    assert_eq!(
+        delivered, expected,
+        "one permit delivers in submission order"
+    );
+    assert_eq!(gw.max_inflight(), 1);
 }
 
 #[tokio::test]

@@ -6,8 +6,8 @@
 //! One task polls the consumer without ever waiting on the dispatcher, so librdkafka's
 //! `max.poll.interval.ms` is never exceeded and rebalance callbacks are served promptly.
 //! Each record is registered in the [`Watermarks`] first, then handed to the dispatcher
-//! if there is room (`max_inflight` permits for every subscribed function, and
-//! `max_pending_per_partition`). Without room the record is *parked*, in order, behind
+//! if there is room (a free worker or a place in the dispatcher's hand-off queue, see
+//! [`Dispatcher::room`](connector_sdk::Dispatcher::room), and `max_pending_per_partition`). Without room the record is *parked*, in order, behind
 //! the other parked records of its partition. Completions free room and wake the loop,
 //! which hands parked records over, one partition after another in turn.
 //!
@@ -575,14 +575,14 @@ impl Poller {
 
     /// Whether the dispatcher can take a record of `tp` without waiting.
     fn has_room(&self, record: &Record) -> bool {
-        let functions = self
+        // A record no function subscribes to completes at once, room or not.
+        let subscribed = self
             .ctx
             .topics
             .current()
             .lookup(&record.tp.topic)
-            .map_or(0, |f| f.len());
-        let needed = functions.min(self.ctx.config.max_inflight);
-        if self.ctx.dispatcher.available_permits() < needed {
+            .is_some_and(|f| !f.is_empty());
+        if subscribed && self.ctx.dispatcher.room() == 0 {
             return false;
         }
         self.per_partition == 0
@@ -728,7 +728,7 @@ impl Poller {
                     blocked.push(i);
                 }
             }
-            if self.ctx.dispatcher.available_permits() == 0 {
+            if self.ctx.dispatcher.room() == 0 {
                 return;
             }
             for i in blocked.into_iter().rev() {
