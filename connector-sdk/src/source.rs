@@ -6,8 +6,9 @@
 //! 1. settle every completed message (ack, hold, release, or retry with broker retries,
 //!    per its [`Disposition`]);
 //! 2. on shutdown, stop pulling;
-//! 3. pull a batch and submit each message, which waits while `max_inflight` deliveries
-//!    are unfinished: the source is not pulled while saturated.
+//! 3. pull a batch and submit each message, which waits while the dispatcher has no room
+//!    (see [`Dispatcher::submit`](crate::Dispatcher::submit)): the source is not pulled
+//!    while saturated, and what completes meanwhile is settled.
 //!
 //! After shutdown, messages still in flight are awaited (the harness cancels them after
 //! `drain_timeout`, which releases them), each is settled, then [`Source::flush`] runs.
@@ -134,10 +135,19 @@ pub async fn pump<S: Source>(ctx: &SourceContext, mut source: S) -> Result<(), S
                     failures.reset();
                     let mut batch = batch.into_iter();
                     while let Some((message, ack)) = batch.next() {
-                        let submitted = tokio::select! {
-                            biased;
-                            () = ctx.shutdown.cancelled() => None,
-                            c = ctx.dispatcher.submit(message) => c.ok(),
+                        let submit = ctx.dispatcher.submit(message);
+                        tokio::pin!(submit);
+                        // While there is no room, completions are settled: each one wakes
+                        // this task anyway, and settling them is what frees the room.
+                        let submitted = loop {
+                            tokio::select! {
+                                biased;
+                                () = ctx.shutdown.cancelled() => break None,
+                                c = &mut submit => break c.ok(),
+                                Some((ack, outcome)) = pending.next(), if !pending.is_empty() => {
+                                    settle(&mut source, ack, &outcome).await;
+                                }
+                            }
                         };
                         match submitted {
                             Some(completion) => pending.push(Pending {

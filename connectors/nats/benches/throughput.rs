@@ -32,6 +32,7 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use connector_sdk::Message;
@@ -39,7 +40,10 @@ use connector_sdk::testing::load::{self, NoopFunction};
 use futures::StreamExt;
 
 const PAYLOAD: &[u8] = br#"{"order":42,"amount":"19.99","currency":"EUR"}"#;
-const COUNT: usize = 40_000;
+/// Messages per row; `BENCH_COUNT` overrides it (a few thousand for a run under callgrind).
+static COUNT: LazyLock<usize> = LazyLock::new(|| {
+    std::env::var("BENCH_COUNT").map_or(40_000, |v| v.parse().expect("BENCH_COUNT: a number"))
+});
 const CONCURRENCY: usize = 64;
 
 fn main() {
@@ -85,8 +89,8 @@ async fn bench() {
         let subject = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let function = NoopFunction::spawn(&subject).unwrap();
         let addr = function.addr;
-        let _ = ceiling_run(addr, COUNT / 10).await; // warm-up
-        let ceiling = ceiling_run(addr, COUNT).await;
+        let _ = ceiling_run(addr, *COUNT / 10).await; // warm-up
+        let ceiling = ceiling_run(addr, *COUNT).await;
         let row = connector_run(&nats, &function, mode, &subject, ceiling).await;
         drop(function);
         rows.push(row);
@@ -98,8 +102,9 @@ async fn bench() {
     let published: Vec<f64> = rows.iter().filter_map(|r| r.published).collect();
     for r in rows {
         println!(
-            "| {} | {CONCURRENCY} | {COUNT} | {:.0} | {:.0} | {:.2} | {:.1} µs | {} | {:.1} MiB |",
+            "| {} | {CONCURRENCY} | {} | {:.0} | {:.0} | {:.2} | {:.1} µs | {} | {:.1} MiB |",
             r.mode,
+            *COUNT,
             r.ceiling,
             r.connector,
             r.connector / r.ceiling,
@@ -164,7 +169,7 @@ async fn connector_run(
     if backlog {
         let started = Instant::now();
         publish_confirmed(&js, subject).await;
-        published = Some(COUNT as f64 / started.elapsed().as_secs_f64());
+        published = Some(*COUNT as f64 / started.elapsed().as_secs_f64());
     }
     let base = function.calls().await.unwrap();
     let metrics = load::free_addr().unwrap();
@@ -196,7 +201,19 @@ batch = 128
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nats-connector"))
+    // BENCH_CONNECTOR_WRAPPER runs the connector under another program, split on spaces
+    // (`valgrind --tool=callgrind`: instructions per message, steady where timings are not).
+    let wrapper = std::env::var("BENCH_CONNECTOR_WRAPPER").unwrap_or_default();
+    let mut command = wrapper.split_whitespace();
+    let mut child = match command.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(command).arg(env!("CARGO_BIN_EXE_nats-connector"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_nats-connector")),
+    };
+    let mut child = child
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", "warn")
@@ -245,7 +262,7 @@ batch = 128
         base
     };
     if mode == "core" {
-        for _ in 0..COUNT {
+        for _ in 0..*COUNT {
             nats.publish(subject.to_owned(), PAYLOAD.into())
                 .await
                 .unwrap();
@@ -256,7 +273,7 @@ batch = 128
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        if function.calls().await.unwrap() >= base + COUNT as u64 {
+        if function.calls().await.unwrap() >= base + *COUNT as u64 {
             if mode == "core" {
                 break;
             }
@@ -285,8 +302,8 @@ batch = 128
     Row {
         mode,
         ceiling,
-        connector: (COUNT as u64 - first) as f64 / took.as_secs_f64(),
-        cpu_per_message: cpu / (COUNT as u64 - first) as u32,
+        connector: (*COUNT as u64 - first) as f64 / took.as_secs_f64(),
+        cpu_per_message: cpu / (*COUNT as u64 - first) as u32,
         idle_kib,
         peak_kib,
         published,
@@ -296,7 +313,7 @@ batch = 128
 /// Publishes `COUNT` messages to the stream capturing `subject`, each confirmed by the
 /// stream, 1,000 in flight.
 async fn publish_confirmed(js: &async_nats::jetstream::Context, subject: &str) {
-    let mut acks = futures::stream::iter(0..COUNT)
+    let mut acks = futures::stream::iter(0..*COUNT)
         .map(|_| {
             let js = js.clone();
             let subject = subject.to_owned();
