@@ -103,6 +103,10 @@ pub struct StreamPosition {
 impl StreamPosition {
     /// The position of `message`, if its reply subject is a JetStream ack subject.
     pub fn of(message: &async_nats::jetstream::Message) -> Option<Self> {
+        if let Some(position) = message.reply.as_deref().and_then(Self::parse) {
+            return Some(position);
+        }
+        // A layout the fast path does not know: async-nats' own parser.
         let info = message.info().ok()?;
         Some(Self {
             stream: info.stream.to_owned(),
@@ -114,13 +118,46 @@ impl StreamPosition {
     }
 }
 
+impl StreamPosition {
+    /// Parses an ack subject in one pass over its bytes:
+    /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<nanos>.<pending>`,
+    /// or the same after `<domain>.<account hash>` with a trailing token (servers 2.10 and
+    /// later). async-nats' `Message::info` gives the same answer at about ten times the cost
+    /// (it splits with a `char` searcher, about 2,000 instructions per message).
+    pub fn parse(reply: &str) -> Option<Self> {
+        let rest = reply.strip_prefix("$JS.ACK.")?;
+        let mut tokens = [""; 12];
+        let mut count = 0;
+        let mut start = 0;
+        for (i, byte) in rest.bytes().enumerate() {
+            if byte == b'.' {
+                *tokens.get_mut(count)? = rest.get(start..i)?;
+                count += 1;
+                start = i + 1;
+            }
+        }
+        *tokens.get_mut(count)? = rest.get(start..)?;
+        count += 1;
+        let t = match count {
+            7 => &tokens[..7],
+            10.. => &tokens[2..9],
+            _ => return None,
+        };
+        let nanos: u64 = t[5].parse().ok()?;
+        Some(Self {
+            stream: t[0].to_owned(),
+            consumer: t[1].to_owned(),
+            sequence: t[3].parse().ok()?,
+            delivered: u32::try_from(t[2].parse::<u64>().ok()?.max(1)).unwrap_or(u32::MAX),
+            published: SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(nanos),
+        })
+    }
+}
+
 /// A JetStream message: `ce-id` from its stream and sequence, attempts continuing from
 /// the server's delivery count.
-pub fn jetstream(
-    message: &async_nats::Message,
-    position: &StreamPosition,
-    source: &str,
-) -> Message {
+/// Takes the position by value: its strings become the provenance coordinates.
+pub fn jetstream(message: &async_nats::Message, position: StreamPosition, source: &str) -> Message {
     let sequence = position.sequence.to_string();
     let mut out = common(
         message.subject.as_str(),
@@ -131,11 +168,6 @@ pub fn jetstream(
     );
     out.time = Some(position.published);
     out.prior_attempts = position.delivered.saturating_sub(1);
-    out.coordinates.extend([
-        ("stream".to_owned(), position.stream.clone()),
-        ("sequence".to_owned(), sequence.clone()),
-        ("consumer".to_owned(), position.consumer.clone()),
-    ]);
     if let Ok(stream) = HeaderValue::from_str(&position.stream) {
         out.headers.append(STREAM_HEADER_NAME, stream);
     }
@@ -144,6 +176,11 @@ pub fn jetstream(
     }
     out.headers
         .append(DELIVERED_HEADER_NAME, HeaderValue::from(position.delivered));
+    out.coordinates.extend([
+        ("stream".to_owned(), position.stream),
+        ("sequence".to_owned(), sequence),
+        ("consumer".to_owned(), position.consumer),
+    ]);
     out
 }
 
@@ -169,7 +206,7 @@ mod tests {
             delivered: 3,
             published: SystemTime::UNIX_EPOCH,
         };
-        let m = jetstream(&nats, &position, "nats://127.0.0.1:4222");
+        let m = jetstream(&nats, position, "nats://127.0.0.1:4222");
         assert_eq!(m.id, "ORDERS/42");
         assert_eq!(m.prior_attempts, 2);
         assert_eq!(m.time, Some(SystemTime::UNIX_EPOCH));
@@ -196,6 +233,51 @@ mod tests {
             ]
         );
         assert_eq!(m.ordering_key.as_deref(), Some(&b"orders.created"[..]));
+    }
+
+    #[tokio::test]
+    async fn ack_subjects_parse_as_async_nats_parses_them() {
+        // A client that never connects (nothing listens there): only a context is needed.
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .unwrap();
+        let ts = 1_733_462_400_123_456_789u64;
+        for reply in [
+            format!("$JS.ACK.ORDERS.c1.3.42.17.{ts}.5"),
+            format!("$JS.ACK._.ACCHASH.ORDERS.c1.3.42.17.{ts}.5.tok"),
+            format!("$JS.ACK.hub.ACCHASH.ORDERS.c1.3.42.17.{ts}.5.tok"),
+        ] {
+            let message = async_nats::jetstream::Message {
+                message: async_nats::Message {
+                    subject: "orders.created".into(),
+                    reply: Some(reply.as_str().into()),
+                    payload: Bytes::new(),
+                    headers: None,
+                    status: None,
+                    description: None,
+                    length: 0,
+                },
+                context: async_nats::jetstream::new(client.clone()),
+            };
+            let info = message.info().unwrap();
+            let parsed = StreamPosition::parse(&reply).expect(&reply);
+            assert_eq!(parsed.stream, info.stream, "{reply}");
+            assert_eq!(parsed.consumer, info.consumer);
+            assert_eq!(parsed.sequence, info.stream_sequence);
+            assert_eq!(i64::from(parsed.delivered), info.delivered);
+            assert_eq!(parsed.published, SystemTime::from(info.published));
+        }
+        for bad in [
+            "$JS.ACK.ORDERS.c1.3.42.17",
+            "$JS.ACK.ORDERS.c1.x.42.17.1.5",
+            "_INBOX.abc",
+            "$JS.ACK.a.b.c.d.e.f.g.h",
+            "$JS.ACK.a.b.c.d.e.f.g.h.i.j.k.l.m",
+        ] {
+            assert_eq!(StreamPosition::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -284,7 +284,7 @@ mod tests {
             delivered: 1,
             published: SystemTime::UNIX_EPOCH,
         };
-        let original = jetstream(&original_nats, &position, "nats://h:4222");
+        let original = jetstream(&original_nats, position, "nats://h:4222");
         let letter = DeadLetter {
             message: Arc::new(original.clone()),
             function: FunctionRef::new("f", None),
