@@ -87,7 +87,8 @@ struct FunctionSeries {
     deliveries: [OnceLock<Counter>; DELIVERY_OUTCOMES],
 }
 
-type SeriesMap = HashMap<FunctionRef, Arc<FunctionSeries>>;
+// FxHash: looked up twice per delivery; the keys are the operator's function names.
+type SeriesMap = HashMap<FunctionRef, Arc<FunctionSeries>, rustc_hash::FxBuildHasher>;
 
 /// The SDK's metrics. Cheap to clone; every clone updates the same series.
 #[derive(Clone)]
