@@ -529,7 +529,7 @@ pub struct SdkConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway_password: Option<Secret>,
     /// Most deliveries (message × function) not yet finished, retries waiting included.
-    /// Half as many messages more may wait in the dispatcher's hand-off queue; when that
+    /// As many messages more may wait in the dispatcher's hand-off queue; when that
     /// is full too, the source stops pulling. Env `max_inflight`. (default: `64`)
     pub max_inflight: usize,
     /// Attempts per delivery before it is dead-lettered. Env `max_attempts`. (default: `5`)

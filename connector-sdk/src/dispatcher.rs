@@ -6,7 +6,7 @@
 //! 1. [`Dispatcher::submit`] looks the topic up in the current topic map. No subscriber:
 //!    the outcome is ready at once (acknowledge; counted as `unmatched`).
 //! 2. It waits for room: an idle worker, or a place in the hand-off queue, which holds at
-//!    most half of `max_inflight` messages (at least one) waiting for a worker. This wait
+//!    most `max_inflight` messages waiting for a worker. This wait
 //!    is the backpressure: a source awaiting `submit` is not pulling. The queue lets a
 //!    worker that finished a message take the next one itself, without waking the source
 //!    for every message: the source is woken once the queue is down to half.
@@ -602,10 +602,12 @@ enum Next {
 }
 
 impl Pool {
-    /// A pool of at most `max_workers` workers, with a queue of half as many places (at
-    /// least one).
+    /// A pool of at most `max_workers` workers, with a queue of as many places. With
+    /// half as many the dispatch bench's deliveries ran at 0.85 of the client loop
+    /// instead of 0.94 (21 rounds each): workers found the queue empty before the
+    /// source, woken at half, had refilled it.
     fn new(max_workers: usize) -> Self {
-        let capacity = max_workers.div_ceil(2).max(1);
+        let capacity = max_workers.max(1);
         Self {
             state: Mutex::new(PoolState {
                 queue: VecDeque::with_capacity(capacity),

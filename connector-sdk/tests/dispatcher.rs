@@ -332,7 +332,7 @@ async fn max_inflight_is_never_exceeded() {
     );
 }
 
-/// `submit` takes `max_inflight` messages for the workers and half as many again into the
+/// `submit` takes `max_inflight` messages for the workers and as many again into the
 /// hand-off queue without waiting; the next one waits until a worker is free. A drain
 /// releases the queued messages at once, without invoking them, while the running ones
 /// finish.
@@ -346,7 +346,7 @@ async fn hand_off_queue_is_bounded_and_drain_releases_it() {
     config.max_inflight = 4;
     let setup = dispatcher(&gw, config, None);
     let d = &setup.dispatcher;
-    assert_eq!(d.room(), 6);
+    assert_eq!(d.room(), 8);
     let mut running = Vec::new();
     for i in 0..4 {
         running.push(
@@ -360,9 +360,9 @@ async fn hand_off_queue_is_bounded_and_drain_releases_it() {
             .await,
         "four invocations should have started"
     );
-    assert_eq!(d.room(), 2);
+    assert_eq!(d.room(), 4);
     let mut queued = Vec::new();
-    for i in 0..2 {
+    for i in 0..4 {
         let submitted = d
             .submit(message("t", "x", &format!("queued-{i}")))
             .now_or_never();
