@@ -610,7 +610,9 @@ impl Pool {
         let capacity = max_workers.max(1);
         Self {
             state: Mutex::new(PoolState {
-                queue: VecDeque::with_capacity(capacity),
+                // Grown on demand: `max_inflight` may be configured far above what is
+                // ever queued.
+                queue: VecDeque::new(),
                 capacity,
                 idle: Vec::new(),
                 workers: 0,
