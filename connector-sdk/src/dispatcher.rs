@@ -160,9 +160,6 @@ struct Inner {
     metrics: Metrics,
     drain: CancellationToken,
     abort: CancellationToken,
-    /// Set with `drain` and `abort`: read per attempt without the tokens' locks.
-    draining: AtomicBool,
-    aborted: AtomicBool,
     /// Every worker's abort signal.
     signals: Mutex<Vec<Arc<AbortSignal>>>,
     /// Counts the messages in progress (and settle steps of `submit_then`), for
@@ -258,8 +255,6 @@ impl DispatcherBuilder {
             metrics: self.metrics,
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
-            draining: AtomicBool::new(false),
-            aborted: AtomicBool::new(false),
             signals: Mutex::new(Vec::new()),
             tracker: TaskTracker::new(),
             pool: Pool::new(self.max_inflight),
@@ -413,6 +408,7 @@ impl Dispatcher {
     /// queue's order. Cancel-safe: a job not yet placed is dropped unseen.
     async fn place(&self, job: Job) -> Result<(), SdkError> {
         let pool = &self.inner.pool;
+        // The first look registers no waiter: room at once, the common case, costs none.
         let mut job = match pool.offer(&self.inner, job, |job| self.enter_lane(job)) {
             Offer::Taken => return Ok(()),
             Offer::Closed => return Err(SdkError::DispatcherClosed),
@@ -464,7 +460,6 @@ impl Dispatcher {
     /// `submit` fails from now on; running invocations continue. Workers release what is
     /// left in the hand-off queue, then exit.
     pub fn drain(&self) {
-        self.inner.draining.store(true, AtomicOrdering::Release);
         self.inner.drain.cancel();
         self.inner.permits.close();
         self.inner.pool.close(&self.inner);
@@ -473,13 +468,14 @@ impl Dispatcher {
     /// Cancels running invocations; their messages are released.
     pub fn abort(&self) {
         self.drain();
-        self.inner.aborted.store(true, AtomicOrdering::Release);
+        // The token first: a worker registering its signal after the loop below finds
+        // the token cancelled.
+        self.inner.abort.cancel();
         if let Ok(signals) = self.inner.signals.lock() {
             for signal in signals.iter() {
                 signal.fire();
             }
         }
-        self.inner.abort.cancel();
     }
 
     /// Waits until every submitted message is complete. Call after [`drain`](Self::drain).
@@ -757,14 +753,15 @@ impl Cancel {
             signals.retain(|s| Arc::strong_count(s) > 1);
             signals.push(signal.clone());
         }
-        // `abort` sets the flag before it fires the listed signals: one of the two
+        // `abort` cancels its token before it fires the listed signals: one of the two
         // reaches this worker.
-        if inner.aborted.load(AtomicOrdering::Acquire) {
+        let abort = inner.abort.child_token();
+        if abort.is_cancelled() {
             signal.fire();
         }
         Self {
             drain: inner.drain.child_token(),
-            abort: inner.abort.child_token(),
+            abort,
             signal,
         }
     }
@@ -1072,7 +1069,8 @@ impl Inner {
         let mut local = 0u32;
         let mut first_failure: Option<SystemTime> = None;
         loop {
-            if self.draining.load(AtomicOrdering::Acquire) {
+            // Closed by `drain`; read without the drain token's lock.
+            if self.permits.is_closed() {
                 return released(function, local);
             }
             attempt = attempt.saturating_add(1);

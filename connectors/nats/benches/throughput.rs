@@ -204,16 +204,16 @@ batch = 128
     // BENCH_CONNECTOR_WRAPPER runs the connector under another program, split on spaces
     // (`valgrind --tool=callgrind`: instructions per message, steady where timings are not).
     let wrapper = std::env::var("BENCH_CONNECTOR_WRAPPER").unwrap_or_default();
-    let mut command = wrapper.split_whitespace();
-    let mut child = match command.next() {
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
         Some(program) => {
             let mut c = Command::new(program);
-            c.args(command).arg(env!("CARGO_BIN_EXE_nats-connector"));
+            c.args(words).arg(env!("CARGO_BIN_EXE_nats-connector"));
             c
         }
         None => Command::new(env!("CARGO_BIN_EXE_nats-connector")),
     };
-    let mut child = child
+    let mut child = command
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", "warn")

@@ -116,9 +116,7 @@ impl StreamPosition {
             published: SystemTime::from(info.published),
         })
     }
-}
 
-impl StreamPosition {
     /// Parses an ack subject in one pass over its bytes:
     /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<nanos>.<pending>`,
     /// or the same after `<domain>.<account hash>` with a trailing token (servers 2.10 and
