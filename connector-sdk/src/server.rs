@@ -2,7 +2,11 @@
 //!
 //! `/healthz` answers 200 while the process runs. `/readyz` answers 200 only when the
 //! topic map has been built, the source says it is connected, and the connector is not
-//! draining; otherwise 503 with the reasons, one per line.
+//! draining; otherwise 503 with the reasons, one per line. Either way the body lists,
+//! one per line after the verdict, the partitions (or streams) that are stalled: holding
+//! at a message that failed for good and could not be dead-lettered. A stall does not
+//! make the connector unready: restarting it would not help, and the other partitions
+//! still flow.
 //!
 //! `/drain` (GET or POST) starts the same drain as SIGTERM and answers 200 only once it
 //! is over: in-flight deliveries finished (or were released at `drain_timeout`) and
@@ -11,9 +15,10 @@
 //! draining and SIGTERM finds nothing left to do. Anyone who can reach `metrics_addr` can
 //! stop the connector this way: keep that port inside the cluster.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::extract::State;
@@ -34,6 +39,7 @@ pub struct Health {
     topics: TopicMapHandle,
     source_ready: Arc<AtomicBool>,
     draining: Arc<AtomicBool>,
+    stalled: Arc<Mutex<BTreeSet<(String, String)>>>,
     metrics: Metrics,
 }
 
@@ -44,6 +50,7 @@ impl Health {
             topics,
             source_ready: Arc::new(AtomicBool::new(false)),
             draining: Arc::new(AtomicBool::new(false)),
+            stalled: Arc::default(),
             metrics,
         }
     }
@@ -59,6 +66,35 @@ impl Health {
         self.draining.store(true, Ordering::SeqCst);
         self.metrics.set_draining(true);
         self.publish();
+    }
+
+    /// Marks a partition (or stream; `partition` may be `""`) stalled or flowing, in
+    /// `connector_partition_stalled` and in `/readyz`'s body.
+    pub fn set_stalled(&self, topic: &str, partition: &str, stalled: bool) {
+        self.metrics.set_stalled(topic, partition, stalled);
+        let mut set = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (topic.to_owned(), partition.to_owned());
+        if stalled {
+            set.insert(key);
+        } else {
+            set.remove(&key);
+        }
+    }
+
+    /// The stalled partitions, as `/readyz` lists them (`stalled: topic/partition`).
+    pub fn stalled(&self) -> Vec<String> {
+        self.stalled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(topic, partition)| {
+                if partition.is_empty() {
+                    format!("stalled: {topic}")
+                } else {
+                    format!("stalled: {topic}/{partition}")
+                }
+            })
+            .collect()
     }
 
     /// Why the connector is not ready; empty when it is.
@@ -141,11 +177,16 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let reasons = state.health.not_ready_reasons();
-    if reasons.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
+    let (status, mut lines) = if reasons.is_empty() {
+        (StatusCode::OK, vec!["ready".to_owned()])
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, reasons.join("\n") + "\n")
-    }
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            reasons.into_iter().map(str::to_owned).collect(),
+        )
+    };
+    lines.extend(state.health.stalled());
+    (status, lines.join("\n") + "\n")
 }
 
 /// Binds `addr` (fails at once if it cannot) and returns the bound address and the

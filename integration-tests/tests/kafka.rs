@@ -1014,3 +1014,270 @@ fn tansu_binary() -> Option<PathBuf> {
         Some(home.join(".cargo/bin/tansu")).filter(|p| p.is_file())
     })
 }
+
+// ------------------------------------------- held partitions resume without loss (#16)
+
+/// Records of `topic` produced as a user's client produces them: keyed (`k0`..`k96`),
+/// many in flight at once so that the client packs them into large batches. Returns each
+/// payload's partition and offset.
+async fn produce_batched(brokers: &str, topic: &str, n: usize) -> BTreeMap<(i32, i64), Vec<u8>> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "50")
+        .set("batch.num.messages", "250")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    let mut pending = Vec::with_capacity(n);
+    for i in 0..n {
+        let payload = format!("rec-{i:05}").into_bytes();
+        let key = format!("k{}", i % 97);
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .key(key.as_bytes())
+            .payload(&payload);
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        pending.push((payload, delivery));
+    }
+    let mut out = BTreeMap::new();
+    for (payload, delivery) in pending {
+        let delivered = delivery
+            .await
+            .expect("delivery report")
+            .map_err(|(e, _)| e)
+            .expect("produce");
+        out.insert((delivered.partition, delivered.offset), payload);
+    }
+    out
+}
+
+/// The group's committed offset of each partition of `topic`.
+async fn committed(brokers: &str, topic: &str, group: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let (brokers, topic, group) = (brokers.to_owned(), topic.to_owned(), group.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .map(|c| {
+                c.elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some((e.partition(), o)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap()
+}
+
+/// The scenario of issue 16, against the real broker: a topic of three partitions with
+/// thousands of keyed records in large batches, one function failing until every
+/// partition holds (no dead-letter topic, so exhausted records hold), then recovering.
+/// Every record must reach the function, and no committed offset may ever pass a record
+/// the function has not accepted: a watcher compares the group's committed offsets with
+/// the accepted records all along. With `kill`, the connector is SIGKILLed mid-way and
+/// started again.
+async fn held_partitions_resume_without_loss(ordering: &str, kill: bool) {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+    use std::sync::{Arc, Mutex};
+
+    const RECORDS: usize = 6_000;
+    const HELD_PARTITIONS: i32 = 3;
+    let k = Kafka::new();
+    let topic = unique(&format!("held-{ordering}"));
+    k.create(&[&topic], HELD_PARTITIONS).await;
+    let records = produce_batched(&k.brokers, &topic, RECORDS).await;
+    assert_eq!(records.len(), RECORDS);
+
+    let recovered = Arc::new(AtomicBool::new(false));
+    let accepted: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
+    let gw = FakeGateway::start().await.unwrap();
+    {
+        let (recovered, accepted) = (recovered.clone(), accepted.clone());
+        gw.function("held-fn", &topic, move |req, _| {
+            if recovered.load(AtomicOrdering::SeqCst) {
+                accepted.lock().unwrap().insert(req.body.to_vec());
+                Reply::ok()
+            } else {
+                Reply::status(500)
+            }
+        });
+    }
+    // No dead-letter topic: a record that exhausts its attempts holds its partition.
+    let group = group_of(&topic);
+    let kafka = format!(
+        r#"[kafka]
+brokers = "{brokers}"
+group = "{group}"
+commit_interval = "100ms"
+lag_interval = "1s"
+session_timeout = "10s"
+rebalance_drain_timeout = "5s"
+hold_retry_interval = "1s"
+instance_id = "{group}-a"
+"#,
+        brokers = k.brokers,
+    );
+    let (mut p, mut addr) = start(&gw, &format!("ordering = \"{ordering}\""), &kafka).await;
+
+    // The watcher: whatever the group has committed must have been accepted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, accepted, records) = (stop.clone(), accepted.clone(), records.clone());
+        let (brokers, topic, group) = (k.brokers.clone(), topic.clone(), group.clone());
+        tokio::spawn(async move {
+            let mut violations = Vec::new();
+            let mut samples = 0;
+            while !stop.load(AtomicOrdering::SeqCst) {
+                let commits = committed(&brokers, &topic, &group, HELD_PARTITIONS).await;
+                let seen = accepted.lock().unwrap().clone();
+                samples += 1;
+                for (partition, at) in commits {
+                    let missing = records
+                        .range((partition, 0)..(partition, at))
+                        .filter(|(_, payload)| !seen.contains(*payload))
+                        .count();
+                    if missing > 0 {
+                        violations.push(format!(
+                            "partition {partition} committed at {at} with {missing} records below it never accepted"
+                        ));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (samples, violations)
+        })
+    };
+
+    // Every partition holds before the function recovers.
+    let stalled = |text: &str| -> f64 {
+        (0..HELD_PARTITIONS)
+            .filter_map(|p| {
+                metric(
+                    text,
+                    &format!("connector_partition_stalled{{topic=\"{topic}\",partition=\"{p}\"}}"),
+                )
+            })
+            .sum()
+    };
+    assert!(
+        eventually_async(Duration::from_secs(60), || async {
+            stalled(&metrics_text(addr).await) == f64::from(HELD_PARTITIONS)
+        })
+        .await,
+        "not every partition held:\n{}",
+        p.output()
+    );
+    // The stall is in /readyz's body too, without making the connector unready.
+    let (status, body) = http_get(addr, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    for partition in 0..HELD_PARTITIONS {
+        assert!(
+            body.contains(&format!("stalled: {topic}/{partition}")),
+            "{body}"
+        );
+    }
+    recovered.store(true, AtomicOrdering::SeqCst);
+
+    if kill {
+        assert!(
+            eventually(Duration::from_secs(60), || accepted.lock().unwrap().len()
+                >= RECORDS / 3)
+            .await,
+            "too few delivered before the kill:\n{}",
+            p.output()
+        );
+        p.kill();
+        assert!(
+            accepted.lock().unwrap().len() < RECORDS,
+            "everything delivered before the kill; the kill proves nothing"
+        );
+        (p, addr) = start(&gw, &format!("ordering = \"{ordering}\""), &kafka).await;
+    }
+
+    let all = eventually(Duration::from_secs(120), || {
+        accepted.lock().unwrap().len() == RECORDS
+    })
+    .await;
+    let lag_zero =
+        eventually_async(WITHIN, || async { k.lag_async(&topic, &group).await == 0 }).await;
+    stop.store(true, AtomicOrdering::SeqCst);
+    let (samples, violations) = watcher.await.unwrap();
+    let delivered = accepted.lock().unwrap().len();
+    assert!(
+        violations.is_empty(),
+        "committed past records the function never accepted ({} of {samples} samples), {delivered} of {RECORDS} delivered:\n{}\n{}",
+        violations.len(),
+        violations
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        p.output()
+    );
+    assert!(
+        all,
+        "{} of {RECORDS} records never reached the function:\n{}",
+        RECORDS - delivered,
+        p.output()
+    );
+    assert!(lag_zero, "records left uncommitted:\n{}", p.output());
+    assert!(samples > 5, "the watcher sampled only {samples} times");
+    assert!(
+        eventually_async(WITHIN, || async {
+            http_get(addr, "/readyz")
+                .await
+                .is_some_and(|(_, body)| !body.contains("stalled"))
+        })
+        .await,
+        "still reported stalled:\n{}",
+        p.output()
+    );
+    assert!(p.terminate(WITHIN).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_partitions_resume_without_loss_ordering_none() {
+    held_partitions_resume_without_loss("none", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_partitions_resume_without_loss_ordering_key() {
+    held_partitions_resume_without_loss("key", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_partitions_resume_without_loss_ordering_partition() {
+    held_partitions_resume_without_loss("partition", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_partitions_resume_without_loss_across_kill_ordering_none() {
+    held_partitions_resume_without_loss("none", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_partitions_resume_without_loss_across_kill_ordering_key() {
+    held_partitions_resume_without_loss("key", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_partitions_resume_without_loss_across_kill_ordering_partition() {
+    held_partitions_resume_without_loss("partition", true).await;
+}

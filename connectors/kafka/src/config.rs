@@ -182,10 +182,16 @@ pub struct KafkaConfig {
     /// still served, which drops librdkafka's prefetch for them. (default: `1024`)
     pub max_buffered: usize,
     /// A partition holding at a record (failed for good, not dead-lettered) delivers that
-    /// record again after this long, so it recovers by itself once the dead-letter topic
-    /// is writable again; functions see the record again (same `ce-id`). (default: `"30s"`)
-    #[serde(with = "config::duration")]
-    pub hold_retry_interval: Duration,
+    /// record again on the backoff schedule (`connector.backoff`: `initial`, doubling,
+    /// full jitter), so it recovers by itself once the function or the dead-letter topic
+    /// is back, within `backoff.max`; functions see the record again (same `ce-id`). This
+    /// caps the wait between those retries below `backoff.max`. (default: unset:
+    /// `backoff.max`)
+    #[serde(
+        with = "config::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hold_retry_interval: Option<Duration>,
     /// How long writing a dead letter or a reply may take (`message.timeout.ms` of the
     /// producer) before it counts as failed. (default: `"10s"`)
     #[serde(with = "config::duration")]
@@ -217,7 +223,7 @@ impl Default for KafkaConfig {
             lag_interval: Duration::from_secs(10),
             max_pending_per_partition: 0,
             max_buffered: 1024,
-            hold_retry_interval: Duration::from_secs(30),
+            hold_retry_interval: None,
             produce_timeout: Duration::from_secs(10),
             properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
@@ -254,6 +260,21 @@ const FIXED_CONSUMER: &[(&str, &str)] = &[
 ];
 
 impl Config {
+    /// The schedule of a held partition's retries: `backoff`, its cap lowered to
+    /// `hold_retry_interval` when that is set and shorter.
+    pub fn hold_backoff(
+        &self,
+        backoff: connector_sdk::backoff::Backoff,
+    ) -> connector_sdk::backoff::Backoff {
+        connector_sdk::backoff::Backoff {
+            initial: backoff.initial,
+            max: self
+                .kafka
+                .hold_retry_interval
+                .map_or(backoff.max, |cap| cap.min(backoff.max)),
+        }
+    }
+
     /// `max_pending_per_partition` in force (`0`: no per-partition bound).
     pub fn effective_pending_per_partition(&self) -> usize {
         match (
@@ -325,7 +346,10 @@ impl Config {
             ("commit_interval", k.commit_interval),
             ("lag_interval", k.lag_interval),
             ("produce_timeout", k.produce_timeout),
-            ("hold_retry_interval", k.hold_retry_interval),
+            (
+                "hold_retry_interval",
+                k.hold_retry_interval.unwrap_or(Duration::MAX),
+            ),
         ] {
             if d.is_zero() {
                 fail(key, "must be above zero".to_owned());

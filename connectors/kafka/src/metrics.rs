@@ -31,6 +31,7 @@ pub struct KafkaMetrics {
     assigned: Gauge,
     paused: Gauge,
     revoke_drain_timeouts: Counter,
+    rewinds: Counter,
 }
 
 impl KafkaMetrics {
@@ -68,6 +69,11 @@ impl KafkaMetrics {
             "Revokes whose in-flight deliveries did not finish within rebalance_drain_timeout",
             m.revoke_drain_timeouts.clone(),
         );
+        r.register(
+            "rewinds",
+            "Seeks back to read again records that a fetch after a resume, an assignment or a seek skipped",
+            m.rewinds.clone(),
+        );
         m
     }
 
@@ -95,6 +101,11 @@ impl KafkaMetrics {
     /// The number of paused partitions.
     pub fn set_paused(&self, n: usize) {
         self.paused.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A partition sought back to read skipped records again.
+    pub fn rewound(&self) {
+        self.rewinds.inc();
     }
 
     /// A revoke drain hit its deadline.

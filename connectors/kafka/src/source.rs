@@ -25,8 +25,23 @@
 //! A completed message is settled in the watermarks (after its replies were published);
 //! every `commit_interval` the contiguous prefix of completed offsets is committed. A
 //! held message (failed for good, not dead-lettered) pauses its partition and marks it
-//! stalled: nothing past it is committed until a restart or a new owner delivers it
-//! again.
+//! stalled (`connector_partition_stalled`, `/readyz`'s body): nothing past it is
+//! committed. Its held records are delivered again on the backoff schedule
+//! (`backoff.initial` doubling up to `backoff.max`, or `hold_retry_interval` if shorter);
+//! once they complete, the parked records flow and the partition is resumed.
+//!
+//! # Fetching again: resume, assignment, seek
+//!
+//! A resumed partition is fetched again from the last record handed over; an assigned one
+//! from the group's committed offset (looked up in the assignment callback). A broker
+//! may answer such a fetch from past where it was asked to start (tansu answers a fetch
+//! from the middle of a batch with the next batch), and offsets may be missing from the
+//! log legitimately, so the two cannot be told apart from the records alone. The
+//! [`Watermarks`] verify each such read: its first record must be at or below the
+//! frontier, else it is dropped and the partition sought back until a read starts there
+//! (`connector_kafka_rewinds_total`); a fresh fetch that brings nothing while the log has
+//! records past the frontier is sought back the same way. So a commit never passes a
+//! record that was not received and settled, whatever the broker's fetches skip.
 //!
 //! # Revoke (state machine in the rebalance callback)
 //!
@@ -48,7 +63,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use connector_sdk::backoff::Backoff;
+use connector_sdk::backoff::{Attempts, Backoff};
 use connector_sdk::config::Ordering;
 use connector_sdk::metrics::Metrics;
 use connector_sdk::server::Health;
@@ -64,7 +79,7 @@ use crate::config::{Config, InitialOffset, valid_topic_name};
 use crate::dead_letter::Originals;
 use crate::error::Error;
 use crate::metrics::KafkaMetrics;
-use crate::offsets::{Settled, TopicPartition, Watermarks};
+use crate::offsets::{Arrival, SeekTo, Settled, Start, TopicPartition, Watermarks};
 use crate::record::Record;
 use crate::reply::Replies;
 
@@ -92,7 +107,7 @@ struct State {
     submitted: HashMap<TopicPartition, usize>,
     /// Partitions that started holding since the loop last looked.
     newly_held: Vec<TopicPartition>,
-    /// The held records, to deliver again after `hold_retry_interval`.
+    /// The held records, to deliver again on the hold's backoff schedule.
     held: HashMap<TopicPartition, Vec<Arc<Record>>>,
     /// Partitions revoked since the loop last looked.
     revoked: Vec<TopicPartition>,
@@ -228,10 +243,12 @@ impl ConnectorContext {
             s.marks.revoke(tp);
             s.submitted.remove(tp);
             s.revoked.push(tp.clone());
+            let p = tp.partition.to_string();
             if let Some(m) = self.shared.sdk_metrics.get() {
-                let p = tp.partition.to_string();
                 m.remove_backlog(&tp.topic, &p);
-                m.set_stalled(&tp.topic, &p, false);
+            }
+            if let Some(h) = self.shared.health.get() {
+                h.set_stalled(&tp.topic, &p, false);
             }
         }
         self.metrics.set_assigned(s.marks.partitions().count());
@@ -285,9 +302,12 @@ impl ConsumerContext for ConnectorContext {
             let assigned = partitions(tpl);
             self.metrics.rebalance("assign");
             tracing::info!(partitions = %list(&assigned), "partitions assigned");
+            let starts = blocking(|| starts(consumer, tpl));
+            let now = Instant::now();
             let mut s = self.shared.lock();
             for tp in assigned {
-                s.marks.assign(tp);
+                let start = starts.get(&tp).copied().unwrap_or(Start::Unknown);
+                s.marks.assign(tp, start, now);
             }
             self.metrics.set_assigned(s.marks.partitions().count());
         }
@@ -304,6 +324,43 @@ impl ConsumerContext for ConnectorContext {
                         .commit_failed(&TopicPartition::new(e.topic(), e.partition()), o);
                 }
             }
+        }
+    }
+}
+
+/// How long looking up committed offsets, the log's end or seeking may take.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `f`, a call that blocks on librdkafka, letting the runtime move other tasks off
+/// this thread when it can.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Where the partitions of `tpl` start: the group's committed offsets. A partition whose
+/// offset cannot be read is left out (its start is unknown and looked up again).
+fn starts<C: Consumer<ConnectorContext>>(
+    consumer: &C,
+    tpl: &Tpl,
+) -> HashMap<TopicPartition, Start> {
+    match consumer.committed_offsets(tpl.clone(), BROKER_CALL_TIMEOUT) {
+        Ok(committed) => committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let start = match e.offset() {
+                    Offset::Offset(o) => Start::Committed(o),
+                    _ => Start::Reset,
+                };
+                (TopicPartition::new(e.topic(), e.partition()), start)
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the committed offsets of assigned partitions failed; their records wait until it succeeds");
+            HashMap::new()
         }
     }
 }
@@ -373,16 +430,33 @@ struct Poller {
     /// Paused for backpressure.
     paused: HashSet<TopicPartition>,
     /// Paused because a record holds, with when to deliver the held records again.
-    holding: HashMap<TopicPartition, Instant>,
+    holding: HashMap<TopicPartition, Hold>,
+    /// The schedule of held records' retries: `backoff.initial` doubling up to
+    /// `backoff.max` (or `hold_retry_interval` when set and shorter).
+    hold_backoff: Backoff,
+    /// Where the reset policy puts a partition with nothing committed.
+    initial_offset: InitialOffset,
     /// Held records delivered again and not yet complete.
     retrying: HashMap<TopicPartition, Vec<i64>>,
-    hold_retry: Duration,
     subscription: Vec<String>,
     /// `max_buffered`: most parked records over all partitions.
     max_buffered: usize,
     /// Since when the parked records fill `max_buffered` (reading stopped).
     full_since: Option<Instant>,
 }
+
+/// A partition holding at a record that failed for good.
+struct Hold {
+    /// When its held records are delivered again.
+    at: Instant,
+    /// Retries so far, for the backoff schedule.
+    attempts: Attempts,
+}
+
+/// How long a partition's first fetch after a resume, an assignment or a seek may bring
+/// nothing before the log's end is looked at: records past the frontier that never
+/// arrived were skipped.
+const VERIFY_PATIENCE: Duration = Duration::from_millis(500);
 
 /// How long reading may stop because the buffer is full before the congested partitions
 /// are paused and polling goes on (rebalance callbacks run only while polling).
@@ -403,7 +477,8 @@ pub async fn run(ctx: SourceContext, config: &Config, parts: Parts) -> Result<()
         paused: HashSet::new(),
         holding: HashMap::new(),
         retrying: HashMap::new(),
-        hold_retry: config.kafka.hold_retry_interval,
+        hold_backoff: config.hold_backoff(ctx.config.backoff),
+        initial_offset: config.kafka.initial_offset,
         subscription: Vec::new(),
         max_buffered: config.kafka.max_buffered.max(1),
         full_since: None,
@@ -432,12 +507,14 @@ impl Poller {
         let mut topics = self.ctx.topics.subscribe();
         let mut commit = tokio::time::interval(commit_interval);
         commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut verify = tokio::time::interval(VERIFY_PATIENCE / 2);
+        verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.ctx.shutdown.clone();
         let consumer = self.consumer.clone();
         let shared = self.shared.clone();
         loop {
             self.step().await;
-            let retry_at = self.holding.values().min().copied();
+            let retry_at = self.holding.values().map(|h| h.at).min();
             let reading = self.may_read();
             let patience_ends = match self.full_since {
                 Some(since) if !reading => Some(since + FULL_BUFFER_PATIENCE),
@@ -450,6 +527,7 @@ impl Poller {
                 biased;
                 () = shutdown.cancelled() => return,
                 _ = commit.tick() => self.commit_async(),
+                _ = verify.tick() => self.check_overdue().await,
                 changed = topics.changed(), if follow => {
                     if changed.is_ok() {
                         self.resubscribe();
@@ -552,14 +630,27 @@ impl Poller {
     async fn received(&mut self, record: Record) {
         let tp = record.tp.clone();
         let record = Arc::new(record);
-        {
+        let arrival = {
             let mut s = self.shared.lock();
-            if !s.marks.is_assigned(&tp) || !s.marks.received(&tp, record.offset) {
-                tracing::debug!(partition = %tp, offset = record.offset, "record skipped: not assigned or already seen");
+            let arrival = s.marks.received(&tp, record.offset, Instant::now());
+            if arrival == Arrival::New
+                && (self.holding.contains_key(&tp)
+                    || s.parked.get(&tp).is_some_and(|q| !q.is_empty()))
+            {
+                s.parked.entry(tp.clone()).or_default().push_back(record);
                 return;
             }
-            if self.holding.contains_key(&tp) || s.parked.get(&tp).is_some_and(|q| !q.is_empty()) {
-                s.parked.entry(tp.clone()).or_default().push_back(record);
+            arrival
+        };
+        match arrival {
+            Arrival::New => {}
+            Arrival::Unverified(to) => {
+                tracing::debug!(partition = %tp, offset = record.offset, "record past the frontier after a fresh fetch: reading the partition again from an earlier offset");
+                self.rewind(&tp, to).await;
+                return;
+            }
+            skipped @ (Arrival::Seen | Arrival::NotAssigned | Arrival::StartUnknown) => {
+                tracing::trace!(partition = %tp, offset = record.offset, ?skipped, "record skipped");
                 return;
             }
         }
@@ -675,11 +766,12 @@ impl Poller {
         self.metrics.set_paused(self.paused.len());
         for tp in held {
             if !self.holding.contains_key(&tp) {
-                self.holding
-                    .insert(tp.clone(), Instant::now() + self.hold_retry);
+                let mut attempts = self.hold_backoff.attempts();
+                let at = Instant::now() + attempts.next_delay();
+                self.holding.insert(tp.clone(), Hold { at, attempts });
                 self.pause(&tp);
                 self.ctx
-                    .metrics
+                    .health
                     .set_stalled(&tp.topic, &tp.partition.to_string(), true);
             }
         }
@@ -744,7 +836,7 @@ impl Poller {
         let partitions: Vec<(TopicPartition, Instant)> = self
             .holding
             .iter()
-            .map(|(tp, at)| (tp.clone(), *at))
+            .map(|(tp, hold)| (tp.clone(), hold.at))
             .collect();
         for (tp, at) in partitions {
             let (still_held, waiting, retrying) = {
@@ -767,7 +859,7 @@ impl Poller {
                 tracing::info!(partition = %tp, "partition no longer holds");
                 self.holding.remove(&tp);
                 self.ctx
-                    .metrics
+                    .health
                     .set_stalled(&tp.topic, &tp.partition.to_string(), false);
                 continue;
             }
@@ -802,7 +894,9 @@ impl Poller {
                     .or_default()
                     .extend(left);
             }
-            self.holding.insert(tp, now + self.hold_retry);
+            if let Some(hold) = self.holding.get_mut(&tp) {
+                hold.at = now + hold.attempts.next_delay();
+            }
         }
     }
 
@@ -815,12 +909,107 @@ impl Poller {
         }
     }
 
+    /// Resumes `tp`. librdkafka fetches it again from the last record handed over; the
+    /// watermarks verify that the fetch starts there.
     fn resume(&mut self, tp: &TopicPartition) {
         if self.paused.remove(tp) {
             if let Err(e) = self.consumer.resume(&one(tp)) {
                 tracing::warn!(partition = %tp, error = %e, "resuming failed");
             }
+            self.shared.lock().marks.restart(tp, Instant::now());
             self.metrics.set_paused(self.paused.len());
+        }
+    }
+
+    /// Seeks `tp` to read it again from `to`.
+    async fn rewind(&self, tp: &TopicPartition, to: SeekTo) {
+        let offset = match to {
+            SeekTo::Offset(o) => Offset::Offset(o),
+            SeekTo::Beginning => Offset::Beginning,
+            SeekTo::Reset => match self.initial_offset {
+                InitialOffset::Earliest => Offset::Beginning,
+                InitialOffset::Latest => Offset::End,
+            },
+        };
+        self.metrics.rewound();
+        tracing::debug!(partition = %tp, ?offset, "seeking back");
+        let consumer = self.consumer.clone();
+        let (topic, partition) = (tp.topic.clone(), tp.partition);
+        let sought = tokio::task::spawn_blocking(move || {
+            consumer.seek(&topic, partition, offset, BROKER_CALL_TIMEOUT)
+        })
+        .await;
+        match sought {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(partition = %tp, ?offset, error = %e, "seeking failed; tried again");
+                self.shared.lock().marks.seek_failed(tp, Instant::now());
+            }
+            Err(e) => {
+                tracing::error!(partition = %tp, error = %e, "seek task failed; tried again");
+                self.shared.lock().marks.seek_failed(tp, Instant::now());
+            }
+        }
+    }
+
+    /// Partitions whose fetch brought nothing since a resume, an assignment or a seek:
+    /// if the log has records past the frontier, the fetch skipped them and the partition
+    /// is read again from further back; if not, it is idle and reads on. Partitions whose
+    /// committed offset is still unknown are looked up again.
+    async fn check_overdue(&mut self) {
+        let overdue = self
+            .shared
+            .lock()
+            .marks
+            .overdue(Instant::now(), VERIFY_PATIENCE);
+        for (tp, frontier) in overdue {
+            let consumer = self.consumer.clone();
+            match frontier {
+                None => {
+                    let mut tpl = Tpl::with_capacity(1);
+                    tpl.add_partition(&tp.topic, tp.partition);
+                    let found = tokio::task::spawn_blocking(move || starts(&*consumer, &tpl))
+                        .await
+                        .unwrap_or_default();
+                    let Some(start) = found.get(&tp).copied() else {
+                        continue;
+                    };
+                    let seek = self
+                        .shared
+                        .lock()
+                        .marks
+                        .start_known(&tp, start, Instant::now());
+                    if let Some(to) = seek {
+                        tracing::info!(partition = %tp, ?start, "committed offset found");
+                        self.rewind(&tp, to).await;
+                    }
+                }
+                // Paused partitions fetch nothing; they are verified once resumed.
+                Some(_) if self.paused.contains(&tp) => {}
+                Some(frontier) => {
+                    let (topic, partition) = (tp.topic.clone(), tp.partition);
+                    let end = tokio::task::spawn_blocking(move || {
+                        consumer.fetch_watermarks(&topic, partition, BROKER_CALL_TIMEOUT)
+                    })
+                    .await;
+                    let Ok(Ok((_, end))) = end else {
+                        continue;
+                    };
+                    let seek = {
+                        let mut s = self.shared.lock();
+                        if end > frontier {
+                            s.marks.seek_back(&tp, Instant::now())
+                        } else {
+                            s.marks.idle(&tp, end);
+                            None
+                        }
+                    };
+                    if let Some(to) = seek {
+                        tracing::debug!(partition = %tp, frontier, log_end = end, "nothing fetched though the log has records past the frontier");
+                        self.rewind(&tp, to).await;
+                    }
+                }
+            }
         }
     }
 
