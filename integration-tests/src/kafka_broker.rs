@@ -178,6 +178,15 @@ produce_timeout = "5s"
         )
     }
 
+    /// [`source_config`](Fixture::source_config) without its `dead_letter_topic`.
+    fn source_config_without_dead_letters(&self, topic: &str) -> String {
+        self.source_config(topic)
+            .lines()
+            .filter(|l| !l.starts_with("dead_letter_topic"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
     async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
         for p in payloads {
             let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(p);

@@ -124,6 +124,27 @@ backlog_interval = "200ms"
         )
     }
 
+    /// No `dead_letter_subject`: a held message is nakked with the backoff delay for its
+    /// delivery count (at most 200 ms with the scenarios' backoff).
+    fn source_config_without_dead_letters(&self, topic: &str) -> String {
+        format!(
+            r#"[nats]
+url = "{url}"
+mode = "jetstream"
+
+[jetstream]
+stream = "{stream}"
+consumer = "{consumer}"
+ack_wait = "5s"
+in_progress_interval = "1s"
+backlog_interval = "200ms"
+"#,
+            url = nats_url(),
+            stream = Self::stream_of(topic),
+            consumer = self.consumer,
+        )
+    }
+
     async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
         for p in payloads {
             self.js

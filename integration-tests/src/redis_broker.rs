@@ -146,15 +146,22 @@ impl RedisStreams {
             .collect()
     }
 
-    /// Pending entries and lag of the group on `topic` (what it has not acknowledged).
+    /// Pending entries and lag of the group on `topic` (what it has not acknowledged),
+    /// read in one transaction: read apart, an entry the connector reads in between
+    /// would be counted in neither (or, the other way round, in both).
     pub async fn backlog(&self, topic: &str) -> (u64, u64) {
         let mut c = self.conn().await;
-        let pending: Value = redis::cmd("XPENDING")
+        let (pending, groups): (Value, Value) = redis::pipe()
+            .atomic()
+            .cmd("XPENDING")
             .arg(topic)
             .arg(&self.group)
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(topic)
             .query_async(&mut c)
             .await
-            .unwrap_or(Value::Nil);
+            .unwrap_or((Value::Nil, Value::Nil));
         let pending = match pending {
             Value::Array(parts) => match parts.first() {
                 Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
@@ -163,12 +170,6 @@ impl RedisStreams {
             _ => 0,
         };
         // Unread entries: those after the group's last delivered id.
-        let groups: Value = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(topic)
-            .query_async(&mut c)
-            .await
-            .unwrap_or(Value::Nil);
         let mut lag = 0;
         if let Value::Array(groups) = groups {
             for g in groups {
@@ -252,6 +253,27 @@ metrics_interval = "200ms"
             url = self.url,
             group = self.group,
             claim_idle = self.claim_idle,
+            extra = self.extra,
+        )
+    }
+
+    /// No dead-letter stream; a held entry is claimed again after one second idle
+    /// (`claim_idle`, its minimum), looked for every 200 ms.
+    fn source_config_without_dead_letters(&self, _topic: &str) -> String {
+        format!(
+            r#"[redis]
+url = "{url}"
+group = "{group}"
+body_field = "payload"
+block = "200ms"
+claim_idle = "1s"
+claim_interval = "200ms"
+metrics_interval = "200ms"
+dead_letter_stream = ""
+{extra}
+"#,
+            url = self.url,
+            group = self.group,
             extra = self.extra,
         )
     }

@@ -1,7 +1,9 @@
 //! The scenario suite every at-least-once connector runs, against its real broker and its
 //! real binary: delivered exactly once in the happy path, a failure leads to redelivery,
 //! a 4xx goes to the dead-letter destination once, nothing is lost across SIGKILL and a
-//! restart, and SIGTERM drains in-flight work and acknowledges it.
+//! restart, SIGTERM drains in-flight work and acknowledges it, and a long outage of the
+//! function with no dead-letter destination (messages held, redelivered, held again)
+//! acknowledges nothing early and loses nothing.
 //!
 //! A connector's test file implements [`Fixture`] for its broker and calls each scenario.
 
@@ -24,6 +26,13 @@ pub trait Fixture: Send + Sync {
     /// The connector's own TOML sections (everything but `[connector]`) for consuming
     /// `topic`, with dead letters going where [`dead_letters`](Self::dead_letters) reads.
     fn source_config(&self, topic: &str) -> String;
+
+    /// Like [`source_config`](Self::source_config), but with no dead-letter destination,
+    /// so a message that exhausts its attempts is held (`on_exhausted = "block"`), and
+    /// with the broker's redelivery of held messages set short (a second or so: Redis
+    /// `claim_idle`, SQS visibility, JetStream nak delay). A fixture whose connector
+    /// cannot run without one panics.
+    fn source_config_without_dead_letters(&self, topic: &str) -> String;
 
     /// Publishes `payloads` to `topic`, in order.
     async fn produce(&self, topic: &str, payloads: &[Vec<u8>]);
@@ -59,6 +68,9 @@ impl Started {
     }
 }
 
+/// `connector.max_attempts` of every scenario's connector.
+pub const MAX_ATTEMPTS: usize = 3;
+
 /// Starts `fixture`'s connector for `topic` against `gateway`, waits until `/readyz` says
 /// it is ready. `extra` is added to the `[connector]` section.
 pub async fn start(
@@ -67,6 +79,16 @@ pub async fn start(
     topic: &str,
     extra: &str,
 ) -> Started {
+    start_with_source(fixture, gateway, extra, &fixture.source_config(topic)).await
+}
+
+/// Like [`start`], with `source` as the connector's own sections.
+pub async fn start_with_source(
+    fixture: &dyn Fixture,
+    gateway: &FakeGateway,
+    extra: &str,
+    source: &str,
+) -> Started {
     let metrics_addr = free_addr();
     let config = format!(
         r#"[connector]
@@ -74,7 +96,7 @@ gateway_url = "{gateway}"
 metrics_addr = "{metrics_addr}"
 rebuild_interval = "500ms"
 upstream_timeout = "10s"
-max_attempts = 3
+max_attempts = {MAX_ATTEMPTS}
 drain_timeout = "10s"
 {extra}
 
@@ -85,7 +107,6 @@ max = "200ms"
 {source}
 "#,
         gateway = gateway.url(),
-        source = fixture.source_config(topic),
     );
     let binary = fixture.binary();
     let process = Process::start(&binary, &config, &[]);
@@ -310,6 +331,168 @@ pub async fn drain_on_shutdown(fixture: &dyn Fixture) {
         0,
         "in-flight messages were not acknowledged after the drain"
     );
+}
+
+/// A long outage of the function with no dead-letter destination (issue 16, item 4):
+/// every message exhausts its attempts and is held (`on_exhausted = "block"`), comes back
+/// from the broker and is held again, several times over. All along, every message stays
+/// unacknowledged, nothing is dead-lettered and the connector keeps running. Once the
+/// function recovers, every message reaches it (at least once) and all are acknowledged.
+///
+/// The outage ends once the function has failed as many attempts as it takes to exhaust
+/// every message once (`MAX_ATTEMPTS × MESSAGES`), and `MESSAGES / 10` messages (or every
+/// message attempted, if fewer were) have each been attempted `3 × MAX_ATTEMPTS` times or
+/// more: exhausted, held, redelivered
+/// and held again, several times over (a redelivered message that already used its
+/// attempts gets one more each time). Not every message need be attempted during the
+/// outage: held messages may keep the broker from handing out more (JetStream's
+/// `max_ack_pending`, a Kafka partition parked behind a held record), or come back first
+/// (moto's SQS receives oldest first, at some 50 messages a second); those are delivered
+/// after the recovery like the others.
+pub async fn long_outage_loses_nothing(fixture: &dyn Fixture) {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    const MESSAGES: usize = 300;
+    const OUTAGE_ATTEMPTS: usize = 3 * MAX_ATTEMPTS;
+    const HELD_OFTEN: usize = MESSAGES / 10;
+    const OUTAGE_LIMIT: Duration = Duration::from_secs(120);
+    const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
+
+    let topic = unique("outage");
+    fixture.create_topic(&topic).await;
+    let up = Arc::new(AtomicBool::new(false));
+    let failed: Arc<Mutex<HashMap<Vec<u8>, usize>>> = Arc::default();
+    let accepted: Arc<Mutex<BTreeSet<Vec<u8>>>> = Arc::default();
+    let gw = FakeGateway::start().await.unwrap();
+    {
+        let (up, failed, accepted) = (up.clone(), failed.clone(), accepted.clone());
+        gw.function("outage-fn", &topic, move |req, _| {
+            let body = req.body.to_vec();
+            if up.load(SeqCst) {
+                accepted.lock().unwrap().insert(body);
+                Reply::ok()
+            } else {
+                *failed.lock().unwrap().entry(body).or_default() += 1;
+                Reply::status(500)
+            }
+        });
+    }
+    let source = fixture.source_config_without_dead_letters(&topic);
+    let mut connector = start_with_source(fixture, &gw, "", &source).await;
+    let sent = payloads("outage", MESSAGES);
+    fixture.produce(&topic, &sent).await;
+
+    // The outage: check all along that nothing is acknowledged or dead-lettered.
+    let started = Instant::now();
+    let mut checks = 0u32;
+    loop {
+        // Read before the checks, so the last round checks after the end condition held.
+        let (seen, often, total) = {
+            let failed = failed.lock().unwrap();
+            (
+                failed.len(),
+                failed.values().filter(|&&n| n >= OUTAGE_ATTEMPTS).count(),
+                failed.values().sum::<usize>(),
+            )
+        };
+        // An acknowledgement lowers the count for good. But a broker's count may be
+        // approximate: moto counts SQS's visible and in-flight messages one after the
+        // other, and a message received in between is counted twice (or, made visible
+        // again in between, not at all). So a few reads, one of which must count every
+        // message. (Any message acknowledged early also never reaches the function after
+        // the recovery, which the end of the scenario checks exactly.)
+        let mut counts = Vec::new();
+        for _ in 0..5 {
+            counts.push(fixture.unacknowledged(&topic).await);
+            if counts.last() >= Some(&(MESSAGES as u64)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            counts.last() >= Some(&(MESSAGES as u64)),
+            "{counts:?} of {MESSAGES} messages unacknowledged during the outage, after {:?}: the function accepted none, so every message must stay with the broker:\n{}",
+            started.elapsed(),
+            connector.process.output()
+        );
+        let dead = fixture.dead_letters(&topic).await;
+        assert!(
+            dead.is_empty(),
+            "{} messages reached a dead-letter destination with none configured",
+            dead.len()
+        );
+        assert!(
+            connector.process.exited().is_none(),
+            "the connector exited during the outage:\n{}",
+            connector.process.output()
+        );
+        checks += 1;
+        // Where the broker hands out fewer messages than that while some are held (a
+        // Kafka partition parks everything behind its held records), every message
+        // attempted must have been held several times over.
+        if total >= MAX_ATTEMPTS * MESSAGES && seen > 0 && often >= HELD_OFTEN.min(seen) {
+            let least = failed.lock().unwrap().values().copied().min().unwrap_or(0);
+            eprintln!(
+                "outage: {:?}, {total} failed attempts, {seen} of {MESSAGES} messages attempted ({often} of them {OUTAGE_ATTEMPTS} times or more, the least {least} times); {checks} checks",
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < OUTAGE_LIMIT,
+            "after {OUTAGE_LIMIT:?} of outage: {total} failed attempts, {seen} of {MESSAGES} messages attempted, {often} of them {OUTAGE_ATTEMPTS} times or more (held messages are not redelivered?):\n{}",
+            connector.process.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The recovery: every message reaches the function, and all are acknowledged.
+    up.store(true, SeqCst);
+    let recovered = Instant::now();
+    let delivered = || accepted.lock().unwrap().len();
+    let all_delivered = eventually(RECOVERY_LIMIT, || delivered() >= MESSAGES).await;
+    let missing: Vec<String> = {
+        let accepted = accepted.lock().unwrap();
+        sent.iter()
+            .filter(|p| !accepted.contains(*p))
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect()
+    };
+    assert!(
+        all_delivered && missing.is_empty(),
+        "{} of {MESSAGES} messages never reached the function within {RECOVERY_LIMIT:?} of its recovery (first: {:?}):\n{}",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        connector.process.output()
+    );
+    assert_eq!(
+        *accepted.lock().unwrap(),
+        sent.iter().cloned().collect::<BTreeSet<_>>(),
+        "the function accepted payloads that were not sent"
+    );
+    let delivered_in = recovered.elapsed();
+    assert!(
+        eventually_async(WITHIN, || async {
+            fixture.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "{} messages left unacknowledged after every one was delivered:\n{}",
+        fixture.unacknowledged(&topic).await,
+        connector.process.output()
+    );
+    eprintln!(
+        "recovery: every message delivered in {delivered_in:?}, all acknowledged in {:?}",
+        recovered.elapsed()
+    );
+    assert!(
+        fixture.dead_letters(&topic).await.is_empty(),
+        "dead letters written after the recovery"
+    );
+    let status = connector.process.terminate(WITHIN).await;
+    assert!(status.success(), "exit status {status:?}");
 }
 
 /// Polls an async condition every 100 ms for up to `within`.

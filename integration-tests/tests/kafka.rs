@@ -236,6 +236,14 @@ impl Fixture for Kafka {
         source_config(&self.brokers, topic)
     }
 
+    fn source_config_without_dead_letters(&self, topic: &str) -> String {
+        source_config(&self.brokers, topic)
+            .lines()
+            .filter(|l| !l.starts_with("dead_letter_topic"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
     async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
         for p in payloads {
             self.send(topic, None, None, Some(p), &[]).await;
@@ -347,6 +355,11 @@ async fn kafka_nothing_lost_across_kill() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_drain_on_shutdown() {
     scenarios::drain_on_shutdown(&Kafka::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_long_outage_loses_nothing() {
+    scenarios::long_outage_loses_nothing(&Kafka::new()).await;
 }
 
 // ---------------------------------------------------------------- Kafka-specific

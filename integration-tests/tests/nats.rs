@@ -65,6 +65,13 @@ async fn jetstream_drain_on_shutdown() {
     scenarios::drain_on_shutdown(&jetstream_topics().await).await;
 }
 
+/// Held messages (no dead-letter subject) are nakked with a delay and redelivered until
+/// the function recovers; none is acknowledged or terminated early.
+#[tokio::test(flavor = "multi_thread")]
+async fn jetstream_long_outage_loses_nothing() {
+    scenarios::long_outage_loses_nothing(&jetstream_topics().await).await;
+}
+
 /// A connector with `[connector]` lines `extra` and the NATS sections `nats`.
 fn config(gw: &FakeGateway, metrics_addr: SocketAddr, extra: &str, nats: &str) -> String {
     format!(

@@ -62,6 +62,13 @@ async fn redis_drain_on_shutdown() {
     scenarios::drain_on_shutdown(&RedisStreams::new()).await;
 }
 
+/// Held entries (no dead-letter stream) stay pending through a long outage and are
+/// claimed again until the function recovers.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_long_outage_loses_nothing() {
+    scenarios::long_outage_loses_nothing(&RedisStreams::new()).await;
+}
+
 // ---------------------------------------------------------------- Redis specifics
 
 fn config(gw: &FakeGateway, metrics_addr: SocketAddr, connector: &str, redis: &str) -> String {

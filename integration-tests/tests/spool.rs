@@ -43,6 +43,12 @@ impl Fixture for Spool {
         )
     }
 
+    /// The example always dead-letters to `.dead/`, and a file it holds is not picked up
+    /// again until a restart: the long-outage scenario does not apply.
+    fn source_config_without_dead_letters(&self, _topic: &str) -> String {
+        panic!("the spool example has no configuration without dead letters")
+    }
+
     async fn produce(&self, topic: &str, payloads: &[Vec<u8>]) {
         let staging = self.dir.path().join(".staging");
         std::fs::create_dir_all(&staging).unwrap();

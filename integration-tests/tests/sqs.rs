@@ -42,6 +42,13 @@ async fn sqs_drain_on_shutdown() {
     scenarios::drain_on_shutdown(&SqsQueues::new()).await;
 }
 
+/// Held messages (no dead-letter queue, no redrive policy) become visible again after a
+/// backoff and are received again until the function recovers; none is deleted early.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqs_long_outage_loses_nothing() {
+    scenarios::long_outage_loses_nothing(&SqsQueues::new()).await;
+}
+
 /// Fast retries: the backoff for most tests.
 const FAST_BACKOFF: &str = "initial = \"50ms\"\nmax = \"200ms\"";
 

@@ -530,15 +530,25 @@ impl ConsumerTask {
             )
             .await
             .map_err(|e| format!("consumer `{name}` on `{}`: {e}", self.pattern))?;
-        if let Ok(info) = consumer.info().await
-            && info.config.ack_wait != s.ack_wait
-        {
-            tracing::warn!(
-                consumer = %name,
-                server_ack_wait = ?info.config.ack_wait,
-                configured = ?s.ack_wait,
-                "the existing consumer has another ack_wait than configured; the server's applies (delete the consumer to take the new one)"
-            );
+        if let Ok(info) = consumer.info().await {
+            if info.config.ack_wait != s.ack_wait {
+                tracing::warn!(
+                    consumer = %name,
+                    server_ack_wait = ?info.config.ack_wait,
+                    configured = ?s.ack_wait,
+                    "the existing consumer has another ack_wait than configured; the server's applies (delete the consumer to take the new one)"
+                );
+            }
+            // The connector creates its consumers without a delivery limit: a held message
+            // (failed for good, no dead-letter subject) is redelivered until it goes
+            // through. A consumer made elsewhere with one gives up on it for good.
+            if info.config.max_deliver > 0 {
+                tracing::warn!(
+                    consumer = %name,
+                    max_deliver = info.config.max_deliver,
+                    "the existing consumer stops redelivering a message after max_deliver deliveries: a message held that often is never delivered again (delete the consumer to have it made without a limit, or set a dead-letter subject)"
+                );
+            }
         }
         Ok(consumer)
     }
