@@ -147,6 +147,7 @@ pub const SDK_ENV: &[EnvVar] = &[
     EnvVar::new("max_inflight", "connector.max_inflight"),
     EnvVar::new("max_attempts", "connector.max_attempts"),
     EnvVar::new("on_exhausted", "connector.on_exhausted"),
+    EnvVar::new("unmatched", "connector.unmatched"),
     EnvVar::new("ordering", "connector.ordering"),
     EnvVar::new("drain_timeout", "connector.drain_timeout"),
     EnvVar::new("metrics_addr", "connector.metrics_addr"),
@@ -443,6 +444,20 @@ pub enum OnExhausted {
     Drop,
 }
 
+/// What happens to a message of a topic the connector consumes because `topics` names it,
+/// when no function subscribes to that topic at that moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// Do not acknowledge: the message stays with the broker and comes back on its hold
+    /// schedule until a function subscribes (default). A redeploy, or a provider that
+    /// briefly lists nothing, loses nothing.
+    #[default]
+    Hold,
+    /// Acknowledge it and count it (`unmatched`), as OpenFaaS's connectors do.
+    Ack,
+}
+
 /// In which order a connector's messages are delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -545,6 +560,12 @@ pub struct SdkConfig {
     /// unacknowledged with the broker; `drop`: it is acknowledged and counted as dropped.
     /// Env `on_exhausted`. (default: `"block"`)
     pub on_exhausted: OnExhausted,
+    /// With `topics` set: `hold` leaves a message of a listed topic that no function
+    /// subscribes to right now unacknowledged with the broker, to come back until one
+    /// does; `ack` acknowledges and counts it. Without `topics`, the connector consumes
+    /// only topics some function subscribes to, and a message of a topic whose last
+    /// subscriber just left is acknowledged. Env `unmatched`. (default: `"hold"`)
+    pub unmatched: Unmatched,
     /// `none`, `key` or `partition` (see each connector for what the key is).
     /// Env `ordering`. (default: `"none"`)
     pub ordering: Ordering,
@@ -588,6 +609,7 @@ impl Default for SdkConfig {
             backoff: Backoff::default(),
             status: StatusClasses::default(),
             on_exhausted: OnExhausted::Block,
+            unmatched: Unmatched::Hold,
             ordering: Ordering::None,
             drain_timeout: Duration::from_secs(30),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8081)),

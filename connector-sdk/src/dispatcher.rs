@@ -4,7 +4,11 @@
 //! Life of a message:
 //!
 //! 1. [`Dispatcher::submit`] looks the topic up in the current topic map. No subscriber:
-//!    the outcome is ready at once (acknowledge; counted as `unmatched`).
+//!    the outcome is ready at once. If the connector consumes the topic because `topics`
+//!    names it, the message is held (`unmatched = "hold"`, the default: it comes back on
+//!    the source's hold schedule until a function subscribes; counted as
+//!    `unmatched_held`, listed in `/readyz`'s body); otherwise it is acknowledged
+//!    (counted as `unmatched`).
 //! 2. It waits for room: an idle worker, or a place in the hand-off queue, which holds at
 //!    most `max_inflight` messages waiting for a worker. This wait
 //!    is the backpressure: a source awaiting `submit` is not pulling. The queue lets a
@@ -155,6 +159,8 @@ struct Inner {
     blocked: Mutex<HashMap<Bytes, (String, Instant)>>,
     next_lane_id: AtomicU64,
     policy: Policy,
+    /// `topics` is set and `unmatched = "hold"`: a message without a subscriber is held.
+    hold_unmatched: bool,
     dead_letters: Option<Arc<dyn DeadLetterSink>>,
     subscribers: Subscribers,
     metrics: Metrics,
@@ -183,6 +189,7 @@ pub struct DispatcherBuilder {
     max_inflight: usize,
     ordering: Ordering,
     policy: Policy,
+    hold_unmatched: bool,
     matcher: Option<Matcher>,
     dead_letters: Option<Arc<dyn DeadLetterSink>>,
     subscribers: Subscribers,
@@ -250,6 +257,7 @@ impl DispatcherBuilder {
             blocked: Mutex::new(HashMap::new()),
             next_lane_id: AtomicU64::new(0),
             policy: self.policy,
+            hold_unmatched: self.hold_unmatched,
             dead_letters: self.dead_letters,
             subscribers: self.subscribers,
             metrics: self.metrics,
@@ -289,6 +297,8 @@ impl Dispatcher {
                 print_request_body: config.print_request_body,
                 broker_retries: false,
             },
+            hold_unmatched: !config.topics.is_empty()
+                && config.unmatched == crate::config::Unmatched::Hold,
             matcher: None,
             dead_letters: None,
             subscribers: Subscribers::default(),
@@ -377,12 +387,18 @@ impl Dispatcher {
     /// subscriber, a blocked key), else an admission for a worker.
     fn admit(&self, message: Message, functions: Arc<[FunctionRef]>) -> Admitted {
         if functions.is_empty() {
-            tracing::debug!(topic = %message.topic, ce_id = %message.id, "no function subscribes to this topic");
-            self.inner.metrics.message_finished("unmatched");
+            tracing::debug!(topic = %message.topic, ce_id = %message.id, held = self.inner.hold_unmatched, "no function subscribes to this topic");
+            let held_unmatched = self.inner.hold_unmatched;
+            if held_unmatched {
+                self.inner.metrics.held_unmatched(&message.topic);
+            } else {
+                self.inner.metrics.message_finished("unmatched");
+            }
             let outcome = MessageOutcome {
                 id: message.id,
                 deliveries: Vec::new(),
                 interrupted: false,
+                held_unmatched,
             };
             return Admitted::Ready(outcome);
         }
@@ -961,6 +977,7 @@ impl Inner {
                 id: message.id.clone(),
                 deliveries,
                 interrupted: false,
+                held_unmatched: false,
             },
             lane,
         )
@@ -1311,6 +1328,7 @@ fn released_all(message: &Message, functions: &[FunctionRef]) -> MessageOutcome 
         id: message.id.clone(),
         deliveries: functions.iter().map(|f| released(f, 0)).collect(),
         interrupted: false,
+        held_unmatched: false,
     }
 }
 
@@ -1345,6 +1363,7 @@ impl Future for Completion {
             id: String::new(),
             deliveries: Vec::new(),
             interrupted: true,
+            held_unmatched: false,
         };
         match &mut self.get_mut().0 {
             CompletionState::Ready(outcome) => {

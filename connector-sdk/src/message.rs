@@ -244,6 +244,9 @@ pub struct MessageOutcome {
     pub deliveries: Vec<DeliveryReport>,
     /// The dispatcher was torn down before the message completed: release it.
     pub interrupted: bool,
+    /// No function subscribes to the message's topic, which the connector consumes
+    /// because `topics` names it, and `unmatched = "hold"`: hold it.
+    pub held_unmatched: bool,
 }
 
 impl MessageOutcome {
@@ -263,7 +266,7 @@ impl MessageOutcome {
             Disposition::Release
         } else if let Some(after) = retry_after {
             Disposition::Retry { after }
-        } else if outcomes().any(|o| o == DeliveryOutcome::Held) {
+        } else if self.held_unmatched || outcomes().any(|o| o == DeliveryOutcome::Held) {
             Disposition::Hold
         } else {
             Disposition::Ack
@@ -294,6 +297,7 @@ mod tests {
     fn disposition_follows_the_worst_delivery() {
         use DeliveryOutcome::*;
         let outcome = |list: &[DeliveryOutcome]| MessageOutcome {
+            held_unmatched: false,
             id: "m".into(),
             deliveries: list.iter().copied().map(report).collect(),
             interrupted: false,

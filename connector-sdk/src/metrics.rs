@@ -47,7 +47,8 @@ pub struct InvocationLabels {
 /// Labels of message outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MessageLabels {
-    /// `ack`, `hold`, `release`, `retry` (broker retries) or `unmatched`.
+    /// `ack`, `hold`, `release`, `retry` (broker retries), `unmatched` (no subscriber,
+    /// acknowledged) or `unmatched_held` (no subscriber, held).
     pub outcome: &'static str,
 }
 
@@ -114,6 +115,8 @@ pub struct Metrics {
     /// Read on every delivery, written once per new function.
     functions: Arc<arc_swap::ArcSwap<SeriesMap>>,
     message_outcomes: Arc<[OnceLock<Counter>; MESSAGE_OUTCOMES.len()]>,
+    /// Topics whose messages were held for want of a subscriber, with when last.
+    held_unmatched: Arc<std::sync::Mutex<std::collections::BTreeMap<String, std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -155,6 +158,7 @@ impl Metrics {
             draining: Gauge::default(),
             functions: Arc::default(),
             message_outcomes: Arc::default(),
+            held_unmatched: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("connector");
         let info = prometheus_client::metrics::info::Info::new(vec![
@@ -355,6 +359,32 @@ impl Metrics {
             Some(index) => self.message_outcomes[index].get_or_init(counter).inc(),
             None => counter().inc(),
         };
+    }
+
+    /// A message of `topic` was held because no function subscribes to it.
+    pub(crate) fn held_unmatched(&self, topic: &str) {
+        self.message_finished("unmatched_held");
+        let mut held = self
+            .held_unmatched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        match held.get_mut(topic) {
+            Some(at) => *at = now,
+            None => {
+                held.insert(topic.to_owned(), now);
+            }
+        }
+    }
+
+    /// Topics a message was held for want of a subscriber within the last `within`.
+    pub fn held_unmatched_topics(&self, within: std::time::Duration) -> Vec<String> {
+        let mut held = self
+            .held_unmatched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.retain(|_, at| at.elapsed() <= within);
+        held.keys().cloned().collect()
     }
 
     pub(crate) fn inflight(&self) -> &Gauge {

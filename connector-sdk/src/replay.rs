@@ -538,6 +538,7 @@ impl Replayer {
 
     async fn deliver(&self, letter: ReplayLetter) -> MessageOutcome {
         let interrupted = MessageOutcome {
+            held_unmatched: false,
             id: letter.message.id.clone(),
             deliveries: Vec::new(),
             interrupted: true,

@@ -33,6 +33,10 @@ use crate::error::SdkError;
 use crate::metrics::{Metrics, encode};
 use crate::topic_map::TopicMapHandle;
 
+/// How long `/readyz` lists a topic after a message of it was last held for want of a
+/// subscriber.
+const UNMATCHED_SHOWN_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Readiness inputs. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Health {
@@ -81,9 +85,12 @@ impl Health {
         }
     }
 
-    /// The stalled partitions, as `/readyz` lists them (`stalled: topic/partition`).
+    /// The stalled partitions, as `/readyz` lists them (`stalled: topic/partition`), then
+    /// the topics whose messages were held in the last minute because no function
+    /// subscribes to them (`unmatched: topic`).
     pub fn stalled(&self) -> Vec<String> {
-        self.stalled
+        let mut lines: Vec<String> = self
+            .stalled
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
@@ -94,7 +101,16 @@ impl Health {
                     format!("stalled: {topic}/{partition}")
                 }
             })
-            .collect()
+            .collect();
+        lines.extend(
+            self.metrics
+                .held_unmatched_topics(UNMATCHED_SHOWN_FOR)
+                .into_iter()
+                .map(|topic| {
+                    format!("unmatched: {topic} (messages held until a function subscribes)")
+                }),
+        );
+        lines
     }
 
     /// Why the connector is not ready; empty when it is.

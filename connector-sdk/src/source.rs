@@ -221,6 +221,7 @@ async fn release<S: Source>(source: &mut S, ack: S::Ack) {
         id: String::new(),
         deliveries: Vec::new(),
         interrupted: true,
+        held_unmatched: false,
     };
     settle(source, ack, &outcome).await;
 }

@@ -278,6 +278,8 @@ async fn fan_out_where_one_fails_does_not_repeat_the_other() {
     assert!(flaky_first.at < good.at + Duration::from_millis(50));
 }
 
+/// Without `topics`, the connector consumes only topics some function subscribes to: a
+/// message of a topic whose last subscriber just left is acknowledged and counted.
 #[tokio::test]
 async fn unmatched_topic_completes_at_once() {
     let gw = FakeGateway::start().await.unwrap();
@@ -290,6 +292,47 @@ async fn unmatched_topic_completes_at_once() {
         .unwrap()
         .await;
     assert!(outcome.unmatched());
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    assert!(gw.requests().is_empty());
+    assert!(encode(&setup.registry).contains(r#"connector_messages_total{outcome="unmatched"} 1"#));
+}
+
+/// With `topics` naming the topic, a message nobody subscribes to right now is held, not
+/// acknowledged (issue 17: a redeploy committed Kafka offsets and deleted SQS messages
+/// nobody received); `unmatched = "ack"` keeps OpenFaaS's behaviour.
+#[tokio::test]
+async fn unmatched_message_of_a_listed_topic_is_held() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("f", "a", |_, _| Reply::ok());
+    let mut config = gw.config();
+    config.topics = vec!["orders".to_owned()];
+    let setup = dispatcher(&gw, config.clone(), None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("orders", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.disposition(), Disposition::Hold);
+    assert!(
+        encode(&setup.registry).contains(r#"connector_messages_total{outcome="unmatched_held"} 1"#)
+    );
+    assert_eq!(
+        setup
+            .dispatcher
+            .metrics()
+            .held_unmatched_topics(Duration::from_secs(60)),
+        ["orders"]
+    );
+
+    config.unmatched = connector_sdk::config::Unmatched::Ack;
+    let setup = dispatcher(&gw, config, None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("orders", "x", "2"))
+        .await
+        .unwrap()
+        .await;
     assert_eq!(outcome.disposition(), Disposition::Ack);
     assert!(gw.requests().is_empty());
 }

@@ -628,6 +628,67 @@ async fn unwritable_dead_letter_topic_stalls_the_partition() {
     assert_eq!(dead[0].payload, b"bad-2");
 }
 
+/// With `topics` naming a topic that no function subscribes to right now (a redeploy), its
+/// records are held, not committed (issue 17: they used to be committed and gone); once a
+/// function subscribes, every one of them arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_without_a_subscriber_wait_for_one() {
+    let k = Kafka::new();
+    let topic = unique("unmatched");
+    k.create(&[&topic, &dead_of(&topic)], 2).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("late-fn", "some-other-topic", |_, _| Reply::ok());
+    let (p, addr) = start(
+        &gw,
+        &format!("topics = [\"{topic}\"]"),
+        &source_config(&k.brokers, &topic),
+    )
+    .await;
+    for i in 0..6 {
+        k.send(&topic, None, None, Some(format!("u-{i}").as_bytes()), &[])
+            .await;
+    }
+    let held = r#"connector_messages_total{outcome="unmatched_held"}"#;
+    assert!(
+        eventually_async(WITHIN, || async {
+            metric(&metrics_text(addr).await, held).is_some_and(|n| n >= 2.0)
+        })
+        .await,
+        "records not held:\n{}",
+        p.output()
+    );
+    let (status, body) = http_get(addr, "/readyz").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains(&format!("unmatched: {topic}")), "{body}");
+    assert_eq!(
+        k.lag_async(&topic, &group_of(&topic)).await,
+        6,
+        "committed past records nobody received"
+    );
+    assert!(gw.requests_to("late-fn").is_empty());
+
+    gw.set_annotations("late-fn", &[("topic", &topic)]);
+    assert!(
+        eventually(WITHIN, || {
+            let got: BTreeSet<Vec<u8>> = gw
+                .requests_to("late-fn")
+                .iter()
+                .map(|r| r.body.to_vec())
+                .collect();
+            got.len() == 6
+        })
+        .await,
+        "held records not delivered once subscribed:\n{}",
+        p.output()
+    );
+    assert!(
+        eventually_async(WITHIN, || async {
+            k.lag_async(&topic, &group_of(&topic)).await == 0
+        })
+        .await
+    );
+}
+
 /// A replica joining takes partitions from a busy one: the revoked partitions' in-flight
 /// deliveries finish and are committed before the hand-over, so nothing is delivered
 /// twice and nothing is lost.

@@ -731,7 +731,11 @@ impl Poller {
                     o.remove(&record.id());
                 }
                 if settled == Settled::Hold {
-                    tracing::error!(partition = %record.tp, offset = record.offset, "record holds its partition: nothing past it is committed");
+                    if outcome.held_unmatched {
+                        tracing::warn!(partition = %record.tp, offset = record.offset, "no function subscribes to this topic right now: the record holds its partition until one does");
+                    } else {
+                        tracing::error!(partition = %record.tp, offset = record.offset, "record holds its partition: nothing past it is committed");
+                    }
                 }
                 shared.settle(&record, settled);
             })

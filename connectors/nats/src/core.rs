@@ -295,6 +295,7 @@ mod tests {
     #[test]
     fn a_request_nobody_subscribes_to_gets_404() {
         let outcome = MessageOutcome {
+            held_unmatched: false,
             id: "x".into(),
             deliveries: Vec::new(),
             interrupted: false,
