@@ -311,7 +311,7 @@ async fn client_run(config: &SdkConfig, concurrency: usize, count: usize) -> Fig
     workers(concurrency, count, move |message| {
         let (gateway, function) = (gateway.clone(), function.clone());
         async move {
-            let resp = gateway.invoke(&function, &message, 1).await.unwrap();
+            let resp = gateway.invoke(&function, &message, 1, None).await.unwrap();
             assert!(resp.status.is_success());
         }
     })

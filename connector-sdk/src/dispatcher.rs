@@ -77,10 +77,12 @@ use crate::config::{OnExhausted, Ordering, SdkConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RESPONSE_EXCERPT_BYTES};
 use crate::error::SdkError;
 use crate::gateway::{GatewayClient, InvokeError};
+use crate::limiter::Limiter;
 use crate::message::{
     DeliveryOutcome, DeliveryReport, Disposition, InvocationResponse, Message, MessageOutcome,
 };
 use crate::metrics::{Metrics, status_class};
+use crate::policy::PolicyOverrides;
 use crate::response::{InvocationResult, Subscribers};
 use crate::topic_map::{FunctionRef, TopicMap, TopicMapHandle};
 use crate::verdict::{StatusClasses, Verdict};
@@ -161,6 +163,9 @@ struct Inner {
     policy: Policy,
     /// `topics` is set and `unmatched = "hold"`: a message without a subscriber is held.
     hold_unmatched: bool,
+    /// Concurrency limits of the functions that have one (`connector.max_inflight`,
+    /// `connector.adaptive`).
+    limiters: Mutex<HashMap<FunctionRef, Arc<Limiter>>>,
     dead_letters: Option<Arc<dyn DeadLetterSink>>,
     subscribers: Subscribers,
     metrics: Metrics,
@@ -258,6 +263,7 @@ impl DispatcherBuilder {
             next_lane_id: AtomicU64::new(0),
             policy: self.policy,
             hold_unmatched: self.hold_unmatched,
+            limiters: Mutex::new(HashMap::new()),
             dead_letters: self.dead_letters,
             subscribers: self.subscribers,
             metrics: self.metrics,
@@ -350,7 +356,8 @@ impl Dispatcher {
     ) -> Result<Completion, SdkError> {
         Ok(match self.admit(message, functions) {
             Admitted::Ready(outcome) => Completion(CompletionState::Ready(Some(outcome))),
-            Admitted::Run(admission) => {
+            Admitted::Run(mut admission) => {
+                self.reserve(&mut admission).await?;
                 let (tx, rx) = oneshot::channel();
                 let finish = Finish::Channel(tx);
                 self.place(Job { admission, finish }).await?;
@@ -375,7 +382,8 @@ impl Dispatcher {
             Admitted::Ready(outcome) => {
                 self.inner.tracker.spawn(then(outcome));
             }
-            Admitted::Run(admission) => {
+            Admitted::Run(mut admission) => {
+                self.reserve(&mut admission).await?;
                 let finish = Finish::Then(Box::new(move |outcome| Box::pin(then(outcome))));
                 self.place(Job { admission, finish }).await?;
             }
@@ -416,6 +424,45 @@ impl Dispatcher {
             functions,
             lane: None,
             token: self.inner.tracker.token(),
+            tickets: Vec::new(),
+        })
+    }
+
+    /// Takes the message's places among the admitted messages of each of its functions
+    /// that has a concurrency limit, waiting for the function alone (in function order,
+    /// so two submitters never wait on each other). Fails when the dispatcher drains.
+    async fn reserve(&self, admission: &mut Admission) -> Result<(), SdkError> {
+        let map = self.inner.topics.current();
+        if !map.has_policies() {
+            return Ok(());
+        }
+        for function in admission.functions.iter() {
+            let Some(limiter) = map
+                .policy(function)
+                .and_then(|o| self.inner.limiter(function, o))
+            else {
+                continue;
+            };
+            let ticket = tokio::select! {
+                ticket = limiter.admit() => ticket,
+                () = self.inner.drain.cancelled() => return Err(SdkError::DispatcherClosed),
+            };
+            admission.tickets.push(ticket);
+        }
+        Ok(())
+    }
+
+    /// Whether a message of `topic` would be admitted without waiting for a function's
+    /// concurrency limit (for sources that must not wait, like Kafka's poll loop).
+    pub fn room_for(&self, topic: &str) -> bool {
+        let map = self.inner.topics.current();
+        if !map.has_policies() {
+            return true;
+        }
+        self.functions_for(topic).iter().all(|function| {
+            map.policy(function)
+                .and_then(|o| self.inner.limiter(function, o))
+                .is_none_or(|l| l.has_room())
         })
     }
 
@@ -534,6 +581,8 @@ struct Admission {
     lane: Option<LaneTicket>,
     /// Keeps `wait_idle` waiting until the message is settled.
     token: TaskTrackerToken,
+    /// Its places among the admitted messages of its concurrency-limited functions.
+    tickets: Vec<OwnedSemaphorePermit>,
 }
 
 /// The settle step of [`Dispatcher::submit_then`], type-erased.
@@ -886,6 +935,27 @@ struct LaneTicket {
 }
 
 impl Inner {
+    /// `function`'s limiter when `overrides` limit its concurrency; made (or remade, after
+    /// its annotations changed) on first use.
+    fn limiter(&self, function: &FunctionRef, overrides: &PolicyOverrides) -> Option<Arc<Limiter>> {
+        if !overrides.limits_concurrency() {
+            return None;
+        }
+        let max = overrides.max_inflight.unwrap_or(self.max_inflight);
+        let mut limiters = self
+            .limiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match limiters.get(function) {
+            Some(l) if l.fits(max, overrides.adaptive) => Some(l.clone()),
+            _ => {
+                let l = Limiter::new(max, overrides.adaptive);
+                limiters.insert(function.clone(), l.clone());
+                Some(l)
+            }
+        }
+    }
+
     /// Delivers a message, records its outcome, lets its lane go on, and finishes it.
     async fn execute(self: &Arc<Self>, cancel: &Cancel, job: Job) {
         let Job { admission, finish } = job;
@@ -1082,6 +1152,34 @@ impl Inner {
         function: &FunctionRef,
     ) -> DeliveryReport {
         let policy = &self.policy;
+        // The function's own settings, where its annotations override the connector's.
+        let overrides = self.topics.policy_for(function);
+        let own = overrides.as_deref();
+        let max_attempts = own
+            .and_then(|o| o.max_attempts)
+            .unwrap_or(policy.max_attempts);
+        let backoff = match own {
+            Some(o) => {
+                let initial = o.min_wait.unwrap_or(policy.backoff.initial);
+                Backoff {
+                    initial,
+                    max: o.max_wait.unwrap_or(policy.backoff.max).max(initial),
+                }
+            }
+            None => policy.backoff,
+        };
+        let status = own
+            .and_then(|o| o.status.as_ref())
+            .unwrap_or(&policy.status);
+        let timeout = own.and_then(|o| o.timeout);
+        let limiter = own.and_then(|o| self.limiter(function, o));
+        let _running = match &limiter {
+            Some(l) => tokio::select! {
+                running = l.run() => Some(running),
+                () = cancel.drain.cancelled() => return released(function, 0),
+            },
+            None => None,
+        };
         let mut attempt = message.prior_attempts;
         let mut local = 0u32;
         let mut first_failure: Option<SystemTime> = None;
@@ -1105,7 +1203,7 @@ impl Inner {
             let started = Instant::now();
             let invocation = UntilAborted {
                 signal: &cancel.signal,
-                inner: self.gateway.invoke(function, message, attempt),
+                inner: self.gateway.invoke(function, message, attempt, timeout),
             };
             let Some(result) = invocation.await else {
                 return released(function, local);
@@ -1115,10 +1213,14 @@ impl Inner {
                 Ok(resp) => {
                     self.metrics
                         .invoked(function, status_class(resp.status), took);
-                    let verdict =
-                        policy
-                            .status
-                            .classify(resp.status, &resp.headers, SystemTime::now());
+                    let verdict = status.classify(resp.status, &resp.headers, SystemTime::now());
+                    if let Some(l) = &limiter {
+                        if resp.status == http::StatusCode::TOO_MANY_REQUESTS {
+                            l.throttled();
+                        } else if verdict == Verdict::Delivered {
+                            l.succeeded();
+                        }
+                    }
                     (verdict, Some(Arc::new(resp)), None)
                 }
                 Err(e) => {
@@ -1127,11 +1229,7 @@ impl Inner {
                         InvokeError::Transport(_) => "error",
                     };
                     self.metrics.invoked(function, class, took);
-                    (
-                        policy.status.classify_transport_error(),
-                        None,
-                        Some(e.to_string()),
-                    )
+                    (status.classify_transport_error(), None, Some(e.to_string()))
                 }
             };
             if !self.subscribers.is_empty() {
@@ -1186,10 +1284,10 @@ impl Inner {
                 Verdict::Retry { retry_after } => {
                     let now = SystemTime::now();
                     let first = *first_failure.get_or_insert(now);
-                    if policy.broker_retries && attempt < policy.max_attempts {
+                    if policy.broker_retries && attempt < max_attempts {
                         // Counted from the broker's redeliveries: the delay grows with
                         // every receive, not only within this process.
-                        let after = policy.backoff.delay_with_hint(attempt, retry_after);
+                        let after = backoff.delay_with_hint(attempt, retry_after);
                         self.metrics.retried(function);
                         tracing::debug!(
                             attempt,
@@ -1200,7 +1298,7 @@ impl Inner {
                         );
                         return report(DeliveryOutcome::Retry { after });
                     }
-                    if attempt >= policy.max_attempts {
+                    if attempt >= max_attempts {
                         let outcome = self
                             .dead_letter(
                                 cancel,
@@ -1215,7 +1313,7 @@ impl Inner {
                             .await;
                         return report(outcome);
                     }
-                    let delay = policy.backoff.delay_with_hint(local, retry_after);
+                    let delay = backoff.delay_with_hint(local, retry_after);
                     self.metrics.retried(function);
                     tracing::debug!(
                         attempt,

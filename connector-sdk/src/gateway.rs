@@ -360,12 +360,14 @@ impl GatewayClient {
     }
 
     /// One attempt: `POST {gateway}/function/{fn}` (or `/async-function/`). A response of
-    /// any status is `Ok`; the verdict decides what it means.
+    /// any status is `Ok`; the verdict decides what it means. `timeout` replaces
+    /// `upstream_timeout` for this call (a function's `connector.timeout`).
     pub async fn invoke(
         &self,
         function: &FunctionRef,
         message: &Message,
         attempt: u32,
+        timeout: Option<Duration>,
     ) -> Result<InvocationResponse, InvokeError> {
         let uri = self.function_uri(function)?;
         let mut headers = self.invocation_headers(message, attempt);
@@ -395,9 +397,10 @@ impl GatewayClient {
             })
         };
         // The bound covers the whole exchange: connecting, the function's work, the body.
-        tokio::time::timeout(self.timeout, exchange)
+        let timeout = timeout.unwrap_or(self.timeout);
+        tokio::time::timeout(timeout, exchange)
             .await
-            .unwrap_or(Err(InvokeError::Timeout(self.timeout)))
+            .unwrap_or(Err(InvokeError::Timeout(timeout)))
     }
 
     /// `{gateway}/function/{name.namespace}`, the name as one path segment.
@@ -605,7 +608,7 @@ mod tests {
         });
         let function = FunctionRef::new("echo", None);
         let m = Message::new("orders", "x", "orders/0/1", "test://");
-        let err = c.invoke(&function, &m, 1).await.unwrap_err();
+        let err = c.invoke(&function, &m, 1, None).await.unwrap_err();
         assert!(matches!(err, InvokeError::Transport(_)), "{err}");
         // 0x16: a TLS handshake record, where plain HTTP would start with `P` (POST).
         assert_eq!(server.await.unwrap(), 0x16);

@@ -21,7 +21,7 @@
 //! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
 //!   path, removed once delivered.
 //!
-//! See `examples/timer_connector.rs` for a complete connector built on the public API.
+//! See `examples/spool_connector.rs` for a complete connector built on the public API.
 //!
 //! Linking the SDK makes mimalloc the binary's global allocator (feature `mimalloc`, on
 //! by default). A connector with its own `#[global_allocator]` depends on the SDK with
@@ -33,8 +33,10 @@ pub mod dead_letter;
 pub mod dispatcher;
 pub mod error;
 pub mod gateway;
+pub(crate) mod limiter;
 pub mod message;
 pub mod metrics;
+pub mod policy;
 pub mod replay;
 pub mod response;
 pub mod runtime;

@@ -115,6 +115,8 @@ pub struct Metrics {
     /// Read on every delivery, written once per new function.
     functions: Arc<arc_swap::ArcSwap<SeriesMap>>,
     message_outcomes: Arc<[OnceLock<Counter>; MESSAGE_OUTCOMES.len()]>,
+    /// `1` per function whose subscription is skipped for an unusable annotation.
+    subscription_invalid: Family<FunctionLabels, Gauge>,
     /// Topics whose messages were held for want of a subscriber, with when last.
     held_unmatched: Arc<std::sync::Mutex<std::collections::BTreeMap<String, std::time::Instant>>>,
 }
@@ -159,6 +161,7 @@ impl Metrics {
             functions: Arc::default(),
             message_outcomes: Arc::default(),
             held_unmatched: Arc::default(),
+            subscription_invalid: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("connector");
         let info = prometheus_client::metrics::info::Info::new(vec![
@@ -181,6 +184,11 @@ impl Metrics {
             "Duration of one invocation attempt",
             Unit::Seconds,
             m.invocation_duration.clone(),
+        );
+        r.register(
+            "subscription_invalid",
+            "1 for a function whose subscription is skipped because an annotation's value cannot be used",
+            m.subscription_invalid.clone(),
         );
         r.register(
             "inflight_deliveries",
@@ -359,6 +367,19 @@ impl Metrics {
             Some(index) => self.message_outcomes[index].get_or_init(counter).inc(),
             None => counter().inc(),
         };
+    }
+
+    /// The functions whose subscriptions are skipped now; the others' series are removed.
+    pub(crate) fn set_invalid_subscriptions<'a>(
+        &self,
+        functions: impl Iterator<Item = &'a FunctionRef>,
+    ) {
+        self.subscription_invalid.clear();
+        for function in functions {
+            self.subscription_invalid
+                .get_or_create(&fn_labels(function))
+                .set(1);
+        }
     }
 
     /// A message of `topic` was held because no function subscribes to it.

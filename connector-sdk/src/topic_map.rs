@@ -6,7 +6,7 @@
 //! per topic watch it with [`TopicMapHandle::subscribe`] and are woken only when the map
 //! actually changed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::gateway::GatewayClient;
 use crate::metrics::Metrics;
+use crate::policy::{PolicyError, PolicyOverrides};
 
 /// A function as the gateway invokes it: `name`, or `name.namespace` when a namespace is
 /// known.
@@ -96,6 +97,8 @@ pub struct Subscriber {
     pub annotations: BTreeMap<String, String>,
     /// The topics it subscribes to, in annotation order.
     pub topics: Vec<String>,
+    /// Its delivery settings, from its annotations (see [`crate::policy`]).
+    pub policy: Arc<PolicyOverrides>,
 }
 
 /// An immutable snapshot: topic → functions.
@@ -103,6 +106,10 @@ pub struct Subscriber {
 pub struct TopicMap {
     topics: BTreeMap<String, Arc<[FunctionRef]>>,
     subscribers: Vec<Subscriber>,
+    /// Functions whose annotations override a delivery setting.
+    policies: HashMap<FunctionRef, Arc<PolicyOverrides>, rustc_hash::FxBuildHasher>,
+    /// Functions skipped because an annotation's value cannot be used.
+    invalid: Vec<(FunctionRef, PolicyError)>,
     built_at: Instant,
     built_at_wall: SystemTime,
 }
@@ -111,13 +118,15 @@ impl PartialEq for TopicMap {
     /// Two maps are equal when they route the same way and carry the same annotations,
     /// whenever they were built.
     fn eq(&self, other: &Self) -> bool {
-        self.topics == other.topics && self.subscribers == other.subscribers
+        self.topics == other.topics
+            && self.subscribers == other.subscribers
+            && self.invalid == other.invalid
     }
 }
 
 impl Default for TopicMap {
     fn default() -> Self {
-        Self::from_subscribers(Vec::new())
+        Self::from_subscribers(Vec::new(), Vec::new())
     }
 }
 
@@ -127,12 +136,15 @@ pub const TOPIC_ANNOTATION: &str = "topic";
 impl TopicMap {
     /// Builds the map from the function lists of each namespace. A function's `topic`
     /// annotation is split on `delimiter` (an empty delimiter means the whole value is one
-    /// topic), each topic trimmed, empties ignored.
+    /// topic), each topic trimmed, empties ignored. Its delivery annotations are read
+    /// ([`crate::policy`]); a function with a value that cannot be used is left out and
+    /// listed in [`invalid`](Self::invalid).
     pub fn build<'a>(
         functions: impl IntoIterator<Item = &'a FunctionStatus>,
         delimiter: &str,
     ) -> Self {
         let mut subscribers = Vec::new();
+        let mut invalid = Vec::new();
         for f in functions {
             let Some(annotation) = f.annotations.get(TOPIC_ANNOTATION) else {
                 continue;
@@ -151,18 +163,37 @@ impl TopicMap {
             if topics.is_empty() {
                 continue;
             }
+            let function = FunctionRef::new(&f.name, f.namespace.as_deref());
+            let policy = match PolicyOverrides::from_annotations(&f.annotations) {
+                Ok(policy) => Arc::new(policy),
+                Err(e) => {
+                    invalid.push((function, e));
+                    continue;
+                }
+            };
             subscribers.push(Subscriber {
-                function: FunctionRef::new(&f.name, f.namespace.as_deref()),
+                function,
                 annotations: f.annotations.clone(),
                 topics,
+                policy,
             });
         }
         subscribers.sort_by(|a, b| a.function.cmp(&b.function));
         subscribers.dedup_by(|a, b| a.function == b.function);
-        Self::from_subscribers(subscribers)
+        invalid.sort_by(|a: &(FunctionRef, PolicyError), b| a.0.cmp(&b.0));
+        invalid.dedup_by(|a, b| a.0 == b.0);
+        Self::from_subscribers(subscribers, invalid)
     }
 
-    fn from_subscribers(subscribers: Vec<Subscriber>) -> Self {
+    fn from_subscribers(
+        subscribers: Vec<Subscriber>,
+        invalid: Vec<(FunctionRef, PolicyError)>,
+    ) -> Self {
+        let policies = subscribers
+            .iter()
+            .filter(|s| !s.policy.is_empty())
+            .map(|s| (s.function.clone(), s.policy.clone()))
+            .collect();
         let mut topics: BTreeMap<String, Vec<FunctionRef>> = BTreeMap::new();
         for s in &subscribers {
             for t in &s.topics {
@@ -175,9 +206,29 @@ impl TopicMap {
         Self {
             topics: topics.into_iter().map(|(t, f)| (t, f.into())).collect(),
             subscribers,
+            policies,
+            invalid,
             built_at: Instant::now(),
             built_at_wall: SystemTime::now(),
         }
+    }
+
+    /// `function`'s delivery settings when its annotations override any.
+    pub fn policy(&self, function: &FunctionRef) -> Option<&Arc<PolicyOverrides>> {
+        if self.policies.is_empty() {
+            return None;
+        }
+        self.policies.get(function)
+    }
+
+    /// Whether some function's annotations override a delivery setting.
+    pub fn has_policies(&self) -> bool {
+        !self.policies.is_empty()
+    }
+
+    /// Functions left out because an annotation's value cannot be used, with why.
+    pub fn invalid(&self) -> &[(FunctionRef, PolicyError)] {
+        &self.invalid
     }
 
     /// The functions subscribed to exactly `topic`.
@@ -268,6 +319,13 @@ impl TopicMapHandle {
         self.current.load_full()
     }
 
+    /// `function`'s delivery settings in the current map, when its annotations override
+    /// any. Cheap when no function overrides anything.
+    pub fn policy_for(&self, function: &FunctionRef) -> Option<Arc<PolicyOverrides>> {
+        let map = self.current.load();
+        map.policy(function).cloned()
+    }
+
     /// Installs `map`; watchers are woken only if it differs from the current one.
     /// Returns whether it changed.
     pub fn replace(&self, map: TopicMap) -> bool {
@@ -321,6 +379,17 @@ pub async fn rebuild_loop(
         let wait = match gateway.list_all_functions().await {
             Ok(functions) => {
                 let map = TopicMap::build(&functions, &delimiter);
+                let before = handle.current();
+                for (function, e) in map.invalid() {
+                    if !before
+                        .invalid()
+                        .iter()
+                        .any(|(f, old)| f == function && old == e)
+                    {
+                        tracing::error!(function = %function, key = e.key, error = %e, "subscription skipped until its annotation is fixed");
+                    }
+                }
+                metrics.set_invalid_subscriptions(map.invalid().iter().map(|(f, _)| f));
                 let (topics, count) = (map.topics.len(), map.function_count());
                 let first = !handle.is_ready();
                 let changed = handle.replace(map);

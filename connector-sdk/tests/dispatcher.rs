@@ -8,7 +8,7 @@ use connector_sdk::config::{OnExhausted, Ordering};
 use connector_sdk::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
 use connector_sdk::gateway::GatewayClient;
 use connector_sdk::metrics::{Metrics, encode};
-use connector_sdk::testing::{FakeGateway, Reply};
+use connector_sdk::testing::{FakeGateway, Reply, eventually};
 use connector_sdk::{DeliveryOutcome, Dispatcher, Disposition, Message, SdkConfig};
 use futures::FutureExt;
 use prometheus_client::registry::Registry;
@@ -33,18 +33,21 @@ impl DeadLetterSink for RecordingSink {
 struct Setup {
     dispatcher: Dispatcher,
     registry: Registry,
+    topics: connector_sdk::topic_map::TopicMapHandle,
 }
 
 fn dispatcher(gw: &FakeGateway, config: SdkConfig, sink: Option<Arc<RecordingSink>>) -> Setup {
     let (metrics, registry) = Metrics::standalone("test-connector");
     let client = GatewayClient::new("test-connector", &config).unwrap();
-    let mut builder = Dispatcher::builder(client, gw.topic_map(), &config, metrics);
+    let topics = gw.topic_map();
+    let mut builder = Dispatcher::builder(client, topics.clone(), &config, metrics);
     if let Some(sink) = sink {
         builder = builder.dead_letters(sink);
     }
     Setup {
         dispatcher: builder.build(),
         registry,
+        topics,
     }
 }
 
@@ -723,7 +726,8 @@ fn broker_dispatcher(
 ) -> Setup {
     let (metrics, registry) = Metrics::standalone("test-connector");
     let client = GatewayClient::new("test-connector", &config).unwrap();
-    let mut builder = Dispatcher::builder(client, gw.topic_map(), &config, metrics)
+    let topics = gw.topic_map();
+    let mut builder = Dispatcher::builder(client, topics.clone(), &config, metrics)
         .broker_retries(true)
         .strict_lanes(true);
     if let Some(sink) = sink {
@@ -732,6 +736,7 @@ fn broker_dispatcher(
     Setup {
         dispatcher: builder.build(),
         registry,
+        topics,
     }
 }
 
@@ -1055,5 +1060,237 @@ async fn matcher_answers_follow_the_topic_map() {
         names(&dispatcher, "orders.created"),
         ["b"],
         "a new map, new answers"
+    );
+}
+
+// ------------------------------------------------ per-function delivery policy (#17)
+
+/// OpenFaaS Pro's retry annotations give one function its own attempts and retried
+/// codes; a function without them keeps the connector's.
+#[tokio::test]
+async fn retry_annotations_give_a_function_its_own_policy() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "patient",
+        &[
+            ("topic", "orders"),
+            ("com.openfaas.retry.attempts", "5"),
+            ("com.openfaas.retry.codes", "503"),
+            ("com.openfaas.retry.min_wait", "1ms"),
+            ("com.openfaas.retry.max_wait", "5ms"),
+        ],
+        |req, _| {
+            if &req.body[..] == b"teapot" {
+                Reply::status(500)
+            } else {
+                Reply::status(503)
+            }
+        },
+    );
+    gw.function("plain", "orders", |_, _| Reply::status(503));
+    let sink = Arc::new(RecordingSink::default());
+    let mut config = gw.config();
+    config.max_attempts = 2;
+    let setup = dispatcher(&gw, config, Some(sink.clone()));
+    let outcome = setup
+        .dispatcher
+        .submit(message("orders", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    let attempts = |f: &str| {
+        outcome
+            .deliveries
+            .iter()
+            .find(|d| d.function.as_str() == f)
+            .unwrap()
+            .attempts
+    };
+    assert_eq!(attempts("patient"), 5, "its own attempts");
+    assert_eq!(attempts("plain"), 2, "the connector's attempts");
+    // With `codes`, a status not listed is not retried.
+    let outcome = setup
+        .dispatcher
+        .submit(message("orders", "teapot", "2"))
+        .await
+        .unwrap()
+        .await;
+    let patient = outcome
+        .deliveries
+        .iter()
+        .find(|d| d.function.as_str() == "patient")
+        .unwrap();
+    assert_eq!(patient.attempts, 1, "500 is not in its retried codes");
+    assert_eq!(patient.outcome, DeliveryOutcome::DeadLettered);
+}
+
+/// A function whose annotation cannot be used is skipped, logged and counted; the others
+/// keep running.
+#[tokio::test]
+async fn an_invalid_annotation_skips_that_subscription_only() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "broken",
+        &[("topic", "orders"), ("com.openfaas.retry.attempts", "lots")],
+        |_, _| Reply::ok(),
+    );
+    gw.function("fine", "orders", |_, _| Reply::ok());
+    let map = gw.topic_map().current();
+    assert_eq!(map.invalid().len(), 1);
+    assert_eq!(map.invalid()[0].0.as_str(), "broken");
+    assert_eq!(map.invalid()[0].1.key, "com.openfaas.retry.attempts");
+    let setup = dispatcher(&gw, gw.config(), None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("orders", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.deliveries.len(), 1);
+    assert_eq!(outcome.deliveries[0].function.as_str(), "fine");
+    assert!(gw.requests_to("broken").is_empty());
+}
+
+/// `connector.max_inflight` bounds one function's invocations, and while it is at its
+/// limit the other function's messages keep flowing: every fast message completes while
+/// slow ones are still waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_at_its_limit_does_not_hold_up_the_others() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "slow",
+        &[("topic", "reports"), ("connector.max_inflight", "2")],
+        |_, _| Reply::ok().delay(Duration::from_millis(150)),
+    );
+    gw.function("fast", "clicks", |_, _| Reply::ok());
+    let mut config = gw.config();
+    config.max_inflight = 16;
+    let setup = dispatcher(&gw, config, None);
+    let slow_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slow = {
+        let (d, done) = (setup.dispatcher.clone(), slow_done.clone());
+        tokio::spawn(async move {
+            let mut pending = Vec::new();
+            for i in 0..12 {
+                pending.push(
+                    d.submit(message("reports", "r", &format!("r{i}")))
+                        .await
+                        .unwrap(),
+                );
+            }
+            for c in pending {
+                c.await;
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    // The slow function's limit is reached first.
+    assert!(eventually(Duration::from_secs(5), || gw.requests_to("slow").len() >= 2).await);
+    let mut fast = Vec::new();
+    for i in 0..200 {
+        fast.push(
+            setup
+                .dispatcher
+                .submit(message("clicks", "c", &format!("c{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    for c in fast {
+        assert_eq!(c.await.disposition(), Disposition::Ack);
+    }
+    assert!(
+        slow_done.load(std::sync::atomic::Ordering::SeqCst) < 12,
+        "the fast messages waited for the slow ones"
+    );
+    slow.await.unwrap();
+    assert_eq!(gw.requests_to("slow").len(), 12);
+    assert_eq!(gw.requests_to("fast").len(), 200);
+}
+
+/// Only the slow function runs: never more than its limit at once, though the
+/// connector allows 16.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_never_exceeds_its_own_limit() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "slow",
+        &[("topic", "reports"), ("connector.max_inflight", "3")],
+        |_, _| Reply::ok().delay(Duration::from_millis(50)),
+    );
+    let mut config = gw.config();
+    config.max_inflight = 16;
+    let setup = dispatcher(&gw, config, None);
+    let mut pending = Vec::new();
+    for i in 0..15 {
+        pending.push(
+            setup
+                .dispatcher
+                .submit(message("reports", "r", &format!("r{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    for c in pending {
+        c.await;
+    }
+    assert_eq!(gw.requests_to("slow").len(), 15);
+    assert_eq!(gw.max_inflight(), 3);
+}
+
+/// A policy change takes effect at the next topic map, without a restart.
+#[tokio::test]
+async fn a_changed_annotation_applies_from_the_next_map() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("f", "orders", |_, _| Reply::status(503));
+    let mut config = gw.config();
+    config.max_attempts = 2;
+    let setup = dispatcher(&gw, config, None);
+    let attempts = |o: connector_sdk::MessageOutcome| o.deliveries[0].attempts;
+    let first = setup
+        .dispatcher
+        .submit(message("orders", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(attempts(first), 2);
+    gw.set_annotations(
+        "f",
+        &[("topic", "orders"), ("com.openfaas.retry.attempts", "4")],
+    );
+    setup
+        .topics
+        .replace(gw.topic_map().current().as_ref().clone());
+    let second = setup
+        .dispatcher
+        .submit(message("orders", "x", "2"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(attempts(second), 4);
+}
+
+/// `connector.timeout` bounds one function's invocations below `upstream_timeout`.
+#[tokio::test]
+async fn a_function_timeout_replaces_the_upstream_timeout() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "sluggish",
+        &[("topic", "orders"), ("connector.timeout", "100ms")],
+        |_, _| Reply::ok().delay(Duration::from_secs(5)),
+    );
+    let mut config = gw.config();
+    config.max_attempts = 1;
+    let setup = dispatcher(&gw, config, None);
+    let outcome = setup
+        .dispatcher
+        .submit(message("orders", "x", "1"))
+        .await
+        .unwrap()
+        .await;
+    let report = &outcome.deliveries[0];
+    assert!(
+        report.error.as_deref().is_some_and(|e| e.contains("100ms")),
+        "{report:?}"
     );
 }

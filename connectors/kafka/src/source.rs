@@ -673,7 +673,9 @@ impl Poller {
             .current()
             .lookup(&record.tp.topic)
             .is_some_and(|f| !f.is_empty());
-        if subscribed && self.ctx.dispatcher.room() == 0 {
+        if subscribed
+            && (self.ctx.dispatcher.room() == 0 || !self.ctx.dispatcher.room_for(&record.tp.topic))
+        {
             return false;
         }
         self.per_partition == 0

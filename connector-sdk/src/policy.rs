@@ -1,0 +1,224 @@
+//! A subscription's delivery policy, read from its function's annotations.
+//!
+//! Every setting falls back to the connector's own (`[connector]`); an annotation
+//! overrides it for that function only, and a change takes effect at the next topic-map
+//! rebuild, without a restart. Retries use OpenFaaS Pro's annotations with their meaning,
+//! so functions that already carry them behave as their authors expect; the rest are this
+//! project's, in one family, `connector.*`:
+//!
+//! | annotation | meaning | falls back to |
+//! | --- | --- | --- |
+//! | `com.openfaas.retry.attempts` | attempts per delivery, the first included | `max_attempts` |
+//! | `com.openfaas.retry.codes` | the statuses retried (`429,502,503`); every other non-2xx is dead-lettered at once | `[connector.status]` |
+//! | `com.openfaas.retry.min_wait` | the first retry's backoff bound | `backoff.initial` |
+//! | `com.openfaas.retry.max_wait` | the longest wait between attempts | `backoff.max` |
+//! | `connector.max_inflight` | most invocations of the function in flight from this connector | none: only `max_inflight` |
+//! | `connector.adaptive` | `true`: the limit halves after a 429 and grows back by one per limit's worth of successes | `false` |
+//! | `connector.timeout` | one invocation's timeout | `upstream_timeout` |
+//!
+//! A value that does not parse makes the whole subscription invalid: it is logged with the
+//! function and the key, counted, and skipped until it is fixed; the others keep running.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::verdict::{StatusClasses, StatusPattern};
+
+/// OpenFaaS Pro: attempts per delivery.
+pub const RETRY_ATTEMPTS: &str = "com.openfaas.retry.attempts";
+/// OpenFaaS Pro: the statuses that are retried, comma-separated.
+pub const RETRY_CODES: &str = "com.openfaas.retry.codes";
+/// OpenFaaS Pro: the first wait between attempts.
+pub const RETRY_MIN_WAIT: &str = "com.openfaas.retry.min_wait";
+/// OpenFaaS Pro: the longest wait between attempts.
+pub const RETRY_MAX_WAIT: &str = "com.openfaas.retry.max_wait";
+/// Most invocations of the function in flight from one connector.
+pub const MAX_INFLIGHT: &str = "connector.max_inflight";
+/// Adaptive concurrency: shrink after 429s, grow back after successes.
+pub const ADAPTIVE: &str = "connector.adaptive";
+/// One invocation's timeout.
+pub const TIMEOUT: &str = "connector.timeout";
+
+/// A function's overrides of the connector's delivery settings; `None` falls back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyOverrides {
+    /// Attempts per delivery.
+    pub max_attempts: Option<u32>,
+    /// The first retry's backoff bound.
+    pub min_wait: Option<Duration>,
+    /// The longest wait between attempts.
+    pub max_wait: Option<Duration>,
+    /// With `com.openfaas.retry.codes`: 2xx delivered, those codes retried, the rest
+    /// dead-lettered.
+    pub status: Option<StatusClasses>,
+    /// Most invocations in flight from this connector.
+    pub max_inflight: Option<usize>,
+    /// Adaptive concurrency.
+    pub adaptive: bool,
+    /// One invocation's timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// An annotation whose value cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("annotation `{key}` = {value:?}: {reason}")]
+pub struct PolicyError {
+    /// The annotation.
+    pub key: &'static str,
+    /// Its value.
+    pub value: String,
+    /// Why it cannot be used.
+    pub reason: String,
+}
+
+impl PolicyOverrides {
+    /// Reads the delivery annotations of `annotations`; the others are ignored.
+    pub fn from_annotations(annotations: &BTreeMap<String, String>) -> Result<Self, PolicyError> {
+        let get = |key: &'static str| annotations.get(key).map(|v| (key, v.trim()));
+        let fail = |key: &'static str, value: &str, reason: String| PolicyError {
+            key,
+            value: value.to_owned(),
+            reason,
+        };
+        let mut p = Self::default();
+        if let Some((key, v)) = get(RETRY_ATTEMPTS) {
+            p.max_attempts = Some(match v.parse::<u32>() {
+                Ok(n) if n >= 1 => n,
+                _ => return Err(fail(key, v, "a whole number of at least 1".to_owned())),
+            });
+        }
+        for (key, slot) in [
+            (RETRY_MIN_WAIT, &mut p.min_wait),
+            (RETRY_MAX_WAIT, &mut p.max_wait),
+            (TIMEOUT, &mut p.timeout),
+        ] {
+            if let Some(v) = annotations.get(key).map(|v| v.trim()) {
+                let d = crate::config::duration::parse(v).map_err(|e| fail(key, v, e))?;
+                if key == TIMEOUT && d.is_zero() {
+                    return Err(fail(key, v, "must be above zero".to_owned()));
+                }
+                *slot = Some(d);
+            }
+        }
+        if let (Some(min), Some(max)) = (p.min_wait, p.max_wait)
+            && min > max
+        {
+            return Err(fail(
+                RETRY_MIN_WAIT,
+                &humantime::format_duration(min).to_string(),
+                format!(
+                    "longer than {RETRY_MAX_WAIT} ({})",
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+        if let Some((key, v)) = get(RETRY_CODES) {
+            let retry = v
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(|c| c.parse::<StatusPattern>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| fail(key, v, e.to_string()))?;
+            p.status = Some(StatusClasses {
+                delivered: vec![StatusPattern::class(2)],
+                retry,
+                drop: Vec::new(),
+            });
+        }
+        if let Some((key, v)) = get(MAX_INFLIGHT) {
+            p.max_inflight = Some(match v.parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => return Err(fail(key, v, "a whole number of at least 1".to_owned())),
+            });
+        }
+        if let Some((key, v)) = get(ADAPTIVE) {
+            p.adaptive = match v {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return Err(fail(key, v, "true or false".to_owned())),
+            };
+        }
+        Ok(p)
+    }
+
+    /// Whether nothing is overridden.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Whether the function's concurrency is limited (a fixed or adaptive limit).
+    pub fn limits_concurrency(&self) -> bool {
+        self.max_inflight.is_some() || self.adaptive
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn openfaas_retry_annotations_and_ours_are_read() {
+        let p = PolicyOverrides::from_annotations(&annotations(&[
+            ("topic", "orders"),
+            (RETRY_ATTEMPTS, "10"),
+            (RETRY_CODES, "429, 502,503"),
+            (RETRY_MIN_WAIT, "5s"),
+            (RETRY_MAX_WAIT, "1m"),
+            (MAX_INFLIGHT, "2"),
+            (ADAPTIVE, "true"),
+            (TIMEOUT, "750ms"),
+        ]))
+        .unwrap();
+        assert_eq!(p.max_attempts, Some(10));
+        assert_eq!(p.min_wait, Some(Duration::from_secs(5)));
+        assert_eq!(p.max_wait, Some(Duration::from_secs(60)));
+        assert_eq!(p.max_inflight, Some(2));
+        assert!(p.adaptive);
+        assert_eq!(p.timeout, Some(Duration::from_millis(750)));
+        let status = p.status.unwrap();
+        assert_eq!(
+            status.retry,
+            [
+                StatusPattern::code(429),
+                StatusPattern::code(502),
+                StatusPattern::code(503)
+            ]
+        );
+        assert!(
+            PolicyOverrides::from_annotations(&annotations(&[("topic", "t")]))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_the_annotation() {
+        for (key, value) in [
+            (RETRY_ATTEMPTS, "0"),
+            (RETRY_ATTEMPTS, "many"),
+            (RETRY_MIN_WAIT, "5"),
+            (RETRY_CODES, "429,abc"),
+            (MAX_INFLIGHT, "0"),
+            (ADAPTIVE, "maybe"),
+            (TIMEOUT, "0s"),
+        ] {
+            let e = PolicyOverrides::from_annotations(&annotations(&[(key, value)])).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.to_string().contains(value), "{e}");
+        }
+        let e = PolicyOverrides::from_annotations(&annotations(&[
+            (RETRY_MIN_WAIT, "2m"),
+            (RETRY_MAX_WAIT, "1m"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.key, RETRY_MIN_WAIT);
+    }
+}
