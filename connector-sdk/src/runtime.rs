@@ -103,7 +103,7 @@ impl Runtime {
         config.validate()?;
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry, name);
-        let gateway = GatewayClient::new(name, &config)?;
+        let gateway = GatewayClient::new(name, &config)?.with_metrics(metrics.clone());
         let topics = TopicMapHandle::new();
         let health = Health::new(topics.clone(), metrics.clone());
         let mut subscribers = Subscribers::default();

@@ -6,7 +6,7 @@
 //! | header | value |
 //! | --- | --- |
 //! | `X-Nats-Subject` | the subject the message was published to |
-//! | every NATS header | forwarded as is (a `Content-Type` one also sets the content type) |
+//! | every NATS header | forwarded as is, except those the SDK withholds (`connector_sdk::source_headers`: `Content-Length`, `Host`, `Authorization`, `X-Callback-Url`, `ce-*`, ...); a `Content-Type` one sets the content type |
 //! | `X-Nats-Stream`, `X-Nats-Sequence` | JetStream: where the message is stored |
 //! | `X-Nats-Delivered` | JetStream: how many times the server delivered it, this one included |
 //!
