@@ -485,6 +485,59 @@ async fn an_unreachable_lock_store_fires_anyway_when_asked_to() {
     assert!(output.contains("firing without it"), "{output}");
 }
 
+/// `POST http://{addr}/drain`, with `Authorization: Bearer {token}` when given: the status.
+async fn post_drain(addr: SocketAddr, token: Option<&str>) -> u16 {
+    let mut request = reqwest::Client::new().post(format!("http://{addr}/drain"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+/// Issue 17: `/drain` on the metrics port stopped the connector for anyone who could
+/// reach it. Without a drain token it is off; with one (here the `drain_token` variable)
+/// only `POST` with the bearer token drains, and the process then exits 0.
+#[tokio::test]
+async fn drain_over_http_needs_the_token_then_the_process_exits_0() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "tick",
+        &annotations(&[("schedule", "@every 1s")]),
+        |_, _| Reply::ok(),
+    );
+    let mut open = start(&gw, "", &[]).await;
+    assert_eq!(http_get(open.metrics, "/drain").await.unwrap().0, 404);
+    assert_eq!(post_drain(open.metrics, None).await, 404);
+    assert_eq!(post_drain(open.metrics, Some("anything")).await, 404);
+    assert_eq!(http_get(open.metrics, "/readyz").await.unwrap().0, 200);
+    assert!(open.process.exited().is_none(), "stopped without a token");
+    assert!(
+        open.process
+            .terminate(Duration::from_secs(15))
+            .await
+            .success()
+    );
+
+    let mut guarded = start(&gw, "", &[("drain_token", "dr4in-t0ken")]).await;
+    assert_eq!(http_get(guarded.metrics, "/drain").await.unwrap().0, 405);
+    assert_eq!(post_drain(guarded.metrics, None).await, 401);
+    assert_eq!(post_drain(guarded.metrics, Some("dr4in-t0kem")).await, 401);
+    assert_eq!(http_get(guarded.metrics, "/readyz").await.unwrap().0, 200);
+    assert!(
+        guarded.process.exited().is_none(),
+        "stopped by a refused request"
+    );
+    assert_eq!(post_drain(guarded.metrics, Some("dr4in-t0ken")).await, 200);
+    let status = guarded.process.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status:?}");
+    let output = guarded.process.output();
+    assert!(output.contains("/drain refused"), "{output}");
+    assert!(
+        !output.contains("dr4in-t0ke"),
+        "the token was logged:\n{output}"
+    );
+}
+
 fn signal(process: &Process, name: &str) {
     let status = std::process::Command::new("kill")
         .args([&format!("-{name}"), &process.pid().to_string()])
