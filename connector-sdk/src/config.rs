@@ -151,6 +151,7 @@ pub const SDK_ENV: &[EnvVar] = &[
     EnvVar::new("ordering", "connector.ordering"),
     EnvVar::new("drain_timeout", "connector.drain_timeout"),
     EnvVar::new("metrics_addr", "connector.metrics_addr"),
+    EnvVar::new("drain_token", "connector.drain_token"),
     EnvVar::new("log_format", "connector.log_format"),
 ];
 
@@ -533,8 +534,9 @@ pub struct SdkConfig {
     /// Env `basic_auth`. (default: `false`)
     #[serde(with = "flag")]
     pub basic_auth: bool,
-    /// Folder holding the files `basic-auth-user` and `basic-auth-password`.
-    /// Env `secret_mount_path`. (default: `"/var/secrets"`)
+    /// Folder holding the files `basic-auth-user` and `basic-auth-password`, and
+    /// optionally `drain-token` (see `drain_token`). Env `secret_mount_path`.
+    /// (default: `"/var/secrets"`)
     pub secret_mount_path: PathBuf,
     /// Gateway user, instead of the file. Env `gateway_username`. (default: unset)
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -576,6 +578,12 @@ pub struct SdkConfig {
     /// Address of `/metrics`, `/healthz`, `/readyz` and `/drain`. Env `metrics_addr`.
     /// (default: `"0.0.0.0:8081"`)
     pub metrics_addr: SocketAddr,
+    /// The bearer token `POST /drain` must carry (`Authorization: Bearer <token>`) to stop
+    /// the connector over HTTP; never logged. Unset: the file `drain-token` in
+    /// `secret_mount_path` if there is one, else `/drain` is off (404) and only SIGTERM or
+    /// SIGINT drain. Env `drain_token`. (default: unset)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_token: Option<Secret>,
     /// `text` or `json`; the level comes from `RUST_LOG` (default `info`).
     /// Env `log_format`. (default: `"text"`)
     pub log_format: LogFormat,
@@ -613,6 +621,7 @@ impl Default for SdkConfig {
             ordering: Ordering::None,
             drain_timeout: Duration::from_secs(30),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            drain_token: None,
             log_format: LogFormat::Text,
             pool_max_idle_per_host: 128,
             pool_idle_timeout: Duration::from_secs(90),
@@ -666,6 +675,16 @@ impl SdkConfig {
                     humantime::format_duration(self.backoff.initial),
                     humantime::format_duration(self.backoff.max)
                 ),
+            );
+        }
+        if self
+            .drain_token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().is_empty())
+        {
+            fail(
+                "drain_token",
+                "must not be empty (unset it to turn /drain off)".to_owned(),
             );
         }
         if self.gateway_username.is_some() != self.gateway_password.is_some() {
@@ -902,17 +921,26 @@ mod tests {
         let c = SdkConfig {
             max_inflight: 0,
             gateway_url: "ftp://x".into(),
+            drain_token: Some(Secret::new(" ")),
             ..SdkConfig::default()
         };
         let errs = c.validate().unwrap_err();
         let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["connector.gateway_url", "connector.max_inflight"]);
+        assert_eq!(
+            keys,
+            [
+                "connector.gateway_url",
+                "connector.max_inflight",
+                "connector.drain_token"
+            ]
+        );
     }
 
     #[test]
     fn secrets_are_not_printed() {
         let c = SdkConfig {
             gateway_password: Some(Secret::new("hunter2")),
+            drain_token: Some(Secret::new("drain-hunter2")),
             ..SdkConfig::default()
         };
         assert!(!format!("{c:?}").contains("hunter2"));

@@ -18,6 +18,20 @@ pub enum SdkError {
         /// Why.
         source: std::io::Error,
     },
+    /// The drain token file in `secret_mount_path` exists but could not be read.
+    #[error("cannot read the drain token from {path}: {source}")]
+    DrainTokenFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The drain token file in `secret_mount_path` is empty: a mistake, not "no token".
+    #[error("the drain token file {path} is empty (remove it to turn /drain off)")]
+    DrainTokenEmpty {
+        /// The file.
+        path: PathBuf,
+    },
     /// A configured value cannot be sent as an HTTP header.
     #[error("configuration key `{key}` is not a valid HTTP header value")]
     InvalidHeader {

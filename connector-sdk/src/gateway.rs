@@ -22,6 +22,8 @@ use reqwest::Url;
 use crate::config::{SdkConfig, Secret};
 use crate::error::SdkError;
 use crate::message::{InvocationResponse, Message};
+use crate::metrics::Metrics;
+use crate::source_headers;
 use crate::topic_map::{FunctionRef, FunctionStatus};
 
 /// How much of a response body is read; the rest is discarded. Functions answering more
@@ -94,6 +96,8 @@ pub struct GatewayClient {
     connector: HeaderValue,
     user_agent: HeaderValue,
     default_event_type: HeaderValue,
+    /// Where withheld source headers are counted (absent for a bare client).
+    metrics: Option<Metrics>,
 }
 
 static X_TOPIC: HeaderName = HeaderName::from_static("x-topic");
@@ -200,7 +204,15 @@ impl GatewayClient {
                 "connector",
                 &format!("{connector}/{}", env!("CARGO_PKG_VERSION")),
             )?,
+            metrics: None,
         })
+    }
+
+    /// Counts the source headers this client withholds from invocations in `metrics`
+    /// (`connector_source_headers_withheld_total`).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The gateway's base URL.
@@ -312,12 +324,32 @@ impl GatewayClient {
     }
 
     /// The headers of one invocation of `function` with `message`, attempt number
-    /// `attempt` (1-based, counting the broker's earlier deliveries).
+    /// `attempt` (1-based, counting the broker's earlier deliveries): the message's own
+    /// headers that [`source_headers::withheld`] lets through, then the connector's.
     pub fn invocation_headers(&self, message: &Message, attempt: u32) -> HeaderMap {
         // Room for the message's own headers and the dozen of the contract, so that
         // inserting them never grows the map.
         let mut headers = HeaderMap::with_capacity(message.headers.len() + 12);
-        headers.extend(message.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for (name, value) in &message.headers {
+            match source_headers::withheld(name) {
+                None => {
+                    headers.append(name.clone(), value.clone());
+                }
+                Some(rule) => {
+                    // The name only: a value may be a credential.
+                    tracing::debug!(
+                        header = %name,
+                        rule,
+                        topic = %message.topic,
+                        ce_id = %message.id,
+                        "source header withheld from the invocation"
+                    );
+                    if let Some(metrics) = &self.metrics {
+                        metrics.source_header_withheld(rule);
+                    }
+                }
+            }
+        }
         let mut set = |name: &HeaderName, value: HeaderValue| {
             headers.insert(name.clone(), value);
         };
@@ -509,6 +541,66 @@ mod tests {
         assert_eq!(get("ce-subject"), "key-1");
         assert_eq!(get("x-kafka-partition"), "0");
         assert!(h.get("x-callback-url").is_none());
+    }
+
+    /// Issue 17: a publisher's headers never reframe the request or speak for the
+    /// connector; each one withheld is counted by its rule, and ordinary ones pass.
+    #[test]
+    fn source_headers_that_reframe_or_impersonate_are_withheld_and_counted() {
+        let (metrics, registry) = Metrics::standalone("test-connector");
+        let c = client(SdkConfig::default()).with_metrics(metrics);
+        // No subject and no content type of its own: nothing of the connector's to
+        // replace a spoofed `ce-subject` or `Content-Type`.
+        let mut m = Message::new("orders", "x", "orders/0/42", "nats://n/orders");
+        for (name, value) in [
+            ("Content-Length", "1"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "close"),
+            ("Host", "evil.example"),
+            ("Authorization", "Bearer stolen"),
+            ("Cookie", "session=1"),
+            ("X-Callback-Url", "http://evil.example/collect"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("ce-id", "spoofed"),
+            ("ce-subject", "spoofed"),
+            ("X-Topic", "spoofed"),
+            ("Content-Type", "text/evil"),
+            ("X-Trace-Me", "yes"),
+            ("X-Trace-Me", "twice"),
+        ] {
+            assert!(m.add_header(name, value));
+        }
+        let h = c.invocation_headers(&m, 1);
+        for gone in [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "host",
+            "authorization",
+            "cookie",
+            "x-callback-url",
+            "x-forwarded-for",
+            "proxy-authorization",
+            "ce-subject",
+            "content-type",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} forwarded: {h:?}");
+        }
+        let all = |name: &str| h.get_all(name).iter().cloned().collect::<Vec<_>>();
+        assert_eq!(all("ce-id"), ["orders/0/42"]);
+        assert_eq!(all("x-topic"), ["orders"]);
+        assert_eq!(all("x-trace-me"), ["yes", "twice"]);
+        let text = crate::metrics::encode(&registry);
+        for needle in [
+            "connector_source_headers_withheld_total{header=\"content-length\"} 1",
+            "connector_source_headers_withheld_total{header=\"authorization\"} 1",
+            "connector_source_headers_withheld_total{header=\"x-forwarded-*\"} 1",
+            "connector_source_headers_withheld_total{header=\"proxy-*\"} 1",
+            "connector_source_headers_withheld_total{header=\"ce-*\"} 2",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //!   section [`SdkConfig`], OpenFaaS variable names.
 //! - [`topic_map`]: the topic → functions map, built from the gateway, swapped atomically.
 //! - [`gateway`]: the gateway client (`/system/*`, invocation headers, keep-alive pool).
+//! - [`source_headers`]: which of a message's own headers may reach the function.
 //! - [`verdict`] and [`backoff`]: what a response means; how long to wait before retrying.
 //! - [`dispatcher`]: fan-out, attempts, ordering lanes, `max_inflight` backpressure.
 //! - [`dead_letter`]: the sink each connector implements, with provenance.
@@ -42,6 +43,7 @@ pub mod response;
 pub mod runtime;
 pub mod server;
 pub mod source;
+pub mod source_headers;
 pub mod testing;
 pub mod topic_map;
 pub mod verdict;

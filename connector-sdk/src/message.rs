@@ -33,8 +33,11 @@ pub struct Message {
     pub subject: Option<String>,
     /// The message's own content type, used when the connector configures none.
     pub content_type: Option<HeaderValue>,
-    /// Source metadata forwarded to the function (`X-Kafka-Partition`, ...). The SDK's own
-    /// headers (`X-Topic`, `ce-*`, ...) are set after these and win.
+    /// Source metadata forwarded to the function (`X-Kafka-Partition`, ...). Those that
+    /// could change the HTTP exchange or impersonate the connector (`Content-Length`,
+    /// `Host`, `Authorization`, `X-Callback-Url`, `X-Topic`, `ce-*`, `Content-Type`, ...)
+    /// are withheld: see [`crate::source_headers`]. The SDK's own headers are set after
+    /// the rest.
     pub headers: HeaderMap,
     /// With `ordering = "key"`: messages with equal keys are delivered one after another.
     pub ordering_key: Option<Bytes>,

@@ -61,6 +61,14 @@ pub struct PartitionLabels {
     pub partition: String,
 }
 
+/// Labels of withheld source headers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeaderLabels {
+    /// The rule that withheld it: a lowercase header name, or `proxy-*`, `x-forwarded-*`,
+    /// `ce-*` (see [`crate::source_headers`]); a fixed set.
+    pub header: &'static str,
+}
+
 /// Labels of topic-map rebuilds.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -110,6 +118,7 @@ pub struct Metrics {
     topic_map_last_success: Gauge<f64, AtomicU64>,
     topic_map_age: Gauge<f64, AtomicU64>,
     responses_dropped: Counter,
+    source_headers_withheld: Family<HeaderLabels, Counter>,
     ready: Gauge,
     draining: Gauge,
     /// Read on every delivery, written once per new function.
@@ -156,6 +165,7 @@ impl Metrics {
             topic_map_last_success: Gauge::default(),
             topic_map_age: Gauge::default(),
             responses_dropped: Counter::default(),
+            source_headers_withheld: Family::default(),
             ready: Gauge::default(),
             draining: Gauge::default(),
             functions: Arc::default(),
@@ -256,6 +266,11 @@ impl Metrics {
             "response_subscriber_dropped",
             "Invocation results not passed to a response subscriber because its buffer was full",
             m.responses_dropped.clone(),
+        );
+        r.register(
+            "source_headers_withheld",
+            "Message headers not forwarded to an invocation attempt because they could change the HTTP exchange or impersonate the connector, by rule",
+            m.source_headers_withheld.clone(),
         );
         r.register("ready", "1 when /readyz answers 200", m.ready.clone());
         r.register(
@@ -414,6 +429,12 @@ impl Metrics {
 
     pub(crate) fn response_dropped(&self) {
         self.responses_dropped.inc();
+    }
+
+    pub(crate) fn source_header_withheld(&self, rule: &'static str) {
+        self.source_headers_withheld
+            .get_or_create(&HeaderLabels { header: rule })
+            .inc();
     }
 
     pub(crate) fn topic_map_rebuilt(&self, topics: usize, functions: usize) {

@@ -376,8 +376,8 @@ impl Replayer {
         let mut config = config.clone();
         // A delivery that fails again is held (its letter kept), never dropped.
         config.on_exhausted = OnExhausted::Block;
-        let gateway = GatewayClient::new(name, &config)?;
         let (metrics, _registry) = Metrics::standalone(name);
+        let gateway = GatewayClient::new(name, &config)?.with_metrics(metrics.clone());
         // `submit_to` names the function; the topic map is never consulted.
         let dispatcher =
             Dispatcher::builder(gateway, TopicMapHandle::new(), &config, metrics).build();

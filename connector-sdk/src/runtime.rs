@@ -6,7 +6,8 @@
 //! 1. binds `metrics_addr` (`/metrics`, `/healthz`, `/readyz`, `/drain`), failing at
 //!    once if it cannot;
 //! 2. installs SIGTERM and SIGINT handlers that cancel the root shutdown token (as does
-//!    a request to `/drain`, which answers once the drain below is over);
+//!    `POST /drain` with the drain token, when one is configured, which answers once the
+//!    drain below is over);
 //! 3. starts the topic-map rebuild loop and waits for the first successful build (the
 //!    gateway may be down at start: the loop retries, nothing exits);
 //! 4. runs the source with a [`SourceContext`];
@@ -31,7 +32,7 @@ use crate::error::SdkError;
 use crate::gateway::GatewayClient;
 use crate::metrics::Metrics;
 use crate::response::{InvocationResult, Subscribers, print_responses};
-use crate::server::{self, Health};
+use crate::server::{self, DrainToken, Health};
 use crate::topic_map::{TopicMapHandle, rebuild_loop};
 
 /// How long the source may take to acknowledge and return after in-flight invocations
@@ -88,6 +89,8 @@ pub struct Runtime {
     strict_lanes: bool,
     install_signals: bool,
     printer: Option<mpsc::Receiver<Arc<InvocationResult>>>,
+    /// The credential of `/drain`; `None` turns it off.
+    drain_token: Option<DrainToken>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -103,7 +106,8 @@ impl Runtime {
         config.validate()?;
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry, name);
-        let gateway = GatewayClient::new(name, &config)?;
+        let gateway = GatewayClient::new(name, &config)?.with_metrics(metrics.clone());
+        let drain_token = DrainToken::from_config(&config)?;
         let topics = TopicMapHandle::new();
         let health = Health::new(topics.clone(), metrics.clone());
         let mut subscribers = Subscribers::default();
@@ -124,6 +128,7 @@ impl Runtime {
             strict_lanes: false,
             install_signals: true,
             printer,
+            drain_token,
         })
     }
 
@@ -221,6 +226,7 @@ impl Runtime {
             strict_lanes,
             install_signals,
             printer,
+            drain_token,
         } = self;
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -233,6 +239,7 @@ impl Runtime {
         let drain = server::Drain {
             start: shutdown.clone(),
             done: drained.clone(),
+            token: drain_token,
         };
         let router = server::router(Arc::new(registry), metrics.clone(), health.clone(), drain);
         let (addr, serve) = server::bind(config.metrics_addr, router, background.clone()).await?;

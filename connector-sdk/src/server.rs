@@ -8,12 +8,14 @@
 //! make the connector unready: restarting it would not help, and the other partitions
 //! still flow.
 //!
-//! `/drain` (GET or POST) starts the same drain as SIGTERM and answers 200 only once it
-//! is over: in-flight deliveries finished (or were released at `drain_timeout`) and
-//! acknowledged. It is meant for a Kubernetes `preStop` `httpGet` hook, which the kubelet
-//! runs to completion before it sends SIGTERM, so the pod's grace period is spent
-//! draining and SIGTERM finds nothing left to do. Anyone who can reach `metrics_addr` can
-//! stop the connector this way: keep that port inside the cluster.
+//! `/drain` stops the connector over HTTP, so it needs a credential and is off unless one
+//! is configured ([`DrainToken`]): without a drain token it answers 404 to everything;
+//! with one, only `POST` with `Authorization: Bearer <token>` starts the same drain as
+//! SIGTERM (any other method: 405; a missing or wrong token: 401), and it answers 200 only
+//! once the drain is over: in-flight deliveries finished (or were released at
+//! `drain_timeout`) and acknowledged. `metrics_addr` is reachable by whoever scrapes it;
+//! an unauthenticated way to stop the connector there would be anyone's. SIGTERM and
+//! SIGINT drain with or without a token.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -22,13 +24,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{SdkConfig, Secret};
 use crate::error::SdkError;
 use crate::metrics::{Metrics, encode};
 use crate::topic_map::TopicMapHandle;
@@ -153,6 +156,65 @@ pub struct Drain {
     pub start: CancellationToken,
     /// Cancelled by the runtime once the drain is over.
     pub done: CancellationToken,
+    /// The bearer token a `POST /drain` must carry; `None` turns `/drain` off.
+    pub token: Option<DrainToken>,
+}
+
+/// The credential of `/drain`. Never printed.
+#[derive(Clone, Debug)]
+pub struct DrainToken(Secret);
+
+/// The file in `secret_mount_path` a drain token is read from.
+pub const DRAIN_TOKEN_FILE: &str = "drain-token";
+
+impl DrainToken {
+    /// A token; its surrounding whitespace is not part of it.
+    pub fn new(token: &str) -> Self {
+        Self(Secret::new(token.trim()))
+    }
+
+    /// The token `config` asks for: `drain_token` if set, else the file
+    /// [`DRAIN_TOKEN_FILE`] in `secret_mount_path` (trimmed, as the basic-auth files are)
+    /// if it exists, else none. A file that exists but cannot be read, or is empty, is an
+    /// error: the operator meant to set a token.
+    pub fn from_config(config: &SdkConfig) -> Result<Option<Self>, SdkError> {
+        if let Some(token) = &config.drain_token {
+            return Ok(Some(Self::new(token.expose())));
+        }
+        let path = config.secret_mount_path.join(DRAIN_TOKEN_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(SdkError::DrainTokenFile { path, source }),
+        };
+        if text.trim().is_empty() {
+            return Err(SdkError::DrainTokenEmpty { path });
+        }
+        Ok(Some(Self::new(&text)))
+    }
+
+    /// Whether `headers` carry `Authorization: Bearer <this token>`. The comparison takes
+    /// the same time wherever the first difference is, so timing does not reveal a prefix.
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(given) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+        else {
+            return false;
+        };
+        constant_time_eq(given.as_bytes(), self.0.expose().as_bytes())
+    }
+}
+
+/// `a == b`, in a time that depends on their lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// The router of the metrics and health server; tests call it without a socket.
@@ -161,7 +223,7 @@ pub fn router(registry: Arc<Registry>, metrics: Metrics, health: Health, drain: 
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/drain", get(drain_handler).post(drain_handler))
+        .route("/drain", any(drain_handler))
         .with_state(AppState {
             registry,
             metrics,
@@ -170,13 +232,42 @@ pub fn router(registry: Arc<Registry>, metrics: Metrics, health: Health, drain: 
         })
 }
 
-async fn drain_handler(State(state): State<AppState>) -> impl IntoResponse {
+async fn drain_handler(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    let Some(token) = &state.drain.token else {
+        return (
+            StatusCode::NOT_FOUND,
+            "/drain is off: no drain token is configured (connector.drain_token, or the file drain-token in secret_mount_path); SIGTERM drains\n",
+        )
+            .into_response();
+    };
+    if method != Method::POST {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "POST")],
+            "POST /drain with Authorization: Bearer <drain token>\n",
+        )
+            .into_response();
+    }
+    if !token.admits(&headers) {
+        // The credential itself is never logged.
+        tracing::warn!("/drain refused: missing or wrong bearer token");
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"drain\"")],
+            "Authorization: Bearer <drain token> required\n",
+        )
+            .into_response();
+    }
     if !state.drain.start.is_cancelled() {
         tracing::info!("drain requested on /drain");
         state.drain.start.cancel();
     }
     state.drain.done.cancelled().await;
-    (StatusCode::OK, "drained\n")
+    (StatusCode::OK, "drained\n").into_response()
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
@@ -227,4 +318,58 @@ pub async fn bind(
         }
     };
     Ok((local, serve))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn authorization(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_is_admitted() {
+        let token = DrainToken::new(" s3cret\n");
+        assert!(token.admits(&authorization("Bearer s3cret")));
+        assert!(token.admits(&authorization("bearer s3cret")));
+        for refused in [
+            "Bearer s3cre",
+            "Bearer s3cret2",
+            "Bearer S3CRET",
+            "Bearer ",
+            "Bearer",
+            "s3cret",
+            "Basic czNjcmV0Og==",
+            "Token s3cret",
+        ] {
+            assert!(!token.admits(&authorization(refused)), "{refused}");
+        }
+        assert!(!token.admits(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn the_token_comes_from_config_else_from_secret_mount_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = SdkConfig {
+            secret_mount_path: dir.path().to_owned(),
+            ..SdkConfig::default()
+        };
+        assert!(DrainToken::from_config(&config).unwrap().is_none());
+        std::fs::write(dir.path().join(DRAIN_TOKEN_FILE), "from-file\n").unwrap();
+        let token = DrainToken::from_config(&config).unwrap().unwrap();
+        assert!(token.admits(&authorization("Bearer from-file")));
+        config.drain_token = Some(Secret::new("from-config"));
+        let token = DrainToken::from_config(&config).unwrap().unwrap();
+        assert!(token.admits(&authorization("Bearer from-config")));
+        assert!(!token.admits(&authorization("Bearer from-file")));
+        assert_eq!(format!("{token:?}"), "DrainToken(***)");
+        config.drain_token = None;
+        std::fs::write(dir.path().join(DRAIN_TOKEN_FILE), "  ").unwrap();
+        let err = DrainToken::from_config(&config).unwrap_err();
+        assert!(matches!(err, SdkError::DrainTokenEmpty { .. }), "{err}");
+    }
 }

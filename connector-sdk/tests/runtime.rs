@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use connector_sdk::config::Secret;
 use connector_sdk::gateway::GatewayClient;
 use connector_sdk::metrics::{Metrics, encode};
 use connector_sdk::testing::{FakeGateway, Reply, SystemMode, eventually};
@@ -147,15 +148,159 @@ async fn drain_on_shutdown_finishes_in_flight_work_and_acks_it() {
     assert!(*running.flushed.lock().unwrap());
 }
 
-/// `/drain` (a Kubernetes preStop hook) starts the drain and answers only after the
-/// in-flight work finished and was acknowledged; then the runtime returns.
+/// `POST {path}` with `Authorization: Bearer {token}` when a token is given.
+async fn post(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    let mut request = reqwest::Client::new().post(format!("http://{addr}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let resp = request.send().await.ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+/// Issue 17: without a drain token `/drain` is off. Anyone who could reach
+/// `metrics_addr` used to stop the connector with a bare GET.
+#[tokio::test]
+async fn drain_endpoint_is_off_without_a_token() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("f", "jobs", |_, _| Reply::ok());
+    let running = start(gw.config()).await;
+    assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
+    let addr = running.metrics_addr;
+    assert_eq!(get(addr, "/drain").await.map(|(s, _)| s), Some(404));
+    assert_eq!(post(addr, "/drain", None).await.map(|(s, _)| s), Some(404));
+    assert_eq!(
+        post(addr, "/drain", Some("guess")).await.map(|(s, _)| s),
+        Some(404)
+    );
+    // Still running and ready: nothing started a drain.
+    assert!(!running.shutdown.is_cancelled());
+    assert_eq!(status_of(addr, "/readyz").await, Some(200));
+    assert!(!running.handle.is_finished());
+    running.shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), running.handle)
+        .await
+        .expect("run returns after SIGTERM's drain")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}
+
+/// With a drain token, `/drain` answers only `POST` with `Authorization: Bearer <token>`;
+/// anything else is refused and leaves the connector running.
+#[tokio::test]
+async fn drain_endpoint_needs_post_and_the_bearer_token() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("f", "jobs", |_, _| Reply::ok());
+    let running = start(connector_sdk::SdkConfig {
+        drain_token: Some(Secret::new("s3cret-token")),
+        ..gw.config()
+    })
+    .await;
+    assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
+    let addr = running.metrics_addr;
+    assert_eq!(post(addr, "/drain", None).await.map(|(s, _)| s), Some(401));
+    assert_eq!(
+        post(addr, "/drain", Some("s3cret-tokeN"))
+            .await
+            .map(|(s, _)| s),
+        Some(401)
+    );
+    assert_eq!(
+        post(addr, "/drain", Some("s3cret-token-and-more"))
+            .await
+            .map(|(s, _)| s),
+        Some(401)
+    );
+    let basic = reqwest::Client::new()
+        .post(format!("http://{addr}/drain"))
+        .basic_auth("s3cret-token", Some(""))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(basic, 401);
+    let get_with_token = reqwest::Client::new()
+        .get(format!("http://{addr}/drain"))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(get_with_token, 405);
+    assert!(!running.shutdown.is_cancelled());
+    assert_eq!(status_of(addr, "/readyz").await, Some(200));
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        post(addr, "/drain", Some("s3cret-token")),
+    )
+    .await
+    .expect("/drain answers after the drain")
+    .expect("/drain answered");
+    assert_eq!((status, body.as_str()), (200, "drained\n"));
+    let result = tokio::time::timeout(Duration::from_secs(10), running.handle)
+        .await
+        .expect("run returns after the drain")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}
+
+/// The token can also come from the file `drain-token` in `secret_mount_path` (a
+/// Kubernetes Secret mounted there), trimmed as the basic-auth files are.
+#[tokio::test]
+async fn drain_token_is_read_from_secret_mount_path() {
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("drain-token"), "from-a-file\n").unwrap();
+    let gw = FakeGateway::start().await.unwrap();
+    let running = start(connector_sdk::SdkConfig {
+        secret_mount_path: secrets.path().to_owned(),
+        ..gw.config()
+    })
+    .await;
+    assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
+    let addr = running.metrics_addr;
+    assert_eq!(
+        post(addr, "/drain", Some("wrong")).await.map(|(s, _)| s),
+        Some(401)
+    );
+    assert_eq!(
+        post(addr, "/drain", Some("from-a-file"))
+            .await
+            .map(|(s, _)| s),
+        Some(200)
+    );
+    let result = tokio::time::timeout(Duration::from_secs(10), running.handle)
+        .await
+        .expect("run returns after the drain")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+
+    // An empty file is a mistake, refused at start rather than taken as "no token".
+    std::fs::write(secrets.path().join("drain-token"), " \n").unwrap();
+    let err = Runtime::new(
+        "test-connector",
+        connector_sdk::SdkConfig {
+            secret_mount_path: secrets.path().to_owned(),
+            ..connector_sdk::SdkConfig::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("drain-token"), "{err}");
+}
+
+/// `POST /drain` with the token starts the drain and answers only after the in-flight
+/// work finished and was acknowledged; then the runtime returns.
 #[tokio::test]
 async fn drain_endpoint_answers_once_in_flight_work_is_acknowledged() {
     let gw = FakeGateway::start().await.unwrap();
     gw.function("slow", "jobs", |_, _| {
         Reply::ok().delay(Duration::from_millis(400))
     });
-    let running = start(gw.config()).await;
+    let running = start(connector_sdk::SdkConfig {
+        drain_token: Some(Secret::new("t")),
+        ..gw.config()
+    })
+    .await;
     assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
     for i in 0..3 {
         running
@@ -165,11 +310,13 @@ async fn drain_endpoint_answers_once_in_flight_work_is_acknowledged() {
             .unwrap();
     }
     assert!(eventually(Duration::from_secs(5), || gw.requests().len() == 3).await);
-    let (status, body) =
-        tokio::time::timeout(Duration::from_secs(10), get(running.metrics_addr, "/drain"))
-            .await
-            .expect("/drain answers after the drain")
-            .expect("/drain answered");
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        post(running.metrics_addr, "/drain", Some("t")),
+    )
+    .await
+    .expect("/drain answers after the drain")
+    .expect("/drain answered");
     assert_eq!((status, body.as_str()), (200, "drained\n"));
     // By the time it answered, everything in flight was acknowledged.
     let settled = running.settled.lock().unwrap().clone();

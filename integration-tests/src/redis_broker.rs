@@ -1,14 +1,18 @@
-//! Redis Streams for end-to-end tests: a [`Fixture`] and [`ReplayFixture`] with its own
-//! consumer group, the dead-letter stream `<topic>:dead-letter`.
+//! Redis for end-to-end tests: Redis Streams as a [`Fixture`] and [`ReplayFixture`] with
+//! its own consumer group and the dead-letter stream `<topic>:dead-letter`, and
+//! [`OwnRedis`], a redis-server of a test's own to stop and start.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use redis::Value;
 
-use crate::redis_url;
 use crate::replay::ReplayFixture;
-use crate::scenarios::Fixture;
+use crate::scenarios::{Fixture, eventually_async};
+use crate::{free_addr, redis_url};
 
 /// Streams consumed by one group, dead letters to `<stream>:dead-letter`.
 pub struct RedisStreams {
@@ -306,5 +310,119 @@ dead_letter_stream = ""
 impl ReplayFixture for RedisStreams {
     async fn remaining_dead_letters(&self, topic: &str) -> Vec<Vec<u8>> {
         self.dead_letters(topic).await
+    }
+}
+
+/// A redis-server of our own on a free loopback port (never the shared one).
+pub struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Default for OwnRedis {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OwnRedis {
+    /// The loopback port it listens on (once started).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A free port, nothing started yet: connecting to it is refused until [`Self::start`].
+    pub fn new() -> Self {
+        Self {
+            port: free_addr().port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Starts it (no persistence) and waits until it answers.
+    pub async fn start(&mut self) {
+        self.start_with(&[], &self.url()).await;
+    }
+
+    /// Starts it serving TLS only, with a certificate for 127.0.0.1 signed by a CA made
+    /// here (openssl); returns the CA file.
+    pub async fn start_tls(&mut self) -> PathBuf {
+        let ca = crate::tls_certificates(self.dir.path());
+        let port = self.port.to_string();
+        let probe = String::new();
+        self.start_with(
+            &[
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.crt",
+                "--tls-auth-clients",
+                "no",
+            ],
+            &probe,
+        )
+        .await;
+        ca
+    }
+
+    async fn start_with(&mut self, args: &[&str], probe: &str) {
+        let mut command = Command::new("redis-server");
+        if args.is_empty() {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        let child = command
+            .args(args)
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(self.dir.path())
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let url = probe.to_owned();
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        assert!(
+            eventually_async(Duration::from_secs(10), || async {
+                if url.is_empty() {
+                    // TLS: listening is enough.
+                    return tokio::net::TcpStream::connect(addr).await.is_ok();
+                }
+                match redis::Client::open(url.as_str()) {
+                    Ok(c) => c.get_multiplexed_async_connection().await.is_ok(),
+                    Err(_) => false,
+                }
+            })
+            .await,
+            "own redis-server did not start"
+        );
+    }
+
+    /// Kills it; its data is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use integration_tests::redis_broker::OwnRedis;
+use integration_tests::scenarios::eventually_async;
 use integration_tests::{
     FakeGateway, Process, Reply, binary, eventually, free_addr, http_get, metric, redis_url,
     unique, wait_http,
@@ -389,6 +391,150 @@ async fn a_replica_killed_mid_firing_loses_no_tick() {
         distinct.len(),
         later.len(),
         "duplicates after the takeover: {later:?}"
+    );
+}
+
+/// A `[lock]` on `url` with a one-second lease and `extra` lines.
+fn lock_on(url: &str, extra: &str) -> String {
+    format!(
+        "[lock]\nredis_url = \"{url}\"\nkey_prefix = \"{}\"\nlease = \"1s\"\n{extra}\n",
+        unique("cron-unreachable")
+    )
+}
+
+/// Issue 17: with a lock configured and its Redis unreachable, replicas used to fire
+/// every tick each (three replicas: three invocations per tick). A tick is now skipped,
+/// logged and counted until the lease store answers, then firing resumes, once per tick.
+#[tokio::test]
+async fn an_unreachable_lock_store_skips_ticks_until_it_answers() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "locked",
+        &annotations(&[("schedule", "* * * * * *")]),
+        |_, _| Reply::ok(),
+    );
+    // A free port: nothing listens there until `start`.
+    let mut own = OwnRedis::new();
+    let cron = start(&gw, &lock_on(&own.url(), ""), &[]).await;
+    let series =
+        "connector_cron_firings_total{function=\"locked\",outcome=\"skipped_lock_unavailable\"}";
+    let skipped = || async { metric(&metrics_text(cron.metrics).await, series).unwrap_or(0.0) };
+    assert!(
+        eventually_async(Duration::from_secs(20), || async { skipped().await >= 3.0 }).await,
+        "ticks not counted as skipped:\n{}\n{}",
+        metrics_text(cron.metrics).await,
+        cron.process.output()
+    );
+    assert!(
+        gw.requests_to("locked").is_empty(),
+        "fired without the lock: {:?}",
+        gw.requests_to("locked")
+    );
+    let output = cron.process.output();
+    assert!(
+        output.contains("tick skipped")
+            && output.contains("function=locked")
+            && output.contains("schedule=* * * * * *"),
+        "{output}"
+    );
+
+    // Redis comes back: the replica reconnects (with backoff) and fires again.
+    own.start().await;
+    let back = skipped().await;
+    assert!(
+        eventually(Duration::from_secs(30), || gw.requests_to("locked").len()
+            >= 3)
+        .await,
+        "firing did not resume once Redis answered:\n{}",
+        cron.process.output()
+    );
+    let ids: Vec<String> = gw
+        .requests_to("locked")
+        .iter()
+        .filter_map(|r| r.header("ce-id"))
+        .collect();
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "a tick fired twice: {ids:?}");
+    assert!(skipped().await >= back);
+}
+
+/// Firing without the lock is an explicit choice: `lock.on_unavailable = "fire"`.
+#[tokio::test]
+async fn an_unreachable_lock_store_fires_anyway_when_asked_to() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "unlocked",
+        &annotations(&[("schedule", "* * * * * *")]),
+        |_, _| Reply::ok(),
+    );
+    let nowhere = OwnRedis::new();
+    let cron = start(
+        &gw,
+        &lock_on(&nowhere.url(), "on_unavailable = \"fire\""),
+        &[],
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(20), || gw.requests_to("unlocked").len()
+            >= 2)
+        .await,
+        "not firing:\n{}",
+        cron.process.output()
+    );
+    let output = cron.process.output();
+    assert!(output.contains("firing without it"), "{output}");
+}
+
+/// `POST http://{addr}/drain`, with `Authorization: Bearer {token}` when given: the status.
+async fn post_drain(addr: SocketAddr, token: Option<&str>) -> u16 {
+    let mut request = reqwest::Client::new().post(format!("http://{addr}/drain"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+/// Issue 17: `/drain` on the metrics port stopped the connector for anyone who could
+/// reach it. Without a drain token it is off; with one (here the `drain_token` variable)
+/// only `POST` with the bearer token drains, and the process then exits 0.
+#[tokio::test]
+async fn drain_over_http_needs_the_token_then_the_process_exits_0() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "tick",
+        &annotations(&[("schedule", "@every 1s")]),
+        |_, _| Reply::ok(),
+    );
+    let mut open = start(&gw, "", &[]).await;
+    assert_eq!(http_get(open.metrics, "/drain").await.unwrap().0, 404);
+    assert_eq!(post_drain(open.metrics, None).await, 404);
+    assert_eq!(post_drain(open.metrics, Some("anything")).await, 404);
+    assert_eq!(http_get(open.metrics, "/readyz").await.unwrap().0, 200);
+    assert!(open.process.exited().is_none(), "stopped without a token");
+    assert!(
+        open.process
+            .terminate(Duration::from_secs(15))
+            .await
+            .success()
+    );
+
+    let mut guarded = start(&gw, "", &[("drain_token", "dr4in-t0ken")]).await;
+    assert_eq!(http_get(guarded.metrics, "/drain").await.unwrap().0, 405);
+    assert_eq!(post_drain(guarded.metrics, None).await, 401);
+    assert_eq!(post_drain(guarded.metrics, Some("dr4in-t0kem")).await, 401);
+    assert_eq!(http_get(guarded.metrics, "/readyz").await.unwrap().0, 200);
+    assert!(
+        guarded.process.exited().is_none(),
+        "stopped by a refused request"
+    );
+    assert_eq!(post_drain(guarded.metrics, Some("dr4in-t0ken")).await, 200);
+    let status = guarded.process.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status:?}");
+    let output = guarded.process.output();
+    assert!(output.contains("/drain refused"), "{output}");
+    assert!(
+        !output.contains("dr4in-t0ke"),
+        "the token was logged:\n{output}"
     );
 }
 

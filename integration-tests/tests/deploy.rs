@@ -10,7 +10,8 @@
 //! - `deploy/kubernetes/*.yaml`: each Deployment's ConfigMap TOML plus its env loads with
 //!   the binary's loader; namespace `openfaas`, the OpenFaaS gateway URL, basic auth from
 //!   the `basic-auth` secret at `/var/secrets`, probes on `/healthz` and `/readyz` and the
-//!   scrape annotation on the loaded metrics port, a grace period longer than the drain,
+//!   scrape annotation on the loaded metrics port, a grace period longer than the drain
+//!   and no preStop hook calling the connector (SIGTERM drains; `/drain` needs a token),
 //!   resource requests, and the cron connector's several replicas with the Redis lock;
 //!   every document deserializes as the Kubernetes API's own type (k8s-openapi) with no
 //!   field the API lacks.
@@ -626,10 +627,14 @@ fn check_deployment(d: &Deployment, origin: &str) {
         assert_eq!(get["path"], path, "{what}: {probe} path");
         assert_eq!(named(&get["port"]), port, "{what}: {probe} port");
     }
-    // The preStop hook drains through the health server (connector_sdk::server, /drain).
-    let pre_stop = &container["lifecycle"]["preStop"]["httpGet"];
-    assert_eq!(pre_stop["path"], "/drain", "{what}: preStop path");
-    assert_eq!(named(&pre_stop["port"]), port, "{what}: preStop port");
+    // SIGTERM drains. No preStop hook calls the health server's /drain: it is off without
+    // a drain token (connector_sdk::server), and an httpGet hook could carry the token
+    // only in plain text in the spec.
+    let pre_stop = &container["lifecycle"]["preStop"];
+    assert!(
+        pre_stop["httpGet"].is_null() && pre_stop["exec"].is_null(),
+        "{what}: a preStop hook that calls the connector: {pre_stop}"
+    );
     let annotations = &template["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true", "{what}");
     assert_eq!(
@@ -981,10 +986,13 @@ fn helm_chart_values_match_the_connectors() {
             "a template reads $c.{path}: no connector in values.yaml has {field}"
         );
     }
+    assert!(
+        !text.contains("preStop:"),
+        "the chart's templates have a preStop hook (SIGTERM drains; /drain needs a token)"
+    );
     for needed in [
         "/healthz",
         "/readyz",
-        "/drain",
         "prometheus.io/scrape",
         "terminationGracePeriodSeconds",
         "--config",

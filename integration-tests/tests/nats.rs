@@ -191,6 +191,77 @@ async fn core_delivery_with_headers() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// Issue 17: a publisher's headers must not shape the HTTP exchange or impersonate the
+/// connector. Framing headers (`Content-Length: 1`, `Transfer-Encoding`) would truncate
+/// or hang the request, `Host` and `Authorization` would speak for the connector,
+/// `X-Callback-Url` would send the function's result where the publisher chose, and
+/// `ce-id` / `X-Topic` are the connector's own. An ordinary header still arrives.
+#[tokio::test]
+async fn publisher_headers_cannot_reframe_the_request_or_impersonate_the_connector() {
+    let subject = unique("hdr");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("hdr-fn", &subject, |_, _| Reply::ok());
+    let metrics_addr = free_addr();
+    let mut connector = start(&config(&gw, metrics_addr, "", &core_section(&nats_url()))).await;
+    let nats = client(&nats_url()).await;
+    assert!(
+        until_subscribed(&nats, &subject, || !gw.requests_to("hdr-fn").is_empty()).await,
+        "the subscription never came up:\n{}",
+        connector.output()
+    );
+    let body = "a body of forty bytes, every one of them";
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in [
+        ("Content-Length", "1"),
+        ("Transfer-Encoding", "chunked"),
+        ("Host", "evil.example"),
+        ("Authorization", "Bearer stolen"),
+        ("X-Callback-Url", "http://evil.example/collect"),
+        ("ce-id", "spoofed-id"),
+        ("X-Topic", "spoofed-topic"),
+        ("X-Trace-Me", "yes"),
+    ] {
+        headers.insert(name, value);
+    }
+    nats.publish_with_headers(subject.clone(), headers, body.into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    let traced = || {
+        gw.requests_to("hdr-fn")
+            .into_iter()
+            .find(|r| r.header("x-trace-me").is_some())
+    };
+    assert!(
+        eventually(WITHIN, || traced().is_some()).await,
+        "the message never arrived with its ordinary header: {:?}\n{}",
+        gw.requests_to("hdr-fn"),
+        connector.output()
+    );
+    let r = traced().unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.body), body, "body not whole");
+    assert_eq!(r.header("x-trace-me").as_deref(), Some("yes"));
+    let all = |name: &str| -> Vec<String> {
+        r.headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    };
+    assert_eq!(all("content-length"), [body.len().to_string()]);
+    assert!(all("transfer-encoding").is_empty(), "{:?}", r.headers);
+    assert_eq!(all("host"), [gw.addr.to_string()]);
+    assert!(all("authorization").is_empty(), "{:?}", r.headers);
+    assert!(all("x-callback-url").is_empty(), "{:?}", r.headers);
+    let ids = all("ce-id");
+    assert_eq!(ids.len(), 1, "{:?}", r.headers);
+    assert_ne!(ids[0], "spoofed-id");
+    assert_eq!(all("x-topic"), std::slice::from_ref(&subject));
+    assert_eq!(all("x-connector"), ["nats-connector"]);
+    let status = connector.terminate(WITHIN).await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
 #[tokio::test]
 async fn wildcard_annotations_match_as_nats_does_each_once() {
     wildcards("").await;

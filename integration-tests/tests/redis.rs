@@ -9,10 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::redis_broker::RedisStreams;
+use integration_tests::redis_broker::{OwnRedis, RedisStreams};
 use integration_tests::scenarios::{self, Fixture, eventually_async};
 use integration_tests::{
     FakeGateway, Process, Reply, eventually, free_addr, http_get, metric, redis_url, unique,
@@ -567,105 +566,6 @@ async fn pubsub_delivers_channels_and_patterns() {
     );
 }
 
-/// A redis-server of our own on a free loopback port (never the shared one).
-struct OwnRedis {
-    port: u16,
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl OwnRedis {
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn new() -> Self {
-        Self {
-            port: free_addr().port(),
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    async fn start(&mut self) {
-        self.start_with(&[], &self.url()).await;
-    }
-
-    /// Starts it serving TLS only, with a certificate for 127.0.0.1 signed by a CA made
-    /// here (openssl); returns the CA file.
-    async fn start_tls(&mut self) -> PathBuf {
-        let ca = integration_tests::tls_certificates(self.dir.path());
-        let port = self.port.to_string();
-        let probe = String::new();
-        self.start_with(
-            &[
-                "--port",
-                "0",
-                "--tls-port",
-                &port,
-                "--tls-cert-file",
-                "server.crt",
-                "--tls-key-file",
-                "server.key",
-                "--tls-ca-cert-file",
-                "ca.crt",
-                "--tls-auth-clients",
-                "no",
-            ],
-            &probe,
-        )
-        .await;
-        ca
-    }
-
-    async fn start_with(&mut self, args: &[&str], probe: &str) {
-        let mut command = Command::new("redis-server");
-        if args.is_empty() {
-            command.args(["--port", &self.port.to_string()]);
-        }
-        let child = command
-            .args(args)
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(self.dir.path())
-            .current_dir(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test.sh installs it)");
-        self.child = Some(child);
-        let url = probe.to_owned();
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        assert!(
-            eventually_async(Duration::from_secs(10), || async {
-                if url.is_empty() {
-                    // TLS: listening is enough.
-                    return tokio::net::TcpStream::connect(addr).await.is_ok();
-                }
-                match redis::Client::open(url.as_str()) {
-                    Ok(c) => c.get_multiplexed_async_connection().await.is_ok(),
-                    Err(_) => false,
-                }
-            })
-            .await,
-            "own redis-server did not start"
-        );
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// Redis down at start: not ready, retried with backoff; up: ready and delivering;
 /// restarted empty mid-run: not ready meanwhile, then the group is created again and
 /// delivery resumes.
@@ -735,7 +635,7 @@ async fn redis_down_at_start_and_restarted_mid_run() {
 async fn streams_over_tls_with_a_private_ca() {
     let mut own = OwnRedis::new();
     let ca = own.start_tls().await;
-    let url = format!("rediss://127.0.0.1:{}", own.port);
+    let url = format!("rediss://127.0.0.1:{}", own.port());
     let fx = RedisStreams::new()
         .with_url(url)
         .with_extra_config(&format!("tls_ca_file = \"{}\"", ca.display()))

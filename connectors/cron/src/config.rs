@@ -54,6 +54,19 @@ impl FromStr for Overlap {
     }
 }
 
+/// What a replica does with a tick when its lease store (`lock.redis_url`) cannot be
+/// reached, so the tick cannot be claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLockUnavailable {
+    /// Skip the tick, log it and count it (default): no replica can claim it, and firing
+    /// it anyway would fire it once per replica.
+    #[default]
+    Skip,
+    /// Fire it without a claim, accepting that every replica may fire it.
+    Fire,
+}
+
 /// `[cron]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -117,6 +130,12 @@ pub struct LockConfig {
     /// This replica's name in claims and in the `X-Cron-Replica` header; empty means
     /// `<hostname>-<pid>`. Env `lock_replica_id`. (default: `""`)
     pub replica_id: String,
+    /// `skip` or `fire`: a tick due while Redis cannot be reached. `skip` logs it (warn)
+    /// and counts it (`connector_cron_firings_total{outcome="skipped_lock_unavailable"}`);
+    /// `fire` invokes the function without a claim, so every replica may fire that tick.
+    /// The store reconnects with backoff either way. Env `lock_on_unavailable`.
+    /// (default: `"skip"`)
+    pub on_unavailable: OnLockUnavailable,
 }
 
 impl Default for LockConfig {
@@ -128,6 +147,7 @@ impl Default for LockConfig {
             takeover_window: Duration::from_secs(300),
             retention: Duration::from_secs(3600),
             replica_id: String::new(),
+            on_unavailable: OnLockUnavailable::Skip,
         }
     }
 }
@@ -155,6 +175,7 @@ pub const ENV: &[EnvVar] = &[
     EnvVar::new("lock_key_prefix", "lock.key_prefix"),
     EnvVar::new("lock_lease", "lock.lease"),
     EnvVar::new("lock_replica_id", "lock.replica_id"),
+    EnvVar::new("lock_on_unavailable", "lock.on_unavailable"),
 ];
 
 impl Config {
@@ -218,6 +239,7 @@ mod tests {
             let c = Config::load(None).unwrap();
             assert_eq!(c.cron.topic, "cron-function");
             assert!(c.lock.redis_url.is_none());
+            assert_eq!(c.lock.on_unavailable, OnLockUnavailable::Skip);
             Ok(())
         });
     }
@@ -231,7 +253,9 @@ mod tests {
             )?;
             jail.set_env("cron_overlap", "allow");
             jail.set_env("gateway_url", "http://gw:8080");
+            jail.set_env("lock_on_unavailable", "fire");
             let c = Config::load(Some(Path::new("cron.toml"))).unwrap();
+            assert_eq!(c.lock.on_unavailable, OnLockUnavailable::Fire);
             assert_eq!(c.cron.misfire, Misfire::FireOnce);
             assert_eq!(c.cron.overlap, Overlap::Allow);
             assert_eq!(c.zone(), Some(Tz::Europe__Paris));

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use connector_sdk::Runtime;
 
-use crate::config::Config;
+use crate::config::{Config, OnLockUnavailable};
 use crate::lock::Leases;
 use crate::metrics::CronMetrics;
 use crate::scheduler::{Firer, Scheduler};
@@ -64,9 +64,16 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), CronError> 
             Ok(()) => {
                 tracing::info!(replica = %replica, "replicas coordinate through Redis tick leases")
             }
-            Err(e) => {
-                tracing::warn!(replica = %replica, error = %e, "Redis for tick leases is unreachable; firing without it until it answers")
-            }
+            Err(e) => match config.lock.on_unavailable {
+                OnLockUnavailable::Skip => tracing::warn!(
+                    replica = %replica, error = %e,
+                    "Redis for tick leases is unreachable; ticks are skipped until it answers (lock.on_unavailable = \"skip\")"
+                ),
+                OnLockUnavailable::Fire => tracing::warn!(
+                    replica = %replica, error = %e,
+                    "Redis for tick leases is unreachable; firing without it until it answers (lock.on_unavailable = \"fire\")"
+                ),
+            },
         },
         None => tracing::info!(
             "no [lock] configured: single-replica mode (every replica would fire every tick)"
@@ -74,11 +81,13 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), CronError> 
     }
     let cron = config.cron.clone();
     let takeover_window = config.lock.takeover_window;
+    let on_lock_unavailable = config.lock.on_unavailable;
     runtime
         .run(|ctx| async move {
             let firer = Arc::new(Firer {
                 dispatcher: ctx.dispatcher.clone(),
                 leases,
+                on_lock_unavailable,
                 metrics,
                 topic: cron.topic.clone(),
                 replica,

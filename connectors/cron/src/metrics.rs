@@ -21,6 +21,9 @@ pub enum Firing {
     Released,
     /// Skipped: the previous run was still going and overlap is forbidden.
     SkippedOverlap,
+    /// Skipped: the lease store could not be reached to claim it
+    /// (`lock.on_unavailable = "skip"`).
+    SkippedLockUnavailable,
     /// Not fired: its time passed while the connector was down or stalled.
     Misfired,
     /// Fired by another replica.
@@ -34,6 +37,7 @@ impl Firing {
             Self::Failed => "failed",
             Self::Released => "released",
             Self::SkippedOverlap => "skipped_overlap",
+            Self::SkippedLockUnavailable => "skipped_lock_unavailable",
             Self::Misfired => "misfired",
             Self::Peer => "peer",
         }
@@ -107,7 +111,7 @@ impl CronMetrics {
         );
         r.register(
             "lock_errors",
-            "Redis errors while claiming or finishing ticks",
+            "Failed calls to the tick lease store (claiming, watching, finishing ticks), Redis unreachable included",
             m.lock_errors.clone(),
         );
         m

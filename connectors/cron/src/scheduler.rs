@@ -12,7 +12,10 @@
 //! delays other schedules: with `overlap = "forbid"` a tick is skipped while the previous
 //! run is still going (on any replica, when a lock is configured). With a lock, a firing
 //! first claims its tick (see [`crate::lock`]); a replica that loses the race watches the
-//! tick and takes it over if the winner dies before finishing it.
+//! tick and takes it over if the winner dies before finishing it. A tick that cannot be
+//! claimed because the lock's Redis is unreachable is skipped, logged and counted
+//! (`lock.on_unavailable = "skip"`, the default): with every replica unable to claim, firing
+//! it would fire it once per replica. `lock.on_unavailable = "fire"` fires it unclaimed.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -27,8 +30,8 @@ use connector_sdk::{
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{CronConfig, Misfire, Overlap};
-use crate::lock::{Claim, Leases};
+use crate::config::{CronConfig, Misfire, OnLockUnavailable, Overlap};
+use crate::lock::{Claim, Leases, LockError};
 use crate::metrics::{CronMetrics, Firing};
 use crate::schedule::Schedule;
 
@@ -129,6 +132,8 @@ pub struct Firer {
     pub dispatcher: Dispatcher,
     /// Tick leases, when replicas coordinate.
     pub leases: Option<Leases>,
+    /// What to do with a tick the leases cannot be asked about.
+    pub on_lock_unavailable: OnLockUnavailable,
     /// `connector_cron_*`.
     pub metrics: CronMetrics,
     /// `X-Topic` of every firing.
@@ -154,6 +159,8 @@ struct Tick {
 impl Firer {
     async fn fire(self: Arc<Self>, tick: Tick) {
         let name = tick.function.as_str().to_owned();
+        // Whether this replica holds a claim on the tick, to renew and finish.
+        let mut claimed = false;
         if let Some(leases) = &self.leases {
             if tick.overlap == Overlap::Forbid
                 && let Some(previous) = tick.previous
@@ -164,18 +171,41 @@ impl Firer {
                 return;
             }
             match self.claim_or_watch(leases, &name, tick.at).await {
-                Some(true) => {}
-                Some(false) => return,
-                None => {
-                    tracing::warn!(function = %tick.function, "tick lease store unreachable; firing without it (a peer may fire this tick too)");
+                Ok(true) => claimed = true,
+                Ok(false) => return,
+                Err(e) => {
+                    self.metrics.lock_error();
+                    match self.on_lock_unavailable {
+                        OnLockUnavailable::Skip => {
+                            self.metrics
+                                .firing(&tick.function, Firing::SkippedLockUnavailable);
+                            tracing::warn!(
+                                function = %tick.function,
+                                schedule = %tick.expression,
+                                tick = %tick.at,
+                                error = %e,
+                                "tick lease store unreachable; tick skipped (lock.on_unavailable = \"skip\")"
+                            );
+                            return;
+                        }
+                        OnLockUnavailable::Fire => {
+                            tracing::warn!(
+                                function = %tick.function,
+                                schedule = %tick.expression,
+                                tick = %tick.at,
+                                error = %e,
+                                "tick lease store unreachable; firing without it (lock.on_unavailable = \"fire\": a peer may fire this tick too)"
+                            );
+                        }
+                    }
                 }
             }
         }
         tick.running.fetch_add(1, Ordering::SeqCst);
-        let firing = self.invoke(&tick).await;
+        let firing = self.invoke(&tick, claimed).await;
         tick.running.fetch_sub(1, Ordering::SeqCst);
         self.metrics.firing(&tick.function, firing);
-        if let Some(leases) = &self.leases {
+        if let Some(leases) = self.leases.as_ref().filter(|_| claimed) {
             let done = match firing {
                 Firing::Released => leases.release(&name, tick.at).await,
                 _ => leases.finish(&name, tick.at).await,
@@ -187,9 +217,16 @@ impl Firer {
         }
     }
 
-    /// `Some(true)`: this replica fires the tick; `Some(false)`: a peer did;
-    /// `None`: the lease store is unreachable.
-    async fn claim_or_watch(&self, leases: &Leases, name: &str, at: DateTime<Utc>) -> Option<bool> {
+    /// `Ok(true)`: this replica claimed the tick and fires it; `Ok(false)`: a peer fires
+    /// it (or fired it, or shutdown came first); `Err`: the first claim failed, the lease
+    /// store is unreachable. Errors while watching a peer's claim are logged and the
+    /// watch goes on: the peer holds the tick.
+    async fn claim_or_watch(
+        &self,
+        leases: &Leases,
+        name: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, LockError> {
         let mut first = true;
         let deadline = at + chrono::Duration::from_std(self.takeover_window).unwrap_or_default();
         loop {
@@ -198,16 +235,14 @@ impl Firer {
                     if !first {
                         tracing::warn!(function = name, tick = %at, "taking over a tick its claimant did not finish");
                     }
-                    return Some(true);
+                    return Ok(true);
                 }
-                Ok(Claim::Done) => return Some(false),
+                Ok(Claim::Done) => return Ok(false),
                 Ok(Claim::Taken) => {}
+                Err(e) if first => return Err(e),
                 Err(e) => {
                     self.metrics.lock_error();
-                    tracing::warn!(function = name, error = %e, "claiming a tick failed");
-                    if first {
-                        return None;
-                    }
+                    tracing::warn!(function = name, error = %e, "watching a claimed tick failed");
                 }
             }
             if first {
@@ -216,17 +251,19 @@ impl Firer {
                 first = false;
             }
             if Utc::now() > deadline {
-                return Some(false);
+                return Ok(false);
             }
             let wait = (leases.lease() / 2).max(Duration::from_millis(100));
             tokio::select! {
-                () = self.shutdown.cancelled() => return Some(false),
+                () = self.shutdown.cancelled() => return Ok(false),
                 () = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    async fn invoke(&self, tick: &Tick) -> Firing {
+    /// Invokes the function for `tick`, renewing this replica's claim meanwhile if it
+    /// holds one.
+    async fn invoke(&self, tick: &Tick, claimed: bool) -> Firing {
         let scheduled = humantime::format_rfc3339_millis(tick.at.into()).to_string();
         let mut message = Message::new(
             self.topic.clone(),
@@ -243,7 +280,11 @@ impl Firer {
         message.add_header("X-Cron-Replica", &self.replica);
         let lateness = (Utc::now() - tick.at).as_seconds_f64();
         self.metrics.lateness(lateness);
-        let renewal = self.renew_while_running(tick);
+        let renewal = if claimed {
+            self.renew_while_running(tick)
+        } else {
+            CancellationToken::new()
+        };
         let completion = self
             .dispatcher
             .submit_to(message, Arc::new([tick.function.clone()]))

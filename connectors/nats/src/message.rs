@@ -6,7 +6,7 @@
 //! | header | value |
 //! | --- | --- |
 //! | `X-Nats-Subject` | the subject the message was published to |
-//! | every NATS header | forwarded as is (a `Content-Type` one also sets the content type) |
+//! | every NATS header | forwarded as is, except those the SDK withholds (`connector_sdk::source_headers`: `Content-Length`, `Host`, `Authorization`, `X-Callback-Url`, `ce-*`, ...) and the `X-Nats-*` ones below, which only the connector sets; a `Content-Type` one sets the content type |
 //! | `X-Nats-Stream`, `X-Nats-Sequence` | JetStream: where the message is stored |
 //! | `X-Nats-Delivered` | JetStream: how many times the server delivered it, this one included |
 //!
@@ -50,6 +50,10 @@ pub fn common(
     if let Some(headers) = headers {
         for (name, values) in headers.iter() {
             let name: &str = name.as_ref();
+            if is_ours(name) {
+                // The connector's own metadata: a publisher's copy would sit beside it.
+                continue;
+            }
             for value in values {
                 let value: &str = value.as_ref();
                 if name.eq_ignore_ascii_case("content-type") {
@@ -63,6 +67,18 @@ pub fn common(
         message.headers.append(SUBJECT_HEADER_NAME, value);
     }
     message
+}
+
+/// Whether `name` is one of the `X-Nats-*` headers this connector sets itself.
+fn is_ours(name: &str) -> bool {
+    [
+        SUBJECT_HEADER,
+        STREAM_HEADER,
+        SEQUENCE_HEADER,
+        DELIVERED_HEADER,
+    ]
+    .iter()
+    .any(|ours| ours.eq_ignore_ascii_case(name))
 }
 
 // The constants above as header names, built at compile time: parsing the mixed-case
@@ -298,5 +314,50 @@ mod tests {
         );
         assert_eq!(m.subject.as_deref(), Some("orders.created"));
         assert_eq!(m.ordering_key.as_deref(), Some(&b"orders.created"[..]));
+    }
+
+    /// Issue 17: a publisher cannot add its own `X-Nats-*` values beside the
+    /// connector's (the function would read whichever comes first).
+    #[test]
+    fn a_publisher_cannot_spoof_the_connectors_own_headers() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("X-Nats-Subject", "spoofed");
+        headers.insert("x-nats-stream", "spoofed");
+        headers.insert("X-NATS-SEQUENCE", "1");
+        headers.insert("X-Nats-Delivered", "9");
+        headers.insert("X-Nats-Other", "kept");
+        let position = StreamPosition {
+            stream: "ORDERS".into(),
+            consumer: "c".into(),
+            sequence: 42,
+            delivered: 2,
+            published: SystemTime::UNIX_EPOCH,
+        };
+        let message = async_nats::Message {
+            subject: "orders.created".into(),
+            reply: None,
+            payload: Bytes::from_static(b"{}"),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let core_message = core(&message, "nats://n");
+        let all = |m: &Message, name: &str| -> Vec<String> {
+            m.headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("").to_owned())
+                .collect()
+        };
+        assert_eq!(all(&core_message, "x-nats-subject"), ["orders.created"]);
+        assert!(all(&core_message, "x-nats-stream").is_empty());
+        assert!(all(&core_message, "x-nats-delivered").is_empty());
+        assert_eq!(all(&core_message, "x-nats-other"), ["kept"]);
+        let js = jetstream(&message, position, "nats://n");
+        assert_eq!(all(&js, "x-nats-subject"), ["orders.created"]);
+        assert_eq!(all(&js, "x-nats-stream"), ["ORDERS"]);
+        assert_eq!(all(&js, "x-nats-sequence"), ["42"]);
+        assert_eq!(all(&js, "x-nats-delivered"), ["2"]);
     }
 }
