@@ -17,6 +17,11 @@
 //! `/proc/self/stat`), and for the SDK the resident memory idle and at its peak under load
 //! (`VmRSS`, `VmHWM` from `/proc/self/status`). Each side runs three times, alternating,
 //! and the medians are printed (single runs go to stderr).
+//!
+//! `BENCH_MIX=1` measures instead one function's throughput beside a slow one: `fast` (the
+//! no-op) alone, then while `slow` (50 ms per call, `connector.max_inflight: 2`) is fed
+//! without pause from a second submitter through the same dispatcher (`max_inflight` 64);
+//! it prints the ratio of the two per round and their median.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -71,7 +76,11 @@ fn main() {
             .unwrap()
     };
     // On a worker, as `Runtime::run` runs a connector's source.
-    runtime.block_on(async move { tokio::spawn(bench(addr)).await.unwrap() });
+    if std::env::var("BENCH_MIX").is_ok() {
+        runtime.block_on(async move { tokio::spawn(mix(addr)).await.unwrap() });
+    } else {
+        runtime.block_on(async move { tokio::spawn(bench(addr)).await.unwrap() });
+    }
     child.kill().ok();
     child.wait().ok();
 }
@@ -100,7 +109,15 @@ fn serve(addr: SocketAddr) {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let app = Router::new().route("/function/{name}", post(|| async { "" }));
+        let app = Router::new()
+            .route(
+                "/function/slow",
+                post(|| async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    ""
+                }),
+            )
+            .route("/function/{name}", post(|| async { "" }));
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         axum::serve(listener, app).await.unwrap();
     });
@@ -235,6 +252,100 @@ async fn bench(addr: SocketAddr) {
         idle_rss as f64 / 1024.0,
         peak as f64 / 1024.0
     );
+}
+
+/// `fast`'s throughput alone and beside a slow, limited function on the same dispatcher.
+async fn mix(addr: SocketAddr) {
+    let config = SdkConfig {
+        gateway_url: format!("http://{addr}"),
+        max_inflight: 64,
+        ..SdkConfig::default()
+    };
+    let functions = [
+        FunctionStatus {
+            name: "fast".into(),
+            namespace: None,
+            annotations: [("topic".to_owned(), "bench".to_owned())].into(),
+        },
+        FunctionStatus {
+            name: "slow".into(),
+            namespace: None,
+            annotations: [
+                ("topic".to_owned(), "reports".to_owned()),
+                ("connector.max_inflight".to_owned(), "2".to_owned()),
+            ]
+            .into(),
+        },
+    ];
+    let topics = TopicMapHandle::fixed(TopicMap::build(&functions, ","));
+    let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(5, |v| v.parse().unwrap());
+    let count: usize = std::env::var("BENCH_COUNT").map_or(40_000, |v| v.parse().unwrap());
+    let (metrics, _registry) = Metrics::standalone("bench");
+    let client = GatewayClient::new("bench-connector", &config).unwrap();
+    let dispatcher = Dispatcher::builder(client, topics, &config, metrics).build();
+    let _ = feed(&dispatcher, "bench", count / 10).await;
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let alone = feed(&dispatcher, "bench", count).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let slow = tokio::spawn({
+            let (d, stop) = (dispatcher.clone(), stop.clone());
+            async move {
+                let mut pending = FuturesUnordered::new();
+                let mut i = 0u64;
+                let mut done = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    while let Some(Some(_)) = futures::FutureExt::now_or_never(pending.next()) {
+                        done += 1;
+                    }
+                    let message = Message::new("reports", PAYLOAD, format!("slow/{i}"), "bench://");
+                    i += 1;
+                    tokio::select! {
+                        c = d.submit(message) => pending.push(c.unwrap()),
+                        Some(_) = pending.next(), if !pending.is_empty() => done += 1,
+                    }
+                }
+                while pending.next().await.is_some() {
+                    done += 1;
+                }
+                done
+            }
+        });
+        let beside = feed(&dispatcher, "bench", count).await;
+        stop.store(true, Ordering::Relaxed);
+        let slow_done = slow.await.unwrap();
+        let ratio = beside.per_second / alone.per_second;
+        eprintln!(
+            "round {round}: fast alone {:.0}/s, beside slow {:.0}/s, ratio {ratio:.2} (slow delivered {slow_done})",
+            alone.per_second, beside.per_second
+        );
+        ratios.push(ratio);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "fast beside a slow function limited to 2: ratio to fast alone, median {:.2} ({:.2} to {:.2}) over {rounds} rounds of {count}",
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
+}
+
+/// Submits `count` messages of `topic` to `dispatcher` as fast as it admits them.
+async fn feed(dispatcher: &Dispatcher, topic: &str, count: usize) -> Figures {
+    let cpu = cpu_time();
+    let started = Instant::now();
+    let mut pending: FuturesUnordered<connector_sdk::Completion> = FuturesUnordered::new();
+    for i in 0..count {
+        let message = Message::new(topic, PAYLOAD, format!("{topic}/{i}"), "bench://");
+        while let Some(Some(outcome)) = futures::FutureExt::now_or_never(pending.next()) {
+            assert_eq!(outcome.disposition(), Disposition::Ack);
+        }
+        pending.push(dispatcher.submit(message).await.unwrap());
+    }
+    while let Some(outcome) = pending.next().await {
+        assert_eq!(outcome.disposition(), Disposition::Ack);
+    }
+    figures(count, started.elapsed(), cpu_time() - cpu)
 }
 
 fn median(mut runs: Vec<Figures>) -> Figures {
