@@ -60,6 +60,7 @@ mod admission;
 mod attempts;
 mod cancel;
 mod completion;
+mod dead_letter;
 mod lanes;
 mod pool;
 
