@@ -39,6 +39,9 @@
 //! on which functions deduplicate), and one that was dead-lettered is dead-lettered again.
 //! At-least-once holds; "a delivery that succeeded is not repeated" does not, in this mode.
 //!
+//! [`DeliveryOutcome::Retry`]: crate::message::DeliveryOutcome::Retry
+//! [`Disposition::Retry`]: crate::message::Disposition::Retry
+//!
 //! Strict lanes ([`DispatcherBuilder::strict_lanes`], opt-in, with `ordering = "key"`):
 //! a message whose disposition is not `Ack` (held, retrying, released) releases the
 //! messages already queued behind it in its lane, without invoking anything, instead of
@@ -205,6 +208,9 @@ impl DispatcherBuilder {
     /// redeliver it after the delay, and set [`Message::prior_attempts`] from the broker's
     /// redelivery count. See the module docs for what this means on fan-out.
     /// (default: `false`: retries wait in process)
+    ///
+    /// [`DeliveryOutcome::Retry`]: crate::message::DeliveryOutcome::Retry
+    /// [`Disposition::Retry`]: crate::message::Disposition::Retry
     pub fn broker_retries(mut self, on: bool) -> Self {
         self.policy.broker_retries = on;
         self
