@@ -59,12 +59,21 @@
 //! invocations go on. [`Dispatcher::abort`]:
 //! running invocations are cancelled and released.
 
+// The public API and the shared state are here; the machinery, by step of a message's
+// life (see above), in the submodules.
+// 1-2: admit, reserve a function's places, hand off to the pool.
 mod admission;
+// 4: one delivery's attempts and what each verdict leads to.
 mod attempts;
+// A worker's drain and abort tokens, and the cheap abort signal.
 mod cancel;
+// 5: the outcome assembled and handed to the submitter.
 mod completion;
+// 4: writing dead letters, or holding / dropping what cannot be written.
 mod dead_letter;
+// 3: ordering lanes, strict-lane blocking.
 mod lanes;
+// 2-3: the workers and the hand-off queue.
 mod pool;
 
 use std::collections::HashMap;
@@ -116,6 +125,8 @@ struct MatchCache {
     by_topic: HashMap<String, Arc<[FunctionRef]>>,
 }
 
+/// The connector's delivery settings: every delivery's, unless its function's
+/// annotations override them.
 #[derive(Debug, Clone)]
 struct Policy {
     max_attempts: u32,
@@ -154,6 +165,7 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
+/// The dispatcher's state, shared by its clones and its workers.
 struct Inner {
     gateway: GatewayClient,
     topics: TopicMapHandle,
