@@ -21,8 +21,8 @@ use reqwest::Url;
 
 use crate::config::{SdkConfig, Secret};
 use crate::error::SdkError;
+use crate::function::{FunctionRef, FunctionStatus};
 use crate::message::{InvocationResponse, Message};
-use crate::topic_map::{FunctionRef, FunctionStatus};
 
 /// How much of a response body is read; the rest is discarded. Functions answering more
 /// than this to a connector are almost certainly not meant to be read whole.

@@ -13,10 +13,10 @@ use super::lanes::LaneTicket;
 use super::pool::Offer;
 use super::{Dispatcher, Inner};
 use crate::error::SdkError;
+use crate::function::FunctionRef;
 use crate::limiter::Limiter;
 use crate::message::{Disposition, Message, MessageOutcome};
 use crate::policy::PolicyOverrides;
-use crate::topic_map::FunctionRef;
 
 /// What [`Dispatcher::admit`] did with a message.
 pub(super) enum Admitted {

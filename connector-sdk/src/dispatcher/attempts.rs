@@ -15,13 +15,13 @@ use super::dead_letter::Failure;
 use super::{Inner, Policy};
 use crate::backoff::Backoff;
 use crate::dead_letter::DeadLetterReason;
+use crate::function::FunctionRef;
 use crate::gateway::InvokeError;
 use crate::limiter::Limiter;
 use crate::message::{DeliveryOutcome, DeliveryReport, InvocationResponse, Message};
 use crate::metrics::status_class;
 use crate::policy::PolicyOverrides;
 use crate::response::InvocationResult;
-use crate::topic_map::FunctionRef;
 use crate::verdict::{StatusClasses, Verdict};
 
 /// One delivery: a message to one function, on the worker whose cancellation it obeys.

@@ -15,8 +15,8 @@ use super::Inner;
 use super::admission::Job;
 use super::cancel::Cancel;
 use super::lanes::LaneTicket;
+use crate::function::FunctionRef;
 use crate::message::{DeliveryOutcome, DeliveryReport, Disposition, Message, MessageOutcome};
-use crate::topic_map::FunctionRef;
 
 /// The settle step of [`Dispatcher::submit_then`](super::Dispatcher::submit_then),
 /// type-erased.
