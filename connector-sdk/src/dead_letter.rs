@@ -7,8 +7,8 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use crate::function::FunctionRef;
 use crate::message::Message;
-use crate::topic_map::FunctionRef;
 
 /// How much of the function's last response body a dead letter keeps.
 pub const RESPONSE_EXCERPT_BYTES: usize = 1024;

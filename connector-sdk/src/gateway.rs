@@ -21,10 +21,10 @@ use reqwest::Url;
 
 use crate::config::{SdkConfig, Secret};
 use crate::error::SdkError;
+use crate::function::{FunctionRef, FunctionStatus};
 use crate::message::{InvocationResponse, Message};
 use crate::metrics::Metrics;
 use crate::source_headers;
-use crate::topic_map::{FunctionRef, FunctionStatus};
 
 /// How much of a response body is read; the rest is discarded. Functions answering more
 /// than this to a connector are almost certainly not meant to be read whole.

@@ -9,7 +9,9 @@
 //! Modules:
 //! - [`config`]: figment layering (defaults, TOML, environment), the shared `[connector]`
 //!   section [`SdkConfig`], OpenFaaS variable names.
-//! - [`topic_map`]: the topic → functions map, built from the gateway, swapped atomically.
+//! - [`topic_map`]: the topic → functions map, built from the gateway, swapped atomically;
+//!   [`FunctionRef`] and [`FunctionStatus`](topic_map::FunctionStatus) are defined in a leaf
+//!   module (`function`) so the gateway client, messages and metrics need not import it.
 //! - [`gateway`]: the gateway client (`/system/*`, invocation headers, keep-alive pool).
 //! - [`source_headers`]: which of a message's own headers may reach the function.
 //! - [`verdict`] and [`backoff`]: what a response means; how long to wait before retrying.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod dispatcher;
 pub mod error;
+mod function;
 pub mod gateway;
 pub(crate) mod limiter;
 pub mod message;

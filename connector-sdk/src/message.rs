@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::topic_map::FunctionRef;
+use crate::function::FunctionRef;
 
 /// One event from a source, as the dispatcher delivers it to every subscribed function.
 ///

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::function::FunctionRef;
 use crate::message::InvocationResponse;
 use crate::metrics::Metrics;
-use crate::topic_map::FunctionRef;
 
 /// One invocation attempt's result.
 #[derive(Debug, Clone)]

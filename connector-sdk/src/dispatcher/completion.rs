@@ -1,0 +1,194 @@
+//! Completion: a message's deliveries assembled into its [`MessageOutcome`], and the
+//! outcome handed to whoever waits for it (the [`Completion`] future, or the settle step
+//! of `submit_then`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::future::join_all;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+
+use super::Inner;
+use super::admission::Job;
+use super::cancel::Cancel;
+use super::lanes::LaneTicket;
+use crate::function::FunctionRef;
+use crate::message::{DeliveryOutcome, DeliveryReport, Disposition, Message, MessageOutcome};
+
+/// The settle step of [`Dispatcher::submit_then`](super::Dispatcher::submit_then),
+/// type-erased.
+pub(super) type SettleStep =
+    Box<dyn FnOnce(MessageOutcome) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Where a message's outcome goes.
+pub(super) enum Finish {
+    /// To the [`Completion`] the submitter awaits.
+    Channel(oneshot::Sender<MessageOutcome>),
+    /// Into the settle step, run on the worker.
+    Then(SettleStep),
+}
+
+impl Inner {
+    /// Delivers a message, records its outcome, lets its lane go on, and finishes it.
+    pub(super) async fn execute(self: &Arc<Self>, cancel: &Cancel, job: Job) {
+        let Job { admission, finish } = job;
+        let (outcome, lane) = self
+            .run(
+                cancel,
+                admission.message,
+                admission.functions,
+                admission.lane,
+            )
+            .await;
+        let disposition = outcome.disposition();
+        self.metrics.message_finished(disposition.as_str());
+        if let Some((key, id, done)) = lane {
+            self.block_after(&key, &outcome.id, disposition);
+            let _ = done.send(disposition == Disposition::Ack);
+            self.leave_lane(&key, id);
+        }
+        match finish {
+            Finish::Channel(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Finish::Then(then) => then(outcome).await,
+        }
+        // Only now may `wait_idle` return.
+        drop(admission.token);
+    }
+
+    /// Waits for the message's turn in its lane and for in-flight permits, runs its
+    /// deliveries, and assembles their reports into the message's outcome. Returns the
+    /// message's lane place too, for `execute` to pass on.
+    async fn run(
+        self: &Arc<Self>,
+        cancel: &Cancel,
+        message: Arc<Message>,
+        functions: Arc<[FunctionRef]>,
+        lane: Option<LaneTicket>,
+    ) -> (MessageOutcome, Option<(Bytes, u64, oneshot::Sender<bool>)>) {
+        let (previous, lane) = match lane {
+            Some(t) => (t.previous, Some((t.key, t.id, t.done))),
+            None => (None, None),
+        };
+        if let Some(previous) = previous
+            && !self.wait_turn(cancel, &message, previous).await
+        {
+            return (released_all(&message, &functions), lane);
+        }
+        // Permits for as many deliveries as may run at once; a fan-out wider than
+        // `max_inflight` acquires the rest one by one. The semaphore is closed on drain:
+        // a message still waiting is released.
+        let wanted = u32::try_from(functions.len().min(self.max_inflight)).unwrap_or(u32::MAX);
+        let mut permits = match self.permits.clone().try_acquire_many_owned(wanted) {
+            Ok(permits) => permits,
+            Err(_) => match self.permits.clone().acquire_many_owned(wanted).await {
+                Ok(permits) => permits,
+                Err(_) => return (released_all(&message, &functions), lane),
+            },
+        };
+        let deliveries = match &*functions {
+            // The common case, without splitting permits or join_all's bookkeeping.
+            [function] => vec![
+                self.deliver(cancel, message.clone(), function.clone(), Some(permits))
+                    .await,
+            ],
+            _ => {
+                let mut own: Vec<OwnedSemaphorePermit> = Vec::with_capacity(functions.len());
+                while permits.num_permits() > 1 {
+                    match permits.split(1) {
+                        Some(p) => own.push(p),
+                        None => break,
+                    }
+                }
+                own.push(permits);
+                let deliveries = functions.iter().map(|function| {
+                    let permit = own.pop();
+                    self.deliver(cancel, message.clone(), function.clone(), permit)
+                });
+                join_all(deliveries).await
+            }
+        };
+        (
+            MessageOutcome {
+                id: message.id.clone(),
+                deliveries,
+                interrupted: false,
+                held_unmatched: false,
+            },
+            lane,
+        )
+    }
+}
+
+/// The outcome of a message none of whose deliveries started.
+pub(super) fn released_all(message: &Message, functions: &[FunctionRef]) -> MessageOutcome {
+    MessageOutcome {
+        id: message.id.clone(),
+        deliveries: functions.iter().map(|f| released(f, 0)).collect(),
+        interrupted: false,
+        held_unmatched: false,
+    }
+}
+
+/// The report of a delivery released after `attempts` attempts, with no response kept.
+pub(super) fn released(function: &FunctionRef, attempts: u32) -> DeliveryReport {
+    DeliveryReport {
+        function: function.clone(),
+        outcome: DeliveryOutcome::Released,
+        attempts,
+        response: None,
+        error: None,
+    }
+}
+
+/// Resolves to the [`MessageOutcome`] of a submitted message once all its deliveries are
+/// terminal.
+#[derive(Debug)]
+pub struct Completion(CompletionState);
+
+#[derive(Debug)]
+enum CompletionState {
+    /// Known at submission (no subscriber); taken by the first poll.
+    Ready(Option<MessageOutcome>),
+    /// Sent by the worker delivering the message.
+    Pending(oneshot::Receiver<MessageOutcome>),
+}
+
+impl Completion {
+    /// A completion whose outcome was known at submission.
+    pub(super) fn ready(outcome: MessageOutcome) -> Self {
+        Self(CompletionState::Ready(Some(outcome)))
+    }
+
+    /// A completion the worker delivering the message resolves through `rx`.
+    pub(super) fn pending(rx: oneshot::Receiver<MessageOutcome>) -> Self {
+        Self(CompletionState::Pending(rx))
+    }
+}
+
+impl Future for Completion {
+    type Output = MessageOutcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<MessageOutcome> {
+        let interrupted = || MessageOutcome {
+            id: String::new(),
+            deliveries: Vec::new(),
+            interrupted: true,
+            held_unmatched: false,
+        };
+        match &mut self.get_mut().0 {
+            CompletionState::Ready(outcome) => {
+                Poll::Ready(outcome.take().unwrap_or_else(interrupted))
+            }
+            // The sender is dropped without an outcome only if the worker was torn down
+            // (runtime shutdown, panic): the message must go back to the broker.
+            CompletionState::Pending(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|result| result.unwrap_or_else(|_| interrupted())),
+        }
+    }
+}
