@@ -10,7 +10,8 @@
 //!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`],
 //!   [`nats_broker`], [`sqs_broker`]: broker fixtures.
 //! - The gateway and functions are `connector_sdk::testing::FakeGateway`, a real HTTP
-//!   server.
+//!   server, except in `tests/system.rs`, which runs the real `gateway` binary with a
+//!   function and the connectors it supervises.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod config_keys;
