@@ -149,8 +149,13 @@ struct System {
 
 impl System {
     /// Like [`launch`](Self::launch), then waits until every connector is ready.
-    async fn start(topic: &str, credentials: Credentials, connectors: Vec<ConnectorEntry>) -> Self {
-        let system = Self::launch(topic, credentials, connectors).await;
+    async fn start(
+        topic: &str,
+        credentials: Credentials,
+        connectors: Vec<ConnectorEntry>,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let system = Self::launch(topic, credentials, connectors, env).await;
         for c in &system.connectors {
             assert!(
                 wait_http(c.metrics_addr, "/readyz", 200, WITHIN).await,
@@ -163,11 +168,12 @@ impl System {
     }
 
     /// Writes the gateway's config (the function subscribed to `topic`, `connectors` as
-    /// `[[connectors]]`), starts the gateway, and waits until it listens.
+    /// `[[connectors]]`), starts the gateway with `env`, and waits until it listens.
     async fn launch(
         topic: &str,
         credentials: Credentials,
         connectors: Vec<ConnectorEntry>,
+        env: &[(&str, &str)],
     ) -> Self {
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path().to_owned();
@@ -232,7 +238,7 @@ annotations = {{ topic = "{topic}" }}
         let gateway = Process::start_with_args(
             &binary,
             &["--config".as_ref(), config_file.as_os_str()],
-            &[],
+            env,
             temp,
         );
         let mut system = Self {
@@ -399,11 +405,12 @@ async fn delivered_through_the_gateway(
     name: &'static str,
     binary_name: &str,
     fixture: &dyn Fixture,
+    gateway_env: &[(&str, &str)],
 ) {
     let topic = unique(&format!("system-{name}"));
     fixture.create_topic(&topic).await;
     let connector = ConnectorEntry::new(name, fixture, &topic, "");
-    let mut system = System::start(&topic, Credentials::Files, vec![connector]).await;
+    let mut system = System::start(&topic, Credentials::Files, vec![connector], gateway_env).await;
     system.assert_basic_auth_is_on().await;
 
     let sent = payloads(&topic, 20);
@@ -432,12 +439,12 @@ async fn delivered_through_the_gateway(
 
 #[tokio::test]
 async fn kafka_through_the_gateway() {
-    delivered_through_the_gateway("kafka", "kafka-connector", &KafkaTopics::new()).await;
+    delivered_through_the_gateway("kafka", "kafka-connector", &KafkaTopics::new(), &[]).await;
 }
 
 #[tokio::test]
 async fn redis_streams_through_the_gateway() {
-    delivered_through_the_gateway("redis", "redis-connector", &RedisStreams::new()).await;
+    delivered_through_the_gateway("redis", "redis-connector", &RedisStreams::new(), &[]).await;
 }
 
 #[tokio::test]
@@ -445,12 +452,83 @@ async fn nats_jetstream_through_the_gateway() {
     let fixture = JetStreamTopics::new()
         .await
         .with_consumer(&unique("system"));
-    delivered_through_the_gateway("nats", "nats-connector", &fixture).await;
+    delivered_through_the_gateway("nats", "nats-connector", &fixture, &[]).await;
+}
+
+/// The gateway's own variables configure the gateway, not the connectors it starts:
+/// with its durable async queue on a NATS of its own, given as the variable `nats_url`
+/// (as a deployment sets it), the NATS connector still consumes from the NATS its file
+/// names. (The connector reads a variable of the same name for its `[nats] url`.)
+#[tokio::test]
+async fn the_gateways_variables_do_not_reconfigure_its_connectors() {
+    let queue_nats = QueueNats::start();
+    let fixture = JetStreamTopics::new()
+        .await
+        .with_consumer(&unique("system"));
+    let url = queue_nats.url();
+    delivered_through_the_gateway("nats", "nats-connector", &fixture, &[("nats_url", &url)]).await;
+    assert!(
+        queue_nats.has_stream("faas-gateway-async").await,
+        "the gateway's queue is not on its own NATS"
+    );
+}
+
+/// A nats-server with JetStream on a free loopback port, for the gateway's async queue;
+/// killed when dropped.
+struct QueueNats {
+    port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl QueueNats {
+    /// Starts it and waits until it accepts connections.
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_addr().port();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server is installed (scripts/test.sh)");
+        let deadline = Instant::now() + WITHIN;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether JetStream stream `name` exists on it.
+    async fn has_stream(&self, name: &str) -> bool {
+        let client = async_nats::connect(self.url()).await.unwrap();
+        async_nats::jetstream::new(client)
+            .get_stream(name)
+            .await
+            .is_ok()
+    }
+}
+
+impl Drop for QueueNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test]
 async fn sqs_through_the_gateway() {
-    delivered_through_the_gateway("sqs", "sqs-connector", &SqsQueues::new()).await;
+    delivered_through_the_gateway("sqs", "sqs-connector", &SqsQueues::new(), &[]).await;
 }
 
 /// The readiness the tests above wait for rests on the credentials: a connector whose
@@ -465,7 +543,7 @@ async fn a_connector_without_the_credentials_is_refused_and_never_ready() {
     let connector =
         ConnectorEntry::new("redis", &fixture, &topic, "").with_env("basic_auth", "false");
     let metrics_addr = connector.metrics_addr;
-    let mut system = System::launch(&topic, Credentials::Files, vec![connector]).await;
+    let mut system = System::launch(&topic, Credentials::Files, vec![connector], &[]).await;
     assert!(
         eventually_async(WITHIN, || async {
             let output = system.gateway.output();
@@ -598,7 +676,8 @@ fn assert_callback_of_the_function(callback: &Callback) {
 #[tokio::test]
 async fn async_function_posts_the_result_to_the_callback_url() {
     let receiver = CallbackReceiver::start().await;
-    let mut system = System::start(&unique("system-async"), Credentials::Files, Vec::new()).await;
+    let mut system =
+        System::start(&unique("system-async"), Credentials::Files, Vec::new(), &[]).await;
     system.assert_basic_auth_is_on().await;
     let client = reqwest::Client::new();
     let mut call_ids = BTreeMap::new();
@@ -648,7 +727,7 @@ async fn a_connector_invoking_asynchronously_gets_results_at_its_callback_url() 
         receiver.url()
     );
     let connector = ConnectorEntry::new("redis", &fixture, &topic, &extra);
-    let mut system = System::start(&topic, Credentials::Toml, vec![connector]).await;
+    let mut system = System::start(&topic, Credentials::Toml, vec![connector], &[]).await;
 
     let sent = payloads(&topic, 10);
     let bytes: Vec<Vec<u8>> = sent.iter().map(|p| p.clone().into_bytes()).collect();
