@@ -8,7 +8,12 @@
 //! - one test per connector (Kafka, Redis Streams, NATS JetStream, SQS): every payload
 //!   reaches the function (at least once, nothing else), with its topic, the connector
 //!   became ready (so it authenticated to `/system/functions`) and acknowledged
-//!   everything, and SIGTERM to the gateway stops the connector and exits 0;
+//!   everything, and SIGTERM to the gateway stops the connector and exits 0 (no
+//!   password in any log line);
+//! - a connector told to send no credentials is refused and never ready, so the
+//!   readiness above does rest on basic auth;
+//! - the gateway's own variables (`nats_url` for its queue) do not reconfigure the
+//!   connectors it starts;
 //! - `/async-function/{name}` with `X-Callback-Url`, posted directly: the embedded queue
 //!   runs the function and posts its output to the test's receiver with OpenFaaS's
 //!   callback headers;
