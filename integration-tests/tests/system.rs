@@ -35,7 +35,7 @@ use integration_tests::nats_broker::JetStreamTopics;
 use integration_tests::redis_broker::RedisStreams;
 use integration_tests::scenarios::{Fixture, eventually_async};
 use integration_tests::sqs_broker::SqsQueues;
-use integration_tests::{Process, free_addr, unique, wait_http};
+use integration_tests::{Process, unique, wait_http};
 
 /// The longest any one step (start, delivery, acknowledgement, stop) may take.
 const WITHIN: Duration = Duration::from_secs(30);
@@ -93,10 +93,10 @@ struct ConnectorEntry {
     /// The binary.
     binary: PathBuf,
     /// Its TOML file: everything but `gateway_url` and the credentials, which the
-    /// supervisor passes.
+    /// supervisor passes. Its metrics port is any free one, read from its log
+    /// ([`System::metrics_addr`]): a port picked by the test could be taken by another
+    /// process before the connector binds it.
     config: String,
-    /// Its `/readyz`.
-    metrics_addr: SocketAddr,
     /// `[[connectors]] env`: variables over those the supervisor passes.
     env: Vec<(&'static str, &'static str)>,
 }
@@ -104,10 +104,9 @@ struct ConnectorEntry {
 impl ConnectorEntry {
     /// `fixture`'s connector consuming `topic`, with `extra` in its `[connector]` section.
     fn new(name: &'static str, fixture: &dyn Fixture, topic: &str, extra: &str) -> Self {
-        let metrics_addr = free_addr();
         let config = format!(
             r#"[connector]
-metrics_addr = "{metrics_addr}"
+metrics_addr = "127.0.0.1:0"
 rebuild_interval = "500ms"
 upstream_timeout = "10s"
 max_inflight = 8
@@ -126,7 +125,6 @@ max = "500ms"
             name,
             binary: fixture.binary(),
             config,
-            metrics_addr,
             env: Vec::new(),
         }
     }
@@ -162,8 +160,9 @@ impl System {
     ) -> Self {
         let system = Self::launch(topic, credentials, connectors, env).await;
         for c in &system.connectors {
+            let addr = system.metrics_addr(c.name).await;
             assert!(
-                wait_http(c.metrics_addr, "/readyz", 200, WITHIN).await,
+                wait_http(addr, "/readyz", 200, WITHIN).await,
                 "connector {} not ready:\n{}",
                 c.name,
                 system.gateway.output()
@@ -284,6 +283,34 @@ annotations = {{ topic = "{topic}" }}
             assert!(Instant::now() < deadline, "the gateway is not listening");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Where connector `name` serves `/metrics` and `/readyz`: the address on its latest
+    /// `starting ... metrics=ADDR` line (a restarted connector binds a new port).
+    async fn metrics_addr(&self, name: &str) -> SocketAddr {
+        let prefix = format!("[{name}] ");
+        let found = || {
+            self.gateway
+                .output()
+                .lines()
+                .rev()
+                .filter(|l| l.starts_with(&prefix) && l.contains(" starting "))
+                .find_map(|l| {
+                    l.split("metrics=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+        };
+        let known = eventually_async(WITHIN, || async { found().is_some() }).await;
+        assert!(
+            known,
+            "connector {name} did not start:\n{}",
+            self.gateway.output()
+        );
+        found().unwrap()
     }
 
     fn url(&self, path: &str) -> String {
@@ -466,7 +493,7 @@ async fn nats_jetstream_through_the_gateway() {
 /// names. (The connector reads a variable of the same name for its `[nats] url`.)
 #[tokio::test]
 async fn the_gateways_variables_do_not_reconfigure_its_connectors() {
-    let queue_nats = QueueNats::start();
+    let queue_nats = QueueNats::start().await;
     let fixture = JetStreamTopics::new()
         .await
         .with_consumer(&unique("system"));
@@ -478,40 +505,45 @@ async fn the_gateways_variables_do_not_reconfigure_its_connectors() {
     );
 }
 
-/// A nats-server with JetStream on a free loopback port, for the gateway's async queue;
-/// killed when dropped.
+/// A nats-server with JetStream on a loopback port of its choosing, for the gateway's
+/// async queue; killed when dropped.
 struct QueueNats {
-    port: u16,
+    url: String,
     child: std::process::Child,
     _dir: tempfile::TempDir,
 }
 
 impl QueueNats {
-    /// Starts it and waits until it accepts connections.
-    fn start() -> Self {
+    /// Starts it and waits until it says where it listens.
+    async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_addr().port();
+        let log = dir.path().join("nats.log");
         let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
             .arg(dir.path())
+            .arg("-l")
+            .arg(&log)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("nats-server is installed (scripts/test.sh)");
-        let deadline = Instant::now() + WITHIN;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let listening = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.lines()
+                .find_map(|l| l.split("Listening for client connections on ").nth(1))
+                .map(|addr| format!("nats://{}", addr.trim()))
+        };
+        let started = eventually_async(WITHIN, || async { listening().is_some() }).await;
+        assert!(started, "nats-server did not start");
         Self {
-            port,
+            url: listening().unwrap(),
             child,
             _dir: dir,
         }
     }
 
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        self.url.clone()
     }
 
     /// Whether JetStream stream `name` exists on it.
@@ -547,8 +579,8 @@ async fn a_connector_without_the_credentials_is_refused_and_never_ready() {
     fixture.create_topic(&topic).await;
     let connector =
         ConnectorEntry::new("redis", &fixture, &topic, "").with_env("basic_auth", "false");
-    let metrics_addr = connector.metrics_addr;
     let mut system = System::launch(&topic, Credentials::Files, vec![connector], &[]).await;
+    let metrics_addr = system.metrics_addr("redis").await;
     assert!(
         eventually_async(WITHIN, || async {
             let output = system.gateway.output();
