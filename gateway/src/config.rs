@@ -364,7 +364,9 @@ pub struct ConnectorConfig {
     pub config: Option<PathBuf>,
     /// Extra environment variables. Every connector gets `gateway_url` (this gateway)
     /// and, with `basic_auth` on, `basic_auth=true` and the gateway's credentials;
-    /// these override them. (default: `{}`)
+    /// these override them. The rest of the gateway's environment is passed on, except
+    /// the gateway's own variables ([`GATEWAY_ENV`]: in a connector they name other
+    /// settings). (default: `{}`)
     pub env: BTreeMap<String, String>,
 }
 

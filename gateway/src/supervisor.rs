@@ -12,7 +12,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ConnectorConfig, GatewaySection, SupervisorSection};
+use crate::config::{ConnectorConfig, GATEWAY_ENV, GatewaySection, SupervisorSection};
 use crate::orphans::Children;
 use crate::provider::local::http::terminate;
 
@@ -76,21 +76,7 @@ async fn supervise(
         if cancel.is_cancelled() {
             return;
         }
-        let mut command = Command::new(&connector.command);
-        command
-            .args(&connector.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            // Its own process group: a ctrl-c in the gateway's terminal reaches the
-            // gateway only, which then stops its children in order.
-            .process_group(0);
-        if let Some(config) = &connector.config {
-            command.arg("--config").arg(config);
-        }
-        command.envs(&base_env);
-        command.envs(&connector.env);
+        let mut command = command(&connector, &base_env);
         let started = Instant::now();
         match command.spawn() {
             Ok(mut child) => {
@@ -135,6 +121,35 @@ async fn supervise(
     }
 }
 
+/// The command that starts `connector`: its arguments, `--config`, and the gateway's
+/// environment without the gateway's own variables, then `base_env`, then its own `env`.
+///
+/// The gateway's variables configure the gateway; several name a different setting in a
+/// connector (`nats_url`, the gateway's JetStream queue, is the NATS connector's server;
+/// `upstream_timeout` is a connector's invocation timeout), and a variable beats the
+/// connector's file. What a connector should share, it gets in `base_env`.
+fn command(connector: &ConnectorConfig, base_env: &BTreeMap<String, String>) -> Command {
+    let mut command = Command::new(&connector.command);
+    command
+        .args(&connector.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own process group: a ctrl-c in the gateway's terminal reaches the
+        // gateway only, which then stops its children in order.
+        .process_group(0);
+    if let Some(config) = &connector.config {
+        command.arg("--config").arg(config);
+    }
+    for var in GATEWAY_ENV {
+        command.env_remove(var.name);
+    }
+    command.envs(base_env);
+    command.envs(&connector.env);
+    command
+}
+
 /// Writes each line of `reader` to stderr as `[name] line`: the connector's own log
 /// format (text or JSON) is kept as it is, only prefixed.
 fn prefix_lines<R: AsyncRead + Unpin + Send + 'static>(name: String, reader: R) {
@@ -166,5 +181,38 @@ mod tests {
         let env = connector_env("http://gw", &gateway);
         assert_eq!(env["gateway_username"], "admin");
         assert_eq!(env["gateway_password"], "pw");
+    }
+
+    #[test]
+    fn connectors_do_not_inherit_the_gateways_own_variables() {
+        let connector = ConnectorConfig {
+            name: "nats".into(),
+            command: "nats-connector".into(),
+            args: Vec::new(),
+            config: None,
+            env: BTreeMap::from([("upstream_timeout".to_owned(), "5s".to_owned())]),
+        };
+        let base = BTreeMap::from([
+            ("gateway_url".to_owned(), "http://gw".to_owned()),
+            ("basic_auth".to_owned(), "true".to_owned()),
+        ]);
+        let command = command(&connector, &base);
+        let env: BTreeMap<_, _> = command
+            .as_std()
+            .get_envs()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.map(|v| v.to_string_lossy().into_owned()),
+                )
+            })
+            .collect();
+        // Removed from what the gateway's environment would pass on...
+        assert_eq!(env["nats_url"], None);
+        assert_eq!(env["secret_mount_path"], None);
+        // ...unless the supervisor or the entry's `env` sets them.
+        assert_eq!(env["gateway_url"].as_deref(), Some("http://gw"));
+        assert_eq!(env["basic_auth"].as_deref(), Some("true"));
+        assert_eq!(env["upstream_timeout"].as_deref(), Some("5s"));
     }
 }

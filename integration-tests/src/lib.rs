@@ -10,7 +10,8 @@
 //!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`],
 //!   [`nats_broker`], [`sqs_broker`]: broker fixtures.
 //! - The gateway and functions are `connector_sdk::testing::FakeGateway`, a real HTTP
-//!   server.
+//!   server, except in `tests/system.rs`, which runs the real `gateway` binary with a
+//!   function and the connectors it supervises.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod config_keys;
@@ -108,11 +109,34 @@ fn build(package: &str, kind: &str, name: &str, path: PathBuf) -> PathBuf {
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let status = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
         .args(["build", "--quiet", "-p", package, kind, name])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo runs");
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    // `cargo test` runs this test with the variables it sets for a crate
+    // (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Passed on, build scripts that read them
+    // (ring's reads `CARGO_MANIFEST_DIR`) see a changed value, so this build and the next
+    // `cargo test` each found the other's dependencies stale and rebuilt them, a minute or
+    // two per run. Without them this build sees what a `cargo` run from a shell sees.
+    for (var, _) in std::env::vars_os() {
+        let Some(var) = var.to_str() else { continue };
+        if var.starts_with("CARGO_PKG_")
+            || var.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                var,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            )
+        {
+            cargo.env_remove(var);
+        }
+    }
+    let status = cargo.status().expect("cargo runs");
     assert!(status.success(), "building {name} failed");
     assert!(path.exists(), "{} missing after the build", path.display());
     path

@@ -1,0 +1,808 @@
+//! The whole system as users run it: the real `gateway` binary, basic auth on, a `process`
+//! function subscribed to a topic through its `topic` annotation, and a real connector
+//! started by the gateway's supervisor as a `[[connectors]]` entry. Messages are published
+//! with the brokers' own clients (rdkafka, redis, async-nats, aws-sdk-sqs, through the
+//! fixtures in `integration_tests::*_broker`); the function writes each body it gets to a
+//! file, so what the test reads back is what a user's function saw.
+//!
+//! - one test per connector (Kafka, Redis Streams, NATS JetStream, SQS): every payload
+//!   reaches the function (at least once, nothing else), with its topic, the connector
+//!   became ready (so it authenticated to `/system/functions`) and acknowledged
+//!   everything, and SIGTERM to the gateway stops the connector and exits 0 (no
+//!   password in any log line);
+//! - a connector told to send no credentials is refused and never ready, so the
+//!   readiness above does rest on basic auth;
+//! - the gateway's own variables (`nats_url` for its queue) do not reconfigure the
+//!   connectors it starts;
+//! - `/async-function/{name}` with `X-Callback-Url`, posted directly: the embedded queue
+//!   runs the function and posts its output to the test's receiver with OpenFaaS's
+//!   callback headers;
+//! - the same chain driven by a connector with `asynchronous_invocation` and
+//!   `callback_url`: broker → connector → gateway queue → function → callback.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use integration_tests::kafka_broker::KafkaTopics;
+use integration_tests::nats_broker::JetStreamTopics;
+use integration_tests::redis_broker::RedisStreams;
+use integration_tests::scenarios::{Fixture, eventually_async};
+use integration_tests::sqs_broker::SqsQueues;
+use integration_tests::{Process, unique, wait_http};
+
+/// The longest any one step (start, delivery, acknowledgement, stop) may take.
+const WITHIN: Duration = Duration::from_secs(30);
+
+/// The user the gateway's `/system/*` routes accept.
+const USER: &str = "admin";
+
+/// The function every test deploys: it records each request (body, and the `X-Topic`,
+/// `X-Connector` and `ce-id` headers the watchdog convention passes as `Http_*`
+/// variables) as one JSON file in `recorded/`, written aside and renamed so a reader never
+/// sees half a file, and answers `done: <body>`.
+const RECORDER: &str = r#"
+import json, os, sys, uuid
+body = sys.stdin.buffer.read().decode("utf-8", "replace")
+record = {
+    "body": body,
+    "topic": os.environ.get("Http_X_Topic"),
+    "connector": os.environ.get("Http_X_Connector"),
+    "ce_id": os.environ.get("Http_Ce_Id"),
+}
+name = os.path.join("recorded", uuid.uuid4().hex)
+with open(name + ".tmp", "w") as f:
+    json.dump(record, f)
+os.rename(name + ".tmp", name + ".json")
+sys.stdout.write("done: " + body)
+"#;
+
+/// The name of the recording function.
+const FUNCTION: &str = "recorder";
+
+/// One request the recording function handled.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Recorded {
+    body: String,
+    topic: Option<String>,
+    connector: Option<String>,
+    ce_id: Option<String>,
+}
+
+/// How the gateway's `/system/*` credentials are given.
+#[derive(Debug, Clone, Copy)]
+enum Credentials {
+    /// Files `basic-auth-user` and `basic-auth-password` in `secret_mount_path`, as
+    /// OpenFaaS mounts its `basic-auth` secret; connectors get the same path.
+    Files,
+    /// `username` and `password` in the gateway's TOML; connectors get them as
+    /// `gateway_username` and `gateway_password`.
+    Toml,
+}
+
+/// A connector for the gateway to supervise.
+struct ConnectorEntry {
+    /// `[[connectors]] name`, the prefix of its log lines.
+    name: &'static str,
+    /// The binary.
+    binary: PathBuf,
+    /// Its TOML file: everything but `gateway_url` and the credentials, which the
+    /// supervisor passes. Its metrics port is any free one, read from its log
+    /// ([`System::metrics_addr`]): a port picked by the test could be taken by another
+    /// process before the connector binds it.
+    config: String,
+    /// `[[connectors]] env`: variables over those the supervisor passes.
+    env: Vec<(&'static str, &'static str)>,
+}
+
+impl ConnectorEntry {
+    /// `fixture`'s connector consuming `topic`, with `extra` in its `[connector]` section.
+    fn new(name: &'static str, fixture: &dyn Fixture, topic: &str, extra: &str) -> Self {
+        let config = format!(
+            r#"[connector]
+metrics_addr = "127.0.0.1:0"
+rebuild_interval = "500ms"
+upstream_timeout = "10s"
+max_inflight = 8
+drain_timeout = "5s"
+{extra}
+
+[connector.backoff]
+initial = "50ms"
+max = "500ms"
+
+{source}
+"#,
+            source = fixture.source_config(topic),
+        );
+        Self {
+            name,
+            binary: fixture.binary(),
+            config,
+            env: Vec::new(),
+        }
+    }
+
+    /// With `name=value` in its `env`.
+    fn with_env(mut self, name: &'static str, value: &'static str) -> Self {
+        self.env.push((name, value));
+        self
+    }
+}
+
+/// The `gateway` binary with basic auth on, the recording function subscribed to one
+/// topic, and its connectors. Stopped with SIGTERM when dropped, so the gateway stops
+/// its connectors: a SIGKILL would leave them running (each is in its own process group).
+struct System {
+    gateway: Process,
+    /// The gateway's API.
+    addr: SocketAddr,
+    /// The temporary directory of the gateway's config, state, secrets and the function.
+    dir: PathBuf,
+    password: String,
+    connectors: Vec<ConnectorEntry>,
+    stopped: bool,
+}
+
+impl System {
+    /// Like [`launch`](Self::launch), then waits until every connector is ready.
+    async fn start(
+        topic: &str,
+        credentials: Credentials,
+        connectors: Vec<ConnectorEntry>,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let system = Self::launch(topic, credentials, connectors, env).await;
+        for c in &system.connectors {
+            let addr = system.metrics_addr(c.name).await;
+            assert!(
+                wait_http(addr, "/readyz", 200, WITHIN).await,
+                "connector {} not ready:\n{}",
+                c.name,
+                system.gateway.output()
+            );
+        }
+        system
+    }
+
+    /// Writes the gateway's config (the function subscribed to `topic`, `connectors` as
+    /// `[[connectors]]`), starts the gateway with `env`, and waits until it listens.
+    async fn launch(
+        topic: &str,
+        credentials: Credentials,
+        connectors: Vec<ConnectorEntry>,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().to_owned();
+        let password = unique("pw");
+        std::fs::write(dir.join("recorder.py"), RECORDER).unwrap();
+        std::fs::create_dir(dir.join("recorded")).unwrap();
+        let auth = match credentials {
+            Credentials::Files => {
+                std::fs::create_dir(dir.join("auth")).unwrap();
+                std::fs::write(dir.join("auth/basic-auth-user"), format!("{USER}\n")).unwrap();
+                std::fs::write(
+                    dir.join("auth/basic-auth-password"),
+                    format!("{password}\n"),
+                )
+                .unwrap();
+                r#"secret_mount_path = "auth""#.to_owned()
+            }
+            Credentials::Toml => format!("username = \"{USER}\"\npassword = \"{password}\""),
+        };
+        let mut entries = String::new();
+        for c in &connectors {
+            let file = format!("{}.toml", c.name);
+            std::fs::write(dir.join(&file), &c.config).unwrap();
+            let env: Vec<String> = c
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k} = \"{v}\""))
+                .collect();
+            entries.push_str(&format!(
+                "\n[[connectors]]\nname = \"{}\"\ncommand = \"{}\"\nconfig = \"{file}\"\nenv = {{ {} }}\n",
+                c.name,
+                c.binary.display(),
+                env.join(", "),
+            ));
+        }
+        // The function's command is split on spaces and runs in this directory.
+        let config = format!(
+            r#"[gateway]
+bind = "127.0.0.1:0"
+metrics_bind = "127.0.0.1:0"
+state_dir = "state"
+basic_auth = true
+{auth}
+
+[provider]
+secrets_path = "function-secrets"
+
+[supervisor]
+stop_timeout = "10s"
+backoff = {{ initial = "200ms", max = "1s" }}
+
+[[functions]]
+name = "{FUNCTION}"
+runtime = "process"
+command = "python3 recorder.py"
+annotations = {{ topic = "{topic}" }}
+{entries}"#
+        );
+        let config_file = dir.join("gateway.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let binary = integration_tests::binary("gateway", "gateway");
+        let gateway = Process::start_with_args(
+            &binary,
+            &["--config".as_ref(), config_file.as_os_str()],
+            env,
+            temp,
+        );
+        let mut system = Self {
+            gateway,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+            password,
+            connectors,
+            stopped: false,
+        };
+        system.addr = system.listening().await;
+        system
+    }
+
+    /// The API address, from the gateway's `gateway listening addr=...` line.
+    async fn listening(&mut self) -> SocketAddr {
+        let deadline = Instant::now() + WITHIN;
+        loop {
+            let output = self.gateway.output();
+            let addr = output
+                .lines()
+                .filter(|l| l.contains("gateway listening"))
+                .find_map(|l| {
+                    l.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                });
+            if let Some(addr) = addr {
+                return addr;
+            }
+            assert!(
+                self.gateway.exited().is_none(),
+                "the gateway exited at start"
+            );
+            assert!(Instant::now() < deadline, "the gateway is not listening");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Where connector `name` serves `/metrics` and `/readyz`: the address on its latest
+    /// `starting ... metrics=ADDR` line (a restarted connector binds a new port).
+    async fn metrics_addr(&self, name: &str) -> SocketAddr {
+        let prefix = format!("[{name}] ");
+        let found = || {
+            self.gateway
+                .output()
+                .lines()
+                .rev()
+                .filter(|l| l.starts_with(&prefix) && l.contains(" starting "))
+                .find_map(|l| {
+                    l.split("metrics=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+        };
+        let known = eventually_async(WITHIN, || async { found().is_some() }).await;
+        assert!(
+            known,
+            "connector {name} did not start:\n{}",
+            self.gateway.output()
+        );
+        found().unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `/system/functions` refuses a request without credentials or with a wrong
+    /// password, and lists the function to one with the right ones.
+    async fn assert_basic_auth_is_on(&self) {
+        let client = reqwest::Client::new();
+        let url = self.url("/system/functions");
+        let anonymous = client.get(&url).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401, "no credentials");
+        let wrong = client
+            .get(&url)
+            .basic_auth(USER, Some("wrong"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401, "a wrong password");
+        let listed: serde_json::Value = client
+            .get(&url)
+            .basic_auth(USER, Some(&self.password))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["name"] == FUNCTION),
+            "{listed}"
+        );
+    }
+
+    /// Every request the function has finished recording.
+    fn recorded(&self) -> Vec<Recorded> {
+        std::fs::read_dir(self.dir.join("recorded"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .map(|p| read_record(&p))
+            .collect()
+    }
+
+    /// Waits until the function has recorded every one of `sent`; returns what it recorded.
+    async fn wait_recorded(&self, sent: &BTreeSet<String>) -> Vec<Recorded> {
+        let covered = eventually_async(WITHIN, || async {
+            let got: BTreeSet<String> = self.recorded().into_iter().map(|r| r.body).collect();
+            sent.is_subset(&got)
+        })
+        .await;
+        let recorded = self.recorded();
+        assert!(
+            covered,
+            "the function got {} of {} payloads:\n{}",
+            recorded.len(),
+            sent.len(),
+            self.gateway.output()
+        );
+        recorded
+    }
+
+    /// SIGTERM: the gateway stops its connectors (each logged as stopped) and exits 0.
+    /// Neither it nor a connector logged the password.
+    async fn stop(&mut self) {
+        let status = self.gateway.terminate(WITHIN).await;
+        self.stopped = true;
+        let output = self.gateway.output();
+        assert!(
+            status.success(),
+            "gateway exit status {status:?}:\n{output}"
+        );
+        assert!(!output.contains(&self.password), "the password was logged");
+        for c in &self.connectors {
+            assert!(
+                output.lines().any(|l| l.contains("connector stopped")
+                    && l.contains(&format!("connector={}", c.name))),
+                "connector {} was not stopped:\n{output}",
+                c.name
+            );
+        }
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        let pid = self.gateway.pid();
+        if self.stopped || pid == 0 || self.gateway.exited().is_some() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + WITHIN;
+        while self.gateway.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn read_record(path: &Path) -> Recorded {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
+}
+
+/// `n` distinct payloads starting with `prefix`.
+fn payloads(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
+}
+
+/// Starts the gateway with `fixture`'s connector on a fresh topic, publishes payloads
+/// with the broker's own client, and checks that the function got each of them (at least
+/// once, and nothing else) on that topic from that connector, that the connector
+/// acknowledged everything, and that the gateway stops it on SIGTERM.
+async fn delivered_through_the_gateway(
+    name: &'static str,
+    binary_name: &str,
+    fixture: &dyn Fixture,
+    gateway_env: &[(&str, &str)],
+) {
+    let topic = unique(&format!("system-{name}"));
+    fixture.create_topic(&topic).await;
+    let connector = ConnectorEntry::new(name, fixture, &topic, "");
+    let mut system = System::start(&topic, Credentials::Files, vec![connector], gateway_env).await;
+    system.assert_basic_auth_is_on().await;
+
+    let sent = payloads(&topic, 20);
+    let bytes: Vec<Vec<u8>> = sent.iter().map(|p| p.clone().into_bytes()).collect();
+    fixture.produce(&topic, &bytes).await;
+    let sent: BTreeSet<String> = sent.into_iter().collect();
+    let recorded = system.wait_recorded(&sent).await;
+    let got: BTreeSet<String> = recorded.iter().map(|r| r.body.clone()).collect();
+    assert_eq!(got, sent, "the function got payloads nobody sent");
+    for r in &recorded {
+        assert_eq!(r.topic.as_deref(), Some(topic.as_str()), "{r:?}");
+        assert_eq!(r.connector.as_deref(), Some(binary_name), "{r:?}");
+        assert!(r.ce_id.is_some(), "{r:?}");
+    }
+    assert!(
+        eventually_async(WITHIN, || async {
+            fixture.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "{} messages left unacknowledged:\n{}",
+        fixture.unacknowledged(&topic).await,
+        system.gateway.output()
+    );
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn kafka_through_the_gateway() {
+    delivered_through_the_gateway("kafka", "kafka-connector", &KafkaTopics::new(), &[]).await;
+}
+
+#[tokio::test]
+async fn redis_streams_through_the_gateway() {
+    delivered_through_the_gateway("redis", "redis-connector", &RedisStreams::new(), &[]).await;
+}
+
+#[tokio::test]
+async fn nats_jetstream_through_the_gateway() {
+    let fixture = JetStreamTopics::new()
+        .await
+        .with_consumer(&unique("system"));
+    delivered_through_the_gateway("nats", "nats-connector", &fixture, &[]).await;
+}
+
+/// The gateway's own variables configure the gateway, not the connectors it starts:
+/// with its durable async queue on a NATS of its own, given as the variable `nats_url`
+/// (as a deployment sets it), the NATS connector still consumes from the NATS its file
+/// names. (The connector reads a variable of the same name for its `[nats] url`.)
+#[tokio::test]
+async fn the_gateways_variables_do_not_reconfigure_its_connectors() {
+    let queue_nats = QueueNats::start().await;
+    let fixture = JetStreamTopics::new()
+        .await
+        .with_consumer(&unique("system"));
+    let url = queue_nats.url();
+    delivered_through_the_gateway("nats", "nats-connector", &fixture, &[("nats_url", &url)]).await;
+    assert!(
+        queue_nats.has_stream("faas-gateway-async").await,
+        "the gateway's queue is not on its own NATS"
+    );
+}
+
+/// A nats-server with JetStream on a loopback port of its choosing, for the gateway's
+/// async queue; killed when dropped.
+struct QueueNats {
+    url: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl QueueNats {
+    /// Starts it and waits until it says where it listens.
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("nats.log");
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+            .arg(dir.path())
+            .arg("-l")
+            .arg(&log)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server is installed (scripts/test.sh)");
+        let listening = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.lines()
+                .find_map(|l| l.split("Listening for client connections on ").nth(1))
+                .map(|addr| format!("nats://{}", addr.trim()))
+        };
+        let started = eventually_async(WITHIN, || async { listening().is_some() }).await;
+        assert!(started, "nats-server did not start");
+        Self {
+            url: listening().unwrap(),
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Whether JetStream stream `name` exists on it.
+    async fn has_stream(&self, name: &str) -> bool {
+        let client = async_nats::connect(self.url()).await.unwrap();
+        async_nats::jetstream::new(client)
+            .get_stream(name)
+            .await
+            .is_ok()
+    }
+}
+
+impl Drop for QueueNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sqs_through_the_gateway() {
+    delivered_through_the_gateway("sqs", "sqs-connector", &SqsQueues::new(), &[]).await;
+}
+
+/// The readiness the tests above wait for rests on the credentials: a connector whose
+/// `env` turns `basic_auth` off (over what the supervisor passes) is refused by
+/// `/system/*`, logs the 401 with the hint to check its credentials, and stays unready,
+/// while the gateway keeps serving.
+#[tokio::test]
+async fn a_connector_without_the_credentials_is_refused_and_never_ready() {
+    let fixture = RedisStreams::new();
+    let topic = unique("system-noauth");
+    fixture.create_topic(&topic).await;
+    let connector =
+        ConnectorEntry::new("redis", &fixture, &topic, "").with_env("basic_auth", "false");
+    let mut system = System::launch(&topic, Credentials::Files, vec![connector], &[]).await;
+    let metrics_addr = system.metrics_addr("redis").await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            let output = system.gateway.output();
+            output.lines().any(|l| {
+                l.starts_with("[redis]") && l.contains("401") && l.contains("check basic_auth")
+            })
+        })
+        .await,
+        "no refusal logged:\n{}",
+        system.gateway.output()
+    );
+    assert_eq!(
+        integration_tests::http_get(metrics_addr, "/readyz")
+            .await
+            .map(|(status, _)| status),
+        Some(503),
+        "ready without a topic map:\n{}",
+        system.gateway.output()
+    );
+    system.assert_basic_auth_is_on().await;
+    system.stop().await;
+}
+
+// ---------------------------------------------------------------- async and callbacks
+
+/// One callback the gateway posted.
+#[derive(Debug, Clone)]
+struct Callback {
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Callback {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// An HTTP server on a free loopback port that keeps every POST to `/done`.
+struct CallbackReceiver {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<Callback>>>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl CallbackReceiver {
+    async fn start() -> Self {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&received);
+        let app = axum::Router::new().route(
+            "/done",
+            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                let sink = Arc::clone(&sink);
+                async move {
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    sink.lock().unwrap().push(Callback { headers, body });
+                    StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            addr,
+            received,
+            _server: server,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/done", self.addr)
+    }
+
+    fn received(&self) -> Vec<Callback> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until what arrived satisfies `done`; returns it.
+    async fn wait_until(
+        &self,
+        what: &str,
+        system: &System,
+        done: impl Fn(&[Callback]) -> bool,
+    ) -> Vec<Callback> {
+        let arrived = eventually_async(WITHIN, || async { done(&self.received()) }).await;
+        let received = self.received();
+        assert!(
+            arrived,
+            "{what}: {} callbacks arrived: {received:?}\n{}",
+            received.len(),
+            system.gateway.output()
+        );
+        received
+    }
+}
+
+/// What every callback of the recording function carries: its status, its qualified
+/// name, a call id, the duration, and its output as the body.
+fn assert_callback_of_the_function(callback: &Callback) {
+    assert_eq!(
+        callback.header("x-function-status"),
+        Some("200"),
+        "{callback:?}"
+    );
+    assert_eq!(
+        callback.header("x-function-name"),
+        Some(format!("{FUNCTION}.openfaas-fn").as_str()),
+        "{callback:?}"
+    );
+    assert!(
+        callback
+            .header("x-call-id")
+            .is_some_and(|id| !id.is_empty()),
+        "{callback:?}"
+    );
+    let seconds: f64 = callback
+        .header("x-duration-seconds")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no X-Duration-Seconds: {callback:?}"));
+    assert!(seconds >= 0.0, "{callback:?}");
+    assert!(callback.body.starts_with("done: "), "{callback:?}");
+}
+
+/// `POST /async-function/recorder` with `X-Callback-Url`: 202 with an `X-Call-Id`; the
+/// embedded queue runs the function, and its output reaches the receiver with the same
+/// call id and OpenFaaS's callback headers.
+#[tokio::test]
+async fn async_function_posts_the_result_to_the_callback_url() {
+    let receiver = CallbackReceiver::start().await;
+    let mut system =
+        System::start(&unique("system-async"), Credentials::Files, Vec::new(), &[]).await;
+    system.assert_basic_auth_is_on().await;
+    let client = reqwest::Client::new();
+    let mut call_ids = BTreeMap::new();
+    for body in payloads("async", 3) {
+        let accepted = client
+            .post(system.url(&format!("/async-function/{FUNCTION}")))
+            .header("x-callback-url", receiver.url())
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(accepted.status(), 202);
+        let id = accepted.headers()["x-call-id"].to_str().unwrap().to_owned();
+        call_ids.insert(id, body);
+    }
+    let callbacks = receiver
+        .wait_until("one callback per call", &system, |c| {
+            c.len() >= call_ids.len()
+        })
+        .await;
+    assert_eq!(callbacks.len(), call_ids.len(), "{callbacks:?}");
+    for callback in &callbacks {
+        assert_callback_of_the_function(callback);
+        let id = callback.header("x-call-id").unwrap();
+        let body = call_ids
+            .get(id)
+            .unwrap_or_else(|| panic!("a callback for an unknown call {id}: {callback:?}"));
+        assert_eq!(callback.body, format!("done: {body}"));
+    }
+    let recorded: BTreeSet<String> = system.recorded().into_iter().map(|r| r.body).collect();
+    assert_eq!(recorded, call_ids.into_values().collect());
+    system.stop().await;
+}
+
+/// The whole asynchronous chain: a Redis stream entry → `redis-connector` with
+/// `asynchronous_invocation` and `callback_url` → the gateway's queue → the function →
+/// the function's output posted to the receiver. The connector's delivery ends at the
+/// gateway's 202, so its entries are acknowledged whether or not the function ran yet.
+#[tokio::test]
+async fn a_connector_invoking_asynchronously_gets_results_at_its_callback_url() {
+    let receiver = CallbackReceiver::start().await;
+    let fixture = RedisStreams::new();
+    let topic = unique("system-async-redis");
+    fixture.create_topic(&topic).await;
+    let extra = format!(
+        "asynchronous_invocation = true\ncallback_url = \"{}\"",
+        receiver.url()
+    );
+    let connector = ConnectorEntry::new("redis", &fixture, &topic, &extra);
+    let mut system = System::start(&topic, Credentials::Toml, vec![connector], &[]).await;
+
+    let sent = payloads(&topic, 10);
+    let bytes: Vec<Vec<u8>> = sent.iter().map(|p| p.clone().into_bytes()).collect();
+    fixture.produce(&topic, &bytes).await;
+    let sent: BTreeSet<String> = sent.into_iter().collect();
+    let recorded = system.wait_recorded(&sent).await;
+    for r in &recorded {
+        assert_eq!(r.topic.as_deref(), Some(topic.as_str()), "{r:?}");
+        assert_eq!(r.connector.as_deref(), Some("redis-connector"), "{r:?}");
+    }
+    let expected: BTreeSet<String> = sent.iter().map(|p| format!("done: {p}")).collect();
+    let outputs = |callbacks: &[Callback]| -> BTreeSet<String> {
+        callbacks.iter().map(|c| c.body.clone()).collect()
+    };
+    let callbacks = receiver
+        .wait_until("the output of every payload", &system, |c| {
+            expected.is_subset(&outputs(c))
+        })
+        .await;
+    assert_eq!(
+        outputs(&callbacks),
+        expected,
+        "outputs of payloads nobody sent"
+    );
+    for callback in &callbacks {
+        assert_callback_of_the_function(callback);
+    }
+    let ids: BTreeSet<&str> = callbacks
+        .iter()
+        .filter_map(|c| c.header("x-call-id"))
+        .collect();
+    assert_eq!(ids.len(), callbacks.len(), "one call id per invocation");
+    assert!(
+        eventually_async(WITHIN, || async {
+            fixture.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "entries left unacknowledged"
+    );
+    system.stop().await;
+}
