@@ -1294,3 +1294,56 @@ async fn a_function_timeout_replaces_the_upstream_timeout() {
         "{report:?}"
     );
 }
+
+/// A delivery waiting for its retry does not hold its function's place: with a limit of
+/// one, another message of the function runs during the first one's backoff.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_backoff_does_not_hold_the_functions_place() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "single",
+        &[
+            ("topic", "orders"),
+            ("connector.max_inflight", "1"),
+            ("com.openfaas.retry.min_wait", "10ms"),
+            ("com.openfaas.retry.max_wait", "2s"),
+        ],
+        |req, call| {
+            if &req.body[..] == b"flaky" && call == 0 {
+                // At least a second before the retry, whatever the jitter draws.
+                Reply::status(503).header("retry-after", "1")
+            } else {
+                Reply::ok()
+            }
+        },
+    );
+    let setup = dispatcher(&gw, gw.config(), None);
+    let flaky = setup
+        .dispatcher
+        .submit(message("orders", "flaky", "1"))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || gw.requests_to("single").len()
+            == 1)
+        .await
+    );
+    let steady = setup
+        .dispatcher
+        .submit(message("orders", "steady", "2"))
+        .await
+        .unwrap();
+    let (flaky, steady) = (flaky.await, steady.await);
+    assert_eq!(flaky.disposition(), Disposition::Ack);
+    assert_eq!(steady.disposition(), Disposition::Ack);
+    let bodies: Vec<Vec<u8>> = gw
+        .requests_to("single")
+        .iter()
+        .map(|r| r.body.to_vec())
+        .collect();
+    assert_eq!(
+        bodies,
+        [b"flaky".to_vec(), b"steady".to_vec(), b"flaky".to_vec()],
+        "the steady message waited for the flaky one's backoff"
+    );
+}

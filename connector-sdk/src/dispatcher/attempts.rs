@@ -185,8 +185,10 @@ impl Inner {
         }
     }
 
-    /// Attempts the delivery until the verdict is terminal, waiting its function's
-    /// concurrency limit first, and the backoff between attempts.
+    /// Attempts the delivery until the verdict is terminal, each attempt within its
+    /// function's concurrency limit, and waits the backoff between attempts outside it:
+    /// a delivery waiting to retry does not keep another message of the function from
+    /// running.
     async fn attempts(&self, delivery: Delivery<'_>) -> DeliveryReport {
         let Delivery {
             cancel,
@@ -194,19 +196,19 @@ impl Inner {
             function,
         } = delivery;
         let policy = self.delivery_policy(function);
-        let _running = match &policy.limiter {
-            Some(l) => tokio::select! {
-                running = l.run() => Some(running),
-                () = cancel.drain.cancelled() => return released(function, 0),
-            },
-            None => None,
-        };
         let mut tally = Tally {
             attempt: message.prior_attempts,
             local: 0,
             first_failure: None,
         };
         loop {
+            let running = match &policy.limiter {
+                Some(l) => tokio::select! {
+                    running = l.run() => Some(running),
+                    () = cancel.drain.cancelled() => return released(function, tally.local),
+                },
+                None => None,
+            };
             // Closed by `drain`; read without the drain token's lock.
             if self.permits.is_closed() {
                 return released(function, tally.local);
@@ -220,6 +222,7 @@ impl Inner {
                 Then::End(outcome) => return tried.report(function, outcome, tally.local),
                 Then::RetryIn(delay) => delay,
             };
+            drop(running);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = cancel.drain.cancelled() => {
