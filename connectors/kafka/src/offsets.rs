@@ -84,6 +84,9 @@ pub enum Reading {
         step: i64,
         /// The last seek went to the beginning of the partition: any record is a start.
         from_start: bool,
+        /// How many times the wait for a first record ran out; each doubles the next
+        /// wait, so a broker slow to answer a seek is not sought again before it can.
+        waits: u32,
         /// When the verification began, or the last seek was made.
         since: Instant,
     },
@@ -194,6 +197,7 @@ impl PartitionOffsets {
                 self.reading = Reading::Verify {
                     step: 0,
                     from_start: false,
+                    waits: 0,
                     since: now,
                 };
             }
@@ -204,8 +208,11 @@ impl PartitionOffsets {
 
     /// The next seek back from the frontier: twice as far as the last one, the
     /// beginning of the partition once that would reach offset `0`.
-    fn seek_back(&mut self, now: Instant) -> SeekTo {
-        let (step, _) = self.verifying();
+    /// `timed`: because the wait for a first record ran out, not because one arrived
+    /// past the frontier.
+    fn seek_back(&mut self, now: Instant, timed: bool) -> SeekTo {
+        let (step, _, waits) = self.verifying();
+        let waits = waits.saturating_add(u32::from(timed));
         let step = step.saturating_mul(2).max(1);
         let frontier = self.next.unwrap_or(0);
         let to = frontier.saturating_sub(step);
@@ -217,17 +224,21 @@ impl PartitionOffsets {
         self.reading = Reading::Verify {
             step,
             from_start,
+            waits,
             since: now,
         };
         to
     }
 
-    fn verifying(&self) -> (i64, bool) {
+    fn verifying(&self) -> (i64, bool, u32) {
         match self.reading {
             Reading::Verify {
-                step, from_start, ..
-            } => (step, from_start),
-            _ => (0, false),
+                step,
+                from_start,
+                waits,
+                ..
+            } => (step, from_start, waits),
+            _ => (0, false, 0),
         }
     }
 }
@@ -292,6 +303,7 @@ impl Watermarks {
             p.reading = Reading::Verify {
                 step: 0,
                 from_start: false,
+                waits: 0,
                 since: now,
             };
         }
@@ -301,18 +313,22 @@ impl Watermarks {
     /// record cannot count as a start from the beginning.
     pub fn seek_failed(&mut self, tp: &TopicPartition, now: Instant) {
         if let Some(p) = self.partitions.get_mut(tp)
-            && let Reading::Verify { step, .. } = p.reading
+            && let Reading::Verify { step, waits, .. } = p.reading
         {
             p.reading = Reading::Verify {
                 step,
                 from_start: false,
+                waits,
                 since: now,
             };
         }
     }
 
-    /// Partitions whose verification began at least `patience` ago without a record,
-    /// with their frontier, and partitions whose start is unknown (frontier `None`).
+    /// Partitions whose verification began at least `patience` ago without a record
+    /// (twice that after one timed seek back, four times after two, up to 32 times),
+    /// with their frontier, and partitions whose start is unknown (frontier `None`). A
+    /// partition sought to its beginning is not listed: any record it brings is a start,
+    /// and seeking it there again would only restart the broker's answer.
     /// For the first, the caller looks at the log's end: past the frontier, a fetch
     /// skipped records and [`seek_back`](Self::seek_back) says where to read again; at
     /// the frontier, the partition is [`idle`](Self::idle).
@@ -322,9 +338,12 @@ impl Watermarks {
             .iter()
             .filter_map(|(tp, p)| match p.reading {
                 Reading::Unknown => Some((tp.clone(), None)),
-                Reading::Verify { since, .. }
-                    if now.saturating_duration_since(since) >= patience =>
-                {
+                Reading::Verify {
+                    since,
+                    waits,
+                    from_start: false,
+                    ..
+                } if now.saturating_duration_since(since) >= patience * (1 << waits.min(5)) => {
                     Some((tp.clone(), p.next))
                 }
                 _ => None,
@@ -338,7 +357,7 @@ impl Watermarks {
     /// arrived: where to seek it.
     pub fn seek_back(&mut self, tp: &TopicPartition, now: Instant) -> Option<SeekTo> {
         let p = self.partitions.get_mut(tp)?;
-        matches!(p.reading, Reading::Verify { .. }).then(|| p.seek_back(now))
+        matches!(p.reading, Reading::Verify { .. }).then(|| p.seek_back(now, true))
     }
 
     /// `tp` is being verified and the log ends at or before its frontier: the next
@@ -379,7 +398,7 @@ impl Watermarks {
             Reading::Continuous => {}
             Reading::Verify { from_start, .. } => {
                 if !from_start && p.next.is_some_and(|next| offset > next) {
-                    return Arrival::Unverified(p.seek_back(now));
+                    return Arrival::Unverified(p.seek_back(now, false));
                 }
                 p.reading = Reading::Continuous;
             }
@@ -740,6 +759,14 @@ mod tests {
         assert!(
             w.overdue(later, patience).is_empty(),
             "the seek restarts the wait"
+        );
+        assert!(
+            w.overdue(later + patience, patience).is_empty(),
+            "after a timed seek the wait doubles"
+        );
+        assert_eq!(
+            w.overdue(later + patience * 2, patience),
+            [(tp(), Some(10))]
         );
         // Nothing past 10 after all: the read is continuous from here.
         w.idle(&tp(), 10);
