@@ -262,6 +262,12 @@ impl TopicMapHandle {
         map.policy(function).cloned()
     }
 
+    /// Whether some function in the current map overrides a delivery setting. Takes no
+    /// reference on the map: checked for every message.
+    pub fn has_policies(&self) -> bool {
+        self.current.load().has_policies()
+    }
+
     /// Installs `map`; watchers are woken only if it differs from the current one.
     /// Returns whether it changed.
     pub fn replace(&self, map: TopicMap) -> bool {

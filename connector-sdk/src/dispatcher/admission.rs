@@ -86,10 +86,10 @@ impl Dispatcher {
     /// that has a concurrency limit, waiting for the function alone (in function order,
     /// so two submitters never wait on each other). Fails when the dispatcher drains.
     pub(super) async fn reserve(&self, admission: &mut Admission) -> Result<(), SdkError> {
-        let map = self.inner.topics.current();
-        if !map.has_policies() {
+        if !self.inner.topics.has_policies() {
             return Ok(());
         }
+        let map = self.inner.topics.current();
         for function in admission.functions.iter() {
             let Some(limiter) = map
                 .policy(function)

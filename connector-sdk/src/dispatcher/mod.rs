@@ -409,10 +409,10 @@ impl Dispatcher {
     /// Whether a message of `topic` would be admitted without waiting for a function's
     /// concurrency limit (for sources that must not wait, like Kafka's poll loop).
     pub fn room_for(&self, topic: &str) -> bool {
-        let map = self.inner.topics.current();
-        if !map.has_policies() {
+        if !self.inner.topics.has_policies() {
             return true;
         }
+        let map = self.inner.topics.current();
         self.functions_for(topic).iter().all(|function| {
             map.policy(function)
                 .and_then(|o| self.inner.limiter(function, o))
