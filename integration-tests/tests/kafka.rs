@@ -628,6 +628,62 @@ async fn unwritable_dead_letter_topic_stalls_the_partition() {
     assert_eq!(dead[0].payload, b"bad-2");
 }
 
+/// A held partition finds the recovered function on the backoff schedule (here at most
+/// 200 ms between retries), not after a fixed half minute (issue 16, item 3): with the
+/// default `hold_retry_interval`, the held record arrives within seconds of the function
+/// recovering.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_partition_retries_on_the_backoff_schedule() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+    let k = Kafka::new();
+    let topic = unique("hold-backoff");
+    k.create(&[&topic], 1).await;
+    let recovered = Arc::new(AtomicBool::new(false));
+    let gw = FakeGateway::start().await.unwrap();
+    {
+        let recovered = recovered.clone();
+        gw.function("hold-fn", &topic, move |_, _| {
+            if recovered.load(AtomicOrdering::SeqCst) {
+                Reply::ok()
+            } else {
+                Reply::status(500)
+            }
+        });
+    }
+    // No dead-letter topic and no hold_retry_interval: the record holds its partition.
+    let kafka: String = source_config(&k.brokers, &topic)
+        .lines()
+        .filter(|l| !l.starts_with("dead_letter_topic"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let (p, addr) = start(&gw, "", &kafka).await;
+    k.send(&topic, Some(0), None, Some(b"held"), &[]).await;
+    let stalled = format!("connector_partition_stalled{{topic=\"{topic}\",partition=\"0\"}}");
+    assert!(
+        eventually_async(WITHIN, || async {
+            metric(&metrics_text(addr).await, &stalled) == Some(1.0)
+        })
+        .await,
+        "the partition did not hold:\n{}",
+        p.output()
+    );
+    recovered.store(true, AtomicOrdering::SeqCst);
+    let calls_before = gw.requests_to("hold-fn").len();
+    assert!(
+        eventually(Duration::from_secs(10), || gw.requests_to("hold-fn").len()
+            > calls_before)
+        .await,
+        "the held record was not retried within 10 s of the function recovering:\n{}",
+        p.output()
+    );
+    assert!(
+        eventually_async(WITHIN, || async { k.unacknowledged(&topic).await == 0 }).await,
+        "not committed after the retry succeeded:\n{}",
+        p.output()
+    );
+}
+
 /// With `topics` naming a topic that no function subscribes to right now (a redeploy), its
 /// records are held, not committed (issue 17: they used to be committed and gone); once a
 /// function subscribes, every one of them arrives.
