@@ -47,6 +47,12 @@ pub struct Message {
     /// How many times the broker delivered this message before (its own redelivery count);
     /// attempts continue from there and count against `max_attempts`.
     pub prior_attempts: u32,
+    /// What the connector's own dead-letter sink needs of the broker that is not HTTP
+    /// shaped (Kafka: the record's key and raw headers), typed and travelling with the
+    /// message: a [`DeadLetter`](crate::DeadLetter) carries the message, so the sink
+    /// reads it back with `letter.message.extensions.get::<T>()`. Never sent to a
+    /// function.
+    pub extensions: http::Extensions,
 }
 
 impl Message {
@@ -70,6 +76,7 @@ impl Message {
             ordering_key: None,
             coordinates: Vec::new(),
             prior_attempts: 0,
+            extensions: http::Extensions::new(),
         }
     }
 
@@ -121,6 +128,13 @@ impl Message {
     /// Sets the message's own content type (ignored when it is not a valid header value).
     pub fn with_content_type(mut self, content_type: &str) -> Self {
         self.content_type = HeaderValue::from_str(content_type).ok();
+        self
+    }
+
+    /// Attaches `value` for the connector's dead-letter sink (see
+    /// [`extensions`](Self::extensions)).
+    pub fn with_extension<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.extensions.insert(value);
         self
     }
 

@@ -15,6 +15,7 @@
 //! | `connector.max_inflight` | most invocations of the function in flight from this connector | none: only `max_inflight` |
 //! | `connector.adaptive` | `true`: the limit halves after a 429 and grows back by one per limit's worth of successes | `false` |
 //! | `connector.timeout` | one invocation's timeout | `upstream_timeout` |
+//! | `connector.ordering` | `key`: this function receives the messages of one ordering key one after another; `none`: in parallel | `ordering` |
 //!
 //! A value that does not parse makes the whole subscription invalid: it is logged with the
 //! function and the key, counted, and skipped until it is fixed; the others keep running.
@@ -38,6 +39,8 @@ pub const MAX_INFLIGHT: &str = "connector.max_inflight";
 pub const ADAPTIVE: &str = "connector.adaptive";
 /// One invocation's timeout.
 pub const TIMEOUT: &str = "connector.timeout";
+/// Whether the function receives the messages of one ordering key one after another.
+pub const ORDERING: &str = "connector.ordering";
 
 /// A function's overrides of the connector's delivery settings; `None` falls back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -57,6 +60,9 @@ pub struct PolicyOverrides {
     pub adaptive: bool,
     /// One invocation's timeout.
     pub timeout: Option<Duration>,
+    /// `Some(true)`: the function's deliveries of one ordering key run one after another;
+    /// `Some(false)`: in parallel.
+    pub ordered: Option<bool>,
 }
 
 /// An annotation whose value cannot be used.
@@ -139,6 +145,13 @@ impl PolicyOverrides {
                 _ => return Err(fail(key, v, "true or false".to_owned())),
             };
         }
+        if let Some((key, v)) = get(ORDERING) {
+            p.ordered = Some(match v {
+                "key" => true,
+                "none" => false,
+                _ => return Err(fail(key, v, "key or none".to_owned())),
+            });
+        }
         Ok(p)
     }
 
@@ -175,6 +188,7 @@ mod tests {
             (MAX_INFLIGHT, "2"),
             (ADAPTIVE, "true"),
             (TIMEOUT, "750ms"),
+            (ORDERING, "key"),
         ]))
         .unwrap();
         assert_eq!(p.max_attempts, Some(10));
@@ -183,6 +197,7 @@ mod tests {
         assert_eq!(p.max_inflight, Some(2));
         assert!(p.adaptive);
         assert_eq!(p.timeout, Some(Duration::from_millis(750)));
+        assert_eq!(p.ordered, Some(true));
         let status = p.status.unwrap();
         assert_eq!(
             status.retry,
@@ -209,6 +224,7 @@ mod tests {
             (MAX_INFLIGHT, "0"),
             (ADAPTIVE, "maybe"),
             (TIMEOUT, "0s"),
+            (ORDERING, "partition"),
         ] {
             let e = PolicyOverrides::from_annotations(&annotations(&[(key, value)])).unwrap_err();
             assert_eq!(e.key, key, "{e}");

@@ -16,6 +16,16 @@
 //!
 //! Pull errors are transient by contract: logged, counted by readiness, retried with
 //! backoff. The loop never exits on a broker outage.
+//!
+//! Every connector goes through the same contract: [`Dispatcher::submit`] (or
+//! `submit_to`) returns a [`Completion`]; once it resolves, the message's
+//! [`Disposition`] decides how its ack handle is settled. [`pump`] settles in its own
+//! loop. A source whose read loop cannot settle (Kafka: librdkafka's rebalance callback
+//! runs inside the read loop and waits for the revoked partitions' deliveries to settle)
+//! hands each completion with its ack handle to a [`Settler`], which settles on a task of
+//! its own.
+//!
+//! [`Dispatcher::submit`]: crate::Dispatcher::submit
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,6 +34,8 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::dispatcher::Completion;
@@ -224,4 +236,72 @@ async fn release<S: Source>(source: &mut S, ack: S::Ack) {
         held_unmatched: false,
     };
     settle(source, ack, &outcome).await;
+}
+
+/// Settles completed messages on a task of its own, several at once: for sources whose
+/// read loop cannot wait for completions (see the module docs). Each message is settled
+/// by `settle(ack, outcome)` as soon as its [`Completion`] resolves; a message whose
+/// completion is dropped unresolved (the dispatcher torn down) is settled as interrupted,
+/// which releases it.
+pub struct Settler<A> {
+    tx: mpsc::UnboundedSender<Pending<A>>,
+    task: JoinHandle<()>,
+}
+
+impl<A: Send + 'static> Settler<A> {
+    /// Starts the settling task.
+    pub fn spawn<F, Fut>(settle: F) -> Self
+    where
+        F: FnMut(A, MessageOutcome) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(settle_all(rx, settle));
+        Self { tx, task }
+    }
+
+    /// Settles `ack` once `completion` resolves.
+    pub fn push(&self, ack: A, completion: Completion) {
+        let pending = Pending {
+            ack: Some(ack),
+            completion,
+        };
+        if self.tx.send(pending).is_err() {
+            // The task is gone only if it panicked; nothing would settle the message.
+            tracing::error!("the settling task is gone: the message stays unacknowledged");
+        }
+    }
+
+    /// Waits until everything pushed is settled.
+    pub async fn close(self) {
+        drop(self.tx);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the settling task failed");
+        }
+    }
+}
+
+/// The settling task: receives submitted messages, settles each once complete, returns
+/// when the sender is gone and nothing is left.
+async fn settle_all<A, F, Fut>(mut rx: mpsc::UnboundedReceiver<Pending<A>>, mut settle: F)
+where
+    F: FnMut(A, MessageOutcome) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut pending: FuturesUnordered<Pending<A>> = FuturesUnordered::new();
+    let mut settling: FuturesUnordered<Fut> = FuturesUnordered::new();
+    let mut open = true;
+    while open || !pending.is_empty() || !settling.is_empty() {
+        tokio::select! {
+            biased;
+            Some(()) = settling.next(), if !settling.is_empty() => {}
+            Some((ack, outcome)) = pending.next(), if !pending.is_empty() => {
+                settling.push(settle(ack, outcome));
+            }
+            received = rx.recv(), if open => match received {
+                Some(p) => pending.push(p),
+                None => open = false,
+            },
+        }
+    }
 }

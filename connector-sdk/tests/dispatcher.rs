@@ -959,57 +959,104 @@ async fn default_lanes_go_on_behind_a_held_message() {
     assert_eq!(gw.requests_to("ordered").len(), 3, "in-process retries");
 }
 
-#[tokio::test]
-async fn submit_then_settles_in_the_delivery_task_and_drain_waits_for_it() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settler_settles_completions_on_its_own_task_while_the_submitter_is_blocked() {
+    use connector_sdk::source::Settler;
     let gw = FakeGateway::start().await.unwrap();
     gw.function("slow", "slow", |_, _| {
         Reply::ok().delay(Duration::from_millis(200))
     });
     let setup = dispatcher(&gw, gw.config(), None);
     let settled: Arc<Mutex<Vec<(String, Disposition)>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let into = settled.clone();
+    let settler = Settler::spawn(move |ack: String, outcome: connector_sdk::MessageOutcome| {
+        let settled = into.clone();
+        let tx = tx.clone();
+        async move {
+            // A settle step that awaits, as publishing a reply does.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            settled
+                .lock()
+                .unwrap()
+                .push((ack.clone(), outcome.disposition()));
+            let _ = tx.send(ack);
+        }
+    });
     for (topic, id) in [("slow", "1"), ("nobody-listens", "2")] {
-        let settled = settled.clone();
-        setup
+        let completion = setup
             .dispatcher
-            .submit_then(message(topic, "x", id), move |outcome| async move {
-                // A settle step that awaits, as publishing a reply does.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let disposition = outcome.disposition();
-                settled.lock().unwrap().push((outcome.id, disposition));
-            })
+            .submit(message(topic, "x", id))
             .await
             .unwrap();
+        settler.push(format!("ack-{id}"), completion);
     }
-    // Drained with the invocation running: wait_idle returns only once its settle step
-    // has run too.
-    assert!(
-        connector_sdk::testing::eventually(Duration::from_secs(5), || gw.requests().len() == 1)
-            .await
+    // The submitting task blocks its thread, as librdkafka's rebalance callback does
+    // while it waits for settles: both still settle.
+    let both = tokio::task::block_in_place(|| {
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(ack) => seen.push(ack),
+                Err(_) => break,
+            }
+        }
+        seen
+    });
+    assert_eq!(
+        both.len(),
+        2,
+        "settled while the submitter blocked: {both:?}"
     );
-    setup.dispatcher.drain();
-    setup.dispatcher.wait_idle().await;
+    settler.close().await;
     let mut seen = settled.lock().unwrap().clone();
     seen.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
         seen,
         vec![
-            ("1".to_owned(), Disposition::Ack),
-            ("2".to_owned(), Disposition::Ack)
+            ("ack-1".to_owned(), Disposition::Ack),
+            ("ack-2".to_owned(), Disposition::Ack)
         ]
     );
     assert_eq!(gw.requests_to("slow").len(), 1);
-    // Draining: refused, and the settle step is not run.
-    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = ran.clone();
-    let refused = setup
-        .dispatcher
-        .submit_then(message("slow", "x", "3"), move |_| async move {
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        })
-        .await;
-    assert!(refused.is_err());
-    setup.dispatcher.wait_idle().await;
-    assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn a_settler_closes_only_once_everything_pushed_is_settled() {
+    use connector_sdk::source::Settler;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("slow", "slow", |_, _| {
+        Reply::ok().delay(Duration::from_millis(200))
+    });
+    let setup = dispatcher(&gw, gw.config(), None);
+    let settled = Arc::new(Mutex::new(Vec::new()));
+    let into = settled.clone();
+    let settler = Settler::spawn(move |ack: u32, outcome: connector_sdk::MessageOutcome| {
+        let settled = into.clone();
+        async move {
+            settled.lock().unwrap().push((ack, outcome.disposition()));
+        }
+    });
+    for id in 0..3u32 {
+        let completion = setup
+            .dispatcher
+            .submit(message("slow", "x", &id.to_string()))
+            .await
+            .unwrap();
+        settler.push(id, completion);
+    }
+    assert!(settled.lock().unwrap().is_empty());
+    settler.close().await;
+    let mut seen = settled.lock().unwrap().clone();
+    seen.sort_by_key(|s| s.0);
+    assert_eq!(
+        seen,
+        vec![
+            (0, Disposition::Ack),
+            (1, Disposition::Ack),
+            (2, Disposition::Ack)
+        ]
+    );
 }
 
 #[tokio::test]
@@ -1346,4 +1393,64 @@ async fn a_retry_backoff_does_not_hold_the_functions_place() {
         [b"flaky".to_vec(), b"steady".to_vec(), b"flaky".to_vec()],
         "the steady message waited for the flaky one's backoff"
     );
+}
+
+/// `connector.ordering` gives one function its own order: it receives the messages of a
+/// key one after another, while a function without order (or opted out of the
+/// connector's) receives them all at once, and is not held up by the ordered one.
+#[tokio::test(flavor = "multi_thread")]
+async fn ordering_is_per_function() {
+    for (connector, ordered, free) in [
+        (
+            Ordering::None,
+            ("connector.ordering", "key"),
+            ("x-none", ""),
+        ),
+        (
+            Ordering::Key,
+            ("x-none", ""),
+            ("connector.ordering", "none"),
+        ),
+    ] {
+        let gw = FakeGateway::start().await.unwrap();
+        gw.function_with_annotations("ordered", &[("topic", "events"), ordered], |_, _| {
+            Reply::ok().delay(Duration::from_millis(400))
+        });
+        gw.function_with_annotations("free", &[("topic", "events"), free], |_, _| {
+            Reply::ok().delay(Duration::from_millis(400))
+        });
+        let mut config = gw.config();
+        config.ordering = connector;
+        let setup = dispatcher(&gw, config, None);
+        let mut completions = Vec::new();
+        for i in 0..4 {
+            let m = message("events", &i.to_string(), &format!("m{i}"))
+                .with_ordering_key("k".to_owned());
+            completions.push(setup.dispatcher.submit(m).await.unwrap());
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || gw.requests_to("free").len() == 4).await,
+            "{connector:?}: the unordered function receives every message at once"
+        );
+        assert_eq!(
+            gw.requests_to("ordered").len(),
+            1,
+            "{connector:?}: the ordered function has only the first so far"
+        );
+        for completion in completions {
+            assert_eq!(completion.await.disposition(), Disposition::Ack);
+        }
+        let bodies: Vec<_> = gw
+            .requests_to("ordered")
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .collect();
+        assert_eq!(bodies, ["0", "1", "2", "3"], "{connector:?}: in order");
+        let at: Vec<_> = gw.requests_to("ordered").iter().map(|r| r.at).collect();
+        assert!(
+            at.windows(2)
+                .all(|w| w[1].duration_since(w[0]) >= Duration::from_millis(400)),
+            "{connector:?}: one after another"
+        );
+    }
 }

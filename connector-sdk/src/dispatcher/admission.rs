@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::completion::{Finish, released_all};
+use super::completion::released_all;
 use super::lanes::LaneTicket;
 use super::pool::Offer;
 use super::{Dispatcher, Inner};
@@ -30,18 +30,26 @@ pub(super) enum Admitted {
 pub(super) struct Admission {
     pub(super) message: Arc<Message>,
     pub(super) functions: Arc<[FunctionRef]>,
-    /// Its place in its ordering lane, taken when it is handed to a worker or the queue.
+    /// Strict lanes: its place in its key's lane, taken when it is handed to a worker or
+    /// the queue.
     pub(super) lane: Option<LaneTicket>,
+    /// The functions (indices into `functions`) that receive the messages of its key one
+    /// after another; each gets its place in that function's lane at the same moment.
+    pub(super) ordered: Vec<usize>,
+    /// Those places, by function index.
+    pub(super) function_lanes: Vec<(usize, LaneTicket)>,
     /// Keeps `wait_idle` waiting until the message is settled.
     pub(super) token: TaskTrackerToken,
     /// Its places among the admitted messages of its concurrency-limited functions.
     pub(super) tickets: Vec<OwnedSemaphorePermit>,
 }
 
-/// One message for a worker: deliver it, then finish it.
+/// One message for a worker: deliver it, then send its outcome to its [`Completion`].
+///
+/// [`Completion`]: super::Completion
 pub(super) struct Job {
     pub(super) admission: Admission,
-    pub(super) finish: Finish,
+    pub(super) done: oneshot::Sender<MessageOutcome>,
 }
 
 impl Dispatcher {
@@ -71,12 +79,15 @@ impl Dispatcher {
                 .message_finished(Disposition::Release.as_str());
             return Admitted::Ready(released_all(&message, &functions));
         }
+        let ordered = self.inner.ordered_functions(&message, &functions);
         Admitted::Run(Admission {
             // Shared by its deliveries; behind one pointer, the job is cheap to move
             // through the queue and the futures that carry it.
             message: Arc::new(message),
             functions,
             lane: None,
+            ordered,
+            function_lanes: Vec::new(),
             token: self.inner.tracker.token(),
             tickets: Vec::new(),
         })

@@ -1,61 +1,41 @@
 //! Completion: a message's deliveries assembled into its [`MessageOutcome`], and the
-//! outcome handed to whoever waits for it (the [`Completion`] future, or the settle step
-//! of `submit_then`).
+//! outcome handed to the [`Completion`] future its submitter holds.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures::future::join_all;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::Inner;
 use super::admission::Job;
 use super::cancel::Cancel;
-use super::lanes::LaneTicket;
+use super::lanes::{LaneKey, LaneTicket};
 use crate::function::FunctionRef;
 use crate::message::{DeliveryOutcome, DeliveryReport, Disposition, Message, MessageOutcome};
-
-/// The settle step of [`Dispatcher::submit_then`](super::Dispatcher::submit_then),
-/// type-erased.
-pub(super) type SettleStep =
-    Box<dyn FnOnce(MessageOutcome) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
-
-/// Where a message's outcome goes.
-pub(super) enum Finish {
-    /// To the [`Completion`] the submitter awaits.
-    Channel(oneshot::Sender<MessageOutcome>),
-    /// Into the settle step, run on the worker.
-    Then(SettleStep),
-}
 
 impl Inner {
     /// Delivers a message, records its outcome, lets its lane go on, and finishes it.
     pub(super) async fn execute(self: &Arc<Self>, cancel: &Cancel, job: Job) {
-        let Job { admission, finish } = job;
+        let Job { admission, done } = job;
         let (outcome, lane) = self
             .run(
                 cancel,
                 admission.message,
                 admission.functions,
                 admission.lane,
+                admission.function_lanes,
             )
             .await;
         let disposition = outcome.disposition();
         self.metrics.message_finished(disposition.as_str());
         if let Some((key, id, done)) = lane {
-            self.block_after(&key, &outcome.id, disposition);
+            self.block_after(&key.key, &outcome.id, disposition);
             let _ = done.send(disposition == Disposition::Ack);
             self.leave_lane(&key, id);
         }
-        match finish {
-            Finish::Channel(tx) => {
-                let _ = tx.send(outcome);
-            }
-            Finish::Then(then) => then(outcome).await,
-        }
+        let _ = done.send(outcome);
         // Only now may `wait_idle` return.
         drop(admission.token);
     }
@@ -69,7 +49,23 @@ impl Inner {
         message: Arc<Message>,
         functions: Arc<[FunctionRef]>,
         lane: Option<LaneTicket>,
-    ) -> (MessageOutcome, Option<(Bytes, u64, oneshot::Sender<bool>)>) {
+        function_lanes: Vec<(usize, LaneTicket)>,
+    ) -> (
+        MessageOutcome,
+        Option<(LaneKey, u64, oneshot::Sender<bool>)>,
+    ) {
+        if !function_lanes.is_empty() {
+            let deliveries = self
+                .run_in_lanes(cancel, &message, &functions, function_lanes)
+                .await;
+            let outcome = MessageOutcome {
+                id: message.id.clone(),
+                deliveries,
+                interrupted: false,
+                held_unmatched: false,
+            };
+            return (outcome, None);
+        }
         let (previous, lane) = match lane {
             Some(t) => (t.previous, Some((t.key, t.id, t.done))),
             None => (None, None),
@@ -121,6 +117,33 @@ impl Inner {
             },
             lane,
         )
+    }
+}
+
+impl Inner {
+    /// The deliveries of a message some of whose functions keep their order: each of
+    /// those waits for its function's lane before it takes a permit (so a waiting
+    /// delivery holds none); the others start at once.
+    async fn run_in_lanes(
+        self: &Arc<Self>,
+        cancel: &Cancel,
+        message: &Arc<Message>,
+        functions: &[FunctionRef],
+        mut tickets: Vec<(usize, LaneTicket)>,
+    ) -> Vec<DeliveryReport> {
+        if let [function] = functions {
+            let ticket = tickets.pop().map(|(_, t)| t);
+            let delivery = self.deliver_in_lane(cancel, message.clone(), function.clone(), ticket);
+            return vec![delivery.await];
+        }
+        let deliveries = functions.iter().enumerate().map(|(i, function)| {
+            let ticket = tickets
+                .iter()
+                .position(|(j, _)| *j == i)
+                .map(|at| tickets.swap_remove(at).1);
+            self.deliver_in_lane(cancel, message.clone(), function.clone(), ticket)
+        });
+        join_all(deliveries).await
     }
 }
 

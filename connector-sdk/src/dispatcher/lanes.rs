@@ -1,10 +1,17 @@
-//! Ordering lanes (`ordering = "key"`): messages with the same key are delivered one
-//! after the other, in the order they were placed; other keys run in parallel. With
-//! strict lanes, a message that may not be acknowledged releases the rest of its lane,
-//! and blocks its key for a while (see the module docs of the dispatcher).
+//! Ordering lanes (`ordering = "key"`, or a function's `connector.ordering`): a function
+//! receives the messages with the same key one after the other, in the order they were
+//! placed; other keys, and functions that are not ordered, run in parallel. A lane is a
+//! function's and a key's: a slow or retrying function does not hold up another.
+//!
+//! With strict lanes (the broker keeps each key's order itself: SQS FIFO) a lane is the
+//! key's, for the whole message: a message that may not be acknowledged releases the
+//! rest of its lane, and blocks its key for a while (see the module docs of the
+//! dispatcher).
 
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::{Duration, Instant};
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -12,7 +19,15 @@ use tokio::sync::oneshot;
 use super::admission::Job;
 use super::cancel::Cancel;
 use super::{Dispatcher, Inner, STRICT_BLOCK_GRACE};
-use crate::message::{Disposition, Message};
+use crate::function::FunctionRef;
+use crate::message::{DeliveryReport, Disposition, Message};
+
+/// Whose lane: a function's for one key, or (strict lanes) the key's for whole messages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct LaneKey {
+    pub(super) function: Option<FunctionRef>,
+    pub(super) key: Bytes,
+}
 
 /// The tail of one ordering lane: the last message queued with a key, and how to learn
 /// that it completed (and whether it may be acknowledged).
@@ -24,43 +39,111 @@ pub(super) struct Lane {
 /// A message's place in its lane: how to signal the next message, and how to learn that
 /// the previous one completed.
 pub(super) struct LaneTicket {
-    pub(super) key: Bytes,
+    pub(super) key: LaneKey,
     pub(super) id: u64,
     pub(super) done: oneshot::Sender<bool>,
     pub(super) previous: Option<oneshot::Receiver<bool>>,
 }
 
 impl Dispatcher {
-    /// Joins the message's lane: it will wait for the lane's previous message, and signal
-    /// the next one.
+    /// Joins the message's lanes: each will wait for the lane's previous message, and
+    /// signal the next one. Called in queue order.
     pub(super) fn enter_lane(&self, job: &mut Job) {
-        if !self.inner.ordered {
+        let admission = &mut job.admission;
+        let Some(key) = admission.message.ordering_key.clone() else {
+            return;
+        };
+        if self.inner.strict_lanes {
+            if self.inner.ordered {
+                let lane = LaneKey {
+                    function: None,
+                    key,
+                };
+                admission.lane = Some(self.inner.join(lane));
+            }
             return;
         }
-        let Some(key) = job.admission.message.ordering_key.clone() else {
-            return;
-        };
-        let id = self
-            .inner
-            .next_lane_id
-            .fetch_add(1, AtomicOrdering::Relaxed);
-        let (done_tx, done_rx) = oneshot::channel();
-        let previous = match self.inner.lanes.lock() {
-            Ok(mut lanes) => lanes.insert(key.clone(), Lane { id, done: done_rx }),
-            // A panic elsewhere while holding the lock; ordering cannot be kept, but
-            // delivery can.
-            Err(_) => None,
-        };
-        job.admission.lane = Some(LaneTicket {
-            key,
-            id,
-            done: done_tx,
-            previous: previous.map(|lane| lane.done),
+        let tickets = admission.ordered.iter().map(|&i| {
+            let lane = LaneKey {
+                function: Some(admission.functions[i].clone()),
+                key: key.clone(),
+            };
+            (i, self.inner.join(lane))
         });
+        admission.function_lanes = tickets.collect();
     }
 }
 
 impl Inner {
+    /// The functions of `message` (indices) whose deliveries wait for their lane: with
+    /// the connector's `ordering` or their own `connector.ordering`. None without a key,
+    /// or with strict lanes (the key's lane covers the whole message).
+    pub(super) fn ordered_functions(
+        &self,
+        message: &Message,
+        functions: &[FunctionRef],
+    ) -> Vec<usize> {
+        if message.ordering_key.is_none() || self.strict_lanes {
+            return Vec::new();
+        }
+        if !self.topics.has_policies() {
+            return if self.ordered {
+                (0..functions.len()).collect()
+            } else {
+                Vec::new()
+            };
+        }
+        let map = self.topics.current();
+        (0..functions.len())
+            .filter(|&i| {
+                map.policy(&functions[i])
+                    .and_then(|p| p.ordered)
+                    .unwrap_or(self.ordered)
+            })
+            .collect()
+    }
+
+    /// Takes the next place in `lane`.
+    fn join(&self, lane: LaneKey) -> LaneTicket {
+        let id = self.next_lane_id.fetch_add(1, AtomicOrdering::Relaxed);
+        let (done_tx, done_rx) = oneshot::channel();
+        let previous = match self.lanes.lock() {
+            Ok(mut lanes) => lanes.insert(lane.clone(), Lane { id, done: done_rx }),
+            // A panic elsewhere while holding the lock; ordering cannot be kept, but
+            // delivery can.
+            Err(_) => None,
+        };
+        LaneTicket {
+            key: lane,
+            id,
+            done: done_tx,
+            previous: previous.map(|lane| lane.done),
+        }
+    }
+
+    /// One delivery in its function's lane (or, without a ticket, at once): waits for the
+    /// function's delivery of the previous message with the key, then for an in-flight
+    /// permit, delivers, and lets the lane's next message go.
+    pub(super) async fn deliver_in_lane(
+        self: &Arc<Self>,
+        cancel: &Cancel,
+        message: Arc<Message>,
+        function: FunctionRef,
+        ticket: Option<LaneTicket>,
+    ) -> DeliveryReport {
+        let Some(ticket) = ticket else {
+            return self.deliver(cancel, message, function, None).await;
+        };
+        if let Some(previous) = ticket.previous {
+            // Not strict: the turn comes whatever the previous delivery's verdict.
+            self.wait_turn(cancel, &message, previous).await;
+        }
+        let report = self.deliver(cancel, message, function, None).await;
+        let _ = ticket.done.send(true);
+        self.leave_lane(&ticket.key, ticket.id);
+        report
+    }
+
     /// Waits until the previous message of `message`'s lane completed (or the dispatcher
     /// drains); whether `message` may be delivered now. With strict lanes it may not
     /// when the previous message may not be acknowledged.
@@ -129,8 +212,8 @@ impl Inner {
         }
     }
 
-    /// Ends the lane of `key` if message `id` is still its tail: no message follows it.
-    pub(super) fn leave_lane(&self, key: &Bytes, id: u64) {
+    /// Ends `lane` if message `id` is still its tail: no message follows it.
+    pub(super) fn leave_lane(&self, key: &LaneKey, id: u64) {
         if let Ok(mut lanes) = self.lanes.lock()
             && lanes.get(key).is_some_and(|lane| lane.id == id)
         {

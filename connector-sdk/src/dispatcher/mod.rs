@@ -1,5 +1,6 @@
 //! The dispatcher: from a message to one delivery per subscribed function, each with its
-//! own attempts, and back to one [`MessageOutcome`] the source turns into its ack.
+//! own attempts, and back to one [`MessageOutcome`](crate::MessageOutcome) the source
+//! turns into its ack.
 //!
 //! Life of a message:
 //!
@@ -15,8 +16,11 @@
 //!    worker that finished a message take the next one itself, without waking the source
 //!    for every message: the source is woken once the queue is down to half.
 //! 3. A worker takes the message and waits for in-flight permits, one per delivery (at
-//!    most `max_inflight` deliveries run at once). With `ordering = "key"`, it first waits
-//!    for the previous message with the same key to complete; other keys run in parallel.
+//!    most `max_inflight` deliveries run at once). A function that keeps order (the
+//!    connector's `ordering = "key"`, or its own `connector.ordering`) first waits, for
+//!    its own delivery only, until it is done with the previous message of the same key;
+//!    other keys and other functions run in parallel. With strict lanes the whole
+//!    message waits for the previous message of its key.
 //! 4. Each delivery invokes its function until the verdict is terminal: delivered, dropped,
 //!    dead-lettered (at once on a non-retryable status, or after `max_attempts`), or held
 //!    (dead-lettering impossible and `on_exhausted = "block"`). Retries wait an
@@ -77,7 +81,6 @@ mod lanes;
 mod pool;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -93,7 +96,7 @@ use crate::dead_letter::DeadLetterSink;
 use crate::error::SdkError;
 use crate::gateway::GatewayClient;
 use crate::limiter::Limiter;
-use crate::message::{Message, MessageOutcome};
+use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::response::Subscribers;
 use crate::topic_map::{FunctionRef, TopicMap, TopicMapHandle};
@@ -102,7 +105,6 @@ use crate::verdict::StatusClasses;
 use admission::{Admitted, Job};
 use cancel::AbortSignal;
 pub use completion::Completion;
-use completion::Finish;
 use lanes::Lane;
 use pool::Pool;
 
@@ -175,7 +177,7 @@ struct Inner {
     max_inflight: usize,
     ordered: bool,
     strict_lanes: bool,
-    lanes: Mutex<HashMap<Bytes, Lane>>,
+    lanes: Mutex<HashMap<lanes::LaneKey, Lane>>,
     /// Strict lanes: keys blocked by an unacknowledged message (its id, and until when).
     blocked: Mutex<HashMap<Bytes, (String, Instant)>>,
     next_lane_id: AtomicU64,
@@ -192,8 +194,7 @@ struct Inner {
     abort: CancellationToken,
     /// Every worker's abort signal.
     signals: Mutex<Vec<Arc<AbortSignal>>>,
-    /// Counts the messages in progress (and settle steps of `submit_then`), for
-    /// `wait_idle`.
+    /// Counts the messages in progress, for `wait_idle`.
     tracker: TaskTracker,
     pool: Pool,
 }
@@ -374,36 +375,14 @@ impl Dispatcher {
             Admitted::Run(mut admission) => {
                 self.reserve(&mut admission).await?;
                 let (tx, rx) = oneshot::channel();
-                let finish = Finish::Channel(tx);
-                self.place(Job { admission, finish }).await?;
+                self.place(Job {
+                    admission,
+                    done: tx,
+                })
+                .await?;
                 Completion::pending(rx)
             }
         })
-    }
-
-    /// Like [`submit`](Self::submit), but instead of returning a [`Completion`] to await,
-    /// runs `then` with the outcome on the worker that delivered the message, right after
-    /// the last delivery. That saves a wake-up per message for a source whose settling
-    /// needs no state of the loop that submitted (Kafka: mark the offset). [`wait_idle`](Self::wait_idle)
-    /// waits for `then` too. When the dispatcher is draining, `then` is not run and the
-    /// error says so.
-    pub async fn submit_then<F, Fut>(&self, message: Message, then: F) -> Result<(), SdkError>
-    where
-        F: FnOnce(MessageOutcome) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let functions = self.functions_for(&message.topic);
-        match self.admit(message, functions) {
-            Admitted::Ready(outcome) => {
-                self.inner.tracker.spawn(then(outcome));
-            }
-            Admitted::Run(mut admission) => {
-                self.reserve(&mut admission).await?;
-                let finish = Finish::Then(Box::new(move |outcome| Box::pin(then(outcome))));
-                self.place(Job { admission, finish }).await?;
-            }
-        }
-        Ok(())
     }
 
     /// Whether a message of `topic` would be admitted without waiting for a function's

@@ -35,7 +35,7 @@ use rdkafka::producer::FutureProducer;
 pub use config::{Config, load};
 pub use error::Error;
 
-use dead_letter::{KafkaDeadLetters, Originals};
+use dead_letter::KafkaDeadLetters;
 use metrics::KafkaMetrics;
 use reply::Replies;
 use source::{ConnectorContext, KafkaConsumer, Parts, Shared};
@@ -71,14 +71,11 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
                 client: "producer",
                 source,
             })?;
-    let mut originals = None;
+    let dead_letters = config.kafka.dead_letter_topic.is_some();
     if let Some(topic) = &config.kafka.dead_letter_topic {
-        let kept = Arc::new(Originals::default());
-        originals = Some(kept.clone());
         runtime = runtime.dead_letters(Arc::new(KafkaDeadLetters::new(
             producer.clone(),
             topic.clone(),
-            kept,
             config.kafka.produce_timeout,
         )));
     }
@@ -97,7 +94,7 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
                 consumer,
                 shared,
                 metrics,
-                originals,
+                dead_letters,
                 replies: Some(replies),
             };
             source::run(ctx, &config, parts).await

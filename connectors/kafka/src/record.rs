@@ -137,8 +137,8 @@ impl Record {
             }
         }
         match ordering {
-            Ordering::None => {}
-            Ordering::Partition => m = m.with_ordering_key(self.lane(None)),
+            // The partition: a function may still ask for order (`connector.ordering`).
+            Ordering::None | Ordering::Partition => m = m.with_ordering_key(self.lane(None)),
             Ordering::Key => {
                 if let Some(key) = &self.key {
                     m = m.with_ordering_key(self.lane(Some(key)));
@@ -260,7 +260,6 @@ mod tests {
         assert_eq!(header(&m, "x-kafka-key").as_deref(), Some("//4="));
         assert_eq!(header(&m, "x-kafka-key-enc").as_deref(), Some("b64"));
         assert_eq!(m.subject, None);
-        assert_eq!(m.ordering_key, None);
     }
 
     #[test]
@@ -270,6 +269,8 @@ mod tests {
         b.key = Some(Bytes::from_static(b"other"));
         let lane = |r: &Record, o| r.to_message("g", o).ordering_key.unwrap();
         assert_eq!(lane(&a, Ordering::Partition), lane(&b, Ordering::Partition));
+        // Without ordering the partition too, for functions that ask for it.
+        assert_eq!(lane(&a, Ordering::None), lane(&b, Ordering::Partition));
         assert_ne!(lane(&a, Ordering::Key), lane(&b, Ordering::Key));
         b.key = None;
         assert_eq!(b.to_message("g", Ordering::Key).ordering_key, None);

@@ -349,7 +349,7 @@ mod tests {
     use rdkafka::message::Headers as _;
 
     use super::*;
-    use crate::dead_letter::{Original, dead_letter_headers};
+    use crate::dead_letter::dead_letter_headers;
 
     /// What the dead-letter sink writes decodes back to the message the connector sent.
     #[test]
@@ -377,11 +377,7 @@ mod tests {
             first_failure: SystemTime::UNIX_EPOCH,
             last_failure: SystemTime::UNIX_EPOCH,
         };
-        let kept = Original {
-            key: record.key.clone(),
-            headers: record.headers.clone(),
-        };
-        let written = dead_letter_headers(&kept, &letter);
+        let written = dead_letter_headers(&record.headers, &letter);
         let handle = Handle {
             partition: 0,
             offset: 7,

@@ -22,6 +22,9 @@
 //! is resumed once its parked records are all handed over. Memory is bounded by
 //! `max_inflight` deliveries, `max_buffered` parked records and librdkafka's prefetch.
 //!
+//! A submitted record's [`Completion`](connector_sdk::Completion) goes, with the record as
+//! its ack handle, to a [`Settler`]: its task settles completed records, not the poll
+//! loop, because the rebalance callback runs inside the poll loop and waits for settles.
 //! A completed message is settled in the watermarks (after its replies were published);
 //! every `commit_interval` the contiguous prefix of completed offsets is committed. A
 //! held message (failed for good, not dead-lettered) pauses its partition and marks it
@@ -67,7 +70,8 @@ use connector_sdk::backoff::{Attempts, Backoff};
 use connector_sdk::config::Ordering;
 use connector_sdk::metrics::Metrics;
 use connector_sdk::server::Health;
-use connector_sdk::{Disposition, SourceContext};
+use connector_sdk::source::Settler;
+use connector_sdk::{Disposition, MessageOutcome, SourceContext};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -76,7 +80,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, InitialOffset, valid_topic_name};
-use crate::dead_letter::Originals;
 use crate::error::Error;
 use crate::metrics::KafkaMetrics;
 use crate::offsets::{Arrival, SeekTo, Settled, Start, TopicPartition, Watermarks};
@@ -410,8 +413,9 @@ pub struct Parts {
     pub shared: Arc<Shared>,
     /// Our metrics.
     pub metrics: KafkaMetrics,
-    /// Keys and headers of records in flight, for dead letters (when configured).
-    pub originals: Option<Arc<Originals>>,
+    /// Whether a dead-letter topic is configured: each message then carries its record
+    /// (key and raw headers) for the dead-letter sink.
+    pub dead_letters: bool,
     /// Reply publishing (when configured).
     pub replies: Option<Arc<Replies>>,
 }
@@ -422,8 +426,11 @@ struct Poller {
     consumer: Arc<KafkaConsumer>,
     shared: Arc<Shared>,
     metrics: KafkaMetrics,
-    originals: Option<Arc<Originals>>,
-    replies: Option<Arc<Replies>>,
+    /// Attach the record to each message, for the dead-letter sink.
+    dead_letters: bool,
+    /// Settles completed records off the poll loop: the rebalance callback, which runs
+    /// inside the poll loop, waits for the revoked partitions' records to settle.
+    settler: Settler<Arc<Record>>,
     group: String,
     ordering: Ordering,
     per_partition: usize,
@@ -467,10 +474,10 @@ pub async fn run(ctx: SourceContext, config: &Config, parts: Parts) -> Result<()
     let _ = parts.shared.health.set(ctx.health.clone());
     let mut poller = Poller {
         consumer: parts.consumer,
-        shared: parts.shared,
         metrics: parts.metrics,
-        originals: parts.originals,
-        replies: parts.replies,
+        dead_letters: parts.dead_letters,
+        settler: settler(parts.shared.clone(), parts.replies),
+        shared: parts.shared,
         group: config.kafka.group.clone(),
         ordering: ctx.config.ordering,
         per_partition: config.effective_pending_per_partition(),
@@ -496,6 +503,7 @@ pub async fn run(ctx: SourceContext, config: &Config, parts: Parts) -> Result<()
     ));
     poller.poll(config.kafka.commit_interval).await;
     poller.shut_down().await;
+    poller.settler.close().await;
     probe_stop.cancel();
     let _ = probe.await;
     Ok(())
@@ -694,65 +702,31 @@ impl Poller {
         if !self.has_room(&record) {
             return Err(record);
         }
-        let message = record.to_message(&self.group, self.ordering);
-        if let Some(o) = &self.originals {
-            o.insert(&record);
+        let mut message = record.to_message(&self.group, self.ordering);
+        if self.dead_letters {
+            message.extensions.insert(record.clone());
         }
         // Counted before the hand-over: the record may settle (and uncount itself) before
-        // `submit_then` returns.
+        // `submit` returns.
         *self
             .shared
             .lock()
             .submitted
             .entry(record.tp.clone())
             .or_default() += 1;
-        let shared = self.shared.clone();
-        let originals = self.originals.clone();
-        let replies = self.replies.clone();
-        let settling = record.clone();
-        let submitted = self
-            .ctx
-            .dispatcher
-            .submit_then(message, move |outcome| async move {
-                let record = settling;
-                let mut settled = match outcome.disposition() {
-                    Disposition::Ack => Settled::Ack,
-                    Disposition::Hold => Settled::Hold,
-                    Disposition::Release => Settled::Release,
-                    // Only with broker retries, which this connector does not turn on.
-                    Disposition::Retry { .. } => Settled::Release,
-                };
-                if settled == Settled::Ack
-                    && let Some(replies) = &replies
-                    && let Err(e) = replies.publish(&record, &outcome).await
-                {
-                    tracing::error!(error = %e, ce_id = %record.id(), "reply not published: the record holds its partition");
-                    settled = Settled::Hold;
-                }
-                if let Some(o) = &originals {
-                    o.remove(&record.id());
-                }
-                if settled == Settled::Hold {
-                    if outcome.held_unmatched {
-                        tracing::warn!(partition = %record.tp, offset = record.offset, "no function subscribes to this topic right now: the record holds its partition until one does");
-                    } else {
-                        tracing::error!(partition = %record.tp, offset = record.offset, "record holds its partition: nothing past it is committed");
-                    }
-                }
-                shared.settle(&record, settled);
-            })
-            .await;
-        if submitted.is_err() {
-            // Draining for shutdown: it stays unsettled, delivered again later.
-            if let Some(n) = self.shared.lock().submitted.get_mut(&record.tp) {
-                *n = n.saturating_sub(1);
+        match self.ctx.dispatcher.submit(message).await {
+            Ok(completion) => {
+                self.settler.push(record, completion);
+                Ok(())
             }
-            if let Some(o) = &self.originals {
-                o.remove(&record.id());
+            Err(_) => {
+                // Draining for shutdown: it stays unsettled, delivered again later.
+                if let Some(n) = self.shared.lock().submitted.get_mut(&record.tp) {
+                    *n = n.saturating_sub(1);
+                }
+                Err(record)
             }
-            return Err(record);
         }
-        Ok(())
     }
 
     /// Applies what happened meanwhile: holds, revokes, room for parked records.
@@ -1077,6 +1051,40 @@ impl Poller {
             }
         }
     }
+}
+
+/// The settling task: a completed record is acknowledged (its offset may be committed),
+/// held (its partition stalls) or released; with replies configured, a record is held
+/// until its reply is published.
+fn settler(shared: Arc<Shared>, replies: Option<Arc<Replies>>) -> Settler<Arc<Record>> {
+    Settler::spawn(move |record: Arc<Record>, outcome: MessageOutcome| {
+        let shared = shared.clone();
+        let replies = replies.clone();
+        async move {
+            let mut settled = match outcome.disposition() {
+                Disposition::Ack => Settled::Ack,
+                Disposition::Hold => Settled::Hold,
+                Disposition::Release => Settled::Release,
+                // Only with broker retries, which this connector does not turn on.
+                Disposition::Retry { .. } => Settled::Release,
+            };
+            if settled == Settled::Ack
+                && let Some(replies) = &replies
+                && let Err(e) = replies.publish(&record, &outcome).await
+            {
+                tracing::error!(error = %e, ce_id = %record.id(), "reply not published: the record holds its partition");
+                settled = Settled::Hold;
+            }
+            if settled == Settled::Hold {
+                if outcome.held_unmatched {
+                    tracing::warn!(partition = %record.tp, offset = record.offset, "no function subscribes to this topic right now: the record holds its partition until one does");
+                } else {
+                    tracing::error!(partition = %record.tp, offset = record.offset, "record holds its partition: nothing past it is committed");
+                }
+            }
+            shared.settle(&record, settled);
+        }
+    })
 }
 
 /// Sleeps until `at` (forever when `None`; the branch is disabled then).

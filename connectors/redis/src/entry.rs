@@ -362,8 +362,8 @@ impl Shape {
             message = message.with_subject(String::from_utf8_lossy(key).into_owned());
         }
         match self.ordering {
-            Ordering::None => {}
-            Ordering::Key => {
+            // As `key`: a function may still ask for order (`connector.ordering`).
+            Ordering::None | Ordering::Key => {
                 message = message.with_ordering_key(key.unwrap_or_else(|| lane_of(stream)));
             }
             Ordering::Partition => message = message.with_ordering_key(lane_of(stream)),
@@ -615,7 +615,8 @@ mod tests {
         assert_eq!(m.content_type.as_ref().unwrap(), "application/json");
         assert_eq!(m.headers.get("x-redis-base64-fields").unwrap(), "bin");
         assert_eq!(m.prior_attempts, 3);
-        assert!(m.ordering_key.is_none());
+        // The stream's lane even without ordering: a function may ask for it.
+        assert!(m.ordering_key.is_some());
     }
 
     #[test]
