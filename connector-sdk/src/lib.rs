@@ -7,14 +7,16 @@
 //! means.
 //!
 //! Modules:
-//! - [`config`]: figment layering (defaults, TOML, environment), the shared `[connector]`
-//!   section [`SdkConfig`], OpenFaaS variable names.
+//! - [`config`]: the shared `[connector]` section [`SdkConfig`] and its OpenFaaS variable
+//!   names; the figment layering (defaults, TOML, environment) it re-exports from
+//!   `faas_common::config`.
 //! - [`topic_map`]: the topic → functions map, built from the gateway, swapped atomically;
 //!   [`FunctionRef`] and [`FunctionStatus`](topic_map::FunctionStatus) are defined in a leaf
 //!   module (`function`) so the gateway client, messages and metrics need not import it.
 //! - [`gateway`]: the gateway client (`/system/*`, invocation headers, keep-alive pool).
 //! - [`source_headers`]: which of a message's own headers may reach the function.
 //! - [`verdict`] and [`backoff`]: what a response means; how long to wait before retrying.
+//!   Both live in faas-common, shared with the gateway, and are re-exported here.
 //! - [`dispatcher`]: fan-out, attempts, ordering lanes, `max_inflight` backpressure.
 //! - [`dead_letter`]: the sink each connector implements, with provenance.
 //! - [`message`]: [`Message`] in, [`MessageOutcome`] and [`Disposition`] out.
@@ -30,7 +32,6 @@
 //! by default). A connector with its own `#[global_allocator]` depends on the SDK with
 //! `default-features = false`.
 
-pub mod backoff;
 pub mod config;
 pub mod dead_letter;
 pub mod dispatcher;
@@ -49,7 +50,9 @@ pub mod source;
 pub mod source_headers;
 pub mod testing;
 pub mod topic_map;
-pub mod verdict;
+
+// Shared with the gateway through faas-common; re-exported so connectors keep these paths.
+pub use faas_common::{backoff, verdict};
 
 pub use config::SdkConfig;
 pub use dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
