@@ -25,6 +25,9 @@
 //! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
 //! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
 //!   path, removed once delivered.
+//! - `testing` (cargo feature `testing`, off by default): a fake OpenFaaS gateway for tests,
+//!   and what the load programs share. Enable it in `[dev-dependencies]` only, so no binary
+//!   links it.
 //!
 //! See `examples/spool_connector.rs` for a complete connector built on the public API.
 //!
@@ -48,6 +51,7 @@ pub mod runtime;
 pub mod server;
 pub mod source;
 pub mod source_headers;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topic_map;
 
