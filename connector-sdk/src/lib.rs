@@ -7,14 +7,16 @@
 //! means.
 //!
 //! Modules:
-//! - [`config`]: figment layering (defaults, TOML, environment), the shared `[connector]`
-//!   section [`SdkConfig`], OpenFaaS variable names.
+//! - [`config`]: the shared `[connector]` section [`SdkConfig`] and its OpenFaaS variable
+//!   names; the figment layering (defaults, TOML, environment) it re-exports from
+//!   `faas_common::config`.
 //! - [`topic_map`]: the topic → functions map, built from the gateway, swapped atomically;
 //!   [`FunctionRef`] and [`FunctionStatus`](topic_map::FunctionStatus) are defined in a leaf
 //!   module (`function`) so the gateway client, messages and metrics need not import it.
 //! - [`gateway`]: the gateway client (`/system/*`, invocation headers, keep-alive pool).
 //! - [`source_headers`]: which of a message's own headers may reach the function.
 //! - [`verdict`] and [`backoff`]: what a response means; how long to wait before retrying.
+//!   Both live in faas-common, shared with the gateway, and are re-exported here.
 //! - [`dispatcher`]: fan-out, attempts, ordering lanes, `max_inflight` backpressure.
 //! - [`dead_letter`]: the sink each connector implements, with provenance.
 //! - [`message`]: [`Message`] in, [`MessageOutcome`] and [`Disposition`] out.
@@ -23,6 +25,9 @@
 //! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
 //! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
 //!   path, removed once delivered.
+//! - `testing` (cargo feature `testing`, off by default): a fake OpenFaaS gateway for tests,
+//!   and what the load programs share. Enable it in `[dev-dependencies]` only, so no binary
+//!   links it.
 //!
 //! See `examples/spool_connector.rs` for a complete connector built on the public API.
 //!
@@ -30,7 +35,6 @@
 //! by default). A connector with its own `#[global_allocator]` depends on the SDK with
 //! `default-features = false`.
 
-pub mod backoff;
 pub mod config;
 pub mod dead_letter;
 pub mod dispatcher;
@@ -47,9 +51,12 @@ pub mod runtime;
 pub mod server;
 pub mod source;
 pub mod source_headers;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topic_map;
-pub mod verdict;
+
+// Shared with the gateway through faas-common; re-exported so connectors keep these paths.
+pub use faas_common::{backoff, verdict};
 
 pub use config::SdkConfig;
 pub use dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};

@@ -32,7 +32,7 @@ pub struct BasicAuth {
     /// The user.
     pub user: String,
     /// The password.
-    pub password: connector_sdk::config::Secret,
+    pub password: faas_common::config::Secret,
 }
 
 impl BasicAuth {
@@ -353,7 +353,7 @@ mod tests {
     fn auth() -> BasicAuth {
         BasicAuth {
             user: "admin".into(),
-            password: connector_sdk::config::Secret::new("s3cret"),
+            password: faas_common::config::Secret::new("s3cret"),
         }
     }
 

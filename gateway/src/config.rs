@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use connector_sdk::backoff::Backoff;
-use connector_sdk::config::{ConfigErrors, EnvVar, Secret, duration, flag};
-use connector_sdk::verdict::StatusClasses;
+use faas_common::backoff::Backoff;
+use faas_common::config::{ConfigErrors, EnvVar, Secret, duration, flag};
+use faas_common::verdict::StatusClasses;
 use serde::{Deserialize, Serialize};
 
 use crate::types::{FunctionDeployment, StringMap};
@@ -390,7 +390,7 @@ impl Config {
     /// Loads defaults, `file`, then the environment; relative paths are resolved and the
     /// result is checked.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigErrors> {
-        let mut config: Self = connector_sdk::config::load(file, GATEWAY_ENV)?;
+        let mut config: Self = faas_common::config::load(file, GATEWAY_ENV)?;
         let base = file
             .and_then(Path::parent)
             .map(Path::to_path_buf)

@@ -194,7 +194,7 @@ pub fn load_auth(config: &config::GatewaySection) -> Result<Option<BasicAuth>, E
     };
     Ok(Some(BasicAuth {
         user: read("basic-auth-user")?,
-        password: connector_sdk::config::Secret::new(read("basic-auth-password")?),
+        password: faas_common::config::Secret::new(read("basic-auth-password")?),
     }))
 }
 

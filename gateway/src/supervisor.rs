@@ -164,7 +164,7 @@ fn prefix_lines<R: AsyncRead + Unpin + Send + 'static>(name: String, reader: R) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use connector_sdk::config::Secret;
+    use faas_common::config::Secret;
 
     #[test]
     fn connectors_get_the_gateway_and_its_credentials() {

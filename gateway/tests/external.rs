@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{serve, start};
-use connector_sdk::config::Secret;
+use faas_common::config::Secret;
 use http::StatusCode;
 use serde_json::json;
 

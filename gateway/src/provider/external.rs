@@ -15,7 +15,7 @@ use crate::types::{
     DeleteFunctionRequest, FunctionDeployment, FunctionStatus, LogMessage, ProviderInfo,
     ScaleServiceRequest, Secret,
 };
-use connector_sdk::config::Secret as Password;
+use faas_common::config::Secret as Password;
 
 /// A faas-provider reached over HTTP.
 #[derive(Debug)]

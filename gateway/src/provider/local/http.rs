@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use connector_sdk::backoff::Backoff;
+use faas_common::backoff::Backoff;
 use futures::StreamExt;
 use http::Response;
 use tokio::process::Command;

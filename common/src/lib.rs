@@ -1,0 +1,19 @@
+//! faas-common: what the connectors and the gateway both need, without the connector
+//! runtime.
+//!
+//! connector-sdk re-exports every module here under its old path
+//! (`connector_sdk::backoff`, `connector_sdk::verdict`, `connector_sdk::config::load`, ...);
+//! the gateway depends on this crate alone, so it links neither the dispatcher, nor the
+//! SDK's global allocator, nor its test gateway.
+//!
+//! Modules:
+//! - [`backoff`]: exponential backoff with full jitter, for retries and reconnect loops.
+//! - [`verdict`]: what a function's response status means (delivered, retry, drop, dead
+//!   letter), the configurable [`StatusClasses`](verdict::StatusClasses), `Retry-After`.
+//! - [`config`]: figment layering (defaults, TOML, environment) with errors that name key,
+//!   origin and line; [`EnvVar`](config::EnvVar) tables, [`Secret`](config::Secret), and
+//!   the `duration`, `flag` and `list` serde helpers.
+
+pub mod backoff;
+pub mod config;
+pub mod verdict;
