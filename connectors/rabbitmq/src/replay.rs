@@ -154,7 +154,13 @@ pub fn decode(
         message = message.with_content_type(ct.as_str());
     }
     for (name, value) in &pairs {
-        if !Provenance::is_provenance(name) {
+        // The broker's own (a quorum queue counts the letter's deliveries; its dead
+        // lettering adds `x-death`) were not part of what the function received.
+        let brokers = name.eq_ignore_ascii_case("x-delivery-count")
+            || name.to_ascii_lowercase().starts_with("x-death")
+            || name.to_ascii_lowercase().starts_with("x-first-death")
+            || name.to_ascii_lowercase().starts_with("x-last-death");
+        if !Provenance::is_provenance(name) && !brokers {
             message.add_header(name, value);
         }
     }
