@@ -131,8 +131,9 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
     );
     runtime
         .run(|ctx| async move {
-            let source = source::RabbitSource::new(ctx.clone(), r, metrics)
+            let mut source = source::RabbitSource::new(ctx.clone(), r, metrics)
                 .map_err(connector_sdk::SourceError::fatal)?;
+            source.connect().await?;
             pump(&ctx, source).await
         })
         .await?;

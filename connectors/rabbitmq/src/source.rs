@@ -111,6 +111,23 @@ impl RabbitSource {
         })
     }
 
+    /// Connects before the pump starts, so readiness (which the pump turns on) follows a
+    /// consumer that is bound and consuming. A transient failure is left to `pull`, which
+    /// retries with the pump's backoff.
+    pub async fn connect(&mut self) -> Result<(), SourceError> {
+        match self.open().await {
+            Ok(link) => {
+                self.link = Some(link);
+                Ok(())
+            }
+            Err(SourceError::Transient(e)) => {
+                tracing::warn!(error = %e, "connecting to RabbitMQ failed; retrying with backoff");
+                Ok(())
+            }
+            Err(fatal) => Err(fatal),
+        }
+    }
+
     /// Connects, declares, binds and starts consuming.
     async fn open(&mut self) -> Result<Link, SourceError> {
         let connection = crate::connect(&self.config, "consumer")
