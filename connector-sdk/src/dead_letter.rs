@@ -77,6 +77,8 @@ pub mod names {
     pub const TOPIC: &str = "x-dead-letter-topic";
     /// The original `ce-id`.
     pub const ID: &str = "x-dead-letter-id";
+    /// RFC 3339 time of the original message (`ce-time`), when it had one.
+    pub const TIME: &str = "x-dead-letter-time";
     /// Prefix of each source coordinate (`x-dead-letter-source-partition`).
     pub const SOURCE_PREFIX: &str = "x-dead-letter-source-";
 }
@@ -95,6 +97,9 @@ impl DeadLetter {
             (names::TOPIC.to_owned(), self.message.topic.clone()),
             (names::ID.to_owned(), self.message.id.clone()),
         ];
+        if let Some(time) = self.message.time {
+            out.push((names::TIME.to_owned(), rfc3339(time)));
+        }
         if let Some(status) = self.status {
             out.push((names::STATUS.to_owned(), status.to_string()));
         }
@@ -143,7 +148,8 @@ mod tests {
     fn provenance_carries_everything() {
         let message = Message::new("orders", "x", "orders/1/9", "kafka://b/orders")
             .with_coordinate("partition", 1)
-            .with_coordinate("offset", 9);
+            .with_coordinate("offset", 9)
+            .with_time(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1500));
         let letter = DeadLetter {
             message: Arc::new(message),
             function: FunctionRef::new("f", Some("ns")),
@@ -165,5 +171,6 @@ mod tests {
         assert_eq!(p["x-dead-letter-source-partition"], "1");
         assert_eq!(p["x-dead-letter-source-offset"], "9");
         assert_eq!(p[names::ID], "orders/1/9");
+        assert_eq!(p[names::TIME], "1970-01-01T00:00:01.500Z");
     }
 }

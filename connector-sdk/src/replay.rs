@@ -96,6 +96,8 @@ pub struct Provenance {
     pub first_failure: Option<SystemTime>,
     /// `x-dead-letter-last-failure`.
     pub last_failure: Option<SystemTime>,
+    /// `x-dead-letter-time`: the original message's `ce-time`.
+    pub time: Option<SystemTime>,
     /// `x-dead-letter-source-*`, in the order written: the original coordinates.
     pub coordinates: Vec<(String, String)>,
 }
@@ -155,6 +157,7 @@ impl Provenance {
             attempts: take(names::ATTEMPTS).and_then(|s| s.trim().parse().ok()),
             first_failure: time(take(names::FIRST_FAILURE)),
             last_failure: time(take(names::LAST_FAILURE)),
+            time: time(take(names::TIME)),
             coordinates,
         })
     }
@@ -174,11 +177,12 @@ impl Provenance {
     }
 
     /// The original message's skeleton: topic, `payload`, `ce-id`, `source` (`ce-source`,
-    /// which the connector knows) and coordinates. The connector adds the source headers,
+    /// which the connector knows), coordinates and `ce-time` (when the letter kept it). The connector adds the source headers,
     /// content type and anything else it can restore.
     pub fn message(&self, payload: impl Into<Bytes>, source: impl Into<String>) -> Message {
         let mut message = Message::new(self.topic.clone(), payload, self.id.clone(), source);
         message.coordinates = self.coordinates.clone();
+        message.time = self.time;
         message
     }
 
@@ -655,6 +659,8 @@ mod tests {
         let mut l = letter("orders/1/9", "f");
         l.function = FunctionRef::new("f", Some("ns"));
         l.error = Some("timeout".into());
+        let when = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        l.message = Arc::new((*l.message).clone().with_time(when));
         let pairs: Vec<(String, String)> = l
             .provenance()
             .into_iter()
@@ -672,6 +678,8 @@ mod tests {
         assert_eq!(p.response.as_deref(), Some("bad"));
         assert_eq!(p.attempts, Some(1));
         assert_eq!(p.first_failure, Some(SystemTime::UNIX_EPOCH));
+        assert_eq!(p.time, Some(when));
+        assert_eq!(p.message("x", "s").time, Some(when));
         assert_eq!(p.coordinate("partition"), Some("1"));
         assert_eq!(p.coordinate("offset"), Some("9"));
         let m = p.message("x", "src");

@@ -187,6 +187,27 @@ impl TopicMap {
         self.topics.iter().map(|(t, f)| (t.as_str(), f))
     }
 
+    /// The functions subscribed to `topic` through any pattern that `matches(pattern,
+    /// topic)` accepts, each once, in topic order: for sources whose topics have wildcards
+    /// of their own (NATS `*` and `>`, AMQP topic exchanges' `*` and `#`).
+    pub fn functions_matching(
+        &self,
+        topic: &str,
+        matches: impl Fn(&str, &str) -> bool,
+    ) -> Arc<[FunctionRef]> {
+        let mut functions: Vec<FunctionRef> = Vec::new();
+        for (pattern, subscribers) in self.entries() {
+            if matches(pattern, topic) {
+                for f in subscribers.iter() {
+                    if !functions.contains(f) {
+                        functions.push(f.clone());
+                    }
+                }
+            }
+        }
+        functions.into()
+    }
+
     /// Every function with at least one topic, sorted by name.
     pub fn subscribers(&self) -> &[Subscriber] {
         &self.subscribers
@@ -386,6 +407,25 @@ mod tests {
         map.lookup(topic)
             .map(|fs| fs.iter().map(|f| f.to_string()).collect())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn functions_matching_a_pattern_each_once() {
+        let fs = [
+            function("exact", None, Some("a.b")),
+            function("prefix", None, Some("a.")),
+            function("both", None, Some("a., a.b")),
+            function("other", None, Some("c")),
+        ];
+        let map = TopicMap::build(&fs, ",");
+        let prefix = |pattern: &str, topic: &str| topic.starts_with(pattern);
+        let got: Vec<String> = map
+            .functions_matching("a.b", prefix)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, ["both", "prefix", "exact"]);
+        assert!(map.functions_matching("d", prefix).is_empty());
     }
 
     #[test]

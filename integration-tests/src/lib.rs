@@ -4,11 +4,11 @@
 //!   output kept in a log file (printed when a test fails), stopped with SIGTERM (and its
 //!   exit status checked) or killed with SIGKILL.
 //! - Broker addresses from the environment with loopback defaults ([`redis_url`],
-//!   [`nats_url`], [`kafka_brokers`], [`sqs_endpoint`]), as `scripts/test.sh` exports them.
+//!   [`nats_url`], [`kafka_brokers`], [`sqs_endpoint`], [`rabbitmq_url`]), as `scripts/test.sh` exports them.
 //! - [`unique`] names, so tests never share a topic, stream or queue.
 //! - [`scenarios`]: the shared suite every broker connector runs; [`replay`]: the
 //!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`],
-//!   [`nats_broker`], [`sqs_broker`]: broker fixtures.
+//!   [`nats_broker`], [`sqs_broker`], [`rabbitmq_broker`]: broker fixtures.
 //! - The gateway and functions are `connector_sdk::testing::FakeGateway`, a real HTTP
 //!   server, except in `tests/system.rs`, which runs the real `gateway` binary with a
 //!   function and the connectors it supervises.
@@ -17,6 +17,7 @@
 pub mod config_keys;
 pub mod kafka_broker;
 pub mod nats_broker;
+pub mod rabbitmq_broker;
 pub mod redis_broker;
 pub mod replay;
 pub mod scenarios;
@@ -38,6 +39,11 @@ pub fn redis_url() -> String {
 /// `NATS_URL`, default `nats://127.0.0.1:4222`.
 pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// `RABBITMQ_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+pub fn rabbitmq_url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// `KAFKA_BROKERS`, default `127.0.0.1:9092`.

@@ -61,6 +61,13 @@ fn binaries() -> Vec<Binary> {
             env: with_sdk(nats_connector::config::ENV),
         },
         Binary {
+            name: "rabbitmq-connector",
+            keys: config_keys::keys::<rabbitmq_connector::Config>(),
+            default_keys: config_keys::default_keys::<rabbitmq_connector::Config>(),
+            example: "rabbitmq.toml",
+            env: with_sdk(rabbitmq_connector::config::ENV),
+        },
+        Binary {
             name: "gateway",
             keys: config_keys::keys::<gateway::Config>(),
             default_keys: config_keys::default_keys::<gateway::Config>(),
@@ -161,6 +168,10 @@ fn every_example_file_loads() {
             }
             "nats-connector" => {
                 connector_sdk::config::load::<nats_connector::config::Config>(Some(&path), &[])
+                    .map(drop)
+            }
+            "rabbitmq-connector" => {
+                connector_sdk::config::load::<rabbitmq_connector::Config>(Some(&path), &[])
                     .map(drop)
             }
             "gateway" => connector_sdk::config::load::<gateway::Config>(Some(&path), &[]).map(drop),

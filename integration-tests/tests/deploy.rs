@@ -33,12 +33,13 @@ use dockerfile_parser::{Dockerfile, Instruction, Stage};
 use serde::Deserialize;
 use serde_json::Value;
 
-const CONNECTORS: [&str; 5] = [
+const CONNECTORS: [&str; 6] = [
     "cron-connector",
     "kafka-connector",
     "redis-connector",
     "sqs-connector",
     "nats-connector",
+    "rabbitmq-connector",
 ];
 
 fn repo() -> PathBuf {
@@ -96,6 +97,7 @@ fn env_names(binary: &str) -> BTreeSet<&'static str> {
         "redis-connector" => redis_connector::config::ENV,
         "sqs-connector" => sqs_connector::config::ENV,
         "nats-connector" => nats_connector::config::ENV,
+        "rabbitmq-connector" => rabbitmq_connector::config::ENV,
         "gateway" => {
             return gateway::config::GATEWAY_ENV
                 .iter()
@@ -155,6 +157,7 @@ fn load(binary: &str, file: Option<&Path>, env: &BTreeMap<String, String>) -> Fa
             "nats-connector" => {
                 nats_connector::config::Config::load(file).map(|c| sdk_facts(&c.connector))
             }
+            "rabbitmq-connector" => rabbitmq_connector::load(file).map(|c| sdk_facts(&c.connector)),
             "gateway" => gateway::Config::load(file).map(|c| Facts {
                 metrics_port: c.gateway.metrics_bind.port(),
                 api_port: Some(c.gateway.bind.port()),

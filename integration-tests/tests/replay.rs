@@ -5,6 +5,7 @@
 
 use integration_tests::kafka_broker::KafkaTopics;
 use integration_tests::nats_broker::JetStreamTopics;
+use integration_tests::rabbitmq_broker::RabbitQueues;
 use integration_tests::redis_broker::RedisStreams;
 use integration_tests::replay::dead_letters_replayed;
 use integration_tests::sqs_broker::SqsQueues;
@@ -27,4 +28,9 @@ async fn nats_dead_letters_are_replayed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sqs_dead_letters_are_replayed() {
     dead_letters_replayed(&SqsQueues::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_dead_letters_are_replayed() {
+    dead_letters_replayed(&RabbitQueues::new()).await;
 }

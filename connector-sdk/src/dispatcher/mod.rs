@@ -112,6 +112,13 @@ use pool::Pool;
 /// connector matches subjects against wildcard topics.
 pub type Matcher = Arc<dyn Fn(&TopicMap, &str) -> Arc<[FunctionRef]> + Send + Sync>;
 
+/// A [`Matcher`] for topics with wildcards: `matches(pattern, topic)` decides whether a
+/// function's topic (a pattern) covers a message's topic. See
+/// [`TopicMap::functions_matching`].
+pub fn pattern_matcher(matches: fn(&str, &str) -> bool) -> Matcher {
+    Arc::new(move |map: &TopicMap, topic: &str| map.functions_matching(topic, matches))
+}
+
 /// With strict lanes, how long a key stays blocked after an unacknowledged message
 /// beyond its retry delay, unless that message comes back first.
 pub const STRICT_BLOCK_GRACE: Duration = Duration::from_secs(5);

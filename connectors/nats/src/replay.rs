@@ -18,8 +18,8 @@
 //!
 //! The replayed message: the dead letter's payload and headers minus the provenance (so
 //! the forwarded NATS headers and `X-Nats-*` are as the function first saw them), its
-//! original subject, `ce-id` `<stream>/<sequence>` of the original. `ce-time` is the time
-//! the dead letter was stored (the original's is not kept).
+//! original subject, `ce-id` `<stream>/<sequence>` and `ce-time` of the original (kept in
+//! the provenance).
 
 use std::collections::BTreeSet;
 use std::io::Write;

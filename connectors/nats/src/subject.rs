@@ -127,22 +127,12 @@ pub fn owner<'a>(subscribed: impl IntoIterator<Item = &'a str>, subject: &str) -
 
 /// The functions subscribed to `subject` in `map`, through any pattern, each once.
 pub fn functions_for(map: &TopicMap, subject: &str) -> Arc<[FunctionRef]> {
-    let mut functions: Vec<FunctionRef> = Vec::new();
-    for (pattern, subscribers) in map.entries() {
-        if matches(pattern, subject) {
-            for f in subscribers.iter() {
-                if !functions.contains(f) {
-                    functions.push(f.clone());
-                }
-            }
-        }
-    }
-    functions.into()
+    map.functions_matching(subject, matches)
 }
 
 /// The dispatcher's matcher: NATS wildcards in annotations.
 pub fn matcher() -> Matcher {
-    Arc::new(functions_for)
+    connector_sdk::dispatcher::pattern_matcher(matches)
 }
 
 #[cfg(test)]

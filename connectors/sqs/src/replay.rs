@@ -11,9 +11,9 @@
 //! The replayed message is rebuilt from the provenance (the `x-dead-letter-provenance`
 //! JSON attribute): its topic, body, `ce-id` (the original message id), `ce-source`
 //! `sqs://<queue>`, and `X-SQS-Message-ID`, `X-SQS-Queue-URL`, `X-SQS-Receive-Count`,
-//! `X-SQS-Message-Group-ID` from the original coordinates. The original's message
-//! attributes (`X-SQS-Attr-*`) and its SentTimestamp (`ce-time`) are not in a dead letter
-//! and so not replayed.
+//! `X-SQS-Message-Group-ID` from the original coordinates, and `ce-time` from the
+//! provenance. The original's message attributes (`X-SQS-Attr-*`) are not in a dead
+//! letter and so not replayed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
