@@ -11,6 +11,7 @@
 #   NATS + JS     127.0.0.1:4222   NATS_URL       nats-server -js (apt: nats-server)
 #   Kafka (tansu) 127.0.0.1:9092   KAFKA_BROKERS  cargo install tansu (first build ~10 min)
 #   SQS (moto)    127.0.0.1:4566   SQS_ENDPOINT   pip install 'moto[server]'
+#   RabbitMQ      127.0.0.1:5672   RABBITMQ_URL   rabbitmq-server (apt: rabbitmq-server; tests use rabbitmqctl)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -114,6 +115,17 @@ ensure_sqs() {
   wait_for moto 127.0.0.1 4566 30
 }
 
+ensure_rabbitmq() {
+  if listening 127.0.0.1 5672; then return; fi
+  command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || apt_install rabbitmq-server
+  local bin
+  bin=$(command -v rabbitmq-server || echo /usr/sbin/rabbitmq-server)
+  log "starting rabbitmq-server on 127.0.0.1:5672"
+  RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=5672 "$bin" >"$state/rabbitmq.log" 2>&1 &
+  started+=($!)
+  wait_for rabbitmq 127.0.0.1 5672 60
+}
+
 # librdkafka is built with OpenSSL (rdkafka's `ssl` feature: broker TLS, SASL_SSL, SCRAM).
 ensure_build_deps() {
   command -v dpkg >/dev/null || return 0
@@ -134,11 +146,13 @@ ensure_redis
 ensure_nats
 ensure_kafka
 ensure_sqs
+ensure_rabbitmq
 
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}
 export SQS_ENDPOINT=${SQS_ENDPOINT:-http://127.0.0.1:4566}
+export RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 
 log "cargo test --workspace"
 # cargo test builds every binary and example before running tests; the end-to-end tests
