@@ -58,23 +58,28 @@ fn noop_backend() {
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
-    tokio::runtime::Runtime::new().unwrap().block_on(async move {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        println!("listening on {}", listener.local_addr().unwrap());
-        let app = axum::Router::new().fallback(|body: Bytes| async move {
-            drop(body);
-            "ok"
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            println!("listening on {}", listener.local_addr().unwrap());
+            let app = axum::Router::new().fallback(|body: Bytes| async move {
+                drop(body);
+                "ok"
+            });
+            axum::serve(listener, app).await.unwrap();
         });
-        axum::serve(listener, app).await.unwrap();
-    });
 }
 
 /// One side of a comparison: where to send, or `cat` spawned by this program.
 #[derive(Clone)]
 enum Target {
-    Http { addr: SocketAddr, path: &'static str },
+    Http {
+        addr: SocketAddr,
+        path: &'static str,
+    },
     SpawnCat,
 }
 
@@ -517,8 +522,7 @@ async fn load(target: &Target, connections: usize, duration: Duration) -> Run {
                         let ok = match s.send_request(request).await {
                             Ok(response) => {
                                 let status = response.status();
-                                response.into_body().collect().await.is_ok()
-                                    && status.is_success()
+                                response.into_body().collect().await.is_ok() && status.is_success()
                             }
                             Err(_) => {
                                 sender = None;

@@ -206,6 +206,7 @@ pub async fn build_state(
     work_tasks: &TaskTracker,
 ) -> Result<AppState, Error> {
     let client = provider::http_client()?;
+    let invoker = provider::upstream_client(config.gateway.upstream_timeout)?;
     let auth = load_auth(&config.gateway)?;
     std::fs::create_dir_all(&config.gateway.state_dir).map_err(|source| Error::State {
         path: config.gateway.state_dir.display().to_string(),
@@ -217,9 +218,10 @@ pub async fn build_state(
         Some(url) => Arc::new(ExternalProvider::new(
             url,
             client.clone(),
+            invoker,
             auth.as_ref().map(|a| (a.user.clone(), a.password.clone())),
             config.gateway.upstream_timeout,
-        )),
+        )?),
         None => {
             let settings = LocalSettings {
                 namespace: config.gateway.function_namespace.clone(),
@@ -235,13 +237,8 @@ pub async fn build_state(
                 .map(|f| f.to_deployment(&base))
                 .collect();
             Arc::new(
-                LocalProvider::start(
-                    settings,
-                    configured,
-                    client.clone(),
-                    CancellationToken::new(),
-                )
-                .await?,
+                LocalProvider::start(settings, configured, invoker, CancellationToken::new())
+                    .await?,
             )
         }
     };
