@@ -126,7 +126,7 @@ pub async fn invoke_function(
 }
 
 /// Any method on `/function/{name}`, `/function/{name}/` and `/function/{name}/{*path}`.
-pub async fn function_route(State(state): State<AppState>, request: Request) -> Response {
+pub async fn function_route(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let connect = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()

@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::body::HttpBody as _;
 use futures::stream::BoxStream;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Method, Response, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, Uri, header};
 
 use crate::error::Error;
 use crate::names::FunctionRef;
@@ -98,31 +98,32 @@ pub trait Provider: Send + Sync + 'static {
     async fn shutdown(&self);
 }
 
-/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1). Names, not
+/// strings: a `&str` name is parsed again on every lookup, twice per request here.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, including those named by `Connection`. On the hot path:
 /// nothing is allocated unless a `Connection` header names extra headers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<http::HeaderName> = headers
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|s| http::HeaderName::from_bytes(s.trim().as_bytes()).ok())
+        .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
     for name in named {
         headers.remove(name);
