@@ -23,7 +23,8 @@
 //! `rounds` rounds; a round loads nginx and then the gateway (the order swaps every round)
 //! for the same time with `POST` requests of 5 bytes over N keep-alive connections of its
 //! own hyper client, one connection per loop. It prints each side's median requests/s and
-//! the median of the per-round ratios gateway / nginx. The `process` case compares
+//! the median of the per-round ratios gateway / nginx, and each proxy's CPU time per
+//! request (`/proc/<pid>/stat`, nginx's master and workers). The `process` case compares
 //! `/function/cat` against this program spawning `cat` itself. It also prints the local
 //! gateway's resident memory idle (after the functions are ready) and its peak.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark program, not library code
@@ -88,6 +89,9 @@ struct Case {
     ceiling_label: &'static str,
     ceiling: Target,
     subject: Target,
+    /// The processes whose CPU time each side's requests cost (none for `cat`).
+    ceiling_pids: Vec<u32>,
+    subject_pids: Vec<u32>,
 }
 
 async fn bench() {
@@ -196,30 +200,40 @@ provider_url = "http://{backend_addr}"
     }
 
     let http = |addr, path| Target::Http { addr, path };
+    let nginx_pids = nginx.pids();
+    let external_pid = external.id().unwrap();
     let cases = [
         Case {
             name: "http",
             ceiling_label: "nginx",
             ceiling: http(nginx.to_replica, "/function/echo"),
             subject: http(local_addr, "/function/echo"),
+            ceiling_pids: nginx_pids.clone(),
+            subject_pids: vec![local_pid],
         },
         Case {
             name: "url",
             ceiling_label: "nginx",
             ceiling: http(nginx.to_backend, "/function/raw"),
             subject: http(local_addr, "/function/raw"),
+            ceiling_pids: nginx_pids.clone(),
+            subject_pids: vec![local_pid],
         },
         Case {
             name: "external",
             ceiling_label: "nginx",
             ceiling: http(nginx.to_backend, "/function/raw"),
             subject: http(external_addr, "/function/raw"),
+            ceiling_pids: nginx_pids.clone(),
+            subject_pids: vec![external_pid],
         },
         Case {
             name: "process",
             ceiling_label: "spawn cat",
             ceiling: Target::SpawnCat,
             subject: http(local_addr, "/function/cat"),
+            ceiling_pids: Vec::new(),
+            subject_pids: Vec::new(),
         },
     ];
     println!(
@@ -229,9 +243,9 @@ provider_url = "http://{backend_addr}"
     );
     println!();
     println!(
-        "| case | connections | ceiling | ceiling req/s | gateway req/s | gateway / ceiling (median of rounds) | rounds | gateway p50 / p99 ms | ceiling p50 / p99 ms | errors |"
+        "| case | connections | ceiling | ceiling req/s | gateway req/s | gateway / ceiling (median of rounds) | rounds | gateway p50 / p99 ms | ceiling p50 / p99 ms | CPU µs per request, gateway / ceiling | errors |"
     );
-    println!("| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |");
+    println!("| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |");
     for connections in CONNECTIONS {
         for case in cases.iter().filter(|c| want(c.name)) {
             // Warm both sides: pools filled, replicas scaled, caches hot.
@@ -239,13 +253,15 @@ provider_url = "http://{backend_addr}"
             load(&case.subject, connections, Duration::from_millis(500)).await;
             let mut ceiling_runs = Vec::new();
             let mut subject_runs = Vec::new();
+            let ceiling = || measured(&case.ceiling, &case.ceiling_pids, connections, run);
+            let subject = || measured(&case.subject, &case.subject_pids, connections, run);
             for round in 0..rounds {
                 if round % 2 == 0 {
-                    ceiling_runs.push(load(&case.ceiling, connections, run).await);
-                    subject_runs.push(load(&case.subject, connections, run).await);
+                    ceiling_runs.push(ceiling().await);
+                    subject_runs.push(subject().await);
                 } else {
-                    subject_runs.push(load(&case.subject, connections, run).await);
-                    ceiling_runs.push(load(&case.ceiling, connections, run).await);
+                    subject_runs.push(subject().await);
+                    ceiling_runs.push(ceiling().await);
                 }
             }
             let ratios: Vec<f64> = subject_runs
@@ -262,8 +278,13 @@ provider_url = "http://{backend_addr}"
                 let mid = median_run(runs);
                 format!("{:.2} / {:.2}", mid.p50_ms, mid.p99_ms)
             };
+            let cpu = |runs: &[Run]| match runs.iter().filter_map(|r| r.cpu_us).collect::<Vec<_>>()
+            {
+                v if v.is_empty() => "–".to_owned(),
+                v => format!("{:.1}", median(v)),
+            };
             println!(
-                "| {} | {connections} | {} | {:.0} | {:.0} | **{:.2}** | {} | {} | {} | {errors} |",
+                "| {} | {connections} | {} | {:.0} | {:.0} | **{:.2}** | {} | {} | {} | {} / {} | {errors} |",
                 case.name,
                 case.ceiling_label,
                 median(ceiling_runs.iter().map(|r| r.rps).collect()),
@@ -276,6 +297,8 @@ provider_url = "http://{backend_addr}"
                     .join(" "),
                 last(&subject_runs),
                 last(&ceiling_runs),
+                cpu(&subject_runs),
+                cpu(&ceiling_runs),
             );
         }
     }
@@ -295,7 +318,12 @@ provider_url = "http://{backend_addr}"
 
 /// Starts the release gateway on `config` and reads its address from its log.
 async fn start_gateway(config: &std::path::Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    // For experiments with the gateway's runtime alone (tokio reads it in `main`).
+    if let Ok(workers) = std::env::var("BENCH_GATEWAY_WORKERS") {
+        command.env("TOKIO_WORKER_THREADS", workers);
+    }
+    let mut child = command
         .arg("--config")
         .arg(config)
         .env("NO_COLOR", "1")
@@ -447,6 +475,37 @@ http {{
         nginx
     }
 
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
+        let Some(master) = self.child.id() else {
+            return Vec::new();
+        };
+        let mut pids = vec![master];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                });
+            if parent == Some(master) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     async fn stop(&mut self) {
         if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
             let _ = nix::sys::signal::kill(
@@ -488,6 +547,34 @@ struct Run {
     errors: u64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU time (user and system) of the proxy's processes per request served.
+    cpu_us: Option<f64>,
+}
+
+/// [`load`], and the CPU time `pids` spent meanwhile, per request.
+async fn measured(target: &Target, pids: &[u32], connections: usize, duration: Duration) -> Run {
+    let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let mut run = load(target, connections, duration).await;
+    let after: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let requests = run.rps * duration.as_secs_f64();
+    if !pids.is_empty() && requests > 0.0 {
+        // USER_HZ is 100 on Linux: a tick is 10 ms.
+        run.cpu_us = Some((after - before) as f64 * 10_000.0 / requests);
+    }
+    run
+}
+
+/// utime + stime of `pid`, in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The command name may hold spaces; fields are counted after its `)`.
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
 }
 
 /// `connections` loops for `duration`, each on a connection of its own for `Http`
@@ -569,6 +656,7 @@ async fn load(target: &Target, connections: usize, duration: Duration) -> Run {
         errors,
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
+        cpu_us: None,
     }
 }
 
