@@ -19,6 +19,10 @@ use crate::error::Error;
 use crate::names::FunctionRef;
 use crate::provider::{Invocation, strip_hop_by_hop};
 
+/// Bodies up to this size, with a declared length, are read whole before they are
+/// forwarded; larger ones and those without a length are streamed.
+pub const SMALL_BODY_BYTES: usize = 64 * 1024;
+
 /// `X-Served-By`.
 pub const SERVED_BY: &str = concat!("faas-gateway/", env!("CARGO_PKG_VERSION"));
 
@@ -156,12 +160,20 @@ pub async fn function_route(State(state): State<Arc<AppState>>, request: Request
     let call = prepare_headers(&mut parts.headers, connect.map(|c| c.0));
     // With a declared length within the limit hyper reads exactly that many bytes, so only
     // a body without one (chunked) needs counting on its way through.
-    let (body, exceeded) =
-        if declared.is_some() || axum::body::HttpBody::size_hint(&body).exact() == Some(0) {
+    let (body, exceeded) = match declared {
+        // A small body is read whole before it is forwarded, as nginx does by default
+        // (`proxy_request_buffering`): the function then gets the head and the body in one
+        // write. Streamed through, the head left before the body had come through hyper's
+        // body channel, which cost the function a second read and both sides a wake-up.
+        Some(n) if n > 0 && n <= SMALL_BODY_BYTES => match collect_body(body, n).await {
+            Ok(bytes) => (Body::from(bytes), Arc::new(AtomicBool::new(false))),
+            Err(e) => return e.into_response(),
+        },
+        _ if declared.is_some() || axum::body::HttpBody::size_hint(&body).exact() == Some(0) => {
             (body, Arc::new(AtomicBool::new(false)))
-        } else {
-            limit_body(body, state.max_body_bytes)
-        };
+        }
+        _ => limit_body(body, state.max_body_bytes),
+    };
     let invocation = Invocation {
         method: parts.method,
         path: if sub_path.is_empty() {

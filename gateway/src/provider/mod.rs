@@ -329,6 +329,23 @@ where
         timed_out: false,
         _hold: hold,
     };
+    // A small answer of declared length is read whole first, so the client gets head and
+    // body in one write (see `proxy::SMALL_BODY_BYTES`); others are streamed.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > 0 && n <= crate::proxy::SMALL_BODY_BYTES) {
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .map_err(|e| match e.downcast_ref::<std::io::Error>() {
+                Some(io) if io.kind() == std::io::ErrorKind::TimedOut => deadline.exceeded(&uri),
+                _ => Error::BadGateway(format!("{uri}: reading the answer: {e}")),
+            })?
+            .to_bytes();
+        return Ok(Response::from_parts(parts, Body::from(bytes)));
+    }
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
