@@ -13,7 +13,10 @@
 //! - [`config`]: figment layering (defaults, TOML, environment) with errors that name key,
 //!   origin and line; [`EnvVar`](config::EnvVar) tables, [`Secret`](config::Secret), and
 //!   the `duration`, `flag` and `list` serde helpers.
+//! - [`http_client`]: hyper's pooled client with TLS, for invocations and the gateway's
+//!   proxy.
 
 pub mod backoff;
 pub mod config;
+pub mod http_client;
 pub mod verdict;

@@ -7,16 +7,12 @@
 //! layers, which cost more CPU per delivery than the rest of the SDK together. Neither
 //! client follows redirects for invocations or goes through an HTTP proxy.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, USER_AGENT};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client as PooledClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use reqwest::Url;
 
 use crate::config::{SdkConfig, Secret};
@@ -78,7 +74,7 @@ pub enum InvokeError {
 }
 
 /// Talks to an OpenFaaS-compatible gateway.
-type Invoker = PooledClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type Invoker = faas_common::http_client::PooledClient<Full<Bytes>>;
 
 #[derive(Clone)]
 pub struct GatewayClient {
@@ -124,31 +120,12 @@ impl std::fmt::Debug for GatewayClient {
 /// The pooled client invocations go through: TCP_NODELAY, the configured pool limits,
 /// TLS with the Mozilla roots (as the `/system/*` client) when the gateway is `https`.
 fn invoker(config: &SdkConfig) -> Result<Invoker, SdkError> {
-    let mut tcp = HttpConnector::new();
-    tcp.set_nodelay(true);
-    tcp.enforce_http(false);
-    tcp.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| SdkError::HttpClient(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(tcp);
-    Ok(PooledClient::builder(TokioExecutor::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .pool_timer(TokioTimer::new())
-        .build(connector))
+    faas_common::http_client::pooled(faas_common::http_client::PoolSettings {
+        idle_timeout: config.pool_idle_timeout,
+        max_idle_per_host: config.pool_max_idle_per_host,
+        connect_timeout: config.upstream_timeout.min(Duration::from_secs(10)),
+    })
+    .map_err(|e| SdkError::HttpClient(e.to_string()))
 }
 
 impl GatewayClient {

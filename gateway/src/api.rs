@@ -1,5 +1,7 @@
 //! The `/system/*` routes, basic auth in front of them, and `/healthz`.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
@@ -70,7 +72,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Middleware on `/system/*`: 401 with realm `Restricted` unless the credentials match.
-pub async fn require_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_auth(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     match &state.auth {
         Some(auth) if !auth.accepts(request.headers()) => Error::Unauthorized.into_response(),
         _ => next.run(request).await,
@@ -106,7 +112,7 @@ impl AppState {
 
 /// `GET /system/functions`.
 pub async fn list_functions(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Query(q): Query<NamespaceQuery>,
 ) -> Result<Json<Vec<FunctionStatus>>, Error> {
     let ns = state.namespace(q.namespace.as_deref())?;
@@ -118,7 +124,7 @@ pub async fn list_functions(
 
 /// `GET /system/function/{name}`.
 pub async fn function_status(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     Query(q): Query<NamespaceQuery>,
 ) -> Result<Json<FunctionStatus>, Error> {
@@ -136,7 +142,7 @@ fn deployment_from(state: &AppState, body: &Bytes) -> Result<(FunctionDeployment
 
 /// `POST /system/functions`.
 pub async fn deploy_function(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<StatusCode, Error> {
     let (deployment, ns) = deployment_from(&state, &body)?;
@@ -146,7 +152,7 @@ pub async fn deploy_function(
 
 /// `PUT /system/functions`.
 pub async fn update_function(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<StatusCode, Error> {
     let (deployment, ns) = deployment_from(&state, &body)?;
@@ -156,7 +162,7 @@ pub async fn update_function(
 
 /// `DELETE /system/functions`.
 pub async fn delete_function(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Query(q): Query<NamespaceQuery>,
     body: Bytes,
 ) -> Result<StatusCode, Error> {
@@ -169,7 +175,7 @@ pub async fn delete_function(
 
 /// `POST /system/scale-function/{name}`: 0 is allowed (no 1..5 clamp).
 pub async fn scale_function(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     Query(q): Query<NamespaceQuery>,
     body: Bytes,
@@ -188,12 +194,12 @@ pub async fn scale_function(
 }
 
 /// `GET /system/namespaces`: always a JSON array.
-pub async fn namespaces(State(state): State<AppState>) -> Result<Json<Vec<String>>, Error> {
+pub async fn namespaces(State(state): State<Arc<AppState>>) -> Result<Json<Vec<String>>, Error> {
     Ok(Json(state.provider.namespaces().await?))
 }
 
 /// `GET /system/info`.
-pub async fn info(State(state): State<AppState>) -> Result<Json<GatewayInfo>, Error> {
+pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<GatewayInfo>, Error> {
     let provider = state.provider.info().await?;
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -213,7 +219,7 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<GatewayInfo>, Er
 
 /// `GET /system/secrets`: names and namespaces only.
 pub async fn list_secrets(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Query(q): Query<NamespaceQuery>,
 ) -> Result<Json<Vec<Secret>>, Error> {
     let ns = state.namespace(q.namespace.as_deref())?;
@@ -240,7 +246,7 @@ fn secret_from(state: &AppState, body: &Bytes) -> Result<(Secret, String), Error
 
 /// `POST /system/secrets`.
 pub async fn create_secret(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<StatusCode, Error> {
     let (secret, ns) = secret_from(&state, &body)?;
@@ -250,7 +256,7 @@ pub async fn create_secret(
 
 /// `PUT /system/secrets`.
 pub async fn update_secret(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<StatusCode, Error> {
     let (secret, ns) = secret_from(&state, &body)?;
@@ -260,7 +266,7 @@ pub async fn update_secret(
 
 /// `DELETE /system/secrets`: 200, not the spec's 204, which faas-cli rejects.
 pub async fn delete_secret(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<StatusCode, Error> {
     let (secret, ns) = secret_from(&state, &body)?;
@@ -281,7 +287,7 @@ pub struct LogQuery {
 
 /// `GET /system/logs`: an `application/x-ndjson` stream.
 pub async fn logs(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Query(q): Query<LogQuery>,
     request: Request,
 ) -> Result<Response, Error> {
@@ -336,7 +342,7 @@ pub async fn logs(
 }
 
 /// `GET /healthz`.
-pub async fn healthz(State(state): State<AppState>) -> Result<&'static str, Error> {
+pub async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, Error> {
     state.provider.health().await?;
     Ok("OK")
 }

@@ -81,8 +81,10 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The OpenFaaS API on the main port.
+/// The OpenFaaS API on the main port. Handlers share the state behind one `Arc`, so a
+/// request clones a pointer rather than every field.
 pub fn router(state: AppState) -> Router {
+    let state = Arc::new(state);
     let system = Router::new()
         .route(
             "/system/functions",
@@ -122,6 +124,7 @@ pub fn router(state: AppState) -> Router {
 
 /// `/metrics` and `/healthz` on the metrics port.
 pub fn metrics_router(state: AppState) -> Router {
+    let state = Arc::new(state);
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "OK" }))
@@ -131,7 +134,7 @@ pub fn metrics_router(state: AppState) -> Router {
 }
 
 /// 200 while serving, 503 once the gateway is stopping.
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.draining.is_cancelled() {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else {
@@ -139,7 +142,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics_handler(State(state): State<AppState>) -> Response {
+async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
     // `gateway_service_count` is refreshed from the provider on each scrape, as OpenFaaS
     // resets it; a slow provider costs at most two seconds of staleness, not the scrape.
     let refresh = async {
@@ -206,6 +209,7 @@ pub async fn build_state(
     work_tasks: &TaskTracker,
 ) -> Result<AppState, Error> {
     let client = provider::http_client()?;
+    let invoker = provider::upstream_client(config.gateway.upstream_timeout)?;
     let auth = load_auth(&config.gateway)?;
     std::fs::create_dir_all(&config.gateway.state_dir).map_err(|source| Error::State {
         path: config.gateway.state_dir.display().to_string(),
@@ -217,9 +221,10 @@ pub async fn build_state(
         Some(url) => Arc::new(ExternalProvider::new(
             url,
             client.clone(),
+            invoker,
             auth.as_ref().map(|a| (a.user.clone(), a.password.clone())),
             config.gateway.upstream_timeout,
-        )),
+        )?),
         None => {
             let settings = LocalSettings {
                 namespace: config.gateway.function_namespace.clone(),
@@ -235,13 +240,8 @@ pub async fn build_state(
                 .map(|f| f.to_deployment(&base))
                 .collect();
             Arc::new(
-                LocalProvider::start(
-                    settings,
-                    configured,
-                    client.clone(),
-                    CancellationToken::new(),
-                )
-                .await?,
+                LocalProvider::start(settings, configured, invoker, CancellationToken::new())
+                    .await?,
             )
         }
     };

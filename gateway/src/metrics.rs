@@ -4,8 +4,9 @@
 //! `gateway_function_invocation_started{function_name}` and
 //! `gateway_service_count{function_name}`, plus the async queue's own counters.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -78,6 +79,47 @@ fn seconds_histogram() -> Histogram {
     ])
 }
 
+/// One function's metric handles, looked up once per request instead of once per metric
+/// (each family lookup hashes the labels and allocates them).
+#[derive(Debug)]
+pub struct FunctionMetrics {
+    function_name: String,
+    /// `gateway_function_invocation_started{function_name}`.
+    pub started: PlainCounter,
+    total: Counter,
+    /// `(code, invocation_total, seconds)` per status code seen: a handful per function.
+    by_code: RwLock<Vec<(u16, Counter, Histogram)>>,
+    invocations: Family<CodeLabels, Counter>,
+    seconds: Family<CodeLabels, Histogram, fn() -> Histogram>,
+}
+
+impl FunctionMetrics {
+    /// Counts one finished invocation.
+    pub fn observe(&self, code: u16, seconds: f64) {
+        self.total.inc();
+        {
+            let known = self.by_code.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, count, histogram)) = known.iter().find(|(c, ..)| *c == code) {
+                count.inc();
+                histogram.observe(seconds);
+                return;
+            }
+        }
+        let labels = CodeLabels {
+            function_name: self.function_name.clone(),
+            code: code.to_string(),
+        };
+        let count = self.invocations.get_or_create(&labels).clone();
+        let histogram = self.seconds.get_or_create(&labels).clone();
+        count.inc();
+        histogram.observe(seconds);
+        let mut known = self.by_code.write().unwrap_or_else(PoisonError::into_inner);
+        if !known.iter().any(|(c, ..)| *c == code) {
+            known.push((code, count, histogram));
+        }
+    }
+}
+
 /// Every metric the gateway exposes.
 #[derive(Debug)]
 pub struct Metrics {
@@ -98,6 +140,8 @@ pub struct Metrics {
     pub async_outcomes: Family<OutcomeLabel, Counter>,
     /// `gateway_async_callback_failures_total`.
     pub callback_failures: Counter,
+    /// Each function's handles, by `name.namespace`.
+    functions: RwLock<HashMap<String, Arc<FunctionMetrics>>>,
 }
 
 impl Default for Metrics {
@@ -164,22 +208,43 @@ impl Metrics {
             async_queued,
             async_outcomes,
             callback_failures,
+            functions: RwLock::default(),
         }
+    }
+
+    /// The handles of `function_name`'s metrics, created on its first invocation.
+    pub fn function(&self, function_name: &str) -> Arc<FunctionMetrics> {
+        if let Some(known) = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(function_name)
+        {
+            return Arc::clone(known);
+        }
+        let label = FunctionLabel {
+            function_name: function_name.to_owned(),
+        };
+        let created = Arc::new(FunctionMetrics {
+            function_name: function_name.to_owned(),
+            started: self.started.get_or_create(&label).clone(),
+            total: self.totals.get_or_create(&label).clone(),
+            by_code: RwLock::default(),
+            invocations: self.invocations.clone(),
+            seconds: self.seconds.clone(),
+        });
+        Arc::clone(
+            self.functions
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(function_name.to_owned())
+                .or_insert(created),
+        )
     }
 
     /// Counts one finished invocation.
     pub fn observe(&self, function_name: &str, code: u16, seconds: f64) {
-        let labels = CodeLabels {
-            function_name: function_name.to_owned(),
-            code: code.to_string(),
-        };
-        self.invocations.get_or_create(&labels).inc();
-        self.totals
-            .get_or_create(&FunctionLabel {
-                function_name: function_name.to_owned(),
-            })
-            .inc();
-        self.seconds.get_or_create(&labels).observe(seconds);
+        self.function(function_name).observe(code, seconds);
     }
 
     /// Invocations of `function_name` with any code, for `invocationCount`.
@@ -217,23 +282,24 @@ mod tests {
     #[test]
     fn openfaas_names_in_the_exposition() {
         let m = Metrics::new();
-        m.started
-            .get_or_create(&FunctionLabel {
-                function_name: "echo.openfaas-fn".into(),
-            })
-            .inc();
+        m.function("echo.openfaas-fn").started.inc();
         m.observe("echo.openfaas-fn", 200, 0.02);
-        m.observe("echo.openfaas-fn", 500, 0.02);
+        // Through cached handles: the same series, not new ones.
+        let echo = m.function("echo.openfaas-fn");
+        echo.observe(200, 0.5);
+        echo.observe(500, 0.02);
         m.set_service_counts(&[("echo.openfaas-fn".into(), 2)]);
         let text = m.encode().unwrap();
         for line in [
-            "gateway_function_invocation_total{function_name=\"echo.openfaas-fn\",code=\"200\"} 1",
+            "gateway_function_invocation_total{function_name=\"echo.openfaas-fn\",code=\"200\"} 2",
+            "gateway_function_invocation_total{function_name=\"echo.openfaas-fn\",code=\"500\"} 1",
+            "gateway_functions_seconds_count{function_name=\"echo.openfaas-fn\",code=\"200\"} 2",
             "gateway_function_invocation_started{function_name=\"echo.openfaas-fn\"} 1",
             "gateway_service_count{function_name=\"echo.openfaas-fn\"} 2",
             "gateway_functions_seconds_bucket{le=\"0.025\",function_name=\"echo.openfaas-fn\",code=\"200\"} 1",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
-        assert_eq!(m.invocation_count("echo.openfaas-fn"), 2.0);
+        assert_eq!(m.invocation_count("echo.openfaas-fn"), 3.0);
     }
 }

@@ -9,19 +9,29 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use http_body_util::BodyExt as _;
 
 use crate::AppState;
 use crate::error::Error;
-use crate::metrics::FunctionLabel;
 use crate::names::FunctionRef;
 use crate::provider::{Invocation, strip_hop_by_hop};
 
+/// Bodies up to this size, with a declared length, are read whole before they are
+/// forwarded; larger ones and those without a length are streamed.
+pub const SMALL_BODY_BYTES: usize = 64 * 1024;
+
 /// `X-Served-By`.
 pub const SERVED_BY: &str = concat!("faas-gateway/", env!("CARGO_PKG_VERSION"));
+
+// Header names as constants: a `&str` name is parsed again on every insert.
+static X_CALL_ID: HeaderName = HeaderName::from_static("x-call-id");
+static X_START_TIME: HeaderName = HeaderName::from_static("x-start-time");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 
 /// The name and sub-path of `/function/NAME[/rest]` or `/async-function/NAME[/rest]`,
 /// read from the raw path so the sub-path keeps its encoding.
@@ -49,7 +59,7 @@ pub struct CallHeaders {
 pub fn prepare_headers(headers: &mut HeaderMap, client: Option<SocketAddr>) -> CallHeaders {
     strip_hop_by_hop(headers);
     let existing = headers
-        .get("x-call-id")
+        .get(&X_CALL_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .map(str::to_owned);
@@ -61,20 +71,20 @@ pub fn prepare_headers(headers: &mut HeaderMap, client: Option<SocketAddr>) -> C
         .unwrap_or_default()
         .to_string();
     if let Ok(v) = HeaderValue::from_str(&call_id) {
-        headers.insert("x-call-id", v);
+        headers.insert(X_CALL_ID.clone(), v);
     }
     if let Ok(v) = HeaderValue::from_str(&start_time) {
-        headers.append("x-start-time", v);
+        headers.append(X_START_TIME.clone(), v);
     }
-    if !headers.contains_key("x-forwarded-for")
+    if !headers.contains_key(&X_FORWARDED_FOR)
         && let Some(addr) = client.and_then(|a| HeaderValue::from_str(&a.to_string()).ok())
     {
-        headers.insert("x-forwarded-for", addr);
+        headers.insert(X_FORWARDED_FOR.clone(), addr);
     }
-    if !headers.contains_key("x-forwarded-host")
+    if !headers.contains_key(&X_FORWARDED_HOST)
         && let Some(host) = headers.get(header::HOST).cloned()
     {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     CallHeaders {
         call_id,
@@ -89,12 +99,12 @@ pub fn decorate_response(response: &mut Response, call: &CallHeaders) {
     if call.generated
         && let Ok(v) = HeaderValue::from_str(&call.call_id)
     {
-        headers.insert("x-call-id", v);
+        headers.insert(X_CALL_ID.clone(), v);
     }
     if let Ok(v) = HeaderValue::from_str(&call.start_time) {
-        headers.append("x-start-time", v);
+        headers.append(X_START_TIME.clone(), v);
     }
-    headers.insert("x-served-by", HeaderValue::from_static(SERVED_BY));
+    headers.insert(X_SERVED_BY.clone(), HeaderValue::from_static(SERVED_BY));
 }
 
 /// Invokes `function` through the provider, counting the OpenFaaS metrics. Errors become
@@ -105,13 +115,8 @@ pub async fn invoke_function(
     invocation: Invocation,
 ) -> Response {
     let label = function.qualified();
-    state
-        .metrics
-        .started
-        .get_or_create(&FunctionLabel {
-            function_name: label.clone(),
-        })
-        .inc();
+    let metrics = state.metrics.function(&label);
+    metrics.started.inc();
     let began = Instant::now();
     let response = match state.provider.invoke(function, invocation).await {
         Ok(response) => response.into_response(),
@@ -120,16 +125,12 @@ pub async fn invoke_function(
             e.into_response()
         }
     };
-    state.metrics.observe(
-        &label,
-        response.status().as_u16(),
-        began.elapsed().as_secs_f64(),
-    );
+    metrics.observe(response.status().as_u16(), began.elapsed().as_secs_f64());
     response
 }
 
 /// Any method on `/function/{name}`, `/function/{name}/` and `/function/{name}/{*path}`.
-pub async fn function_route(State(state): State<AppState>, request: Request) -> Response {
+pub async fn function_route(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let connect = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -157,10 +158,21 @@ pub async fn function_route(State(state): State<AppState>, request: Request) -> 
         .into_response();
     }
     let call = prepare_headers(&mut parts.headers, connect.map(|c| c.0));
-    let (body, exceeded) = if axum::body::HttpBody::size_hint(&body).exact() == Some(0) {
-        (body, Arc::new(AtomicBool::new(false)))
-    } else {
-        limit_body(body, state.max_body_bytes)
+    // With a declared length within the limit hyper reads exactly that many bytes, so only
+    // a body without one (chunked) needs counting on its way through.
+    let (body, exceeded) = match declared {
+        // A small body is read whole before it is forwarded, as nginx does by default
+        // (`proxy_request_buffering`): the function then gets the head and the body in one
+        // write. Streamed through, the head left before the body had come through hyper's
+        // body channel, which cost the function a second read and both sides a wake-up.
+        Some(n) if n > 0 && n <= SMALL_BODY_BYTES => match collect_body(body, n).await {
+            Ok(bytes) => (Body::from(bytes), Arc::new(AtomicBool::new(false))),
+            Err(e) => return e.into_response(),
+        },
+        _ if declared.is_some() || axum::body::HttpBody::size_hint(&body).exact() == Some(0) => {
+            (body, Arc::new(AtomicBool::new(false)))
+        }
+        _ => limit_body(body, state.max_body_bytes),
     };
     let invocation = Invocation {
         method: parts.method,

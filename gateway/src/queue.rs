@@ -66,7 +66,7 @@ pub trait Queue: Send + Sync + 'static {
 }
 
 /// `POST /async-function/{name}[/path]`.
-pub async fn async_route(State(state): State<AppState>, request: Request) -> Response {
+pub async fn async_route(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let connect = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()

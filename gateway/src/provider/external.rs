@@ -8,7 +8,9 @@ use futures::StreamExt;
 use http::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::{Deadline, Invocation, LogRequest, LogStream, Provider, forward};
+use super::{
+    Deadline, Invocation, LogRequest, LogStream, Provider, Upstream, UpstreamClient, forward,
+};
 use crate::error::Error;
 use crate::names::FunctionRef;
 use crate::types::{
@@ -22,24 +24,33 @@ use faas_common::config::Secret as Password;
 pub struct ExternalProvider {
     base: String,
     client: reqwest::Client,
+    /// `/function/*` goes through hyper's client, to the provider parsed once.
+    upstream: Upstream,
+    invoker: UpstreamClient,
     credentials: Option<(String, Password)>,
     upstream_timeout: std::time::Duration,
 }
 
 impl ExternalProvider {
-    /// A provider at `base`; `credentials` are sent on `/system/*` calls.
+    /// A provider at `base`; `credentials` are sent on `/system/*` calls (through
+    /// `client`), invocations go through `invoker`.
     pub fn new(
         base: &str,
         client: reqwest::Client,
+        invoker: UpstreamClient,
         credentials: Option<(String, Password)>,
         upstream_timeout: std::time::Duration,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, Error> {
+        let upstream = Upstream::parse(base)
+            .map_err(|e| Error::Config(format!("gateway.provider_url: {e}")))?;
+        Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             client,
+            upstream,
+            invoker,
             credentials,
             upstream_timeout,
-        }
+        })
     }
 
     fn system(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -290,12 +301,13 @@ impl Provider for ExternalProvider {
         function: &FunctionRef,
         invocation: Invocation,
     ) -> Result<http::Response<Body>, Error> {
-        let base = format!("{}/function/{}", self.base, function.qualified());
         forward(
-            &self.client,
-            &base,
+            &self.invoker,
+            &self.upstream,
+            Some(&function.qualified()),
             invocation,
             Deadline::new(self.upstream_timeout, None),
+            (),
         )
         .await
     }

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use faas_common::backoff::Backoff;
-use futures::StreamExt;
 use http::Response;
 use tokio::process::Command;
 use tokio::sync::{Notify, watch};
@@ -31,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use super::logs::LogBook;
 use super::spec::FunctionSpec;
 use crate::error::Error;
-use crate::provider::{Deadline, Invocation, forward};
+use crate::provider::{Deadline, Invocation, Upstream, UpstreamClient, forward};
 
 /// Timings shared by every `http` function.
 #[derive(Debug, Clone)]
@@ -60,7 +59,7 @@ pub struct HttpRuntime {
 struct Inner {
     spec: Arc<FunctionSpec>,
     logs: Arc<LogBook>,
-    client: reqwest::Client,
+    client: UpstreamClient,
     settings: HttpSettings,
     desired: AtomicU64,
     replicas: Mutex<Vec<Arc<Replica>>>,
@@ -80,6 +79,8 @@ struct Inner {
 struct Replica {
     id: String,
     port: u16,
+    /// `http://127.0.0.1:{port}`, parsed once.
+    upstream: Upstream,
     /// The process's PID once started (0 before), for memory usage.
     pid: AtomicU32,
     ready: AtomicBool,
@@ -92,7 +93,7 @@ impl HttpRuntime {
     pub fn start(
         spec: Arc<FunctionSpec>,
         logs: Arc<LogBook>,
-        client: reqwest::Client,
+        client: UpstreamClient,
         settings: HttpSettings,
         cancel: CancellationToken,
     ) -> Self {
@@ -158,17 +159,12 @@ impl HttpRuntime {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Instant::now();
         let replica = inner.pick().await?;
+        let upstream = replica.upstream.clone();
         let guard = InflightGuard::new(Arc::clone(inner), replica);
-        let base = format!("http://127.0.0.1:{}", guard.replica.port);
         let deadline = Deadline::new(inner.settings.upstream_timeout, inner.spec.exec_timeout);
-        let response = forward(&inner.client, &base, invocation, deadline).await?;
-        // The request counts as in flight until its body has been streamed out.
-        let (parts, body) = response.into_parts();
-        let stream = body.into_data_stream().map(move |chunk| {
-            let _held = &guard;
-            chunk
-        });
-        Ok(Response::from_parts(parts, Body::from_stream(stream)))
+        // The request counts as in flight until its body has been streamed out: the
+        // guard goes with the body.
+        forward(&inner.client, &upstream, None, invocation, deadline, guard).await
     }
 
     /// Stops every replica and waits for them.
@@ -384,7 +380,9 @@ impl Inner {
                 }
             }
             while replicas.len() < want {
-                let Some(port) = free_port() else {
+                let Some((port, upstream)) =
+                    free_port().and_then(|p| Upstream::loopback(p).ok().map(|u| (p, u)))
+                else {
                     self.logs.write("gateway", "No free port for a new replica");
                     break;
                 };
@@ -392,6 +390,7 @@ impl Inner {
                 let replica = Arc::new(Replica {
                     id: format!("{}-{n}", self.spec.function.name),
                     port,
+                    upstream,
                     pid: AtomicU32::new(0),
                     ready: AtomicBool::new(false),
                     inflight: AtomicUsize::new(0),
@@ -494,7 +493,7 @@ impl Inner {
         replica: &Arc<Replica>,
         child: &mut tokio::process::Child,
     ) -> Result<(), String> {
-        let health_url = format!("http://127.0.0.1:{}{}", replica.port, self.spec.health_path);
+        let health = replica.upstream.clone();
         let started = Instant::now();
         let mut ever_ready = false;
         let mut wait = Duration::from_millis(20);
@@ -512,13 +511,7 @@ impl Inner {
                 }
                 () = tokio::time::sleep(wait) => {}
             }
-            let healthy = self
-                .client
-                .get(&health_url)
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
+            let healthy = self.healthy(&health).await;
             if healthy != replica.ready.load(Ordering::SeqCst) {
                 replica.ready.store(healthy, Ordering::SeqCst);
                 self.publish_ready();
@@ -547,6 +540,27 @@ impl Inner {
             } else {
                 Duration::from_millis(50)
             };
+        }
+    }
+
+    /// Whether `GET <health_path>` on the replica answers 2xx within 2 s.
+    async fn healthy(&self, replica: &Upstream) -> bool {
+        let check = Invocation {
+            method: http::Method::GET,
+            path: self.spec.health_path.clone(),
+            query: None,
+            headers: http::HeaderMap::new(),
+            body: Body::empty(),
+        };
+        let deadline = Deadline::new(Duration::from_secs(2), None);
+        match forward(&self.client, replica, None, check, deadline, ()).await {
+            Ok(response) => {
+                let ok = response.status().is_success();
+                // Read the answer so the connection goes back to the pool.
+                let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                ok
+            }
+            Err(_) => false,
         }
     }
 

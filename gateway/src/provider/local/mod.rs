@@ -24,7 +24,9 @@ use self::logs::LogBook;
 use self::process::ProcessRuntime;
 use self::spec::FunctionSpec;
 use self::store::{Store, StoredFunction};
-use super::{Deadline, Invocation, LogRequest, LogStream, Provider, forward};
+use super::{
+    Deadline, Invocation, LogRequest, LogStream, Provider, Upstream, UpstreamClient, forward,
+};
 use crate::config::{ProviderSection, RuntimeKind};
 use crate::error::Error;
 use crate::names::{FunctionRef, check_secret_name, check_service_name};
@@ -54,7 +56,7 @@ pub struct LocalProvider {
     /// from the latest list.
     mutate: tokio::sync::Mutex<()>,
     store: Store,
-    client: reqwest::Client,
+    client: UpstreamClient,
     cancel: CancellationToken,
 }
 
@@ -76,7 +78,7 @@ enum Runtime {
         replicas: AtomicU64,
     },
     Http(HttpRuntime),
-    Url(String),
+    Url(Upstream),
 }
 
 impl Deployed {
@@ -112,7 +114,7 @@ impl LocalProvider {
     pub async fn start(
         settings: LocalSettings,
         configured: Vec<FunctionDeployment>,
-        client: reqwest::Client,
+        client: UpstreamClient,
         cancel: CancellationToken,
     ) -> Result<Self, Error> {
         let store = Store::open(&settings.state_dir)?;
@@ -257,7 +259,9 @@ impl LocalProvider {
                 },
                 self.cancel.child_token(),
             )),
-            RuntimeKind::Url => Runtime::Url(spec.url.clone().unwrap_or_default()),
+            RuntimeKind::Url => {
+                Runtime::Url(Upstream::parse(spec.url.as_deref().unwrap_or_default())?)
+            }
         };
         Ok(Deployed {
             deployment,
@@ -550,10 +554,10 @@ impl Provider for LocalProvider {
                 runtime.invoke(invocation).await
             }
             Runtime::Http(rt) => rt.invoke(invocation).await,
-            Runtime::Url(url) => {
+            Runtime::Url(upstream) => {
                 let deadline =
                     Deadline::new(self.settings.upstream_timeout, deployed.spec.exec_timeout);
-                forward(&self.client, url, invocation, deadline).await
+                forward(&self.client, upstream, None, invocation, deadline, ()).await
             }
         }
     }
