@@ -1,11 +1,11 @@
 //! The whole system as users run it: the real `gateway` binary, basic auth on, a `process`
 //! function subscribed to a topic through its `topic` annotation, and a real connector
 //! started by the gateway's supervisor as a `[[connectors]]` entry. Messages are published
-//! with the brokers' own clients (rdkafka, redis, async-nats, aws-sdk-sqs, through the
+//! with the brokers' own clients (rdkafka, redis, async-nats, aws-sdk-sqs, lapin, through the
 //! fixtures in `integration_tests::*_broker`); the function writes each body it gets to a
 //! file, so what the test reads back is what a user's function saw.
 //!
-//! - one test per connector (Kafka, Redis Streams, NATS JetStream, SQS): every payload
+//! - one test per connector (Kafka, Redis Streams, NATS JetStream, SQS, RabbitMQ): every payload
 //!   reaches the function (at least once, nothing else), with its topic, the connector
 //!   became ready (so it authenticated to `/system/functions`) and acknowledged
 //!   everything, and SIGTERM to the gateway stops the connector and exits 0 (no
@@ -32,6 +32,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use integration_tests::kafka_broker::KafkaTopics;
 use integration_tests::nats_broker::JetStreamTopics;
+use integration_tests::rabbitmq_broker::RabbitQueues;
 use integration_tests::redis_broker::RedisStreams;
 use integration_tests::scenarios::{Fixture, eventually_async};
 use integration_tests::sqs_broker::SqsQueues;
@@ -566,6 +567,12 @@ impl Drop for QueueNats {
 #[tokio::test]
 async fn sqs_through_the_gateway() {
     delivered_through_the_gateway("sqs", "sqs-connector", &SqsQueues::new(), &[]).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_through_the_gateway() {
+    delivered_through_the_gateway("rabbitmq", "rabbitmq-connector", &RabbitQueues::new(), &[])
+        .await;
 }
 
 /// The readiness the tests above wait for rests on the credentials: a connector whose
