@@ -55,6 +55,22 @@ fn message(topic: &str, body: &str, id: &str) -> Message {
     Message::new(topic, body.to_owned(), id, "test://source")
 }
 
+/// Submits `n` messages with `body` on `topic`, ids `<prefix>0` to `<prefix>{n-1}`.
+async fn submit_all(
+    dispatcher: &Dispatcher,
+    topic: &str,
+    body: &str,
+    prefix: &str,
+    n: usize,
+) -> Vec<connector_sdk::Completion> {
+    let mut completions = Vec::with_capacity(n);
+    for i in 0..n {
+        let m = message(topic, body, &format!("{prefix}{i}"));
+        completions.push(dispatcher.submit(m).await.unwrap());
+    }
+    completions
+}
+
 #[tokio::test]
 async fn retry_then_success_delivers_once_with_stable_id() {
     let gw = FakeGateway::start().await.unwrap();
@@ -1233,16 +1249,7 @@ async fn a_function_at_its_limit_does_not_hold_up_the_others() {
     };
     // The slow function's limit is reached first.
     assert!(eventually(Duration::from_secs(5), || gw.requests_to("slow").len() >= 2).await);
-    let mut fast = Vec::new();
-    for i in 0..200 {
-        fast.push(
-            setup
-                .dispatcher
-                .submit(message("clicks", "c", &format!("c{i}")))
-                .await
-                .unwrap(),
-        );
-    }
+    let fast = submit_all(&setup.dispatcher, "clicks", "c", "c", 200).await;
     for c in fast {
         assert_eq!(c.await.disposition(), Disposition::Ack);
     }
@@ -1268,16 +1275,7 @@ async fn a_function_never_exceeds_its_own_limit() {
     let mut config = gw.config();
     config.max_inflight = 16;
     let setup = dispatcher(&gw, config, None);
-    let mut pending = Vec::new();
-    for i in 0..15 {
-        pending.push(
-            setup
-                .dispatcher
-                .submit(message("reports", "r", &format!("r{i}")))
-                .await
-                .unwrap(),
-        );
-    }
+    let pending = submit_all(&setup.dispatcher, "reports", "r", "r", 15).await;
     for c in pending {
         c.await;
     }
