@@ -192,28 +192,40 @@ impl RabbitQueues {
         out
     }
 
-    /// Ready plus unacknowledged messages of `queue`, as the broker counts them.
+    /// Ready plus unacknowledged messages of `queue`, as the broker counts them. A failed
+    /// `rabbitmqctl` (slow to start under load) or a listing without the queue is asked
+    /// again, a few times, rather than read as zero: zero means "all acknowledged".
     pub fn depth(queue: &str) -> u64 {
-        let out = Command::new("rabbitmqctl")
-            .args([
-                "list_queues",
-                "-q",
-                "--no-table-headers",
-                "name",
-                "messages",
-            ])
-            .output()
-            .expect("rabbitmqctl is installed with the broker");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| {
-                let mut words = line.split_whitespace();
-                (words.next() == Some(queue))
-                    .then(|| words.next().and_then(|n| n.parse().ok()))
-                    .flatten()
-            })
-            .next()
-            .unwrap_or(0)
+        let mut last = String::new();
+        for _ in 0..10 {
+            let out = Command::new("rabbitmqctl")
+                .args([
+                    "list_queues",
+                    "-q",
+                    "--no-table-headers",
+                    "name",
+                    "messages",
+                ])
+                .output()
+                .expect("rabbitmqctl is installed with the broker");
+            let count = out.status.success().then(|| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|line| {
+                        let mut words = line.split_whitespace();
+                        (words.next() == Some(queue))
+                            .then(|| words.next().and_then(|n| n.parse().ok()))
+                            .flatten()
+                    })
+                    .next()
+            });
+            if let Some(Some(count)) = count {
+                return count;
+            }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        panic!("rabbitmqctl list_queues did not list {queue}: {last}");
     }
 }
 
