@@ -53,13 +53,7 @@ async fn rabbitmq_drain_on_shutdown() {
 
 /// Held messages (no dead-letter exchange) stay unacknowledged through a long outage and
 /// are requeued after `hold_delay` until the function recovers.
-///
-/// Ignored for now: since 2026-12-07 02:01 UTC, on this machine, `rabbitmqctl list_queues`
-/// reports 0 messages for the quorum queue during the outage, every time (it passed in
-/// the earlier runs of the same code). Whether the broker's count or the connector is
-/// wrong is not known yet; see the session 7 note. Run with `--ignored`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "quorum-queue count reads 0 during the outage; under investigation (session 7 note)"]
 async fn rabbitmq_long_outage_loses_nothing() {
     scenarios::long_outage_loses_nothing(&RabbitQueues::new()).await;
 }
