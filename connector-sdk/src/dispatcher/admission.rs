@@ -9,7 +9,7 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::completion::released_all;
-use super::lanes::LaneTicket;
+use super::lanes::Lanes;
 use super::pool::Offer;
 use super::{Dispatcher, Inner};
 use crate::error::SdkError;
@@ -30,14 +30,9 @@ pub(super) enum Admitted {
 pub(super) struct Admission {
     pub(super) message: Arc<Message>,
     pub(super) functions: Arc<[FunctionRef]>,
-    /// Strict lanes: its place in its key's lane, taken when it is handed to a worker or
-    /// the queue.
-    pub(super) lane: Option<LaneTicket>,
-    /// The functions (indices into `functions`) that receive the messages of its key one
-    /// after another; each gets its place in that function's lane at the same moment.
-    pub(super) ordered: Vec<usize>,
-    /// Those places, by function index.
-    pub(super) function_lanes: Vec<(usize, LaneTicket)>,
+    /// Its ordering lanes, when it has any: boxed, so that a message without (the common
+    /// case) moves a smaller job through the queue and the futures that carry it.
+    pub(super) lanes: Option<Box<Lanes>>,
     /// Keeps `wait_idle` waiting until the message is settled.
     pub(super) token: TaskTrackerToken,
     /// Its places among the admitted messages of its concurrency-limited functions.
@@ -55,7 +50,7 @@ pub(super) struct Job {
 impl Dispatcher {
     /// Decides what happens to `message`: its outcome when it is known at once (no
     /// subscriber, a blocked key), else an admission for a worker.
-    pub(super) fn admit(&self, message: Message, functions: Arc<[FunctionRef]>) -> Admitted {
+    pub(super) fn admit(&self, message: Arc<Message>, functions: Arc<[FunctionRef]>) -> Admitted {
         if functions.is_empty() {
             tracing::debug!(topic = %message.topic, ce_id = %message.id, held = self.inner.hold_unmatched, "no function subscribes to this topic");
             let held_unmatched = self.inner.hold_unmatched;
@@ -65,7 +60,7 @@ impl Dispatcher {
                 self.inner.metrics.message_finished("unmatched");
             }
             let outcome = MessageOutcome {
-                id: message.id,
+                id: message.id.clone(),
                 deliveries: Vec::new(),
                 interrupted: false,
                 held_unmatched,
@@ -79,15 +74,11 @@ impl Dispatcher {
                 .message_finished(Disposition::Release.as_str());
             return Admitted::Ready(released_all(&message, &functions));
         }
-        let ordered = self.inner.ordered_functions(&message, &functions);
+        let lanes = self.inner.lanes_of(&message, &functions);
         Admitted::Run(Admission {
-            // Shared by its deliveries; behind one pointer, the job is cheap to move
-            // through the queue and the futures that carry it.
-            message: Arc::new(message),
+            message,
             functions,
-            lane: None,
-            ordered,
-            function_lanes: Vec::new(),
+            lanes,
             token: self.inner.tracker.token(),
             tickets: Vec::new(),
         })

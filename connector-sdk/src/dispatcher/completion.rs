@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use super::Inner;
 use super::admission::Job;
 use super::cancel::Cancel;
-use super::lanes::{LaneKey, LaneTicket};
+use super::lanes::{LaneKey, LaneTicket, Lanes};
 use crate::function::FunctionRef;
 use crate::message::{DeliveryOutcome, DeliveryReport, Disposition, Message, MessageOutcome};
 
@@ -24,8 +24,7 @@ impl Inner {
                 cancel,
                 admission.message,
                 admission.functions,
-                admission.lane,
-                admission.function_lanes,
+                admission.lanes,
             )
             .await;
         let disposition = outcome.disposition();
@@ -48,24 +47,27 @@ impl Inner {
         cancel: &Cancel,
         message: Arc<Message>,
         functions: Arc<[FunctionRef]>,
-        lane: Option<LaneTicket>,
-        function_lanes: Vec<(usize, LaneTicket)>,
+        lanes: Option<Box<Lanes>>,
     ) -> (
         MessageOutcome,
         Option<(LaneKey, u64, oneshot::Sender<bool>)>,
     ) {
-        if !function_lanes.is_empty() {
-            let deliveries = self
-                .run_in_lanes(cancel, &message, &functions, function_lanes)
-                .await;
-            let outcome = MessageOutcome {
-                id: message.id.clone(),
-                deliveries,
-                interrupted: false,
-                held_unmatched: false,
-            };
-            return (outcome, None);
-        }
+        let lane = match lanes.map(|lanes| *lanes) {
+            Some(Lanes::Whole(ticket)) => ticket,
+            Some(Lanes::PerFunction { tickets, .. }) if !tickets.is_empty() => {
+                let deliveries = self
+                    .run_in_lanes(cancel, &message, &functions, tickets)
+                    .await;
+                let outcome = MessageOutcome {
+                    id: message.id.clone(),
+                    deliveries,
+                    interrupted: false,
+                    held_unmatched: false,
+                };
+                return (outcome, None);
+            }
+            Some(Lanes::PerFunction { .. }) | None => None,
+        };
         let (previous, lane) = match lane {
             Some(t) => (t.previous, Some((t.key, t.id, t.done))),
             None => (None, None),

@@ -45,62 +45,88 @@ pub(super) struct LaneTicket {
     pub(super) previous: Option<oneshot::Receiver<bool>>,
 }
 
+/// The lanes an admitted message joins when it is handed to a worker or the queue.
+pub(super) enum Lanes {
+    /// Strict lanes: the key's lane, for the whole message.
+    Whole(Option<LaneTicket>),
+    /// The functions (indices into the message's functions) that receive the messages of
+    /// its key one after another, and (once placed) their places in those lanes.
+    PerFunction {
+        ordered: Vec<usize>,
+        tickets: Vec<(usize, LaneTicket)>,
+    },
+}
+
 impl Dispatcher {
     /// Joins the message's lanes: each will wait for the lane's previous message, and
     /// signal the next one. Called in queue order.
     pub(super) fn enter_lane(&self, job: &mut Job) {
         let admission = &mut job.admission;
+        let Some(lanes) = admission.lanes.as_deref_mut() else {
+            return;
+        };
         let Some(key) = admission.message.ordering_key.clone() else {
             return;
         };
-        if self.inner.strict_lanes {
-            if self.inner.ordered {
+        match lanes {
+            Lanes::Whole(ticket) => {
                 let lane = LaneKey {
                     function: None,
                     key,
                 };
-                admission.lane = Some(self.inner.join(lane));
+                *ticket = Some(self.inner.join(lane));
             }
-            return;
+            Lanes::PerFunction { ordered, tickets } => {
+                let functions = &admission.functions;
+                *tickets = ordered
+                    .iter()
+                    .map(|&i| {
+                        let lane = LaneKey {
+                            function: Some(functions[i].clone()),
+                            key: key.clone(),
+                        };
+                        (i, self.inner.join(lane))
+                    })
+                    .collect();
+            }
         }
-        let tickets = admission.ordered.iter().map(|&i| {
-            let lane = LaneKey {
-                function: Some(admission.functions[i].clone()),
-                key: key.clone(),
-            };
-            (i, self.inner.join(lane))
-        });
-        admission.function_lanes = tickets.collect();
     }
 }
 
 impl Inner {
-    /// The functions of `message` (indices) whose deliveries wait for their lane: with
-    /// the connector's `ordering` or their own `connector.ordering`. None without a key,
-    /// or with strict lanes (the key's lane covers the whole message).
-    pub(super) fn ordered_functions(
+    /// The lanes `message` will join: none without a key; with strict lanes the key's
+    /// lane when the connector orders; else the lanes of the functions ordered by the
+    /// connector's `ordering` or their own `connector.ordering`, if any.
+    pub(super) fn lanes_of(
         &self,
         message: &Message,
         functions: &[FunctionRef],
-    ) -> Vec<usize> {
-        if message.ordering_key.is_none() || self.strict_lanes {
-            return Vec::new();
+    ) -> Option<Box<Lanes>> {
+        message.ordering_key.as_ref()?;
+        if self.strict_lanes {
+            return self.ordered.then(|| Box::new(Lanes::Whole(None)));
         }
-        if !self.topics.has_policies() {
-            return if self.ordered {
-                (0..functions.len()).collect()
-            } else {
-                Vec::new()
-            };
-        }
-        let map = self.topics.current();
-        (0..functions.len())
-            .filter(|&i| {
-                map.policy(&functions[i])
-                    .and_then(|p| p.ordered)
-                    .unwrap_or(self.ordered)
+        let ordered: Vec<usize> = if !self.topics.has_policies() {
+            if !self.ordered {
+                return None;
+            }
+            (0..functions.len()).collect()
+        } else {
+            let map = self.topics.current();
+            (0..functions.len())
+                .filter(|&i| {
+                    map.policy(&functions[i])
+                        .and_then(|p| p.ordered)
+                        .unwrap_or(self.ordered)
+                })
+                .collect()
+        };
+        (!ordered.is_empty()).then(|| {
+            Box::new(Lanes::PerFunction {
+                ordered,
+                tickets: Vec::new(),
             })
-            .collect()
+        })
     }
 
     /// Takes the next place in `lane`.

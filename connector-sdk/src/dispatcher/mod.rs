@@ -366,8 +366,11 @@ impl Dispatcher {
     /// when the dispatcher is draining. Cancel-safe: dropping the future before it resolves
     /// delivers nothing.
     pub async fn submit(&self, message: Message) -> Result<Completion, SdkError> {
+        // Shared by its deliveries from here on: behind one pointer, the message is not
+        // copied again as it moves through admission, the queue and the futures.
+        let message = Arc::new(message);
         let functions = self.functions_for(&message.topic);
-        self.submit_to(message, functions).await
+        self.submit_shared(message, functions).await
     }
 
     /// Like [`submit`](Self::submit), but to exactly `functions` instead of the topic's
@@ -375,6 +378,14 @@ impl Dispatcher {
     pub async fn submit_to(
         &self,
         message: Message,
+        functions: Arc<[FunctionRef]>,
+    ) -> Result<Completion, SdkError> {
+        self.submit_shared(Arc::new(message), functions).await
+    }
+
+    async fn submit_shared(
+        &self,
+        message: Arc<Message>,
         functions: Arc<[FunctionRef]>,
     ) -> Result<Completion, SdkError> {
         Ok(match self.admit(message, functions) {
