@@ -20,14 +20,18 @@ pub enum DeadLetterReason {
     Rejected,
     /// Every attempt failed with a retryable status or error.
     Exhausted,
+    /// The function's filter failed on the message (its error is the letter's error):
+    /// nobody could say whether the function wants it.
+    FilterFailed,
 }
 
 impl DeadLetterReason {
-    /// `rejected` or `exhausted`.
+    /// `rejected`, `exhausted` or `filter_failed`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Rejected => "rejected",
             Self::Exhausted => "exhausted",
+            Self::FilterFailed => "filter_failed",
         }
     }
 }

@@ -129,6 +129,11 @@ fn invoker(config: &SdkConfig) -> Result<Invoker, SdkError> {
 }
 
 impl GatewayClient {
+    /// The `ce-type` of a message without a type of its own (`<connector>.message`).
+    pub fn default_event_type(&self) -> &str {
+        self.default_event_type.to_str().unwrap_or_default()
+    }
+
     /// A client for `config.gateway_url`, identifying itself as `connector` (the binary
     /// name, sent as `X-Connector` and in `User-Agent`).
     pub fn new(connector: &str, config: &SdkConfig) -> Result<Self, SdkError> {

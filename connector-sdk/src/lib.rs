@@ -39,6 +39,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod dispatcher;
 pub mod error;
+pub mod filter;
 mod function;
 pub mod gateway;
 pub(crate) mod limiter;

@@ -180,12 +180,18 @@ pub enum DeliveryOutcome {
         /// How long the broker should keep the message before redelivering it.
         after: Duration,
     },
+    /// The function's filter (`connector.filter`) rejected the message: not invoked, and
+    /// done with for that function.
+    Filtered,
 }
 
 impl DeliveryOutcome {
     /// Whether this outcome lets its message be acknowledged.
     pub fn allows_ack(self) -> bool {
-        matches!(self, Self::Delivered | Self::DeadLettered | Self::Dropped)
+        matches!(
+            self,
+            Self::Delivered | Self::DeadLettered | Self::Dropped | Self::Filtered
+        )
     }
 
     /// The metric label.
@@ -197,6 +203,7 @@ impl DeliveryOutcome {
             Self::Held => "held",
             Self::Released => "released",
             Self::Retry { .. } => "retry",
+            Self::Filtered => "filtered",
         }
     }
 }

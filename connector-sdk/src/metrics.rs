@@ -80,7 +80,7 @@ pub struct ResultLabels {
 const STATUS_CLASSES: [&str; 7] = ["2xx", "3xx", "4xx", "5xx", "other", "timeout", "error"];
 
 /// How many outcomes `connector_deliveries_total` has (see `delivery_finished`).
-const DELIVERY_OUTCOMES: usize = 6;
+const DELIVERY_OUTCOMES: usize = 7;
 
 /// The message outcomes of `connector_messages_total`.
 const MESSAGE_OUTCOMES: [&str; 5] = ["ack", "hold", "release", "retry", "unmatched"];
@@ -109,6 +109,7 @@ pub struct Metrics {
     retries: Family<FunctionLabels, Counter>,
     dead_letters: Family<FunctionLabels, Counter>,
     dead_letter_failures: Family<FunctionLabels, Counter>,
+    filter_errors: Family<FunctionLabels, Counter>,
     messages: Family<MessageLabels, Counter>,
     backlog: Family<PartitionLabels, Gauge>,
     stalled: Family<PartitionLabels, Gauge>,
@@ -156,6 +157,7 @@ impl Metrics {
             retries: Family::default(),
             dead_letters: Family::default(),
             dead_letter_failures: Family::default(),
+            filter_errors: Family::default(),
             messages: Family::default(),
             backlog: Family::default(),
             stalled: Family::default(),
@@ -219,6 +221,11 @@ impl Metrics {
             "dead_letter_write_failures",
             "Failed writes to the dead-letter destination",
             m.dead_letter_failures.clone(),
+        );
+        r.register(
+            "filter_errors",
+            "Messages a function's filter failed on (dead-lettered with reason filter_failed)",
+            m.filter_errors.clone(),
         );
         r.register(
             "messages",
@@ -312,6 +319,7 @@ impl Metrics {
             DeliveryOutcome::Held => 3,
             DeliveryOutcome::Released => 4,
             DeliveryOutcome::Retry { .. } => 5,
+            DeliveryOutcome::Filtered => 6,
         };
         self.with_series(function, |series| {
             series.deliveries[index]
@@ -370,6 +378,10 @@ impl Metrics {
         self.dead_letter_failures
             .get_or_create(&fn_labels(function))
             .inc();
+    }
+
+    pub(crate) fn filter_failed(&self, function: &FunctionRef) {
+        self.filter_errors.get_or_create(&fn_labels(function)).inc();
     }
 
     pub(crate) fn message_finished(&self, outcome: &'static str) {

@@ -16,6 +16,7 @@
 //! | `connector.adaptive` | `true`: the limit halves after a 429 and grows back by one per limit's worth of successes | `false` |
 //! | `connector.timeout` | one invocation's timeout | `upstream_timeout` |
 //! | `connector.ordering` | `key`: this function receives the messages of one ordering key one after another; `none`: in parallel | `ordering` |
+//! | `connector.filter` | a CEL expression over the event: the function is invoked only with the messages it is true for (see [`crate::filter`]) | none: every message |
 //!
 //! A value that does not parse makes the whole subscription invalid: it is logged with the
 //! function and the key, counted, and skipped until it is fixed; the others keep running.
@@ -23,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::filter::Filter;
 use crate::verdict::{StatusClasses, StatusPattern};
 
 /// OpenFaaS Pro: attempts per delivery.
@@ -41,6 +43,8 @@ pub const ADAPTIVE: &str = "connector.adaptive";
 pub const TIMEOUT: &str = "connector.timeout";
 /// Whether the function receives the messages of one ordering key one after another.
 pub const ORDERING: &str = "connector.ordering";
+/// A CEL expression: the function is invoked only with the messages it is true for.
+pub const FILTER: &str = "connector.filter";
 
 /// A function's overrides of the connector's delivery settings; `None` falls back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,6 +67,8 @@ pub struct PolicyOverrides {
     /// `Some(true)`: the function's deliveries of one ordering key run one after another;
     /// `Some(false)`: in parallel.
     pub ordered: Option<bool>,
+    /// Only the messages this expression is true for are delivered.
+    pub filter: Option<Filter>,
 }
 
 /// An annotation whose value cannot be used.
@@ -151,6 +157,9 @@ impl PolicyOverrides {
                 "none" => false,
                 _ => return Err(fail(key, v, "key or none".to_owned())),
             });
+        }
+        if let Some((key, v)) = get(FILTER) {
+            p.filter = Some(Filter::compile(v).map_err(|e| fail(key, v, e))?);
         }
         Ok(p)
     }

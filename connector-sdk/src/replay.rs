@@ -499,10 +499,13 @@ impl Replayer {
                 let outcome = self.deliver(letter).await;
                 let delivered = !outcome.interrupted
                     && !outcome.deliveries.is_empty()
-                    && outcome
-                        .deliveries
-                        .iter()
-                        .all(|d| d.outcome == DeliveryOutcome::Delivered);
+                    && outcome.deliveries.iter().all(|d| {
+                        // Filtered: the function's filter, fixed since, does not want it.
+                        matches!(
+                            d.outcome,
+                            DeliveryOutcome::Delivered | DeliveryOutcome::Filtered
+                        )
+                    });
                 if delivered {
                     store
                         .remove(handle)

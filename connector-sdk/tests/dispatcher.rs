@@ -1452,3 +1452,120 @@ async fn ordering_is_per_function() {
         );
     }
 }
+
+/// `connector.filter`: a function receives only the messages its expression is true
+/// for, on a CloudEvents attribute and on a JSON field of the body; what it rejects is
+/// done for it (acknowledged, counted per function), and a function without a filter
+/// receives everything.
+#[tokio::test]
+async fn a_filter_selects_exactly_the_matching_messages() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "big-orders",
+        &[
+            ("topic", "orders"),
+            (
+                "connector.filter",
+                "type == 'order.created' && data.amount > 100",
+            ),
+        ],
+        |_, _| Reply::ok(),
+    );
+    gw.function_with_annotations(
+        "eu",
+        &[
+            ("topic", "orders"),
+            ("connector.filter", "headers['x-region'] == 'eu'"),
+        ],
+        |_, _| Reply::ok(),
+    );
+    gw.function("everything", "orders", |_, _| Reply::ok());
+    let setup = dispatcher(&gw, gw.config(), None);
+    let event = |id: &str, kind: &str, body: &str, region: &str| {
+        let mut m = message("orders", body, id).with_event_type(kind);
+        m.headers
+            .insert("x-region", http::HeaderValue::from_str(region).unwrap());
+        m
+    };
+    let messages = [
+        event("1", "order.created", r#"{"amount": 150}"#, "eu"),
+        event("2", "order.created", r#"{"amount": 50}"#, "us"),
+        event("3", "order.refunded", r#"{"amount": 500}"#, "eu"),
+        event("4", "order.created", r#"{"amount": 101}"#, "us"),
+    ];
+    for m in messages {
+        let outcome = setup.dispatcher.submit(m).await.unwrap().await;
+        assert_eq!(outcome.disposition(), Disposition::Ack, "{outcome:?}");
+    }
+    let ids = |f: &str| -> Vec<String> {
+        gw.requests_to(f)
+            .iter()
+            .filter_map(|r| r.header("ce-id"))
+            .collect()
+    };
+    assert_eq!(ids("big-orders"), ["1", "4"]);
+    assert_eq!(ids("eu"), ["1", "3"]);
+    assert_eq!(ids("everything"), ["1", "2", "3", "4"]);
+    let text = encode(&setup.registry);
+    assert!(
+        text.contains(r#"connector_deliveries_total{function="big-orders",outcome="filtered"} 2"#),
+        "{text}"
+    );
+}
+
+/// A filter that does not compile makes its subscription invalid and only that one; a
+/// filter that fails on a message dead-letters that delivery with the reason and error.
+#[tokio::test]
+async fn a_broken_filter_disables_its_subscription_and_a_failing_one_dead_letters() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "broken",
+        &[("topic", "orders"), ("connector.filter", "type ==")],
+        |_, _| Reply::ok(),
+    );
+    gw.function_with_annotations(
+        "strict",
+        &[("topic", "orders"), ("connector.filter", "data.amount > 1")],
+        |_, _| Reply::ok(),
+    );
+    gw.function("fine", "orders", |_, _| Reply::ok());
+    let map = gw.topic_map().current();
+    assert_eq!(map.invalid().len(), 1);
+    assert_eq!(map.invalid()[0].0.as_str(), "broken");
+    assert_eq!(map.invalid()[0].1.key, "connector.filter");
+    let sink = Arc::new(RecordingSink {
+        letters: Mutex::default(),
+        fail: false,
+    });
+    let setup = dispatcher(&gw, gw.config(), Some(sink.clone()));
+    let outcome = setup
+        .dispatcher
+        .submit(message("orders", r#"{"currency": "EUR"}"#, "1"))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    let mut functions: Vec<_> = outcome
+        .deliveries
+        .iter()
+        .map(|d| (d.function.as_str().to_owned(), d.outcome))
+        .collect();
+    functions.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        functions,
+        [
+            ("fine".to_owned(), DeliveryOutcome::Delivered),
+            ("strict".to_owned(), DeliveryOutcome::DeadLettered),
+        ]
+    );
+    assert!(gw.requests_to("broken").is_empty());
+    assert!(gw.requests_to("strict").is_empty());
+    let letters = sink.letters.lock().unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, DeadLetterReason::FilterFailed);
+    let error = letters[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("amount"), "{error}");
+    assert!(
+        encode(&setup.registry).contains(r#"connector_filter_errors_total{function="strict"} 1"#)
+    );
+}

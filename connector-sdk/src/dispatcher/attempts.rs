@@ -196,6 +196,9 @@ impl Inner {
             function,
         } = delivery;
         let policy = self.delivery_policy(function);
+        if let Some(report) = self.screen(delivery, &policy).await {
+            return report;
+        }
         let mut tally = Tally {
             attempt: message.prior_attempts,
             local: 0,
@@ -230,6 +233,45 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The function's filter, if it has one, on the message: the delivery's report when
+    /// the filter rejects it (filtered) or fails on it (dead-lettered), else `None`.
+    async fn screen(
+        &self,
+        delivery: Delivery<'_>,
+        policy: &DeliveryPolicy<'_>,
+    ) -> Option<DeliveryReport> {
+        let filter = policy.overrides.as_deref()?.filter.as_ref()?;
+        let Delivery {
+            message, function, ..
+        } = delivery;
+        let (outcome, error) = match filter.matches(message, self.gateway.default_event_type()) {
+            Ok(true) => return None,
+            Ok(false) => (DeliveryOutcome::Filtered, None),
+            Err(e) => {
+                self.metrics.filter_failed(function);
+                let error = e.to_string();
+                tracing::warn!(function = %function, topic = %message.topic, ce_id = %message.id, error = %error, "the function's filter failed on this message");
+                let now = SystemTime::now();
+                let failure = Failure {
+                    reason: DeadLetterReason::FilterFailed,
+                    attempts: message.prior_attempts,
+                    first_failure: now,
+                    last_failure: now,
+                    response: None,
+                    error: Some(&error),
+                };
+                (self.dead_letter(delivery, failure).await, Some(error))
+            }
+        };
+        Some(DeliveryReport {
+            function: function.clone(),
+            outcome,
+            attempts: 0,
+            response: None,
+            error,
+        })
     }
 
     /// One attempt: invokes the function, counts the invocation, tells the function's
