@@ -390,7 +390,45 @@ impl GatewayClient {
             // that an empty message reaches the function as an empty body.
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(0u32));
         }
-        let mut request = http::Request::new(Full::new(message.payload.clone()));
+        self.exchange(uri, headers, message.payload.clone(), timeout)
+            .await
+    }
+
+    /// Invokes `function` with a batch: `body` is a CloudEvents JSON batch (the items'
+    /// own attributes are inside it, so no `ce-*` header is sent), `topic` its items'
+    /// topic when they share one, `attempt` the highest attempt among them.
+    pub async fn invoke_batch(
+        &self,
+        function: &FunctionRef,
+        topic: Option<&str>,
+        body: Bytes,
+        attempt: u32,
+        timeout: Option<Duration>,
+    ) -> Result<InvocationResponse, InvokeError> {
+        let uri = self.function_uri(function)?;
+        let mut headers = HeaderMap::with_capacity(6);
+        if let Some(v) = topic.and_then(header_value) {
+            headers.insert(X_TOPIC.clone(), v);
+        }
+        headers.insert(X_CONNECTOR.clone(), self.connector.clone());
+        headers.insert(USER_AGENT.clone(), self.user_agent.clone());
+        headers.insert(
+            CONTENT_TYPE.clone(),
+            HeaderValue::from_static("application/cloudevents-batch+json"),
+        );
+        headers.insert(X_DELIVERY_ATTEMPT.clone(), HeaderValue::from(attempt));
+        self.exchange(uri, headers, body, timeout).await
+    }
+
+    /// One request to a function and its response, within `timeout` (else the client's).
+    async fn exchange(
+        &self,
+        uri: http::Uri,
+        headers: HeaderMap,
+        body: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<InvocationResponse, InvokeError> {
+        let mut request = http::Request::new(Full::new(body));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;

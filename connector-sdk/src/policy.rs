@@ -16,6 +16,9 @@
 //! | `connector.adaptive` | `true`: the limit halves after a 429 and grows back by one per limit's worth of successes | `false` |
 //! | `connector.timeout` | one invocation's timeout | `upstream_timeout` |
 //! | `connector.ordering` | `key`: this function receives the messages of one ordering key one after another; `none`: in parallel | `ordering` |
+//! | `connector.batch.size` | most messages in one invocation, as a CloudEvents JSON batch (see [`crate::dispatcher`]'s batches) | none: one message per invocation |
+//! | `connector.batch.window` | how long a batch waits to fill | `100ms` |
+//! | `connector.batch.max_bytes` | most bytes of payload in one batch | `1MiB` |
 //! | `connector.filter` | a CEL expression over the event: the function is invoked only with the messages it is true for (see [`crate::filter`]) | none: every message |
 //!
 //! A value that does not parse makes the whole subscription invalid: it is logged with the
@@ -45,6 +48,30 @@ pub const TIMEOUT: &str = "connector.timeout";
 pub const ORDERING: &str = "connector.ordering";
 /// A CEL expression: the function is invoked only with the messages it is true for.
 pub const FILTER: &str = "connector.filter";
+/// Most messages in one invocation (a batch).
+pub const BATCH_SIZE: &str = "connector.batch.size";
+/// How long a batch waits to fill.
+pub const BATCH_WINDOW: &str = "connector.batch.window";
+/// Most payload bytes in one batch.
+pub const BATCH_MAX_BYTES: &str = "connector.batch.max_bytes";
+
+/// A function's batches: it is invoked with up to `size` messages at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    /// Most messages in one batch (at least 2).
+    pub size: usize,
+    /// How long the first message of a batch waits for the batch to fill.
+    pub window: Duration,
+    /// Most payload bytes in one batch; a message larger than this goes alone.
+    pub max_bytes: usize,
+}
+
+impl BatchSettings {
+    /// The window when `connector.batch.window` is not set.
+    pub const DEFAULT_WINDOW: Duration = Duration::from_millis(100);
+    /// The byte cap when `connector.batch.max_bytes` is not set.
+    pub const DEFAULT_MAX_BYTES: usize = 1 << 20;
+}
 
 /// A function's overrides of the connector's delivery settings; `None` falls back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -69,6 +96,8 @@ pub struct PolicyOverrides {
     pub ordered: Option<bool>,
     /// Only the messages this expression is true for are delivered.
     pub filter: Option<Filter>,
+    /// Batches, when the function takes them.
+    pub batch: Option<BatchSettings>,
 }
 
 /// An annotation whose value cannot be used.
@@ -81,6 +110,41 @@ pub struct PolicyError {
     pub value: String,
     /// Why it cannot be used.
     pub reason: String,
+}
+
+/// The function's batches: `None` without `connector.batch.size` (or with 1).
+fn batch_settings(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<BatchSettings>, PolicyError> {
+    let get = |key: &'static str| annotations.get(key).map(|v| (key, v.trim()));
+    let fail = |key: &'static str, value: &str, reason: &str| PolicyError {
+        key,
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let size = match get(BATCH_SIZE) {
+        None => 1,
+        Some((key, v)) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(fail(key, v, "a whole number of at least 1")),
+        },
+    };
+    let window = match get(BATCH_WINDOW) {
+        None => BatchSettings::DEFAULT_WINDOW,
+        Some((key, v)) => crate::config::duration::parse(v).map_err(|e| fail(key, v, &e))?,
+    };
+    let max_bytes = match get(BATCH_MAX_BYTES) {
+        None => BatchSettings::DEFAULT_MAX_BYTES,
+        Some((key, v)) => match v.parse::<bytesize::ByteSize>().map(|b| b.as_u64()) {
+            Ok(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+            _ => return Err(fail(key, v, "a size in bytes (1048576, 512KiB, 1MiB)")),
+        },
+    };
+    Ok((size > 1).then_some(BatchSettings {
+        size,
+        window,
+        max_bytes,
+    }))
 }
 
 impl PolicyOverrides {
@@ -161,6 +225,7 @@ impl PolicyOverrides {
         if let Some((key, v)) = get(FILTER) {
             p.filter = Some(Filter::compile(v).map_err(|e| fail(key, v, e))?);
         }
+        p.batch = batch_settings(annotations)?;
         Ok(p)
     }
 

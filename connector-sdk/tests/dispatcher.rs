@@ -1569,3 +1569,192 @@ async fn a_broken_filter_disables_its_subscription_and_a_failing_one_dead_letter
         encode(&setup.registry).contains(r#"connector_filter_errors_total{function="strict"} 1"#)
     );
 }
+
+/// The items of a CloudEvents JSON batch: (id, data).
+fn batch_items(body: &[u8]) -> Vec<(String, serde_json::Value)> {
+    let events: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap();
+    events
+        .into_iter()
+        .map(|e| {
+            assert_eq!(e["specversion"], "1.0", "{e}");
+            assert_eq!(e["topic"], "orders", "{e}");
+            (e["id"].as_str().unwrap().to_owned(), e["data"].clone())
+        })
+        .collect()
+}
+
+fn batching(size: &str, window: &str) -> [(&'static str, String); 3] {
+    [
+        ("topic", "orders".to_owned()),
+        ("connector.batch.size", size.to_owned()),
+        ("connector.batch.window", window.to_owned()),
+    ]
+}
+
+async fn annotate(
+    gw: &FakeGateway,
+    name: &str,
+    annotations: &[(&'static str, String)],
+    reply: impl Fn(&connector_sdk::testing::Received) -> Reply + Send + Sync + 'static,
+) {
+    let pairs: Vec<(&str, &str)> = annotations.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    gw.function_with_annotations(name, &pairs, move |req, _| reply(req));
+}
+
+/// `connector.batch.size`: a full batch is sent at once, as one CloudEvents JSON batch
+/// with each message's id and JSON data; what is left goes when the window closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_are_sent_full_or_when_their_window_closes() {
+    let gw = FakeGateway::start().await.unwrap();
+    annotate(&gw, "batched", &batching("10", "300ms"), |_| Reply::ok()).await;
+    let setup = dispatcher(&gw, gw.config(), None);
+    let mut pending = Vec::new();
+    for i in 0..25 {
+        let m = message("orders", &format!(r#"{{"n": {i}}}"#), &format!("m{i}"));
+        pending.push(setup.dispatcher.submit(m).await.unwrap());
+    }
+    for c in pending {
+        let outcome = c.await;
+        assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    }
+    let requests = gw.requests_to("batched");
+    let sizes: Vec<usize> = requests
+        .iter()
+        .map(|r| batch_items(&r.body).len())
+        .collect();
+    assert_eq!(
+        sizes,
+        [10, 10, 5],
+        "full batches first, the rest after the window"
+    );
+    assert_eq!(
+        requests[0].header("content-type").as_deref(),
+        Some("application/cloudevents-batch+json")
+    );
+    assert!(requests[0].header("ce-id").is_none());
+    // Two full batches run in parallel (no ordering key); each holds its messages in
+    // the order they were submitted.
+    let mut all = Vec::new();
+    for r in &requests {
+        let numbers: Vec<usize> = batch_items(&r.body)
+            .into_iter()
+            .map(|(id, data)| {
+                assert_eq!(
+                    data,
+                    serde_json::json!({"n": id[1..].parse::<usize>().unwrap()})
+                );
+                id[1..].parse().unwrap()
+            })
+            .collect();
+        assert!(numbers.is_sorted(), "{numbers:?}");
+        all.extend(numbers);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (0..25).collect::<Vec<_>>(), "every message once");
+    // The last batch waited for its window.
+    assert!(requests[2].at.duration_since(requests[1].at) >= Duration::from_millis(250));
+}
+
+/// A 2xx listing items in `batchItemFailures` fails only those: they are retried (in a
+/// smaller batch) and the others are not sent again; an item that keeps failing is
+/// dead-lettered alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partial_failure_retries_only_the_failed_items() {
+    let gw = FakeGateway::start().await.unwrap();
+    annotate(&gw, "picky", &batching("4", "50ms"), |req| {
+        let items = batch_items(&req.body);
+        let mut failures = Vec::new();
+        for (id, _) in &items {
+            // m1 fails once; m2 always.
+            let first = req.header("x-delivery-attempt").as_deref() == Some("1");
+            if id == "m2" || (id == "m1" && first) {
+                failures.push(serde_json::json!({"itemIdentifier": id}));
+            }
+        }
+        Reply::ok().body(
+            serde_json::json!({"batchItemFailures": failures})
+                .to_string()
+                .as_bytes(),
+        )
+    })
+    .await;
+    let mut config = gw.config();
+    config.max_attempts = 3;
+    config.backoff.initial = Duration::from_millis(10);
+    config.backoff.max = Duration::from_millis(20);
+    let sink = Arc::new(RecordingSink {
+        letters: Mutex::default(),
+        fail: false,
+    });
+    let setup = dispatcher(&gw, config, Some(sink.clone()));
+    let pending = submit_all(&setup.dispatcher, "orders", r#"{"a": 1}"#, "m", 4).await;
+    let mut outcomes = Vec::new();
+    for c in pending {
+        let o = c.await;
+        outcomes.push((
+            o.id.clone(),
+            o.deliveries[0].outcome,
+            o.deliveries[0].attempts,
+        ));
+    }
+    assert_eq!(
+        outcomes,
+        [
+            ("m0".to_owned(), DeliveryOutcome::Delivered, 1),
+            ("m1".to_owned(), DeliveryOutcome::Delivered, 2),
+            ("m2".to_owned(), DeliveryOutcome::DeadLettered, 3),
+            ("m3".to_owned(), DeliveryOutcome::Delivered, 1),
+        ]
+    );
+    let sent: Vec<Vec<String>> = gw
+        .requests_to("picky")
+        .iter()
+        .map(|r| batch_items(&r.body).into_iter().map(|(id, _)| id).collect())
+        .collect();
+    assert_eq!(sent[0], ["m0", "m1", "m2", "m3"]);
+    let resent: Vec<&String> = sent[1..].iter().flatten().collect();
+    assert!(
+        !resent.iter().any(|id| *id == "m0" || *id == "m3"),
+        "delivered items were sent again: {sent:?}"
+    );
+    assert_eq!(resent.iter().filter(|id| **id == "m1").count(), 1);
+    assert_eq!(resent.iter().filter(|id| **id == "m2").count(), 2);
+    let letters = sink.letters.lock().unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].message.id, "m2");
+}
+
+/// Any other status gives every item that status's verdict: a 503 retries the whole
+/// batch, a 400 dead-letters each item.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_batch_fails_every_item() {
+    let gw = FakeGateway::start().await.unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    annotate(&gw, "flaky", &batching("3", "50ms"), move |_| {
+        if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let mut config = gw.config();
+    config.backoff.initial = Duration::from_millis(10);
+    config.backoff.max = Duration::from_millis(20);
+    let setup = dispatcher(&gw, config, None);
+    let pending = submit_all(&setup.dispatcher, "orders", "plain text", "m", 3).await;
+    for c in pending {
+        let o = c.await;
+        assert_eq!(o.deliveries[0].outcome, DeliveryOutcome::Delivered);
+        assert_eq!(o.deliveries[0].attempts, 2);
+    }
+    let requests = gw.requests_to("flaky");
+    let total: usize = requests.iter().map(|r| batch_items(&r.body).len()).sum();
+    assert_eq!(
+        total, 6,
+        "each item twice: once in the failed batch, once after"
+    );
+    // Text that is not JSON travels as a string.
+    assert_eq!(batch_items(&requests[0].body)[0].1, "plain text");
+}

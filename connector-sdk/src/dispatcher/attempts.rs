@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
+use super::batch::{Batcher, ItemResult};
 use super::cancel::{Cancel, UntilAborted};
 use super::completion::released;
 use super::dead_letter::Failure;
@@ -20,7 +21,7 @@ use crate::gateway::InvokeError;
 use crate::limiter::Limiter;
 use crate::message::{DeliveryOutcome, DeliveryReport, InvocationResponse, Message};
 use crate::metrics::status_class;
-use crate::policy::PolicyOverrides;
+use crate::policy::{BatchSettings, PolicyOverrides};
 use crate::response::InvocationResult;
 use crate::verdict::{StatusClasses, Verdict};
 
@@ -45,6 +46,8 @@ struct DeliveryPolicy<'a> {
     timeout: Option<Duration>,
     /// The function's concurrency limit, if it has one.
     limiter: Option<Arc<Limiter>>,
+    /// The function's batches, if it takes batches.
+    batcher: Option<Arc<Batcher>>,
 }
 
 impl DeliveryPolicy<'_> {
@@ -175,6 +178,9 @@ impl Inner {
         };
         let timeout = own.and_then(|o| o.timeout);
         let limiter = own.and_then(|o| self.limiter(function, o));
+        let batcher = own
+            .and_then(|o| o.batch)
+            .and_then(|settings| self.batcher(function, settings, timeout));
         DeliveryPolicy {
             connector: policy,
             overrides,
@@ -182,6 +188,7 @@ impl Inner {
             backoff,
             timeout,
             limiter,
+            batcher,
         }
     }
 
@@ -299,6 +306,17 @@ impl Inner {
             );
         }
         let started = Instant::now();
+        if let Some(batcher) = &policy.batcher {
+            let joined = UntilAborted {
+                signal: &cancel.signal,
+                inner: batcher.join(message, attempt),
+            };
+            let tried = Self::batch_item(policy, joined.await?);
+            if !self.subscribers.is_empty() {
+                self.publish(delivery, attempt, started.elapsed(), &tried);
+            }
+            return Some(tried);
+        }
         let invocation = UntilAborted {
             signal: &cancel.signal,
             inner: self
@@ -345,6 +363,63 @@ impl Inner {
             self.publish(delivery, attempt, took, &tried);
         }
         Some(tried)
+    }
+
+    /// What a batch's invocation came to for one item: the response's verdict, retryable
+    /// when the function listed the item in `batchItemFailures`.
+    fn batch_item(policy: &DeliveryPolicy<'_>, result: ItemResult) -> Tried {
+        match result {
+            ItemResult::Response {
+                response,
+                failed: true,
+            } => Tried {
+                verdict: Verdict::Retry { retry_after: None },
+                response: Some(response),
+                error: Some("listed in the batch's batchItemFailures".to_owned()),
+            },
+            ItemResult::Response { response, .. } => Tried {
+                verdict: policy.status().classify(
+                    response.status,
+                    &response.headers,
+                    SystemTime::now(),
+                ),
+                response: Some(response),
+                error: None,
+            },
+            ItemResult::Error(error) => Tried {
+                verdict: policy.status().classify_transport_error(),
+                response: None,
+                error: Some(error),
+            },
+        }
+    }
+
+    /// `function`'s batcher for `settings` and `timeout`; made (or remade, after its
+    /// annotations changed) on first use.
+    fn batcher(
+        &self,
+        function: &FunctionRef,
+        settings: BatchSettings,
+        timeout: Option<Duration>,
+    ) -> Option<Arc<Batcher>> {
+        let mut batchers = self
+            .batchers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match batchers.get(function) {
+            Some(b) if b.fits(settings, timeout) => Some(b.clone()),
+            _ => {
+                let b = Batcher::new(
+                    function.clone(),
+                    settings,
+                    timeout,
+                    self.gateway.clone(),
+                    self.metrics.clone(),
+                );
+                batchers.insert(function.clone(), b.clone());
+                Some(b)
+            }
+        }
     }
 
     /// Offers an attempt's result to the response subscribers.

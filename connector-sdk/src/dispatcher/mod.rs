@@ -67,6 +67,7 @@
 // life (see above), in the submodules.
 // 1-2: admit, reserve a function's places, hand off to the pool.
 mod admission;
+mod batch;
 // 4: one delivery's attempts and what each verdict leads to.
 mod attempts;
 // A worker's drain and abort tokens, and the cheap abort signal.
@@ -194,6 +195,8 @@ struct Inner {
     /// Concurrency limits of the functions that have one (`connector.max_inflight`,
     /// `connector.adaptive`).
     limiters: Mutex<HashMap<FunctionRef, Arc<Limiter>>>,
+    /// The open batches of the functions that take batches (`connector.batch.size`).
+    batchers: Mutex<HashMap<FunctionRef, Arc<batch::Batcher>>>,
     dead_letters: Option<Arc<dyn DeadLetterSink>>,
     subscribers: Subscribers,
     metrics: Metrics,
@@ -287,6 +290,7 @@ impl DispatcherBuilder {
             policy: self.policy,
             hold_unmatched: self.hold_unmatched,
             limiters: Mutex::new(HashMap::new()),
+            batchers: Mutex::new(HashMap::new()),
             dead_letters: self.dead_letters,
             subscribers: self.subscribers,
             metrics: self.metrics,
