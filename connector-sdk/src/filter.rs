@@ -186,11 +186,35 @@ fn data(message: &Message) -> Value {
         .map(|c| c.to_ascii_lowercase().contains("json"));
     if declared != Some(false)
         && let Ok(json) = serde_json::from_slice::<serde_json::Value>(&message.payload)
-        && let Ok(value) = cel::to_value(json)
     {
-        return value;
+        return json_value(json);
     }
     Value::Bytes(Arc::new(message.payload.to_vec()))
+}
+
+/// A JSON value as CEL sees it. A whole number is an `int` (a `uint` above `int`'s
+/// range), so that `data.n % 2 == 0` works as written; other numbers are `double`.
+fn json_value(json: serde_json::Value) -> Value {
+    use serde_json::Value as Json;
+    match json {
+        Json::Null => Value::Null,
+        Json::Bool(b) => Value::Bool(b),
+        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::Int(i),
+            (None, Some(u)) => Value::UInt(u),
+            (None, None) => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => Value::String(Arc::new(s)),
+        Json::Array(items) => Value::List(Arc::new(items.into_iter().map(json_value).collect())),
+        Json::Object(fields) => Value::Map(Map {
+            map: Arc::new(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (Key::String(Arc::new(k)), json_value(v)))
+                    .collect(),
+            ),
+        }),
+    }
 }
 
 /// The names macros bind (`exists(x, ...)`, `map(y, ...)`): not free variables.
@@ -265,6 +289,8 @@ mod tests {
         assert_eq!(keeps("topic == 'orders' && id == 'id-1'", &m), Ok(true));
         assert_eq!(keeps("headers['x-region'] == 'eu-west'", &m), Ok(true));
         assert_eq!(keeps("data.amount > 100", &m), Ok(true));
+        assert_eq!(keeps("data.amount % 2 == 0", &m), Ok(true));
+        assert_eq!(keeps("data.amount / 7 == 17", &m), Ok(true));
         assert_eq!(keeps("data.items.exists(i, i.sku == 'b')", &m), Ok(true));
         assert_eq!(keeps("has(data.currency)", &m), Ok(false));
         assert_eq!(keeps("subject == null", &m), Ok(true));

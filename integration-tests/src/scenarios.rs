@@ -495,6 +495,150 @@ pub async fn long_outage_loses_nothing(fixture: &dyn Fixture) {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// Filters and batches (a function's `connector.filter` and `connector.batch.size`)
+/// against the real broker: a filter on a JSON field of the body and filters on
+/// CloudEvents attributes select exactly the matching messages, a filter that does not
+/// compile disables only its own subscription, and a batching function receives every
+/// message in batches of at most its size, where an item it reports failed is sent
+/// again alone (or in a later batch) and the others are not. Everything is acknowledged
+/// in the end.
+pub async fn filters_and_batches(fixture: &dyn Fixture) {
+    const MESSAGES: u64 = 24;
+    const FAILS_ONCE: u64 = 7;
+    let topic = unique("select");
+    fixture.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    for (name, filter) in [
+        ("even-fn", "data.n % 2 == 0"),
+        ("typed-fn", "type != 'com.example.other' && size(id) > 0"),
+        ("other-type-fn", "type == 'com.example.other'"),
+        ("broken-fn", "data.n =="),
+    ] {
+        gw.function_with_annotations(
+            name,
+            &[("topic", topic.as_str()), ("connector.filter", filter)],
+            |_, _| Reply::ok(),
+        );
+    }
+    gw.function_with_annotations(
+        "batch-fn",
+        &[
+            ("topic", topic.as_str()),
+            ("connector.batch.size", "10"),
+            ("connector.batch.window", "300ms"),
+        ],
+        |req, _| {
+            let items: Vec<serde_json::Value> = serde_json::from_slice(&req.body).unwrap();
+            let first = req.header("x-delivery-attempt").as_deref() == Some("1");
+            let failures: Vec<_> = items
+                .iter()
+                .filter(|e| first && e["data"]["n"] == FAILS_ONCE)
+                .map(|e| serde_json::json!({"itemIdentifier": e["id"]}))
+                .collect();
+            Reply::ok().body(
+                serde_json::json!({ "batchItemFailures": failures })
+                    .to_string()
+                    .as_bytes(),
+            )
+        },
+    );
+    let connector = start(fixture, &gw, &topic, "max_inflight = 32").await;
+    let sent: Vec<Vec<u8>> = (0..MESSAGES)
+        .map(|n| format!(r#"{{"n": {n}}}"#).into_bytes())
+        .collect();
+    fixture.produce(&topic, &sent).await;
+    let numbers = |function: &str| -> Vec<u64> {
+        gw.requests_to(function)
+            .iter()
+            .map(|r| {
+                serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["n"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let batched = |gw: &FakeGateway| -> Vec<Vec<u64>> {
+        gw.requests_to("batch-fn")
+            .iter()
+            .map(|r| {
+                serde_json::from_slice::<Vec<serde_json::Value>>(&r.body)
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["data"]["n"].as_u64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let all: BTreeSet<u64> = (0..MESSAGES).collect();
+    assert!(
+        eventually(WITHIN, || {
+            numbers("typed-fn").iter().collect::<BTreeSet<_>>().len() == all.len()
+                && batched(&gw)
+                    .iter()
+                    .flatten()
+                    .filter(|n| **n == FAILS_ONCE)
+                    .count()
+                    >= 2
+        })
+        .await,
+        "typed-fn got {:?}, batch-fn {:?}:\n{}",
+        numbers("typed-fn"),
+        batched(&gw),
+        connector.process.output()
+    );
+    assert!(
+        eventually_async(WITHIN, || async {
+            fixture.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "messages left unacknowledged: {}",
+        fixture.unacknowledged(&topic).await
+    );
+    let evens: BTreeSet<u64> = all.iter().copied().filter(|n| n % 2 == 0).collect();
+    assert_eq!(
+        numbers("even-fn").into_iter().collect::<BTreeSet<_>>(),
+        evens
+    );
+    assert_eq!(
+        numbers("typed-fn").into_iter().collect::<BTreeSet<_>>(),
+        all
+    );
+    assert!(numbers("other-type-fn").is_empty());
+    assert!(
+        numbers("broken-fn").is_empty(),
+        "a broken filter's function was invoked"
+    );
+    let batches = batched(&gw);
+    assert!(batches.iter().all(|b| b.len() <= 10), "{batches:?}");
+    assert!(
+        batches.iter().any(|b| b.len() > 1),
+        "no batch held two messages: {batches:?}"
+    );
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for n in batches.iter().flatten() {
+        *counts.entry(*n).or_default() += 1;
+    }
+    assert_eq!(counts.keys().copied().collect::<BTreeSet<_>>(), all);
+    let again: Vec<_> = counts
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(
+        again,
+        [FAILS_ONCE],
+        "only the failed item is sent again: {batches:?}"
+    );
+    let metrics = crate::http_get(connector.metrics_addr, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    assert!(
+        metrics.contains(r#"connector_subscription_invalid{function="broken-fn"} 1"#),
+        "{metrics}"
+    );
+}
+
 /// Polls an async condition every 100 ms for up to `within`.
 pub async fn eventually_async<F, Fut>(within: Duration, mut check: F) -> bool
 where

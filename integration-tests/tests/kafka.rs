@@ -332,6 +332,12 @@ async fn metrics_text(addr: std::net::SocketAddr) -> String {
 
 // ---------------------------------------------------------------- the shared suite
 
+/// Filters and batches select and group messages on the real broker.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_filters_and_batches() {
+    scenarios::filters_and_batches(&Kafka::new()).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_delivered_once() {
     scenarios::delivered_once(&Kafka::new()).await;

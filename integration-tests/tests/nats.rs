@@ -40,6 +40,12 @@ async fn jetstream_topics() -> JetStreamTopics {
     JetStreamTopics::new().await.with_consumer(CONSUMER)
 }
 
+/// Filters and batches select and group messages on the real broker.
+#[tokio::test]
+async fn jetstream_filters_and_batches() {
+    scenarios::filters_and_batches(&jetstream_topics().await).await;
+}
+
 #[tokio::test]
 async fn jetstream_delivered_once() {
     scenarios::delivered_once(&jetstream_topics().await).await;

@@ -21,6 +21,12 @@ const WITHIN: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- the shared suite
 
+/// Filters and batches select and group messages on the real broker.
+#[tokio::test]
+async fn rabbitmq_filters_and_batches() {
+    scenarios::filters_and_batches(&RabbitQueues::new()).await;
+}
+
 #[tokio::test]
 async fn rabbitmq_delivered_once() {
     scenarios::delivered_once(&RabbitQueues::new()).await;

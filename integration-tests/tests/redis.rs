@@ -36,6 +36,12 @@ async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
 
 // ---------------------------------------------------------------- the shared suite
 
+/// Filters and batches select and group messages on the real broker.
+#[tokio::test]
+async fn redis_filters_and_batches() {
+    scenarios::filters_and_batches(&RedisStreams::new()).await;
+}
+
 #[tokio::test]
 async fn redis_delivered_once() {
     scenarios::delivered_once(&RedisStreams::new()).await;

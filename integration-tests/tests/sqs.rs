@@ -17,6 +17,12 @@ use integration_tests::{
 
 const WITHIN: Duration = Duration::from_secs(30);
 
+/// Filters and batches select and group messages on the real broker.
+#[tokio::test]
+async fn sqs_filters_and_batches() {
+    scenarios::filters_and_batches(&SqsQueues::new()).await;
+}
+
 #[tokio::test]
 async fn sqs_delivered_once() {
     scenarios::delivered_once(&SqsQueues::new()).await;
