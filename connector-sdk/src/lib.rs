@@ -25,6 +25,8 @@
 //! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
 //! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
 //!   path, removed once delivered.
+//! - [`watermark`]: the contiguous commit point of sources that acknowledge a position
+//!   (an LSN) rather than each message.
 //! - `testing` (cargo feature `testing`, off by default): a fake OpenFaaS gateway for tests,
 //!   and what the load programs share. Enable it in `[dev-dependencies]` only, so no binary
 //!   links it.
@@ -54,6 +56,7 @@ pub mod source_headers;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topic_map;
+pub mod watermark;
 
 // Shared with the gateway through faas-common; re-exported so connectors keep these paths.
 pub use faas_common::{backoff, verdict};
