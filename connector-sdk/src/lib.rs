@@ -7,6 +7,7 @@
 //! means.
 //!
 //! Modules:
+//! - [`cli`]: the command line every binary shares (`--config`, `replay`).
 //! - [`config`]: the shared `[connector]` section [`SdkConfig`] and its OpenFaaS variable
 //!   names; the figment layering (defaults, TOML, environment) it re-exports from
 //!   `faas_common::config`.
@@ -17,6 +18,8 @@
 //! - [`source_headers`]: which of a message's own headers may reach the function.
 //! - [`verdict`] and [`backoff`]: what a response means; how long to wait before retrying.
 //!   Both live in faas-common, shared with the gateway, and are re-exported here.
+//! - [`follow`]: [`TopicChanges`](follow::TopicChanges), the topic map's changes for
+//!   sources that subscribe per topic.
 //! - [`dispatcher`]: fan-out, attempts, ordering lanes, `max_inflight` backpressure.
 //! - [`dead_letter`]: the sink each connector implements, with provenance.
 //! - [`message`]: [`Message`] in, [`MessageOutcome`] and [`Disposition`] out.
@@ -37,10 +40,12 @@
 //! by default). A connector with its own `#[global_allocator]` depends on the SDK with
 //! `default-features = false`.
 
+pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod dispatcher;
 pub mod error;
+pub mod follow;
 mod function;
 pub mod gateway;
 pub(crate) mod limiter;

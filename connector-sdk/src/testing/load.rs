@@ -24,6 +24,22 @@ use crate::{Message, SdkConfig};
 /// The first argument that makes a load program serve the no-op function.
 pub const SERVE_ARG: &str = "serve-noop-function";
 
+/// The whole `main` of a load program: serves the no-op function when this process was
+/// started as one ([`serve_if_asked`]), else runs `bench` on a two-thread runtime.
+pub fn main<F: std::future::Future<Output = ()>>(bench: impl FnOnce() -> F) {
+    if serve_if_asked() {
+        return;
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(bench()),
+        Err(e) => eprintln!("cannot start the runtime: {e}"),
+    }
+}
+
 /// When this process was started by [`NoopFunction::spawn`] (arguments `SERVE_ARG ADDR
 /// TOPIC`), serves the no-op function until killed and returns `true`; otherwise returns
 /// `false` at once.

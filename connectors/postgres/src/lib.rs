@@ -44,14 +44,9 @@ pub enum Error {
     /// The configuration cannot be used as it is (checked before connecting).
     #[error("{0}")]
     Setup(String),
-    /// The TLS CA file could not be read or holds no certificate.
-    #[error("reading {path}: {reason}")]
-    TlsFile {
-        /// The file.
-        path: String,
-        /// Why.
-        reason: String,
-    },
+    /// The TLS configuration could not be built (the CA file, most likely).
+    #[error(transparent)]
+    Tls(#[from] faas_common::tls::TlsError),
     /// The slot or publication does not exist and `create` is off.
     #[error("{0} does not exist (and postgres.create is off)")]
     Missing(String),
@@ -82,34 +77,9 @@ pub fn source_uri(config: &PgConfig) -> String {
     )
 }
 
-/// The TLS connector for tokio-postgres: rustls on ring, roots from `tls_ca_file` or the
-/// web PKI.
+/// The TLS connector for tokio-postgres (rustls on ring; used only with `tls` on).
 fn tls(config: &PgConfig) -> Result<MakeRustlsConnect, Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &config.tls_ca_file {
-        Some(path) => {
-            let file_error = |reason: String| Error::TlsFile {
-                path: path.display().to_string(),
-                reason,
-            };
-            let pem = std::fs::read(path).map_err(|e| file_error(e.to_string()))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| file_error(e.to_string()))?;
-                roots.add(cert).map_err(|e| file_error(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(file_error("no certificate in it".to_owned()));
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Error::Setup(format!("TLS: {e}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = faas_common::tls::client_config(config.tls_ca_file.as_deref())?;
     Ok(MakeRustlsConnect::new(tls))
 }
 
@@ -162,7 +132,7 @@ pub fn classify(e: Error) -> SourceError {
             // 28: invalid authorization; 42: syntax error or access rule violation.
             code.starts_with("28") || code.starts_with("42")
         }),
-        Error::Setup(_) | Error::TlsFile { .. } => false,
+        Error::Setup(_) | Error::Tls(_) => false,
         Error::Missing(_) | Error::Sdk(_) | Error::Replay(_) => true,
     };
     if fatal {
@@ -190,7 +160,8 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
         .run(|ctx| async move {
             match p.mode {
                 Mode::Replication => {
-                    let source = replication::ReplicationSource::new(p, metrics);
+                    let source =
+                        replication::ReplicationSource::new(p, &ctx.config.topics, metrics);
                     pump(&ctx, source).await
                 }
                 Mode::Notify => {

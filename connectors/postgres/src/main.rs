@@ -10,36 +10,16 @@
 //!
 //! See `config/postgres.toml` for every key and its default.
 
-use std::path::PathBuf;
-
 use connector_sdk::Runtime;
+use connector_sdk::cli::{ConnectorArgs, ConnectorCommand};
 use connector_sdk::runtime::init_tracing;
-
-/// Command line.
-#[derive(clap::Parser)]
-#[command(about = "Delivers PostgreSQL changes and notifications to functions")]
-struct Args {
-    /// TOML configuration file.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Without a subcommand: run the connector.
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(clap::Subcommand)]
-enum Command {
-    /// Deliver the dead letters again (to the function named in each), deleting each row
-    /// from the dead-letter table once delivered.
-    Replay(connector_sdk::replay::ReplayArgs),
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = <Args as clap::Parser>::parse();
+    let args = ConnectorArgs::parse("Delivers PostgreSQL changes and notifications to functions");
     let config = postgres_connector::load(args.config.as_deref())?;
     init_tracing(config.connector.log_format);
-    if let Some(Command::Replay(replay)) = args.command {
+    if let Some(ConnectorCommand::Replay(replay)) = args.command {
         postgres_connector::replay::run(&config, replay, &mut std::io::stdout())
             .await?
             .check()?;

@@ -13,13 +13,11 @@
 //! unbounded buffer.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use connector_sdk::{
-    Disposition, Message, MessageOutcome, Source, SourceContext, SourceError, TopicMap,
-};
+use connector_sdk::follow::TopicChanges;
+use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceContext, SourceError};
 use futures::FutureExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use crate::config::PgConfig;
@@ -47,14 +45,14 @@ pub struct NotifySource {
     source: String,
     link: Option<Link>,
     listening: BTreeSet<String>,
-    changes: Option<watch::Receiver<Arc<TopicMap>>>,
+    changes: TopicChanges,
     held: u64,
 }
 
 impl NotifySource {
     /// A source for `config`; connects on the first `pull`.
     pub fn new(ctx: SourceContext, config: PgConfig, metrics: PgMetrics) -> Self {
-        let changes = ctx.topics_follow_map().then(|| ctx.topics.subscribe());
+        let changes = TopicChanges::new(&ctx);
         Self {
             source: crate::source_uri(&config),
             config,
@@ -143,18 +141,6 @@ impl NotifySource {
     }
 }
 
-/// Waits for a change of the topic map; forever when not following it.
-async fn changed(changes: &mut Option<watch::Receiver<Arc<TopicMap>>>) {
-    match changes {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                *changes = None;
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
 #[async_trait::async_trait]
 impl Source for NotifySource {
     type Ack = ();
@@ -173,7 +159,7 @@ impl Source for NotifySource {
             };
             let next = tokio::select! {
                 biased;
-                () = changed(&mut self.changes) => None,
+                () = self.changes.changed() => None,
                 next = link.rx.recv() => Some(next),
             };
             let first = match next {

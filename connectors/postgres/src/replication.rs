@@ -11,7 +11,7 @@
 //! is per transaction: its commit LSN, known from its `Begin`. Each change is registered
 //! at that position in a [`Watermark`]; so is the open transaction itself until its
 //! `Commit`, after which the frontier is the commit's end. The confirmed position
-//! (standby status update, sent within a second) is the watermark's commit point: the
+//! (standby status update, sent within 100 ms) is the watermark's commit point: the
 //! commit LSN of the oldest transaction with a change not yet acknowledged, else the end
 //! of the last one. An idle stream's keepalive moves the frontier too, so a slot whose
 //! tables are quiet does not hold back WAL.
@@ -26,7 +26,7 @@
 //! nothing: their stream's generation is gone, and the replay delivers them again. A
 //! crash loses nothing either: whatever was not confirmed is replayed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use connector_sdk::watermark::Watermark;
@@ -43,8 +43,9 @@ use crate::config::PgConfig;
 use crate::metrics::PgMetrics;
 use crate::{Error, classify, quote_ident};
 
-/// How often the confirmed position is sent when it moved.
-const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often, at most, the confirmed position is sent when it moved: a small message, so
+/// often enough that the slot trails the deliveries by a fraction of a second.
+const STATUS_INTERVAL: Duration = Duration::from_millis(100);
 /// Most events turned into messages per `pull`.
 const BATCH: usize = 256;
 
@@ -81,12 +82,16 @@ pub struct ReplicationSource {
     open: Option<Open>,
     /// A held change: read the stream again from the confirmed position at this time.
     rewind_at: Option<Instant>,
+    /// With `topics` configured, the only topics delivered; other tables' changes are
+    /// passed over (acknowledged), as a broker connector never reads unlisted topics.
+    only: Option<HashSet<String>>,
 }
 
 impl ReplicationSource {
     /// A source for `config`; connects on the first `pull`.
-    pub fn new(config: PgConfig, metrics: PgMetrics) -> Self {
+    pub fn new(config: PgConfig, topics: &[String], metrics: PgMetrics) -> Self {
         Self {
+            only: (!topics.is_empty()).then(|| topics.iter().cloned().collect()),
             source: crate::source_uri(&config),
             config,
             metrics,
@@ -146,20 +151,13 @@ impl ReplicationSource {
     async fn prepare(&self) -> Result<(), Error> {
         let p = &self.config;
         let sql = crate::connect(p).await?;
-        let has = |table: &'static str, column: &'static str| {
-            let sql = &sql;
-            let name = if table == "pg_publication" {
-                &p.publication
-            } else {
-                &p.slot
-            };
-            async move {
-                let query = format!("SELECT count(*) FROM {table} WHERE {column} = $1");
-                let n: i64 = sql.query_one(&query, &[name]).await?.get(0);
-                Ok::<bool, Error>(n > 0)
-            }
+        let exists = async |query: &str, name: &String| -> Result<bool, Error> {
+            let n: i64 = sql.query_one(query, &[name]).await?.get(0);
+            Ok(n > 0)
         };
-        if !has("pg_publication", "pubname").await? {
+        let publication = "SELECT count(*) FROM pg_publication WHERE pubname = $1";
+        let slot = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1";
+        if !exists(publication, &p.publication).await? {
             if !p.create {
                 return Err(Error::Missing(format!("publication {}", p.publication)));
             }
@@ -176,7 +174,7 @@ impl ReplicationSource {
             .await?;
             tracing::info!(publication = %p.publication, "publication created");
         }
-        if !has("pg_replication_slots", "slot_name").await? {
+        if !exists(slot, &p.slot).await? {
             if !p.create {
                 return Err(Error::Missing(format!("replication slot {}", p.slot)));
             }
@@ -308,13 +306,19 @@ impl ReplicationSource {
                 new,
                 old,
             };
-            out.push((
-                change::message(&change, &place, &self.config),
-                Position {
-                    generation: self.generation,
-                    lsn: open.lsn,
-                },
-            ));
+            let message = change::message(&change, &place, &self.config);
+            if self
+                .only
+                .as_ref()
+                .is_some_and(|only| !only.contains(&message.topic))
+            {
+                continue;
+            }
+            let position = Position {
+                generation: self.generation,
+                lsn: open.lsn,
+            };
+            out.push((message, position));
             self.marks.receive(open.lsn);
         }
     }
