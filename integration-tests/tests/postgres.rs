@@ -374,3 +374,57 @@ async fn a_missing_slot_without_create_is_fatal() {
         "{out}"
     );
 }
+
+/// `tls = "verify_full"` (notify mode): the connection is TLS, the server's certificate
+/// checked against `tls_ca_file`. Uses the Debian cluster's own certificate (`localhost`,
+/// self-signed); where the server has no TLS or that file is missing, there is nothing
+/// to test against and the test says so.
+#[tokio::test]
+async fn notify_over_tls() {
+    const CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let sql = connect().await;
+    let ssl: String = sql.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl != "on" || !std::path::Path::new(CERT).exists() {
+        eprintln!("the server has no TLS (ssl = {ssl}) or {CERT} is missing: nothing to test");
+        return;
+    }
+    let channel = unique("tls");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("tls-fn", &channel, |_, _| Reply::ok());
+    let pg: tokio_postgres::Config = postgres_url().parse().unwrap();
+    let url = format!(
+        "postgres://{}@localhost:{}/{}",
+        pg.get_user().unwrap_or("postgres"),
+        pg.get_ports().first().copied().unwrap_or(5432),
+        pg.get_dbname().unwrap_or("postgres")
+    );
+    let connector = Connector::start(
+        &gw,
+        "",
+        &format!(
+            "[postgres]\nurl = \"{url}\"\nmode = \"notify\"\ntls = \"verify_full\"\ntls_ca_file = \"{CERT}\"\ndead_letter_table = \"\"\n"
+        ),
+    )
+    .await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            sql.execute("SELECT pg_notify($1, 'over-tls')", &[&channel])
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            !gw.requests_to("tls-fn").is_empty()
+        })
+        .await,
+        "no notification arrived over TLS:\n{}",
+        connector.process.output()
+    );
+    let encrypted: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = 'postgres-connector' AND ssl AND client_port IS NOT NULL AND query LIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "the connector's connection is not TLS");
+}
