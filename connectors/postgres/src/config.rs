@@ -238,11 +238,12 @@ impl Config {
             }
         }
         if p.mode == Mode::Replication {
-            // pgwire-replication's TLS would build aws-lc-sys; this build has none.
-            if p.tls != Tls::Disable {
+            // pgwire-replication's TLS builds aws-lc-sys: only with the cargo feature.
+            if p.tls != Tls::Disable && !cfg!(feature = "replication-tls") {
                 fail(
                     "tls",
-                    "TLS is available in notify mode only: the replication client of this build has no TLS".to_owned(),
+                    "TLS in replication mode needs a build with the cargo feature replication-tls"
+                        .to_owned(),
                 );
             }
             for (key, name) in [("slot", &p.slot), ("publication", &p.publication)] {

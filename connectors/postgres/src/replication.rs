@@ -130,6 +130,12 @@ impl ReplicationSource {
         .with_status_interval(STATUS_INTERVAL)
         .with_application_name(crate::NAME);
         cfg.buffer_events = 4 * BATCH;
+        #[cfg(feature = "replication-tls")]
+        if p.tls == crate::config::Tls::VerifyFull {
+            cfg = cfg.with_tls(pgwire_replication::TlsConfig::verify_full(
+                p.tls_ca_file.clone(),
+            ));
+        }
         let mut client = ReplicationClient::connect(cfg)
             .await
             .map_err(replication_error)?;
