@@ -155,6 +155,10 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
     } else {
         runtime = runtime.dead_letters(Arc::new(dead_letter::TableDeadLetters::new(&p)));
     }
+    // A held change is read again, with everything after it, after `hold_delay`: the
+    // changes queued behind it in its table's lane are released rather than delivered
+    // first, so `ordering = "key"` keeps commit order through failures too.
+    runtime = runtime.strict_lanes(p.mode == Mode::Replication);
     tracing::info!(mode = ?p.mode, source = %source_uri(&p), slot = %p.slot, publication = %p.publication, "postgres-connector configured");
     runtime
         .run(|ctx| async move {
