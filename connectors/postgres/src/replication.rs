@@ -205,8 +205,13 @@ impl ReplicationSource {
             .set_held(&self.config.slot, self.marks.pending());
     }
 
-    /// Turns one replication event into messages (none for most).
-    fn event(&mut self, event: ReplicationEvent, out: &mut Vec<(Message, Position)>) {
+    /// Turns one replication event into messages (none for most). A change that cannot
+    /// be decoded is an error, never skipped: skipping it would confirm past it.
+    fn event(
+        &mut self,
+        event: ReplicationEvent,
+        out: &mut Vec<(Message, Position)>,
+    ) -> Result<(), SourceError> {
         match event {
             ReplicationEvent::Begin {
                 final_lsn,
@@ -235,18 +240,22 @@ impl ReplicationSource {
                     self.confirm();
                 }
             }
-            ReplicationEvent::XLogData { data, .. } => match self
-                .parser
-                .parse_wal_message_bytes(data)
-            {
-                Ok(parsed) => self.decoded(parsed.message, out),
-                Err(e) => tracing::warn!(error = %e, "an undecodable pgoutput message was skipped"),
-            },
+            ReplicationEvent::XLogData { data, .. } => {
+                let parsed = self.parser.parse_wal_message_bytes(data).map_err(|e| {
+                    SourceError::transient(format!("decoding a pgoutput message: {e}"))
+                })?;
+                return self.decoded(parsed.message, out);
+            }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
+        Ok(())
     }
 
-    fn decoded(&mut self, message: LogicalReplicationMessage, out: &mut Vec<(Message, Position)>) {
+    fn decoded(
+        &mut self,
+        message: LogicalReplicationMessage,
+        out: &mut Vec<(Message, Position)>,
+    ) -> Result<(), SourceError> {
         use LogicalReplicationMessage as M;
         let (op, relation_ids, new, old) = match &message {
             M::Relation {
@@ -264,7 +273,7 @@ impl ReplicationSource {
                     columns.clone(),
                 );
                 self.relations.insert(*relation_id, info);
-                return;
+                return Ok(());
             }
             M::Insert { relation_id, tuple } => (Op::Insert, vec![*relation_id], Some(tuple), None),
             M::Update {
@@ -284,19 +293,16 @@ impl ReplicationSource {
                 ..
             } => (Op::Delete, vec![*relation_id], None, Some(old_tuple)),
             M::Truncate { relation_ids, .. } => (Op::Truncate, relation_ids.clone(), None, None),
-            _ => return,
+            _ => return Ok(()),
         };
         let Some(open) = self.open.as_mut() else {
-            tracing::warn!("a change outside a transaction was skipped");
-            return;
+            return Err(SourceError::transient("a change outside a transaction"));
         };
         for id in relation_ids {
             let Some(relation) = self.relations.get(&id) else {
-                tracing::warn!(
-                    relation = id,
-                    "a change of a table never described was skipped"
-                );
-                continue;
+                return Err(SourceError::transient(format!(
+                    "a change of relation {id}, which the stream never described"
+                )));
             };
             let place = Place {
                 slot: &self.config.slot,
@@ -327,6 +333,7 @@ impl ReplicationSource {
             out.push((message, position));
             self.marks.receive(open.lsn);
         }
+        Ok(())
     }
 
     /// Drops the stream; the next `pull` reads again from the confirmed position.
@@ -378,26 +385,9 @@ impl Source for ReplicationSource {
                     e = stream.client.recv() => Woke::Event(e),
                 }
             };
-            match woke {
+            let mut event = match woke {
                 Woke::Rewind => return Ok(out),
-                Woke::Event(Ok(Some(event))) => {
-                    self.event(event, &mut out);
-                    // Take what has arrived already, without waiting.
-                    while out.len() < BATCH {
-                        let Some(stream) = self.stream.as_mut() else {
-                            break;
-                        };
-                        match stream.client.recv().now_or_never() {
-                            Some(Ok(Some(event))) => self.event(event, &mut out),
-                            _ => break,
-                        }
-                    }
-                    if !out.is_empty() {
-                        self.metrics
-                            .set_held(&self.config.slot, self.marks.pending());
-                        return Ok(out);
-                    }
-                }
+                Woke::Event(Ok(Some(event))) => event,
                 Woke::Event(Ok(None)) => {
                     self.abandon();
                     return Err(SourceError::transient("the replication stream ended"));
@@ -406,6 +396,29 @@ impl Source for ReplicationSource {
                     self.abandon();
                     return Err(replication_error(e));
                 }
+            };
+            loop {
+                if let Err(e) = self.event(event, &mut out) {
+                    self.abandon();
+                    return Err(e);
+                }
+                if out.len() >= BATCH {
+                    break;
+                }
+                // Take what has arrived already, without waiting.
+                let next = self
+                    .stream
+                    .as_mut()
+                    .and_then(|s| s.client.recv().now_or_never());
+                match next {
+                    Some(Ok(Some(next))) => event = next,
+                    _ => break,
+                }
+            }
+            if !out.is_empty() {
+                self.metrics
+                    .set_held(&self.config.slot, self.marks.pending());
+                return Ok(out);
             }
         }
     }
