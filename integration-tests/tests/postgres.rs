@@ -294,7 +294,7 @@ async fn notify_mode_delivers() {
     )
     .await;
     let sql = connect().await;
-    // Readiness means connected; the LISTEN follows the topic map's first build.
+    // Readiness follows the LISTEN; the probe is a bounded wait all the same.
     let mut sent = Vec::new();
     assert!(
         eventually_async(WITHIN, || async {

@@ -169,7 +169,8 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
                     pump(&ctx, source).await
                 }
                 Mode::Notify => {
-                    let source = notify::NotifySource::new(ctx.clone(), p, metrics);
+                    let mut source = notify::NotifySource::new(ctx.clone(), p, metrics);
+                    source.connect().await?;
                     pump(&ctx, source).await
                 }
             }

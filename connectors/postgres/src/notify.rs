@@ -65,6 +65,26 @@ impl NotifySource {
         }
     }
 
+    /// Connects and LISTENs before the pump starts, so that readiness (which the pump
+    /// turns on) follows a listening connection; a transient failure is left to `pull`.
+    pub async fn connect(&mut self) -> Result<(), SourceError> {
+        let listening = match self.open().await {
+            Ok(link) => {
+                self.link = Some(link);
+                self.listen().await
+            }
+            Err(e) => Err(e),
+        };
+        match listening {
+            Err(SourceError::Transient(e)) => {
+                tracing::warn!(error = %e, "connecting to PostgreSQL failed; retrying with backoff");
+                self.link = None;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     async fn open(&mut self) -> Result<Link, SourceError> {
         let (client, mut connection) = crate::connect_raw(&self.config).await.map_err(classify)?;
         let capacity = self.ctx.config.max_inflight.clamp(64, 4096);
