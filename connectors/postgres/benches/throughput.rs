@@ -24,11 +24,10 @@
 //! connector's CPU time per message and resident memory.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use connector_sdk::Message;
-use connector_sdk::testing::load::{self, NoopFunction};
+use connector_sdk::testing::load::{self, ConnectorProcess, NoopFunction};
 use pg_walstream::{LogicalReplicationMessage, LogicalReplicationParser};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio_postgres::{Client, NoTls};
@@ -150,30 +149,16 @@ async fn round(sql: &Client, name: &str) -> Round {
     let plain = plain_client(name, &plain_slot).await;
 
     let metrics = load::free_addr().unwrap();
-    let dir = std::env::temp_dir().join(format!("postgres-bench-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[connector]\ngateway_url = \"{url}\"\nmetrics_addr = \"{metrics}\"\ntopics = [\"{name}\"]\nmax_inflight = {INFLIGHT}\n\n[postgres]\nurl = \"{pg}\"\nslot = \"{conn_slot}\"\npublication = \"{name}\"\ndead_letter_table = \"\"\n",
-            url = function.url(),
-            pg = postgres_url(),
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postgres-connector"))
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    assert!(
-        load::wait_ready(metrics, Duration::from_secs(30)).await,
-        "connector not ready"
+    let config = format!(
+        "[connector]\ngateway_url = \"{url}\"\nmetrics_addr = \"{metrics}\"\ntopics = [\"{name}\"]\nmax_inflight = {INFLIGHT}\n\n[postgres]\nurl = \"{pg}\"\nslot = \"{conn_slot}\"\npublication = \"{name}\"\ndead_letter_table = \"\"\n",
+        url = function.url(),
+        pg = postgres_url(),
     );
+    let connector =
+        ConnectorProcess::start(env!("CARGO_BIN_EXE_postgres-connector"), &config, metrics)
+            .await
+            .unwrap();
+    let pid = connector.pid;
     let started = Instant::now();
     let idle_kib = load::status_kib(pid, "VmRSS");
     let cpu = load::cpu_time(pid);
@@ -200,12 +185,7 @@ async fn round(sql: &Client, name: &str) -> Round {
     let took = started.elapsed();
     let cpu = load::cpu_time(pid) - cpu;
     let peak_kib = load::status_kib(pid, "VmHWM");
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "connector exit status {status:?}");
-    let _ = std::fs::remove_dir_all(&dir);
+    connector.stop().unwrap();
     drop(function);
     for slot in [&plain_slot, &conn_slot] {
         sql.query("SELECT pg_drop_replication_slot($1)", &[slot])
