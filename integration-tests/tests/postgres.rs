@@ -274,7 +274,8 @@ async fn many_rows_survive_a_kill() {
 /// its channel as topic and header; a 4xx is dead-lettered to the table.
 #[tokio::test]
 async fn notify_mode_delivers() {
-    let channel = unique("chan");
+    // A dot, as topics often have: one channel name, not schema and table.
+    let channel = format!("{}.created", unique("chan"));
     let dead = unique("it_dead").replace('-', "_");
     let gw = FakeGateway::start().await.unwrap();
     gw.function("notify-fn", &channel, |req, _| {

@@ -116,12 +116,14 @@ pub async fn connect(config: &PgConfig) -> Result<Client, Error> {
     Ok(client)
 }
 
-/// `name` as a quoted SQL identifier; `schema.table` becomes `"schema"."table"`.
+/// `name` as one quoted SQL identifier (a NOTIFY channel may hold dots).
+pub fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A table name as a quoted SQL identifier: `schema.table` becomes `"schema"."table"`.
 pub fn quote_ident(name: &str) -> String {
-    name.split('.')
-        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join(".")
+    name.split('.').map(quote).collect::<Vec<_>>().join(".")
 }
 
 /// Whether a failure is worth retrying: refused credentials and missing objects are not.
@@ -188,6 +190,7 @@ mod tests {
     fn identifiers_are_quoted_and_the_source_names_no_credentials() {
         assert_eq!(quote_ident("orders"), "\"orders\"");
         assert_eq!(quote_ident("a.b\"c"), "\"a\".\"b\"\"c\"");
+        assert_eq!(quote("orders.created"), "\"orders.created\"");
         let config = PgConfig {
             url: "postgres://app:pw@db.internal:6432/shop".into(),
             ..PgConfig::default()

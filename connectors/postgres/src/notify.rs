@@ -22,7 +22,7 @@ use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use crate::config::PgConfig;
 use crate::metrics::PgMetrics;
-use crate::{classify, quote_ident};
+use crate::{classify, quote};
 
 /// `X-Postgres-Channel`.
 pub const CHANNEL_HEADER: &str = "X-Postgres-Channel";
@@ -118,10 +118,10 @@ impl NotifySource {
         let wanted: BTreeSet<String> = self.ctx.wanted_topics().into_iter().collect();
         let mut sql = String::new();
         for channel in wanted.difference(&self.listening) {
-            sql.push_str(&format!("LISTEN {};", quote_ident(channel)));
+            sql.push_str(&format!("LISTEN {};", quote(channel)));
         }
         for channel in self.listening.difference(&wanted) {
-            sql.push_str(&format!("UNLISTEN {};", quote_ident(channel)));
+            sql.push_str(&format!("UNLISTEN {};", quote(channel)));
         }
         if sql.is_empty() {
             return Ok(());
