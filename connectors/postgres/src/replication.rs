@@ -319,11 +319,15 @@ impl ReplicationSource {
                 old,
             };
             let message = change::message(&change, &place, &self.config);
-            if self
+            let unlisted = self
                 .only
                 .as_ref()
-                .is_some_and(|only| !only.contains(&message.topic))
-            {
+                .is_some_and(|o| !o.contains(&message.topic));
+            // Dead letters are rows too (with FOR ALL TABLES): never events.
+            let dlt = &self.config.dead_letter_table;
+            let dead = message.subject.as_deref() == Some(dlt.as_str())
+                || (*relation.namespace == *"public" && *relation.relation_name == **dlt);
+            if unlisted || dead {
                 continue;
             }
             let position = Position {
