@@ -35,36 +35,11 @@ pub const OPERATION_HEADER: &str = "X-Postgres-Operation";
 /// `X-Postgres-Lsn`.
 pub const LSN_HEADER: &str = "X-Postgres-Lsn";
 
-/// What happened to a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// `INSERT`.
-    Insert,
-    /// `UPDATE`.
-    Update,
-    /// `DELETE`.
-    Delete,
-    /// `TRUNCATE` (no row).
-    Truncate,
-}
-
-impl Op {
-    /// The name in the body and header.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Insert => "insert",
-            Self::Update => "update",
-            Self::Delete => "delete",
-            Self::Truncate => "truncate",
-        }
-    }
-}
-
 /// One change of a transaction, decoded.
 #[derive(Debug)]
 pub struct Change<'a> {
-    /// The operation.
-    pub op: Op,
+    /// `insert`, `update`, `delete` or `truncate` (no row).
+    pub op: &'static str,
     /// The table, as its latest `Relation` message described it.
     pub relation: &'a RelationInfo,
     /// The new row (insert, update).
@@ -102,7 +77,7 @@ pub fn message(change: &Change<'_>, place: &Place<'_>, config: &PgConfig) -> Mes
     let (payload, json) = match config.body {
         Body::Change => {
             let mut body = Map::new();
-            body.insert("op".into(), change.op.as_str().into());
+            body.insert("op".into(), change.op.into());
             body.insert("schema".into(), Value::from(&*r.namespace));
             body.insert("table".into(), Value::from(&*r.relation_name));
             body.insert("lsn".into(), Value::from(lsn.as_str()));
@@ -135,7 +110,7 @@ pub fn message(change: &Change<'_>, place: &Place<'_>, config: &PgConfig) -> Mes
         message = message.with_content_type("application/json");
     }
     message.add_header(TABLE_HEADER, &table);
-    message.add_header(OPERATION_HEADER, change.op.as_str());
+    message.add_header(OPERATION_HEADER, change.op);
     message.add_header(LSN_HEADER, &lsn);
     message
 }
@@ -258,7 +233,7 @@ mod tests {
         ]);
         let old = tuple([Some("7"), None, None, None, Some("TOAST")]);
         let change = Change {
-            op: Op::Update,
+            op: "update",
             relation: &r,
             new: Some(&new),
             old: Some(&old),
@@ -288,7 +263,7 @@ mod tests {
         let r = relation();
         let row = tuple([Some("1"), None, None, Some("\\x6869"), Some("text")]);
         let change = Change {
-            op: Op::Delete,
+            op: "delete",
             relation: &r,
             new: None,
             old: Some(&row),

@@ -38,7 +38,7 @@ use pgwire_replication::{
 };
 use tokio_util::sync::DropGuard;
 
-use crate::change::{self, Change, Op, Place};
+use crate::change::{self, Change, Place};
 use crate::config::PgConfig;
 use crate::metrics::PgMetrics;
 use crate::{Error, classify, quote_ident};
@@ -275,14 +275,14 @@ impl ReplicationSource {
                 self.relations.insert(*relation_id, info);
                 return Ok(());
             }
-            M::Insert { relation_id, tuple } => (Op::Insert, vec![*relation_id], Some(tuple), None),
+            M::Insert { relation_id, tuple } => ("insert", vec![*relation_id], Some(tuple), None),
             M::Update {
                 relation_id,
                 old_tuple,
                 new_tuple,
                 ..
             } => (
-                Op::Update,
+                "update",
                 vec![*relation_id],
                 Some(new_tuple),
                 old_tuple.as_ref(),
@@ -291,8 +291,8 @@ impl ReplicationSource {
                 relation_id,
                 old_tuple,
                 ..
-            } => (Op::Delete, vec![*relation_id], None, Some(old_tuple)),
-            M::Truncate { relation_ids, .. } => (Op::Truncate, relation_ids.clone(), None, None),
+            } => ("delete", vec![*relation_id], None, Some(old_tuple)),
+            M::Truncate { relation_ids, .. } => ("truncate", relation_ids.clone(), None, None),
             _ => return Ok(()),
         };
         let Some(open) = self.open.as_mut() else {
