@@ -429,3 +429,58 @@ async fn notify_over_tls() {
         .get(0);
     assert!(encrypted >= 1, "the connector's connection is not TLS");
 }
+
+/// The server drops the connector's replication connection (`pg_terminate_backend` on
+/// its walsender, as a restart or failover would): the connector reconnects with backoff,
+/// stays up, and every row, before and after, reaches the function.
+#[tokio::test]
+async fn a_dropped_replication_connection_is_reconnected() {
+    let fx = PgTables::new();
+    let topic = unique("drop-conn");
+    fx.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("reconnect-fn", &topic, |_, _| Reply::ok());
+    let mut connector = Connector::start(&gw, "", &fx.source_config(&topic)).await;
+    let first: Vec<Vec<u8>> = (0..20)
+        .map(|i| format!("before-{i}").into_bytes())
+        .collect();
+    fx.produce(&topic, &first).await;
+    assert!(eventually(WITHIN, || gw.requests_to("reconnect-fn").len() >= 20).await);
+    let sql = connect().await;
+    let slot = integration_tests::postgres_broker::slot_of(&topic);
+    let terminated: Vec<bool> = sql
+        .query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(terminated, [true], "the walsender was not found");
+    let second: Vec<Vec<u8>> = (0..20).map(|i| format!("after-{i}").into_bytes()).collect();
+    fx.produce(&topic, &second).await;
+    let delivered = || {
+        bodies(&gw, "reconnect-fn")
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+    };
+    assert!(
+        eventually(WITHIN, || second.iter().all(|p| delivered().contains(p))).await,
+        "rows after the drop did not arrive:\n{}",
+        connector.process.output()
+    );
+    assert!(first.iter().all(|p| delivered().contains(p)));
+    assert!(
+        eventually_async(WITHIN, || async { fx.unacknowledged(&topic).await == 0 }).await,
+        "the slot was not confirmed past every row"
+    );
+    assert!(connector.process.exited().is_none(), "the connector exited");
+    assert!(
+        connector
+            .process
+            .output()
+            .contains("pulling from the source failed")
+    );
+}
