@@ -462,7 +462,10 @@ impl Source for ReplicationSource {
         if let Some(point) = self.marks.commit_point() {
             let deadline = Instant::now() + STATUS_INTERVAL + self.config.command_timeout;
             let metrics = stream.client.metrics();
-            while metrics.last_applied_lsn().as_u64() < point && Instant::now() < deadline {
+            while metrics.last_applied_lsn().as_u64() < point
+                && Instant::now() < deadline
+                && stream.client.is_running()
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
