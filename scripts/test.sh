@@ -12,6 +12,7 @@
 #   Kafka (tansu) 127.0.0.1:9092   KAFKA_BROKERS  cargo install tansu (first build ~10 min)
 #   SQS (moto)    127.0.0.1:4566   SQS_ENDPOINT   pip install 'moto[server]'
 #   RabbitMQ      127.0.0.1:5672   RABBITMQ_URL   rabbitmq-server (apt: rabbitmq-server; tests use rabbitmqctl)
+#   PostgreSQL    127.0.0.1:5432   POSTGRES_URL   the Debian cluster (apt: postgresql), wal_level = logical
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,6 +33,7 @@ log() { printf '\033[1m[test.sh]\033[0m %s\n' "$*" >&2; }
 
 cleanup() {
   local pid
+  drop_test_slots
   for pid in "${started[@]}"; do
     kill "$pid" 2>/dev/null || true
   done
@@ -126,6 +128,53 @@ ensure_rabbitmq() {
   wait_for rabbitmq 127.0.0.1 5672 60
 }
 
+# PostgreSQL with logical replication (wal_level = logical, which takes a restart) and room
+# for the tests' slots, which run in parallel. A POSTGRES_URL given from outside is used as
+# it is. Otherwise the machine's Debian cluster (installed if missing, trust on loopback)
+# is configured with ALTER SYSTEM and restarted when its wal_level is not logical yet.
+ensure_postgres() {
+  if [ -n "${POSTGRES_URL:-}" ]; then return; fi
+  local psql=(psql -h 127.0.0.1 -U postgres -d postgres -Atq)
+  if ! listening 127.0.0.1 5432; then
+    command -v pg_lsclusters >/dev/null || apt_install postgresql
+    local version
+    version=$(pg_lsclusters -h | awk 'NR == 1 {print $1}')
+    [ -n "$version" ] || { log "no PostgreSQL cluster after installing postgresql"; exit 1; }
+    local hba=/etc/postgresql/$version/main/pg_hba.conf
+    grep -q '^host all postgres 127.0.0.1/32 trust' "$hba" ||
+      sed -i '1i host all postgres 127.0.0.1/32 trust\nhost replication postgres 127.0.0.1/32 trust' "$hba"
+    log "starting PostgreSQL $version"
+    pg_ctlcluster "$version" main start
+    wait_for postgresql 127.0.0.1 5432 60
+  fi
+  if [ "$("${psql[@]}" -c 'SHOW wal_level')" != logical ] ||
+    [ "$("${psql[@]}" -c 'SHOW max_replication_slots')" -lt 32 ]; then
+    log "setting wal_level = logical and restarting PostgreSQL"
+    "${psql[@]}" -c 'ALTER SYSTEM SET wal_level = logical' \
+      -c 'ALTER SYSTEM SET max_replication_slots = 32' \
+      -c 'ALTER SYSTEM SET max_wal_senders = 32'
+    local version
+    version=$(pg_lsclusters -h | awk '$3 == 5432 {print $1; exit}')
+    pg_ctlcluster "$version" main restart
+    local i
+    for ((i = 0; i < 300; i++)); do
+      "${psql[@]}" -c 'SELECT 1' >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+    [ "$("${psql[@]}" -c 'SHOW wal_level')" = logical ] ||
+      { log "PostgreSQL's wal_level is still not logical"; exit 1; }
+  fi
+}
+
+# Slots a test left behind (a test killed mid-run never reached its cleanup) retain WAL:
+# drop the inactive ones with the tests' prefix.
+drop_test_slots() {
+  [ -z "${POSTGRES_URL:-}" ] || [ "$POSTGRES_URL" = postgres://postgres@127.0.0.1:5432/postgres ] || return 0
+  psql -h 127.0.0.1 -U postgres -d postgres -Atq -c \
+    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'it\\_%' AND NOT active" \
+    >/dev/null 2>&1 || true
+}
+
 # librdkafka is built with OpenSSL (rdkafka's `ssl` feature: broker TLS, SASL_SSL, SCRAM).
 ensure_build_deps() {
   command -v dpkg >/dev/null || return 0
@@ -147,12 +196,14 @@ ensure_nats
 ensure_kafka
 ensure_sqs
 ensure_rabbitmq
+ensure_postgres
 
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}
 export SQS_ENDPOINT=${SQS_ENDPOINT:-http://127.0.0.1:4566}
 export RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export POSTGRES_URL=${POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 
 log "cargo test --workspace"
 # cargo test builds every binary and example before running tests; the end-to-end tests

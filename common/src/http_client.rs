@@ -3,7 +3,6 @@
 //! for `https`. No redirect or proxy layers: those re-parse every request's URL, which
 //! costs more than a loopback request.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::client::legacy::Client;
@@ -27,7 +26,7 @@ pub struct PoolSettings {
 /// The TLS setup could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the TLS client configuration: {0}")]
-pub struct TlsSetup(#[source] rustls::Error);
+pub struct TlsSetup(#[source] crate::tls::TlsError);
 
 /// A pooled client with `settings`.
 pub fn pooled<B>(settings: PoolSettings) -> Result<PooledClient<B>, TlsSetup>
@@ -39,16 +38,7 @@ where
     tcp.set_nodelay(true);
     tcp.enforce_http(false);
     tcp.set_connect_timeout(Some(settings.connect_timeout));
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(TlsSetup)?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = crate::tls::client_config(None).map_err(TlsSetup)?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

@@ -15,8 +15,11 @@
 //!   the `duration`, `flag` and `list` serde helpers.
 //! - [`http_client`]: hyper's pooled client with TLS, for invocations and the gateway's
 //!   proxy.
+//! - [`tls`]: the rustls client configuration (ring, Mozilla roots or a CA file) every
+//!   TLS client uses.
 
 pub mod backoff;
 pub mod config;
 pub mod http_client;
+pub mod tls;
 pub mod verdict;

@@ -7,6 +7,7 @@
 //! means.
 //!
 //! Modules:
+//! - [`cli`]: the command line every binary shares (`--config`, `replay`).
 //! - [`config`]: the shared `[connector]` section [`SdkConfig`] and its OpenFaaS variable
 //!   names; the figment layering (defaults, TOML, environment) it re-exports from
 //!   `faas_common::config`.
@@ -17,6 +18,8 @@
 //! - [`source_headers`]: which of a message's own headers may reach the function.
 //! - [`verdict`] and [`backoff`]: what a response means; how long to wait before retrying.
 //!   Both live in faas-common, shared with the gateway, and are re-exported here.
+//! - [`follow`]: [`TopicChanges`](follow::TopicChanges), the topic map's changes for
+//!   sources that subscribe per topic.
 //! - [`dispatcher`]: fan-out, attempts, ordering lanes, `max_inflight` backpressure.
 //! - [`dead_letter`]: the sink each connector implements, with provenance.
 //! - [`message`]: [`Message`] in, [`MessageOutcome`] and [`Disposition`] out.
@@ -25,6 +28,8 @@
 //! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
 //! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
 //!   path, removed once delivered.
+//! - [`watermark`]: the contiguous commit point of sources that acknowledge a position
+//!   (an LSN) rather than each message.
 //! - `testing` (cargo feature `testing`, off by default): a fake OpenFaaS gateway for tests,
 //!   and what the load programs share. Enable it in `[dev-dependencies]` only, so no binary
 //!   links it.
@@ -35,11 +40,13 @@
 //! by default). A connector with its own `#[global_allocator]` depends on the SDK with
 //! `default-features = false`.
 
+pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod dispatcher;
 pub mod error;
 pub mod filter;
+pub mod follow;
 mod function;
 pub mod gateway;
 pub(crate) mod limiter;
@@ -55,6 +62,7 @@ pub mod source_headers;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topic_map;
+pub mod watermark;
 
 // Shared with the gateway through faas-common; re-exported so connectors keep these paths.
 pub use faas_common::{backoff, verdict};

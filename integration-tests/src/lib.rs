@@ -4,11 +4,13 @@
 //!   output kept in a log file (printed when a test fails), stopped with SIGTERM (and its
 //!   exit status checked) or killed with SIGKILL.
 //! - Broker addresses from the environment with loopback defaults ([`redis_url`],
-//!   [`nats_url`], [`kafka_brokers`], [`sqs_endpoint`], [`rabbitmq_url`]), as `scripts/test.sh` exports them.
+//!   [`nats_url`], [`kafka_brokers`], [`sqs_endpoint`], [`rabbitmq_url`],
+//!   `postgres_broker::postgres_url`), as `scripts/test.sh` exports them.
 //! - [`unique`] names, so tests never share a topic, stream or queue.
 //! - [`scenarios`]: the shared suite every broker connector runs; [`replay`]: the
 //!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`],
-//!   [`nats_broker`], [`sqs_broker`], [`rabbitmq_broker`]: broker fixtures.
+//!   [`nats_broker`], [`sqs_broker`], [`rabbitmq_broker`], [`postgres_broker`]: broker
+//!   fixtures.
 //! - The gateway and functions are `connector_sdk::testing::FakeGateway`, a real HTTP
 //!   server, except in `tests/system.rs`, which runs the real `gateway` binary with a
 //!   function and the connectors it supervises.
@@ -17,6 +19,7 @@
 pub mod config_keys;
 pub mod kafka_broker;
 pub mod nats_broker;
+pub mod postgres_broker;
 pub mod rabbitmq_broker;
 pub mod redis_broker;
 pub mod replay;

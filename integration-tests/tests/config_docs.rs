@@ -68,6 +68,13 @@ fn binaries() -> Vec<Binary> {
             env: with_sdk(rabbitmq_connector::config::ENV),
         },
         Binary {
+            name: "postgres-connector",
+            keys: config_keys::keys::<postgres_connector::Config>(),
+            default_keys: config_keys::default_keys::<postgres_connector::Config>(),
+            example: "postgres.toml",
+            env: with_sdk(postgres_connector::config::ENV),
+        },
+        Binary {
             name: "gateway",
             keys: config_keys::keys::<gateway::Config>(),
             default_keys: config_keys::default_keys::<gateway::Config>(),
@@ -172,6 +179,10 @@ fn every_example_file_loads() {
             }
             "rabbitmq-connector" => {
                 connector_sdk::config::load::<rabbitmq_connector::Config>(Some(&path), &[])
+                    .map(drop)
+            }
+            "postgres-connector" => {
+                connector_sdk::config::load::<postgres_connector::Config>(Some(&path), &[])
                     .map(drop)
             }
             "gateway" => connector_sdk::config::load::<gateway::Config>(Some(&path), &[]).map(drop),

@@ -33,13 +33,14 @@ use dockerfile_parser::{Dockerfile, Instruction, Stage};
 use serde::Deserialize;
 use serde_json::Value;
 
-const CONNECTORS: [&str; 6] = [
+const CONNECTORS: [&str; 7] = [
     "cron-connector",
     "kafka-connector",
     "redis-connector",
     "sqs-connector",
     "nats-connector",
     "rabbitmq-connector",
+    "postgres-connector",
 ];
 
 fn repo() -> PathBuf {
@@ -98,6 +99,7 @@ fn env_names(binary: &str) -> BTreeSet<&'static str> {
         "sqs-connector" => sqs_connector::config::ENV,
         "nats-connector" => nats_connector::config::ENV,
         "rabbitmq-connector" => rabbitmq_connector::config::ENV,
+        "postgres-connector" => postgres_connector::config::ENV,
         "gateway" => {
             return gateway::config::GATEWAY_ENV
                 .iter()
@@ -158,6 +160,7 @@ fn load(binary: &str, file: Option<&Path>, env: &BTreeMap<String, String>) -> Fa
                 nats_connector::config::Config::load(file).map(|c| sdk_facts(&c.connector))
             }
             "rabbitmq-connector" => rabbitmq_connector::load(file).map(|c| sdk_facts(&c.connector)),
+            "postgres-connector" => postgres_connector::load(file).map(|c| sdk_facts(&c.connector)),
             "gateway" => gateway::Config::load(file).map(|c| Facts {
                 metrics_port: c.gateway.metrics_bind.port(),
                 api_port: Some(c.gateway.bind.port()),

@@ -5,7 +5,7 @@
 //! fixtures in `integration_tests::*_broker`); the function writes each body it gets to a
 //! file, so what the test reads back is what a user's function saw.
 //!
-//! - one test per connector (Kafka, Redis Streams, NATS JetStream, SQS, RabbitMQ): every payload
+//! - one test per connector (Kafka, Redis Streams, NATS JetStream, SQS, RabbitMQ, PostgreSQL): every payload
 //!   reaches the function (at least once, nothing else), with its topic, the connector
 //!   became ready (so it authenticated to `/system/functions`) and acknowledged
 //!   everything, and SIGTERM to the gateway stops the connector and exits 0 (no
@@ -32,6 +32,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use integration_tests::kafka_broker::KafkaTopics;
 use integration_tests::nats_broker::JetStreamTopics;
+use integration_tests::postgres_broker::PgTables;
 use integration_tests::rabbitmq_broker::RabbitQueues;
 use integration_tests::redis_broker::RedisStreams;
 use integration_tests::scenarios::{Fixture, eventually_async};
@@ -573,6 +574,13 @@ async fn sqs_through_the_gateway() {
 async fn rabbitmq_through_the_gateway() {
     delivered_through_the_gateway("rabbitmq", "rabbitmq-connector", &RabbitQueues::new(), &[])
         .await;
+}
+
+/// PostgreSQL rows (logical replication, a payload column as body) through the gateway,
+/// the slot confirmed past every one.
+#[tokio::test]
+async fn postgres_through_the_gateway() {
+    delivered_through_the_gateway("postgres", "postgres-connector", &PgTables::new(), &[]).await;
 }
 
 /// The readiness the tests above wait for rests on the credentials: a connector whose

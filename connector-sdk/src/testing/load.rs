@@ -24,6 +24,22 @@ use crate::{Message, SdkConfig};
 /// The first argument that makes a load program serve the no-op function.
 pub const SERVE_ARG: &str = "serve-noop-function";
 
+/// The whole `main` of a load program: serves the no-op function when this process was
+/// started as one ([`serve_if_asked`]), else runs `bench` on a two-thread runtime.
+pub fn main<F: std::future::Future<Output = ()>>(bench: impl FnOnce() -> F) {
+    if serve_if_asked() {
+        return;
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(bench()),
+        Err(e) => eprintln!("cannot start the runtime: {e}"),
+    }
+}
+
 /// When this process was started by [`NoopFunction::spawn`] (arguments `SERVE_ARG ADDR
 /// TOPIC`), serves the no-op function until killed and returns `true`; otherwise returns
 /// `false` at once.
@@ -242,6 +258,65 @@ pub async fn wait_ready(addr: SocketAddr, within: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// A connector binary a load program runs: its config in a file of its own, `RUST_LOG`
+/// at `warn`, stdout discarded; stopped with SIGTERM by [`stop`](Self::stop).
+#[derive(Debug)]
+pub struct ConnectorProcess {
+    child: Child,
+    /// Its process id, for [`status_kib`] and [`cpu_time`].
+    pub pid: u32,
+    dir: std::path::PathBuf,
+}
+
+impl ConnectorProcess {
+    /// Starts `binary --config <config_toml>` and waits (30 s at most) until `/readyz` on
+    /// `metrics` answers 200.
+    pub async fn start(
+        binary: &str,
+        config_toml: &str,
+        metrics: SocketAddr,
+    ) -> Result<Self, LoadError> {
+        let io = |e: std::io::Error| LoadError::Unexpected(format!("starting {binary}: {e}"));
+        let dir = std::env::temp_dir().join(format!("load-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let config = dir.join("config.toml");
+        std::fs::write(&config, config_toml).map_err(io)?;
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(io)?;
+        let process = Self {
+            pid: child.id(),
+            child,
+            dir,
+        };
+        if !wait_ready(metrics, Duration::from_secs(30)).await {
+            return Err(LoadError::Unexpected(format!("{binary} not ready")));
+        }
+        Ok(process)
+    }
+
+    /// SIGTERM, then waits for the exit: an error unless it exits 0.
+    pub fn stop(mut self) -> Result<(), LoadError> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| LoadError::Unexpected(e.to_string()))?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if status.success() {
+            Ok(())
+        } else {
+            Err(LoadError::Unexpected(format!("exit status {status:?}")))
+        }
+    }
 }
 
 /// A free loopback port.

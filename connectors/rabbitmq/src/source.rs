@@ -37,9 +37,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use connector_sdk::{
-    Disposition, Message, MessageOutcome, Source, SourceContext, SourceError, TopicMap,
-};
+use connector_sdk::follow::TopicChanges;
+use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceContext, SourceError};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
@@ -49,7 +48,6 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, Channel, Connection, Consumer, ExchangeKind};
-use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{QueueType, RabbitConfig};
@@ -77,7 +75,7 @@ pub struct RabbitSource {
     link: Option<Link>,
     /// Bindings this process made, to unbind those the topic map drops.
     bound: BTreeSet<String>,
-    changes: Option<watch::Receiver<Arc<TopicMap>>>,
+    changes: TopicChanges,
     waiting: FuturesUnordered<Waiting>,
     /// Cancelled on flush: every waiting message is requeued at once.
     requeue_now: CancellationToken,
@@ -94,7 +92,7 @@ impl RabbitSource {
     ) -> Result<Self, crate::Error> {
         let queue = ShortString::try_new(config.queue.clone())
             .map_err(|e| crate::Error::Setup(format!("queue: {e}")))?;
-        let changes = ctx.topics_follow_map().then(|| ctx.topics.subscribe());
+        let changes = TopicChanges::new(&ctx);
         let prefetch = u16::try_from(ctx.config.max_inflight.max(1)).unwrap_or(u16::MAX);
         Ok(Self {
             source: crate::source_uri(&config),
@@ -337,18 +335,6 @@ async fn requeue(acker: &Acker) -> Result<(), SourceError> {
         .map_err(SourceError::transient)
 }
 
-/// Waits for a change of the topic map; forever when not following it.
-async fn changed(changes: &mut Option<watch::Receiver<Arc<TopicMap>>>) {
-    match changes {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                *changes = None;
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
 #[async_trait::async_trait]
 impl Source for RabbitSource {
     type Ack = Acker;
@@ -366,7 +352,7 @@ impl Source for RabbitSource {
                 tokio::select! {
                     biased;
                     Some(acker) = self.waiting.next(), if !self.waiting.is_empty() => Event::Requeue(acker),
-                    () = changed(&mut self.changes) => Event::TopicsChanged,
+                    () = self.changes.changed() => Event::TopicsChanged,
                     next = link.consumer.next() => Event::Delivery(next),
                 }
             };
