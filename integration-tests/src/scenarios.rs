@@ -526,6 +526,8 @@ pub async fn filters_and_batches(fixture: &dyn Fixture) {
             ("topic", topic.as_str()),
             ("connector.batch.size", "10"),
             ("connector.batch.window", "300ms"),
+            // Ordered, a batch holds one message per key: each would wait out the window.
+            ("connector.ordering", "none"),
         ],
         |req, _| {
             let items: Vec<serde_json::Value> = serde_json::from_slice(&req.body).unwrap();
