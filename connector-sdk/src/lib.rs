@@ -13,6 +13,8 @@
 //! - [`topic_map`]: the topic → functions map, built from the gateway, swapped atomically;
 //!   [`FunctionRef`] and [`FunctionStatus`](topic_map::FunctionStatus) are defined in a leaf
 //!   module (`function`) so the gateway client, messages and metrics need not import it.
+//! - [`topic_pattern`]: MQTT and AMQP wildcard topic patterns, for sources whose
+//!   subscriptions have wildcards of their own.
 //! - [`gateway`]: the gateway client (`/system/*`, invocation headers, keep-alive pool).
 //! - [`source_headers`]: which of a message's own headers may reach the function.
 //! - [`verdict`] and [`backoff`]: what a response means; how long to wait before retrying.
@@ -54,6 +56,7 @@ pub mod source_headers;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topic_map;
+pub mod topic_pattern;
 
 // Shared with the gateway through faas-common; re-exported so connectors keep these paths.
 pub use faas_common::{backoff, verdict};

@@ -1,0 +1,116 @@
+//! Wildcard topic patterns for sources whose subscriptions have wildcards of their own:
+//! a topic is a sequence of levels split on a separator, one wildcard stands for exactly
+//! one level and another for any number of levels (none included). [`Wildcards::MQTT`]
+//! (`/`, `+`, `#`) and [`Wildcards::AMQP`] (`.`, `*`, `#`) are such syntaxes; a connector
+//! passes `|p, t| Wildcards::MQTT.matches(p, t)` to
+//! [`pattern_matcher`](crate::dispatcher::pattern_matcher) so that a function's `topic`
+//! annotation selects messages as the broker's subscription does.
+
+/// A topic syntax with a one-level and a many-level wildcard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wildcards {
+    /// Between levels.
+    pub separator: char,
+    /// Matches exactly one level.
+    pub one: &'static str,
+    /// Matches zero or more levels.
+    pub any: &'static str,
+    /// Topics starting with `$` (MQTT's `$SYS`, `$share`) are not matched by a wildcard
+    /// in the first level.
+    pub dollar_is_system: bool,
+}
+
+impl Wildcards {
+    /// MQTT topic filters: `sensors/+/temp`, `sensors/#` (`#` also matches `sensors`).
+    pub const MQTT: Self = Self {
+        separator: '/',
+        one: "+",
+        any: "#",
+        dollar_is_system: true,
+    };
+
+    /// AMQP topic-exchange binding keys: `orders.*`, `orders.#`, `#.created`.
+    pub const AMQP: Self = Self {
+        separator: '.',
+        one: "*",
+        any: "#",
+        dollar_is_system: false,
+    };
+
+    /// Whether `pattern` covers `topic`.
+    pub fn matches(&self, pattern: &str, topic: &str) -> bool {
+        if self.dollar_is_system
+            && topic.starts_with('$')
+            && !pattern.starts_with('$')
+            && !pattern.is_empty()
+        {
+            return false;
+        }
+        let pattern: Vec<&str> = pattern.split(self.separator).collect();
+        let topic: Vec<&str> = topic.split(self.separator).collect();
+        // Dynamic programming over (pattern prefix, topic prefix): `reach[j]` says whether
+        // the pattern so far can consume exactly the first `j` levels of the topic.
+        let mut reach = vec![false; topic.len() + 1];
+        reach[0] = true;
+        for level in &pattern {
+            let mut next = vec![false; topic.len() + 1];
+            if *level == self.any {
+                let mut seen = false;
+                for j in 0..=topic.len() {
+                    seen |= reach[j];
+                    next[j] = seen;
+                }
+            } else {
+                for j in 0..topic.len() {
+                    next[j + 1] = reach[j] && (*level == self.one || *level == topic[j]);
+                }
+            }
+            reach = next;
+        }
+        reach[topic.len()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Wildcards;
+
+    #[test]
+    fn mqtt_filters() {
+        let m = |p, t| Wildcards::MQTT.matches(p, t);
+        for (p, t) in [
+            ("a/b", "a/b"),
+            ("a/+", "a/b"),
+            ("+/+", "a/b"),
+            ("a/#", "a"),
+            ("a/#", "a/b/c"),
+            ("#", "a/b"),
+            ("+/b/#", "a/b"),
+            ("a/+/c", "a//c"),
+            ("$SYS/#", "$SYS/broker"),
+        ] {
+            assert!(m(p, t), "{p} {t}");
+        }
+        for (p, t) in [
+            ("a/b", "a/b/c"),
+            ("a/+", "a"),
+            ("a/+", "a/b/c"),
+            ("+/b", "b"),
+            ("#", "$SYS/broker"),
+            ("+/broker", "$SYS/broker"),
+            ("a/b", "a.b"),
+        ] {
+            assert!(!m(p, t), "{p} {t}");
+        }
+    }
+
+    #[test]
+    fn amqp_keys() {
+        let m = |p, t| Wildcards::AMQP.matches(p, t);
+        assert!(m("a.#.d", "a.b.c.d"));
+        assert!(m("#.c", "a.b.c"));
+        assert!(m("a.*", "a.b"));
+        assert!(!m("a.#.d", "a.b.c"));
+        assert!(!m("a.*", "a.b.c"));
+    }
+}
