@@ -69,6 +69,36 @@ impl Wildcards {
         }
         reach[topic.len()]
     }
+
+    /// Whether every topic `narrow` matches is matched by `wide` too: a subscription to
+    /// `wide` makes one to `narrow` redundant (and a broker that sends one copy per
+    /// matching subscription, as Mosquitto does for MQTT 5, would send it twice).
+    pub fn covers(&self, wide: &str, narrow: &str) -> bool {
+        // `narrow`'s wildcards as literal levels no topic has: only a wildcard of `wide`
+        // matches them, and only `any` matches `narrow`'s `any`.
+        let literal: Vec<String> = narrow
+            .split(self.separator)
+            .map(|level| {
+                if level == self.one || level == self.any {
+                    format!("\0{level}")
+                } else {
+                    level.to_owned()
+                }
+            })
+            .collect();
+        let sep = self.separator.to_string();
+        if !self.matches(wide, &literal.join(&sep)) {
+            return false;
+        }
+        match literal.split_last() {
+            // `a/#` also matches `a`: so must `wide`, and it must end in `any` itself.
+            Some((last, parent)) if *last == format!("\0{}", self.any) => {
+                wide.ends_with(self.any)
+                    && (parent.is_empty() || self.matches(wide, &parent.join(&sep)))
+            }
+            _ => true,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -101,6 +131,30 @@ mod tests {
             ("a/b", "a.b"),
         ] {
             assert!(!m(p, t), "{p} {t}");
+        }
+    }
+
+    #[test]
+    fn covering_filters() {
+        let c = |w, n| Wildcards::MQTT.covers(w, n);
+        for (w, n) in [
+            ("p/#", "p/+/temp"),
+            ("p/#", "p/#"),
+            ("+/#", "p/#"),
+            ("#", "p"),
+            ("p/+/temp", "p/a/temp"),
+            ("p/+", "p/+"),
+        ] {
+            assert!(c(w, n), "{w} {n}");
+        }
+        for (w, n) in [
+            ("p/+", "p/#"),
+            ("p/+/#", "p/#"),
+            ("p/a/temp", "p/+/temp"),
+            ("p/+/temp", "p/#"),
+            ("q/#", "p/a"),
+        ] {
+            assert!(!c(w, n), "{w} {n}");
         }
     }
 

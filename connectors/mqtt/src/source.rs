@@ -30,6 +30,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use connector_sdk::topic_pattern::Wildcards;
 use connector_sdk::{
     Disposition, Message, MessageOutcome, Source, SourceContext, SourceError, TopicMap,
 };
@@ -140,9 +141,15 @@ impl MqttSource {
     }
 
     /// Subscribes to the wanted filters not subscribed yet; unsubscribes those no longer
-    /// wanted.
+    /// wanted. A filter covered by another (`a/+` by `a/#`) is not subscribed: Mosquitto
+    /// sends an MQTT 5 session one copy per matching subscription.
     async fn follow(&mut self) -> Result<(), SourceError> {
-        let wanted: BTreeSet<String> = self.ctx.wanted_topics().into_iter().collect();
+        let all: BTreeSet<String> = self.ctx.wanted_topics().into_iter().collect();
+        let wanted: BTreeSet<String> = all
+            .iter()
+            .filter(|f| !all.iter().any(|w| w != *f && Wildcards::MQTT.covers(w, f)))
+            .cloned()
+            .collect();
         let new: Vec<String> = wanted.difference(&self.subscribed).cloned().collect();
         let filters: Vec<String> = new.iter().map(|t| self.config.subscription(t)).collect();
         self.client
@@ -235,7 +242,11 @@ impl Source for MqttSource {
                 }
             };
             match signal {
-                Signal::Connected { session_present } => self.connected(session_present).await?,
+                Signal::Connected { session_present } => {
+                    self.connected(session_present).await?;
+                    // An empty batch tells the pump the source recovered (readiness).
+                    return Ok(Vec::new());
+                }
                 Signal::Subscribed => {}
                 Signal::Refused(why) => {
                     tracing::error!(reason = %why, "the broker refused a subscription");
