@@ -8,9 +8,10 @@
 #   docker build --target sqs-connector   -t faas-connectors/sqs-connector .
 #   docker build --target nats-connector  -t faas-connectors/nats-connector .
 #   docker build --target rabbitmq-connector -t faas-connectors/rabbitmq-connector .
+#   docker build --target mqtt-connector  -t faas-connectors/mqtt-connector .
 #   docker build --target gateway         -t faas-connectors/gateway .   # also the default
 #
-# One build stage compiles all seven binaries (BuildKit builds it once for every target, so
+# One build stage compiles all eight binaries (BuildKit builds it once for every target, so
 # `docker compose build` compiles the workspace a single time); each runtime stage copies
 # one of them into a distroless image.
 #
@@ -54,11 +55,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
         --bin sqs-connector \
         --bin nats-connector \
         --bin rabbitmq-connector \
+        --bin mqtt-connector \
         --bin gateway \
  && mkdir -p /out/gateway-state \
  && cp target/release/cron-connector target/release/kafka-connector \
        target/release/redis-connector target/release/sqs-connector \
        target/release/nats-connector target/release/rabbitmq-connector \
+       target/release/mqtt-connector \
        target/release/gateway /out/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
@@ -99,6 +102,12 @@ COPY --from=build /out/rabbitmq-connector /usr/local/bin/rabbitmq-connector
 # /metrics, /healthz and /readyz (connector.metrics_addr).
 EXPOSE 8081
 ENTRYPOINT ["/usr/local/bin/rabbitmq-connector"]
+
+FROM runtime AS mqtt-connector
+COPY --from=build /out/mqtt-connector /usr/local/bin/mqtt-connector
+# /metrics, /healthz and /readyz (connector.metrics_addr).
+EXPOSE 8081
+ENTRYPOINT ["/usr/local/bin/mqtt-connector"]
 
 # The gateway: API on 8080, /metrics /healthz /readyz on 8082. Its defaults bind to
 # loopback, which a container cannot be reached on, so the image binds every interface;

@@ -68,6 +68,13 @@ fn binaries() -> Vec<Binary> {
             env: with_sdk(rabbitmq_connector::config::ENV),
         },
         Binary {
+            name: "mqtt-connector",
+            keys: config_keys::keys::<mqtt_connector::Config>(),
+            default_keys: config_keys::default_keys::<mqtt_connector::Config>(),
+            example: "mqtt.toml",
+            env: with_sdk(mqtt_connector::config::ENV),
+        },
+        Binary {
             name: "gateway",
             keys: config_keys::keys::<gateway::Config>(),
             default_keys: config_keys::default_keys::<gateway::Config>(),
@@ -173,6 +180,9 @@ fn every_example_file_loads() {
             "rabbitmq-connector" => {
                 connector_sdk::config::load::<rabbitmq_connector::Config>(Some(&path), &[])
                     .map(drop)
+            }
+            "mqtt-connector" => {
+                connector_sdk::config::load::<mqtt_connector::Config>(Some(&path), &[]).map(drop)
             }
             "gateway" => connector_sdk::config::load::<gateway::Config>(Some(&path), &[]).map(drop),
             other => panic!("no loader for {other}"),

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use integration_tests::kafka_broker::KafkaTopics;
+use integration_tests::mqtt_broker::MqttTopics;
 use integration_tests::nats_broker::JetStreamTopics;
 use integration_tests::rabbitmq_broker::RabbitQueues;
 use integration_tests::redis_broker::RedisStreams;
@@ -573,6 +574,11 @@ async fn sqs_through_the_gateway() {
 async fn rabbitmq_through_the_gateway() {
     delivered_through_the_gateway("rabbitmq", "rabbitmq-connector", &RabbitQueues::new(), &[])
         .await;
+}
+
+#[tokio::test]
+async fn mqtt_through_the_gateway() {
+    delivered_through_the_gateway("mqtt", "mqtt-connector", &MqttTopics::new(), &[]).await;
 }
 
 /// The readiness the tests above wait for rests on the credentials: a connector whose
