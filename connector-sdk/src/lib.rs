@@ -13,6 +13,8 @@
 //! - [`topic_map`]: the topic → functions map, built from the gateway, swapped atomically;
 //!   [`FunctionRef`] and [`FunctionStatus`](topic_map::FunctionStatus) are defined in a leaf
 //!   module (`function`) so the gateway client, messages and metrics need not import it.
+//! - [`cli`]: the command line every broker connector shares (`--config`, `replay`).
+//! - [`map_changes`]: following the topic map from a source's read loop.
 //! - [`topic_pattern`]: MQTT and AMQP wildcard topic patterns, for sources whose
 //!   subscriptions have wildcards of their own.
 //! - [`gateway`]: the gateway client (`/system/*`, invocation headers, keep-alive pool).
@@ -37,6 +39,7 @@
 //! by default). A connector with its own `#[global_allocator]` depends on the SDK with
 //! `default-features = false`.
 
+pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod dispatcher;
@@ -44,6 +47,7 @@ pub mod error;
 mod function;
 pub mod gateway;
 pub(crate) mod limiter;
+pub mod map_changes;
 pub mod message;
 pub mod metrics;
 pub mod policy;

@@ -27,14 +27,11 @@
 //! when `retained` is off, are acknowledged and skipped.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
+use connector_sdk::map_changes::MapChanges;
 use connector_sdk::topic_pattern::Wildcards;
-use connector_sdk::{
-    Disposition, Message, MessageOutcome, Source, SourceContext, SourceError, TopicMap,
-};
-use tokio::sync::watch;
+use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceContext, SourceError};
 
 use crate::config::MqttConfig;
 use crate::link::{self, Client, Driver, Publish, Session, Signal};
@@ -56,7 +53,7 @@ pub struct MqttSource {
     driver: Option<Driver>,
     /// Function topics (filters, without the `$share` prefix) subscribed.
     subscribed: BTreeSet<String>,
-    changes: Option<watch::Receiver<Arc<TopicMap>>>,
+    changes: MapChanges,
     /// A signal taken while batching, handled on the next pull.
     stashed: Option<Signal>,
     metrics: MqttMetrics,
@@ -81,7 +78,7 @@ impl MqttSource {
             receive_maximum: window,
         })
         .map_err(SourceError::fatal)?;
-        let changes = ctx.topics_follow_map().then(|| ctx.topics.subscribe());
+        let changes = MapChanges::of(&ctx);
         let mut source = Self {
             source: crate::source_uri(&config),
             config,
@@ -207,18 +204,6 @@ impl MqttSource {
     }
 }
 
-/// Waits for a change of the topic map; forever when not following it.
-async fn changed(changes: &mut Option<watch::Receiver<Arc<TopicMap>>>) {
-    match changes {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                *changes = None;
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
 #[async_trait::async_trait]
 impl Source for MqttSource {
     type Ack = Handle;
@@ -233,7 +218,7 @@ impl Source for MqttSource {
                     };
                     tokio::select! {
                         biased;
-                        () = changed(&mut self.changes) => {
+                        () = self.changes.changed() => {
                             self.follow().await?;
                             continue;
                         }
