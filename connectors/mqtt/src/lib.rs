@@ -4,7 +4,8 @@
 //!
 //! Modules:
 //! - [`config`]: `[connector]` (the SDK's) and `[mqtt]`, with environment variables.
-//! - [`link`]: one connection, either protocol version, and the task that polls it.
+//! - [`link`]: one connection, either protocol version.
+//! - [`driver`]: the task that polls a connection and reconnects.
 //! - [`message`]: a PUBLISH shaped into a message (headers from user properties, `ce-id`).
 //! - [`source`]: subscribe (shared or not), receive, PUBACK once every delivery is terminal.
 //! - [`dead_letter`]: dead letters published to a topic, PUBACK awaited.
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod dead_letter;
+pub mod driver;
 pub mod link;
 pub mod message;
 pub mod metrics;

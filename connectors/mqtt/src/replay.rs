@@ -24,7 +24,8 @@ use connector_sdk::replay::{
 use tokio::time::Duration;
 
 use crate::config::Config;
-use crate::link::{self, Client, Driver, Publish, Session, Signal};
+use crate::driver::{Driver, Signal};
+use crate::link::{self, Client, Publish, Session};
 use crate::{Error, NAME};
 
 /// Replays the dead letters of `config`, writing progress and the summary to `out`.
@@ -50,7 +51,7 @@ pub async fn run(
         receive_maximum: window,
     })
     .map_err(Error::Setup)?;
-    let mut driver = events.drive(usize::from(window));
+    let mut driver = Driver::spawn(events, usize::from(window));
     let within = m.connect_timeout;
     let connected = tokio::time::timeout(within, async {
         loop {
@@ -114,7 +115,10 @@ impl DeadLetterStore for TopicStore {
 
     async fn remove(&mut self, (epoch, pkid): (u64, u16)) -> Result<(), StoreError> {
         match &self.driver {
-            Some(d) if d.current(epoch) => self.client.ack(pkid).await.map_err(StoreError::new),
+            Some(d) if d.current(epoch) => match self.client.try_ack(pkid) {
+                true => Ok(()),
+                false => Err(StoreError::new("no room to acknowledge; the letter stays")),
+            },
             _ => Err(StoreError::new("the connection was lost; the letter stays")),
         }
     }

@@ -34,7 +34,8 @@ use connector_sdk::topic_pattern::Wildcards;
 use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceContext, SourceError};
 
 use crate::config::MqttConfig;
-use crate::link::{self, Client, Driver, Publish, Session, Signal};
+use crate::driver::{Driver, Signal};
+use crate::link::{self, Client, Publish, Session};
 use crate::metrics::MqttMetrics;
 
 /// What settling one message needs.
@@ -54,6 +55,8 @@ pub struct MqttSource {
     /// Function topics (filters, without the `$share` prefix) subscribed.
     subscribed: BTreeSet<String>,
     changes: MapChanges,
+    /// PUBACKs the event loop had no room for yet, sent before the next ones.
+    unsent: Vec<Handle>,
     /// A signal taken while batching, handled on the next pull.
     stashed: Option<Signal>,
     metrics: MqttMetrics,
@@ -83,7 +86,8 @@ impl MqttSource {
             source: crate::source_uri(&config),
             config,
             client,
-            driver: Some(events.drive(usize::from(window))),
+            driver: Some(Driver::spawn(events, usize::from(window))),
+            unsent: Vec::new(),
             subscribed: BTreeSet::new(),
             changes,
             stashed: None,
@@ -169,7 +173,7 @@ impl MqttSource {
     }
 
     /// Adds `p` to `batch`, unless it is to be skipped (acknowledged at once).
-    async fn take(&mut self, p: Publish, epoch: u64, batch: &mut Vec<(Message, Handle)>) {
+    fn take(&mut self, p: Publish, epoch: u64, batch: &mut Vec<(Message, Handle)>) {
         let handle = Handle {
             epoch,
             pkid: p.pkid,
@@ -179,28 +183,34 @@ impl MqttSource {
             !self.config.dead_letter_topic.is_empty() && p.topic == self.config.dead_letter_topic;
         if dead_letter || (p.retain && !self.config.retained) {
             tracing::debug!(topic = %p.topic, retain = p.retain, "skipped");
-            self.ack(handle).await;
+            self.ack(handle);
             return;
         }
         self.metrics.held(1);
         batch.push((crate::message::message(&p, &self.source), handle));
     }
 
-    async fn ack(&self, h: Handle) {
-        if h.qos == 0 {
-            return;
+    /// Queues `h`'s PUBACK (QoS 1) after those still unsent.
+    fn ack(&mut self, h: Handle) {
+        if h.qos == 1 {
+            self.unsent.push(h);
+            self.send_acks();
         }
+    }
+
+    /// Hands the unsent PUBACKs to the event loop, in order, while it has room; drops
+    /// those of a connection that is gone (the broker sends their messages again).
+    fn send_acks(&mut self) {
         let Some(driver) = &self.driver else { return };
-        if !driver.current(h.epoch) {
-            tracing::debug!(
-                pkid = h.pkid,
-                "not acknowledged: its connection is gone and the broker sends it again"
-            );
-            return;
-        }
-        if let Err(e) = self.client.ack(h.pkid).await {
-            tracing::debug!(error = %e, "acknowledging failed; the broker sends it again");
-        }
+        let mut full = false;
+        self.unsent.retain(|h| {
+            if !driver.current(h.epoch) {
+                tracing::debug!(pkid = h.pkid, "not acknowledged: its connection is gone");
+                return false;
+            }
+            full = full || !self.client.try_ack(h.pkid);
+            full
+        });
     }
 }
 
@@ -216,8 +226,13 @@ impl Source for MqttSource {
                     let Some(driver) = self.driver.as_mut() else {
                         return Err(SourceError::fatal("the MQTT connection is closed"));
                     };
+                    let retry = !self.unsent.is_empty();
                     tokio::select! {
                         biased;
+                        () = tokio::time::sleep(Duration::from_millis(2)), if retry => {
+                            self.send_acks();
+                            continue;
+                        }
                         () = self.changes.changed() => {
                             self.follow().await?;
                             continue;
@@ -246,11 +261,11 @@ impl Source for MqttSource {
                 }
                 Signal::Publish(p, epoch) => {
                     let mut batch = Vec::new();
-                    self.take(p, epoch, &mut batch).await;
+                    self.take(p, epoch, &mut batch);
                     // Take what has already arrived, without waiting.
                     while let Some(Ok(s)) = self.driver.as_mut().map(|d| d.rx.try_recv()) {
                         match s {
-                            Signal::Publish(p, epoch) => self.take(p, epoch, &mut batch).await,
+                            Signal::Publish(p, epoch) => self.take(p, epoch, &mut batch),
                             other => {
                                 self.stashed = Some(other);
                                 break;
@@ -273,7 +288,7 @@ impl Source for MqttSource {
     ) -> Result<(), SourceError> {
         self.metrics.held(-1);
         match disposition {
-            Disposition::Ack => self.ack(handle).await,
+            Disposition::Ack => self.ack(handle),
             // No negative acknowledgement in MQTT: the broker sends it again when the
             // session resumes.
             Disposition::Hold | Disposition::Release | Disposition::Retry { .. } => {
@@ -288,6 +303,11 @@ impl Source for MqttSource {
     }
 
     async fn flush(&mut self) -> Result<(), SourceError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !self.unsent.is_empty() && tokio::time::Instant::now() < deadline {
+            self.send_acks();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         // DISCONNECT follows the acknowledgements queued before it; the session stays.
         self.client.disconnect().await;
         if let Some(driver) = self.driver.take() {
