@@ -8,7 +8,8 @@
 //!
 //! Starts a Mosquitto of its own (`mosquitto` on the PATH) on a free loopback port, with
 //! no limit on a session's queue (the default, 1,000, would drop most of the backlog) and
-//! 64 messages in flight per client (the default is 20). A no-op function (and the
+//! 128 messages in flight per client (the default is 20), the connector's receive maximum
+//! at `max_inflight` 64. A no-op function (and the
 //! gateway's `/system/functions`, and `/count` of calls answered) runs in a child
 //! process (`connector_sdk::testing::load`). Then:
 //!
@@ -69,7 +70,8 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages {CONCURRENCY}\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages {}\n",
+                2 * CONCURRENCY
             ),
         )
         .unwrap();
@@ -97,7 +99,7 @@ impl Broker {
         o.set_clean_start(clean)
             .set_session_expiry_interval((!clean).then_some(3600))
             .set_manual_acks(true)
-            .set_receive_maximum(Some(CONCURRENCY as u16));
+            .set_receive_maximum(Some(2 * CONCURRENCY as u16));
         // Room for every acknowledgement: the plain client acks from the loop that polls.
         let (client, mut events) = AsyncClient::new(o, *COUNT + 1024);
         loop {

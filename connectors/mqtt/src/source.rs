@@ -2,8 +2,8 @@
 //!
 //! The event loop runs on a task of its own ([`Driver`]): it must be polled all the time
 //! for keep-alives and acknowledgements to go out, while the pump waits for room in the
-//! dispatcher. Messages reach the pump through a channel of `max_inflight` places; with
-//! QoS 1 the broker sends at most `max_inflight` unacknowledged messages (MQTT 5 receive
+//! dispatcher. Messages reach the pump through a channel of `2 × max_inflight` places;
+//! with QoS 1 the broker sends at most that many unacknowledged messages (MQTT 5 receive
 //! maximum; a 3.1.1 broker has its own window, Mosquitto's `max_inflight_messages`).
 //!
 //! Acknowledgements are manual. A message is settled once all its deliveries are
@@ -26,7 +26,7 @@
 //! resume is subscribed afresh. Messages on the dead-letter topic, and retained messages
 //! when `retained` is off, are acknowledged and skipped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use connector_sdk::map_changes::MapChanges;
@@ -56,7 +56,7 @@ pub struct MqttSource {
     subscribed: BTreeSet<String>,
     changes: MapChanges,
     /// PUBACKs the event loop had no room for yet, sent before the next ones.
-    unsent: Vec<Handle>,
+    unsent: VecDeque<Handle>,
     /// A signal taken while batching, handled on the next pull.
     stashed: Option<Signal>,
     metrics: MqttMetrics,
@@ -72,7 +72,9 @@ impl MqttSource {
         config: MqttConfig,
         metrics: MqttMetrics,
     ) -> Result<Self, SourceError> {
-        let window = u16::try_from(ctx.config.max_inflight.max(1)).unwrap_or(u16::MAX);
+        // Twice the deliveries in flight: PUBACKs take a moment to reach the broker, and the
+        // window they still hold would otherwise leave the dispatcher short of messages.
+        let window = u16::try_from(ctx.config.max_inflight.max(1) * 2).unwrap_or(u16::MAX);
         let (client, events) = link::open(&Session {
             config: &config,
             client_id: config.client_id.clone(),
@@ -87,7 +89,7 @@ impl MqttSource {
             config,
             client,
             driver: Some(Driver::spawn(events, usize::from(window))),
-            unsent: Vec::new(),
+            unsent: VecDeque::new(),
             subscribed: BTreeSet::new(),
             changes,
             stashed: None,
@@ -193,7 +195,7 @@ impl MqttSource {
     /// Queues `h`'s PUBACK (QoS 1) after those still unsent.
     fn ack(&mut self, h: Handle) {
         if h.qos == 1 {
-            self.unsent.push(h);
+            self.unsent.push_back(h);
             self.send_acks();
         }
     }
@@ -202,15 +204,12 @@ impl MqttSource {
     /// those of a connection that is gone (the broker sends their messages again).
     fn send_acks(&mut self) {
         let Some(driver) = &self.driver else { return };
-        let mut full = false;
-        self.unsent.retain(|h| {
-            if !driver.current(h.epoch) {
-                tracing::debug!(pkid = h.pkid, "not acknowledged: its connection is gone");
-                return false;
+        while let Some(h) = self.unsent.front() {
+            if driver.current(h.epoch) && !self.client.try_ack(h.pkid) {
+                return;
             }
-            full = full || !self.client.try_ack(h.pkid);
-            full
-        });
+            self.unsent.pop_front();
+        }
     }
 }
 
