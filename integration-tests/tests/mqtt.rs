@@ -405,3 +405,92 @@ async fn a_bad_configuration_names_the_key() {
         "{output}"
     );
 }
+
+/// A Mosquitto of the test's own with TLS and a password file (started here, stopped on
+/// drop): the connector connects with `tls_ca_file`, `username` and the password from
+/// the environment (a secret), and a wrong password stops it at start.
+#[tokio::test]
+async fn tls_and_credentials() {
+    struct Broker(std::process::Child);
+    impl Drop for Broker {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = integration_tests::tls_certificates(dir.path());
+    let d = dir.path().display();
+    let ok = std::process::Command::new("mosquitto_passwd")
+        .args(["-c", "-b", &format!("{d}/passwd"), "app", "s3cret"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let port = free_addr().port();
+    std::fs::write(
+        dir.path().join("mosquitto.conf"),
+        format!(
+            "user root\nlistener {port} 127.0.0.1\ncafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\nallow_anonymous false\npassword_file {d}/passwd\n"
+        ),
+    )
+    .unwrap();
+    let _broker = Broker(
+        std::process::Command::new("mosquitto")
+            .args(["-c", &format!("{d}/mosquitto.conf")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        eventually(WITHIN, || std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok())
+        .await
+    );
+    let topic = unique("tls");
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("tls-fn", &topic, |_, _| Reply::ok());
+    let mqtt = format!(
+        "[mqtt]\nbroker = \"ssl://127.0.0.1:{port}\"\ntls_ca_file = \"{}\"\nusername = \"app\"\nclient_id = \"it-{topic}\"\ndead_letter_topic = \"\"\n",
+        ca.display()
+    );
+    let metrics = free_addr();
+    let mut wrong = Process::start(
+        &MqttTopics::new().binary(),
+        &config(&gw, metrics, "", &mqtt),
+        &[("mqtt_password", "wrong")],
+    );
+    let status = wrong.wait(WITHIN).await;
+    assert!(!status.success(), "{}", wrong.output());
+    let connector = Process::start(
+        &MqttTopics::new().binary(),
+        &config(&gw, metrics, "", &mqtt),
+        &[("mqtt_password", "s3cret")],
+    );
+    assert!(
+        wait_http(metrics, "/readyz", 200, WITHIN).await,
+        "not ready:\n{}",
+        connector.output()
+    );
+    let published = std::process::Command::new("mosquitto_pub")
+        .args(["-V", "mqttv5", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "--cafile",
+            &ca.display().to_string(),
+            "-u",
+            "app",
+            "-P",
+            "s3cret",
+        ])
+        .args(["-q", "1", "-t", &topic, "-m", "over-tls"])
+        .status()
+        .unwrap();
+    assert!(published.success());
+    assert!(
+        eventually(WITHIN, || !gw.requests_to("tls-fn").is_empty()).await,
+        "{}",
+        connector.output()
+    );
+    assert_eq!(bodies(&gw, "tls-fn"), [b"over-tls".to_vec()]);
+    assert!(!connector.output().contains("s3cret"));
+}
