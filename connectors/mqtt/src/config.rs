@@ -163,9 +163,15 @@ impl MqttConfig {
         }
     }
 
-    /// The persistent session that keeps dead letters for `replay`.
+    /// The persistent session that keeps dead letters for `replay`: one per share group
+    /// (`<share_group>-replay`), so replicas do not each keep a copy of every letter;
+    /// else `<client_id>-replay`.
     pub fn replay_client_id(&self) -> String {
-        format!("{}-replay", self.client_id)
+        if self.share_group.is_empty() {
+            format!("{}-replay", self.client_id)
+        } else {
+            format!("{}-replay", self.share_group)
+        }
     }
 }
 
@@ -326,6 +332,7 @@ mod tests {
                 ("mq.internal", 8883, true)
             );
             assert_eq!(c.mqtt.subscription("a/+"), "$share/workers/a/+");
+            assert_eq!(c.mqtt.replay_client_id(), "workers-replay");
             assert!(!format!("{c:?}").contains("s3cret"));
             Ok(())
         });

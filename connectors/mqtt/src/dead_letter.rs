@@ -7,7 +7,7 @@
 //! Publishing has a connection of its own (client id `<client_id>-dead-letters`, clean),
 //! opened on first use and again after a failure, and polled only while a letter is
 //! written. Before the first letter, the session `replay` reads
-//! (`<client_id>-replay`) is created with its subscription to the dead-letter topic: a
+//! (`<client_id>-replay`, or `<share_group>-replay`) is created with its subscription to the dead-letter topic: a
 //! broker keeps messages only for subscriptions that exist when they are published.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,7 +1,8 @@
 //! `mqtt-connector replay`: the dead letters back to their functions, through the SDK's
 //! [`Replayer`].
 //!
-//! The letters are read from the persistent session `<client_id>-replay`, which the
+//! The letters are read from the persistent session `<client_id>-replay` (or
+//! `<share_group>-replay`: one for all the replicas of a group), which the
 //! connector subscribes to `dead_letter_topic` before its first dead letter. A delivered
 //! letter is acknowledged (PUBACK: the broker forgets it); one that fails again, is
 //! skipped or only listed (`--dry-run`) is left unacknowledged and the broker sends it
