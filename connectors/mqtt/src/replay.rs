@@ -26,7 +26,7 @@ use tokio::time::Duration;
 
 use crate::config::Config;
 use crate::driver::{Driver, Signal};
-use crate::link::{self, Client, Publish, Session};
+use crate::link::{self, Client, Event, Publish, Session};
 use crate::{Error, NAME};
 
 /// Replays the dead letters of `config`, writing progress and the summary to `out`.
@@ -44,7 +44,7 @@ pub async fn run(
     let replayer = Replayer::new(NAME, &config.connector, args)?;
     replayer.stop_on_signals()?;
     let window = 64;
-    let (client, events) = link::open(&Session {
+    let (client, mut events) = link::open(&Session {
         config: m,
         client_id: m.replay_client_id(),
         clean: false,
@@ -52,22 +52,13 @@ pub async fn run(
         receive_maximum: window,
     })
     .map_err(Error::Setup)?;
-    let mut driver = Driver::spawn(events, usize::from(window));
-    let within = m.connect_timeout;
-    let connected = tokio::time::timeout(within, async {
-        loop {
-            match driver.rx.recv().await {
-                Some(Signal::Connected { .. }) => return Ok(()),
-                Some(Signal::Lost(e)) => return Err(e.text),
-                Some(_) => {}
-                None => return Err("the connection closed".to_owned()),
-            }
-        }
-    });
-    connected
+    events
+        .until(m.connect_timeout, |e| {
+            matches!(e, Event::Connected { .. }).then_some(Ok(()))
+        })
         .await
-        .map_err(|_| Error::Setup(format!("no answer from {} within {within:?}", m.broker)))?
-        .map_err(Error::Setup)?;
+        .map_err(|e| Error::Setup(format!("{}: {e}", m.broker)))?;
+    let driver = Driver::spawn(events, usize::from(window));
     // Again, harmlessly, in case the session expired since the connector made it.
     client
         .subscribe(std::slice::from_ref(&m.dead_letter_topic), 1, false)
