@@ -9,6 +9,7 @@
 #   docker build --target nats-connector  -t faas-connectors/nats-connector .
 #   docker build --target rabbitmq-connector -t faas-connectors/rabbitmq-connector .
 #   docker build --target postgres-connector -t faas-connectors/postgres-connector .
+#   docker build --target mqtt-connector  -t faas-connectors/mqtt-connector .
 #   docker build --target gateway         -t faas-connectors/gateway .   # also the default
 #
 # One build stage compiles all eight binaries (BuildKit builds it once for every target, so
@@ -56,12 +57,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
         --bin nats-connector \
         --bin rabbitmq-connector \
         --bin postgres-connector \
+        --bin mqtt-connector \
         --bin gateway \
  && mkdir -p /out/gateway-state \
  && cp target/release/cron-connector target/release/kafka-connector \
        target/release/redis-connector target/release/sqs-connector \
        target/release/nats-connector target/release/rabbitmq-connector \
        target/release/postgres-connector \
+       target/release/mqtt-connector \
        target/release/gateway /out/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
@@ -108,6 +111,11 @@ COPY --from=build /out/postgres-connector /usr/local/bin/postgres-connector
 # /metrics, /healthz and /readyz (connector.metrics_addr).
 EXPOSE 8081
 ENTRYPOINT ["/usr/local/bin/postgres-connector"]
+FROM runtime AS mqtt-connector
+COPY --from=build /out/mqtt-connector /usr/local/bin/mqtt-connector
+# /metrics, /healthz and /readyz (connector.metrics_addr).
+EXPOSE 8081
+ENTRYPOINT ["/usr/local/bin/mqtt-connector"]
 
 # The gateway: API on 8080, /metrics /healthz /readyz on 8082. Its defaults bind to
 # loopback, which a container cannot be reached on, so the image binds every interface;

@@ -13,6 +13,7 @@
 #   SQS (moto)    127.0.0.1:4566   SQS_ENDPOINT   pip install 'moto[server]'
 #   RabbitMQ      127.0.0.1:5672   RABBITMQ_URL   rabbitmq-server (apt: rabbitmq-server; tests use rabbitmqctl)
 #   PostgreSQL    127.0.0.1:5432   POSTGRES_URL   the Debian cluster (apt: postgresql), wal_level = logical
+#   Mosquitto     127.0.0.1:1883   MQTT_URL       mosquitto 2 (apt: mosquitto; MQTT 5)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -175,6 +176,19 @@ drop_test_slots() {
     >/dev/null 2>&1 || true
 }
 
+ensure_mosquitto() {
+  if listening 127.0.0.1 1883; then return; fi
+  command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || apt_install mosquitto
+  local bin
+  bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+  # Loopback only, anonymous, sessions kept in memory for the broker's lifetime.
+  printf 'listener 1883 127.0.0.1\nallow_anonymous true\n' >"$state/mosquitto.conf"
+  log "starting mosquitto on 127.0.0.1:1883"
+  "$bin" -c "$state/mosquitto.conf" >"$state/mosquitto.log" 2>&1 &
+  started+=($!)
+  wait_for mosquitto 127.0.0.1 1883 20
+}
+
 # librdkafka is built with OpenSSL (rdkafka's `ssl` feature: broker TLS, SASL_SSL, SCRAM).
 ensure_build_deps() {
   command -v dpkg >/dev/null || return 0
@@ -197,6 +211,7 @@ ensure_kafka
 ensure_sqs
 ensure_rabbitmq
 ensure_postgres
+ensure_mosquitto
 
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
@@ -204,6 +219,7 @@ export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}
 export SQS_ENDPOINT=${SQS_ENDPOINT:-http://127.0.0.1:4566}
 export RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export POSTGRES_URL=${POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+export MQTT_URL=${MQTT_URL:-tcp://127.0.0.1:1883}
 
 log "cargo test --workspace"
 # cargo test builds every binary and example before running tests; the end-to-end tests

@@ -1,7 +1,15 @@
-//! The command line every connector binary shares: `--config FILE`, and the `replay`
-//! subcommand of [`crate::replay`].
+//! The command line every broker connector shares: `--config FILE`, and the `replay`
+//! subcommand. Each binary parses it with its own name and description:
+//!
+//! ```no_run
+//! use connector_sdk::cli::{ConnectorArgs, ConnectorCommand};
+//! let args = ConnectorArgs::parse_for("spool-connector", "Delivers spooled files to functions");
+//! if let Some(ConnectorCommand::Replay(_)) = args.command { /* replay */ }
+//! ```
 
 use std::path::PathBuf;
+
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::replay::ReplayArgs;
 
@@ -16,7 +24,7 @@ pub struct ConnectorArgs {
     pub command: Option<ConnectorCommand>,
 }
 
-/// What to do instead of running the connector.
+/// The subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ConnectorCommand {
     /// Deliver the dead letters again (to the function named in each), removing each from
@@ -25,36 +33,26 @@ pub enum ConnectorCommand {
 }
 
 impl ConnectorArgs {
-    /// Parses the process's arguments (exiting with clap's message on an error); `about` is
-    /// the binary's one line for `--help`.
-    pub fn parse(about: &'static str) -> Self {
-        use clap::{CommandFactory, FromArgMatches};
-        let matches = Self::command().about(about).get_matches();
+    /// Parses the process's arguments for the binary `name`, described as `about` in
+    /// `--help`; exits with clap's message on an error.
+    pub fn parse_for(name: &'static str, about: &'static str) -> Self {
+        let matches = Self::command().name(name).about(about).get_matches();
         Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     #[test]
     fn config_and_replay() {
-        let a =
-            ConnectorArgs::try_parse_from(["c", "replay", "--config", "x.toml", "--limit", "2"])
-                .unwrap();
-        assert_eq!(a.config.unwrap().to_str(), Some("x.toml"));
-        let Some(ConnectorCommand::Replay(r)) = a.command else {
-            panic!("no replay");
-        };
-        assert_eq!(r.limit, Some(2));
-        assert!(
-            ConnectorArgs::try_parse_from(["c"])
-                .unwrap()
-                .command
-                .is_none()
-        );
+        let m = ConnectorArgs::command()
+            .name("x")
+            .try_get_matches_from(["x", "replay", "--config", "c.toml", "--limit", "2"])
+            .unwrap();
+        let args = ConnectorArgs::from_arg_matches(&m).unwrap();
+        assert_eq!(args.config.as_deref(), Some(std::path::Path::new("c.toml")));
+        assert!(matches!(args.command, Some(ConnectorCommand::Replay(r)) if r.limit == Some(2)));
     }
 }

@@ -14,13 +14,17 @@
 //! - [`topic_map`]: the topic → functions map, built from the gateway, swapped atomically;
 //!   [`FunctionRef`] and [`FunctionStatus`](topic_map::FunctionStatus) are defined in a leaf
 //!   module (`function`) so the gateway client, messages and metrics need not import it.
+//! - [`topic_pattern`]: MQTT and AMQP wildcard topic patterns, for sources whose
+//!   subscriptions have wildcards of their own.
 //! - [`gateway`]: the gateway client (`/system/*`, invocation headers, keep-alive pool).
 //! - [`source_headers`]: which of a message's own headers may reach the function.
 //! - [`verdict`] and [`backoff`]: what a response means; how long to wait before retrying.
 //!   Both live in faas-common, shared with the gateway, and are re-exported here.
 //! - [`follow`]: [`TopicChanges`](follow::TopicChanges), the topic map's changes for
 //!   sources that subscribe per topic.
-//! - [`dispatcher`]: fan-out, attempts, ordering lanes, `max_inflight` backpressure.
+//! - [`filter`]: subscription filters, CEL expressions over the event (`connector.filter`).
+//! - [`watermark`]: the contiguous commit point of sources acknowledged by position.
+//! - [`dispatcher`]: fan-out, attempts, ordering lanes, batches, `max_inflight` backpressure.
 //! - [`dead_letter`]: the sink each connector implements, with provenance.
 //! - [`message`]: [`Message`] in, [`MessageOutcome`] and [`Disposition`] out.
 //! - [`response`]: bounded response subscribers; the OpenFaaS print options.
@@ -62,6 +66,7 @@ pub mod source_headers;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topic_map;
+pub mod topic_pattern;
 pub mod watermark;
 
 // Shared with the gateway through faas-common; re-exported so connectors keep these paths.

@@ -9,8 +9,8 @@
 //! - [`unique`] names, so tests never share a topic, stream or queue.
 //! - [`scenarios`]: the shared suite every broker connector runs; [`replay`]: the
 //!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`],
-//!   [`nats_broker`], [`sqs_broker`], [`rabbitmq_broker`], [`postgres_broker`]: broker
-//!   fixtures.
+//!   [`nats_broker`], [`sqs_broker`], [`rabbitmq_broker`], [`postgres_broker`],
+//!   [`mqtt_broker`]: broker fixtures.
 //! - The gateway and functions are `connector_sdk::testing::FakeGateway`, a real HTTP
 //!   server, except in `tests/system.rs`, which runs the real `gateway` binary with a
 //!   function and the connectors it supervises.
@@ -18,6 +18,7 @@
 
 pub mod config_keys;
 pub mod kafka_broker;
+pub mod mqtt_broker;
 pub mod nats_broker;
 pub mod postgres_broker;
 pub mod rabbitmq_broker;

@@ -75,6 +75,13 @@ fn binaries() -> Vec<Binary> {
             env: with_sdk(postgres_connector::config::ENV),
         },
         Binary {
+            name: "mqtt-connector",
+            keys: config_keys::keys::<mqtt_connector::Config>(),
+            default_keys: config_keys::default_keys::<mqtt_connector::Config>(),
+            example: "mqtt.toml",
+            env: with_sdk(mqtt_connector::config::ENV),
+        },
+        Binary {
             name: "gateway",
             keys: config_keys::keys::<gateway::Config>(),
             default_keys: config_keys::default_keys::<gateway::Config>(),
@@ -184,6 +191,9 @@ fn every_example_file_loads() {
             "postgres-connector" => {
                 connector_sdk::config::load::<postgres_connector::Config>(Some(&path), &[])
                     .map(drop)
+            }
+            "mqtt-connector" => {
+                connector_sdk::config::load::<mqtt_connector::Config>(Some(&path), &[]).map(drop)
             }
             "gateway" => connector_sdk::config::load::<gateway::Config>(Some(&path), &[]).map(drop),
             other => panic!("no loader for {other}"),

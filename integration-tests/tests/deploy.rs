@@ -33,7 +33,7 @@ use dockerfile_parser::{Dockerfile, Instruction, Stage};
 use serde::Deserialize;
 use serde_json::Value;
 
-const CONNECTORS: [&str; 7] = [
+const CONNECTORS: [&str; 8] = [
     "cron-connector",
     "kafka-connector",
     "redis-connector",
@@ -41,6 +41,7 @@ const CONNECTORS: [&str; 7] = [
     "nats-connector",
     "rabbitmq-connector",
     "postgres-connector",
+    "mqtt-connector",
 ];
 
 fn repo() -> PathBuf {
@@ -100,6 +101,7 @@ fn env_names(binary: &str) -> BTreeSet<&'static str> {
         "nats-connector" => nats_connector::config::ENV,
         "rabbitmq-connector" => rabbitmq_connector::config::ENV,
         "postgres-connector" => postgres_connector::config::ENV,
+        "mqtt-connector" => mqtt_connector::config::ENV,
         "gateway" => {
             return gateway::config::GATEWAY_ENV
                 .iter()
@@ -161,6 +163,7 @@ fn load(binary: &str, file: Option<&Path>, env: &BTreeMap<String, String>) -> Fa
             }
             "rabbitmq-connector" => rabbitmq_connector::load(file).map(|c| sdk_facts(&c.connector)),
             "postgres-connector" => postgres_connector::load(file).map(|c| sdk_facts(&c.connector)),
+            "mqtt-connector" => mqtt_connector::load(file).map(|c| sdk_facts(&c.connector)),
             "gateway" => gateway::Config::load(file).map(|c| Facts {
                 metrics_port: c.gateway.metrics_bind.port(),
                 api_port: Some(c.gateway.bind.port()),
@@ -512,7 +515,12 @@ fn deployments(docs: &[Value], origin: &str) -> Vec<Deployment> {
         .map(|d| (str_of(&d["metadata"]["name"]), d))
         .collect();
     let mut out = Vec::new();
-    for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
+    // A StatefulSet where each replica needs a stable identity (mqtt-connector: the pod
+    // name is its client id, and so its broker session).
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
+    {
         let name = str_of(&d["metadata"]["name"]);
         let pod = &d["spec"]["template"]["spec"];
         let container = &pod["containers"][0];
@@ -584,8 +592,9 @@ fn check_deployment(d: &Deployment, origin: &str) {
             env.insert(name, str_of(value));
         } else {
             assert!(
-                var["valueFrom"]["secretKeyRef"]["name"].is_string(),
-                "{what}: {name} has neither value nor secretKeyRef"
+                var["valueFrom"]["secretKeyRef"]["name"].is_string()
+                    || var["valueFrom"]["fieldRef"]["fieldPath"].is_string(),
+                "{what}: {name} has neither value, secretKeyRef nor fieldRef"
             );
         }
     }
@@ -1033,7 +1042,7 @@ fn check_schema<T: serde::de::DeserializeOwned>(doc: &Value, origin: &str) {
 
 #[test]
 fn kubernetes_manifests_follow_the_api_schema() {
-    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
     use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
     let dir = repo().join("deploy/kubernetes");
     let mut checked = 0;
@@ -1046,6 +1055,7 @@ fn kubernetes_manifests_follow_the_api_schema() {
         for doc in yaml_documents(&origin) {
             match doc["kind"].as_str() {
                 Some("Deployment") => check_schema::<Deployment>(&doc, &origin),
+                Some("StatefulSet") => check_schema::<StatefulSet>(&doc, &origin),
                 Some("ConfigMap") => check_schema::<ConfigMap>(&doc, &origin),
                 Some("ServiceAccount") => check_schema::<ServiceAccount>(&doc, &origin),
                 other => panic!("{origin}: unexpected kind {other:?}"),

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use integration_tests::kafka_broker::KafkaTopics;
+use integration_tests::mqtt_broker::MqttTopics;
 use integration_tests::nats_broker::JetStreamTopics;
 use integration_tests::postgres_broker::PgTables;
 use integration_tests::rabbitmq_broker::RabbitQueues;
@@ -581,6 +582,11 @@ async fn rabbitmq_through_the_gateway() {
 #[tokio::test]
 async fn postgres_through_the_gateway() {
     delivered_through_the_gateway("postgres", "postgres-connector", &PgTables::new(), &[]).await;
+}
+
+#[tokio::test]
+async fn mqtt_through_the_gateway() {
+    delivered_through_the_gateway("mqtt", "mqtt-connector", &MqttTopics::new(), &[]).await;
 }
 
 /// The readiness the tests above wait for rests on the credentials: a connector whose

@@ -16,7 +16,10 @@ use connector_sdk::runtime::init_tracing;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = ConnectorArgs::parse("Delivers PostgreSQL changes and notifications to functions");
+    let args = ConnectorArgs::parse_for(
+        "postgres-connector",
+        "Delivers PostgreSQL changes and notifications to functions",
+    );
     let config = postgres_connector::load(args.config.as_deref())?;
     init_tracing(config.connector.log_format);
     if let Some(ConnectorCommand::Replay(replay)) = args.command {
