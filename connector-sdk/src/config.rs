@@ -53,6 +53,9 @@ pub const SDK_ENV: &[EnvVar] = &[
     EnvVar::new("on_exhausted", "connector.on_exhausted"),
     EnvVar::new("unmatched", "connector.unmatched"),
     EnvVar::new("ordering", "connector.ordering"),
+    EnvVar::new("batch_size", "connector.batch.size"),
+    EnvVar::new("batch_window", "connector.batch.window"),
+    EnvVar::new("batch_max_bytes", "connector.batch.max_bytes"),
     EnvVar::new("drain_timeout", "connector.drain_timeout"),
     EnvVar::new("metrics_addr", "connector.metrics_addr"),
     EnvVar::new("drain_token", "connector.drain_token"),
@@ -196,6 +199,9 @@ pub struct SdkConfig {
     /// `none`, `key` or `partition` (see each connector for what the key is).
     /// Env `ordering`. (default: `"none"`)
     pub ordering: Ordering,
+    /// Batches for every function (a function's `connector.batch.*` annotations override
+    /// them): `size` 1 (the default) sends one message per invocation.
+    pub batch: crate::policy::BatchDefaults,
     /// On SIGTERM or SIGINT, how long in-flight invocations may take to finish before they
     /// are abandoned and their messages released. Env `drain_timeout`. (default: `"30s"`)
     #[serde(with = "duration")]
@@ -244,6 +250,7 @@ impl Default for SdkConfig {
             on_exhausted: OnExhausted::Block,
             unmatched: Unmatched::Hold,
             ordering: Ordering::None,
+            batch: crate::policy::BatchDefaults::default(),
             drain_timeout: Duration::from_secs(30),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8081)),
             drain_token: None,

@@ -16,9 +16,9 @@
 //! | `connector.adaptive` | `true`: the limit halves after a 429 and grows back by one per limit's worth of successes | `false` |
 //! | `connector.timeout` | one invocation's timeout | `upstream_timeout` |
 //! | `connector.ordering` | `key`: this function receives the messages of one ordering key one after another; `none`: in parallel | `ordering` |
-//! | `connector.batch.size` | most messages in one invocation, as a CloudEvents JSON batch (see [`crate::dispatcher`]'s batches) | none: one message per invocation |
-//! | `connector.batch.window` | how long a batch waits to fill | `100ms` |
-//! | `connector.batch.max_bytes` | most bytes of payload in one batch | `1MiB` |
+//! | `connector.batch.size` | most messages in one invocation, as a CloudEvents JSON batch (see [`crate::dispatcher`]'s batches) | `batch.size` (1: one message per invocation) |
+//! | `connector.batch.window` | how long a batch waits to fill | `batch.window` |
+//! | `connector.batch.max_bytes` | most bytes of payload in one batch | `batch.max_bytes` |
 //! | `connector.filter` | a CEL expression over the event: the function is invoked only with the messages it is true for (see [`crate::filter`]) | none: every message |
 //!
 //! A value that does not parse makes the whole subscription invalid: it is logged with the
@@ -66,11 +66,55 @@ pub struct BatchSettings {
     pub max_bytes: usize,
 }
 
-impl BatchSettings {
-    /// The window when `connector.batch.window` is not set.
-    pub const DEFAULT_WINDOW: Duration = Duration::from_millis(100);
-    /// The byte cap when `connector.batch.max_bytes` is not set.
-    pub const DEFAULT_MAX_BYTES: usize = 1 << 20;
+/// The connector's batches (`[connector.batch]`), for functions whose annotations do
+/// not say otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchDefaults {
+    /// Most messages in one invocation; 1: no batches. Env `batch_size`. (default: `1`)
+    pub size: usize,
+    /// How long a batch waits to fill. Env `batch_window`. (default: `"100ms"`)
+    #[serde(with = "crate::config::duration")]
+    pub window: Duration,
+    /// Most payload bytes in one batch (`1048576`, `"512KiB"`, `"1MiB"`).
+    /// Env `batch_max_bytes`. (default: `"1MiB"`)
+    pub max_bytes: bytesize::ByteSize,
+}
+
+impl Default for BatchDefaults {
+    fn default() -> Self {
+        Self {
+            size: 1,
+            window: Duration::from_millis(100),
+            max_bytes: bytesize::ByteSize::mib(1),
+        }
+    }
+}
+
+impl BatchDefaults {
+    /// A function's batches: its overrides over these; `None` for one message per call.
+    pub fn settings(&self, own: Option<&BatchOverrides>) -> Option<BatchSettings> {
+        let own = own.copied().unwrap_or_default();
+        let size = own.size.unwrap_or(self.size);
+        (size > 1).then(|| BatchSettings {
+            size,
+            window: own.window.unwrap_or(self.window),
+            max_bytes: own
+                .max_bytes
+                .unwrap_or_else(|| usize::try_from(self.max_bytes.as_u64()).unwrap_or(usize::MAX)),
+        })
+    }
+}
+
+/// A function's `connector.batch.*` annotations; `None` falls back to `[connector.batch]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOverrides {
+    /// `connector.batch.size`.
+    pub size: Option<usize>,
+    /// `connector.batch.window`.
+    pub window: Option<Duration>,
+    /// `connector.batch.max_bytes`.
+    pub max_bytes: Option<usize>,
 }
 
 /// A function's overrides of the connector's delivery settings; `None` falls back.
@@ -96,8 +140,8 @@ pub struct PolicyOverrides {
     pub ordered: Option<bool>,
     /// Only the messages this expression is true for are delivered.
     pub filter: Option<Filter>,
-    /// Batches, when the function takes them.
-    pub batch: Option<BatchSettings>,
+    /// Its batch settings, over the connector's.
+    pub batch: BatchOverrides,
 }
 
 /// An annotation whose value cannot be used.
@@ -112,39 +156,31 @@ pub struct PolicyError {
     pub reason: String,
 }
 
-/// The function's batches: `None` without `connector.batch.size` (or with 1).
-fn batch_settings(
-    annotations: &BTreeMap<String, String>,
-) -> Result<Option<BatchSettings>, PolicyError> {
+/// The function's `connector.batch.*` annotations.
+fn batch_overrides(annotations: &BTreeMap<String, String>) -> Result<BatchOverrides, PolicyError> {
     let get = |key: &'static str| annotations.get(key).map(|v| (key, v.trim()));
     let fail = |key: &'static str, value: &str, reason: &str| PolicyError {
         key,
         value: value.to_owned(),
         reason: reason.to_owned(),
     };
-    let size = match get(BATCH_SIZE) {
-        None => 1,
-        Some((key, v)) => match v.parse::<usize>() {
+    let mut batch = BatchOverrides::default();
+    if let Some((key, v)) = get(BATCH_SIZE) {
+        batch.size = Some(match v.parse::<usize>() {
             Ok(n) if n >= 1 => n,
             _ => return Err(fail(key, v, "a whole number of at least 1")),
-        },
-    };
-    let window = match get(BATCH_WINDOW) {
-        None => BatchSettings::DEFAULT_WINDOW,
-        Some((key, v)) => crate::config::duration::parse(v).map_err(|e| fail(key, v, &e))?,
-    };
-    let max_bytes = match get(BATCH_MAX_BYTES) {
-        None => BatchSettings::DEFAULT_MAX_BYTES,
-        Some((key, v)) => match v.parse::<bytesize::ByteSize>().map(|b| b.as_u64()) {
+        });
+    }
+    if let Some((key, v)) = get(BATCH_WINDOW) {
+        batch.window = Some(crate::config::duration::parse(v).map_err(|e| fail(key, v, &e))?);
+    }
+    if let Some((key, v)) = get(BATCH_MAX_BYTES) {
+        batch.max_bytes = Some(match v.parse::<bytesize::ByteSize>().map(|b| b.as_u64()) {
             Ok(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
             _ => return Err(fail(key, v, "a size in bytes (1048576, 512KiB, 1MiB)")),
-        },
-    };
-    Ok((size > 1).then_some(BatchSettings {
-        size,
-        window,
-        max_bytes,
-    }))
+        });
+    }
+    Ok(batch)
 }
 
 impl PolicyOverrides {
@@ -225,7 +261,7 @@ impl PolicyOverrides {
         if let Some((key, v)) = get(FILTER) {
             p.filter = Some(Filter::compile(v).map_err(|e| fail(key, v, e))?);
         }
-        p.batch = batch_settings(annotations)?;
+        p.batch = batch_overrides(annotations)?;
         Ok(p)
     }
 

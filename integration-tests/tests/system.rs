@@ -161,7 +161,19 @@ impl System {
         connectors: Vec<ConnectorEntry>,
         env: &[(&str, &str)],
     ) -> Self {
-        let system = Self::launch(topic, credentials, connectors, env).await;
+        Self::start_with(topic, credentials, connectors, env, "").await
+    }
+
+    /// Like [`start`](Self::start), with `functions` (`[[functions]]` tables) deployed
+    /// beside the recorder.
+    async fn start_with(
+        topic: &str,
+        credentials: Credentials,
+        connectors: Vec<ConnectorEntry>,
+        env: &[(&str, &str)],
+        functions: &str,
+    ) -> Self {
+        let system = Self::launch(topic, credentials, connectors, env, functions).await;
         for c in &system.connectors {
             let addr = system.metrics_addr(c.name).await;
             assert!(
@@ -181,6 +193,7 @@ impl System {
         credentials: Credentials,
         connectors: Vec<ConnectorEntry>,
         env: &[(&str, &str)],
+        functions: &str,
     ) -> Self {
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path().to_owned();
@@ -237,6 +250,7 @@ name = "{FUNCTION}"
 runtime = "process"
 command = "python3 recorder.py"
 annotations = {{ topic = "{topic}" }}
+{functions}
 {entries}"#
         );
         let config_file = dir.join("gateway.toml");
@@ -482,6 +496,60 @@ async fn redis_streams_through_the_gateway() {
     delivered_through_the_gateway("redis", "redis-connector", &RedisStreams::new(), &[]).await;
 }
 
+/// The example batch function (`config/functions/batch.py`, a `process` function) beside
+/// the recorder, through the real gateway and redis-connector: it receives batches and
+/// reports the orders it cannot handle in `batchItemFailures`; exactly those are
+/// dead-lettered (after their attempts), every other message is acknowledged.
+#[tokio::test]
+async fn a_batch_function_reports_its_failed_items_through_the_gateway() {
+    let fixture = RedisStreams::new();
+    let topic = unique("system-batch");
+    fixture.create_topic(&topic).await;
+    let connector = ConnectorEntry::new("redis", &fixture, &topic, "max_attempts = 2");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/functions/batch.py")
+        .canonicalize()
+        .unwrap();
+    let functions = format!(
+        r#"
+[[functions]]
+name = "orders-batch"
+runtime = "process"
+command = "python3 {script}"
+annotations = {{ topic = "{topic}", "connector.batch.size" = "10", "connector.batch.window" = "200ms", "connector.ordering" = "none" }}
+"#,
+        script = script.display(),
+    );
+    let mut system =
+        System::start_with(&topic, Credentials::Files, vec![connector], &[], &functions).await;
+    let sent: Vec<String> = (0..20)
+        .map(|n| format!(r#"{{"order": {n}, "fail": {}}}"#, n == 3 || n == 14))
+        .collect();
+    let bytes: Vec<Vec<u8>> = sent.iter().map(|p| p.clone().into_bytes()).collect();
+    fixture.produce(&topic, &bytes).await;
+    system.wait_recorded(&sent.iter().cloned().collect()).await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            fixture.dead_letters(&topic).await.len() >= 2
+                && fixture.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "dead letters {:?}, {} unacknowledged:\n{}",
+        fixture.dead_letters(&topic).await,
+        fixture.unacknowledged(&topic).await,
+        system.gateway.output()
+    );
+    let mut dead: Vec<String> = fixture
+        .dead_letters(&topic)
+        .await
+        .into_iter()
+        .map(|b| String::from_utf8(b).unwrap())
+        .collect();
+    dead.sort();
+    assert_eq!(dead, [sent[14].clone(), sent[3].clone()]);
+    system.stop().await;
+}
+
 #[tokio::test]
 async fn nats_jetstream_through_the_gateway() {
     let fixture = JetStreamTopics::new()
@@ -600,7 +668,7 @@ async fn a_connector_without_the_credentials_is_refused_and_never_ready() {
     fixture.create_topic(&topic).await;
     let connector =
         ConnectorEntry::new("redis", &fixture, &topic, "").with_env("basic_auth", "false");
-    let mut system = System::launch(&topic, Credentials::Files, vec![connector], &[]).await;
+    let mut system = System::launch(&topic, Credentials::Files, vec![connector], &[], "").await;
     let metrics_addr = system.metrics_addr("redis").await;
     assert!(
         eventually_async(WITHIN, || async {

@@ -178,8 +178,9 @@ impl Inner {
         };
         let timeout = own.and_then(|o| o.timeout);
         let limiter = own.and_then(|o| self.limiter(function, o));
-        let batcher = own
-            .and_then(|o| o.batch)
+        let batcher = policy
+            .batch
+            .settings(own.map(|o| &o.batch))
             .and_then(|settings| self.batcher(function, settings, timeout));
         DeliveryPolicy {
             connector: policy,

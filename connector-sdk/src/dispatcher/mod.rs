@@ -145,6 +145,8 @@ struct Policy {
     on_exhausted: OnExhausted,
     print_request_body: bool,
     broker_retries: bool,
+    /// Batches of functions whose annotations do not say otherwise.
+    batch: crate::policy::BatchDefaults,
 }
 
 /// Hands messages to functions. Cheap to clone.
@@ -329,6 +331,7 @@ impl Dispatcher {
                 on_exhausted: config.on_exhausted,
                 print_request_body: config.print_request_body,
                 broker_retries: false,
+                batch: config.batch,
             },
             hold_unmatched: !config.topics.is_empty()
                 && config.unmatched == crate::config::Unmatched::Hold,
