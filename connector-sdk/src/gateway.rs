@@ -406,7 +406,7 @@ impl GatewayClient {
         timeout: Option<Duration>,
     ) -> Result<InvocationResponse, InvokeError> {
         let uri = self.function_uri(function)?;
-        let mut headers = HeaderMap::with_capacity(6);
+        let mut headers = HeaderMap::with_capacity(7);
         if let Some(v) = topic.and_then(header_value) {
             headers.insert(X_TOPIC.clone(), v);
         }
@@ -417,6 +417,11 @@ impl GatewayClient {
             HeaderValue::from_static("application/cloudevents-batch+json"),
         );
         headers.insert(X_DELIVERY_ATTEMPT.clone(), HeaderValue::from(attempt));
+        if self.asynchronous
+            && let Some(cb) = &self.callback_url
+        {
+            headers.insert(X_CALLBACK_URL.clone(), cb.clone());
+        }
         self.exchange(uri, headers, body, timeout).await
     }
 

@@ -1,10 +1,11 @@
 //! One function's concurrency limit (`connector.max_inflight`, `connector.adaptive`).
 //!
-//! Two bounds. *Admission*: at most twice the limit of the function's messages are inside
-//! the dispatcher at once (running, or waiting for a worker or for the limit); a source
+//! Two bounds. *Admission*: at most twice the limit of the function's messages (for a
+//! function that takes batches of `size`, the limit plus one times `size`: a batch in
+//! every running place and one filling) are inside the dispatcher at once (running, or waiting for a worker or for the limit); a source
 //! submitting one more waits for its function alone, so a function at its limit never
 //! fills the dispatcher's queue and workers and the other functions' messages keep
-//! flowing. *Running*: at most `limit` invocations at once.
+//! flowing. *Running*: at most `limit` invocations at once (a batch is one invocation).
 //!
 //! Adaptive mode is additive increase, multiplicative decrease: a 429 halves the limit
 //! (never below one), and every `limit` successes in a row raise it by one, up to the
@@ -20,6 +21,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 pub(crate) struct Limiter {
     max: usize,
     adaptive: bool,
+    batch: usize,
     state: Mutex<State>,
     freed: Notify,
     admission: Arc<Semaphore>,
@@ -44,25 +46,33 @@ impl Drop for Running {
 }
 
 impl Limiter {
-    /// A limiter of `max` (at least one), adaptive or fixed.
-    pub(crate) fn new(max: usize, adaptive: bool) -> Arc<Self> {
+    /// A limiter of `max` (at least one), adaptive or fixed, for a function that takes
+    /// batches of `batch` messages (1: one message per invocation).
+    pub(crate) fn new(max: usize, adaptive: bool, batch: usize) -> Arc<Self> {
         let max = max.clamp(1, Semaphore::MAX_PERMITS / 2);
+        let admitted = (max + 1)
+            .saturating_mul(batch.max(1))
+            .max(max * 2)
+            .min(Semaphore::MAX_PERMITS);
         Arc::new(Self {
             max,
             adaptive,
+            batch,
             state: Mutex::new(State {
                 limit: max,
                 running: 0,
                 successes: 0,
             }),
             freed: Notify::new(),
-            admission: Arc::new(Semaphore::new(max * 2)),
+            admission: Arc::new(Semaphore::new(admitted)),
         })
     }
 
     /// Whether this limiter was made for these settings.
-    pub(crate) fn fits(&self, max: usize, adaptive: bool) -> bool {
-        self.max == max.clamp(1, Semaphore::MAX_PERMITS / 2) && self.adaptive == adaptive
+    pub(crate) fn fits(&self, max: usize, adaptive: bool, batch: usize) -> bool {
+        self.max == max.clamp(1, Semaphore::MAX_PERMITS / 2)
+            && self.adaptive == adaptive
+            && self.batch == batch
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -157,7 +167,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn running_never_exceeds_the_limit_and_a_freed_place_is_taken() {
-        let l = Limiter::new(2, false);
+        let l = Limiter::new(2, false, 1);
         let a = l.run().await;
         let _b = l.run().await;
         let third = tokio::spawn({
@@ -175,7 +185,7 @@ mod tests {
 
     #[tokio::test]
     async fn admission_holds_twice_the_limit() {
-        let l = Limiter::new(3, false);
+        let l = Limiter::new(3, false, 1);
         let mut admitted = Vec::new();
         for _ in 0..6 {
             admitted.push(l.admit().await);
@@ -185,9 +195,21 @@ mod tests {
         assert!(l.has_room());
     }
 
+    #[tokio::test]
+    async fn a_batch_function_admits_a_batch_per_running_place_and_one_filling() {
+        let l = Limiter::new(2, false, 10);
+        let mut admitted = Vec::new();
+        for _ in 0..30 {
+            admitted.push(l.admit().await);
+        }
+        assert!(!l.has_room(), "more than (2 + 1) x 10 admitted");
+        admitted.pop();
+        assert!(l.has_room());
+    }
+
     #[test]
     fn adaptive_halves_on_429_and_grows_back_by_one_per_limit_of_successes() {
-        let l = Limiter::new(8, true);
+        let l = Limiter::new(8, true, 1);
         l.throttled();
         assert_eq!(l.limit(), 4);
         l.throttled();
@@ -204,7 +226,7 @@ mod tests {
             l.succeeded();
         }
         assert_eq!(l.limit(), 8, "never above the maximum");
-        let fixed = Limiter::new(4, false);
+        let fixed = Limiter::new(4, false, 1);
         fixed.throttled();
         assert_eq!(fixed.limit(), 4, "a fixed limit does not move");
     }

@@ -1796,3 +1796,122 @@ async fn connector_wide_batches_apply_unless_a_function_says_otherwise() {
         "its annotation turns batches off"
     );
 }
+
+/// A batch is one invocation: `max_inflight` bounds the batches in flight, not the
+/// messages in them, so batches fill far past it (what lets batches of 100 at the same
+/// `max_inflight` beat one message per call).
+#[tokio::test(flavor = "multi_thread")]
+async fn max_inflight_bounds_the_batches_in_flight_not_the_messages_in_them() {
+    let gw = FakeGateway::start().await.unwrap();
+    annotate(&gw, "batched", &batching("10", "5s"), |_| {
+        Reply::ok().delay(Duration::from_millis(200))
+    })
+    .await;
+    let mut config = gw.config();
+    config.max_inflight = 2;
+    let setup = dispatcher(&gw, config, None);
+    let pending = submit_all(&setup.dispatcher, "orders", r#"{"a": 1}"#, "m", 40).await;
+    for c in pending {
+        assert_eq!(c.await.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    }
+    let sizes: Vec<usize> = gw
+        .requests_to("batched")
+        .iter()
+        .map(|r| batch_items(&r.body).len())
+        .collect();
+    assert_eq!(
+        sizes,
+        [10, 10, 10, 10],
+        "full batches, none waited for the window"
+    );
+    assert_eq!(gw.max_inflight(), 2, "two batches at once, never more");
+}
+
+/// A function's own `connector.max_inflight` counts its batches too, and admits enough
+/// messages to fill them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_functions_own_limit_counts_batches_and_admits_enough_to_fill_them() {
+    let gw = FakeGateway::start().await.unwrap();
+    let mut annotations = batching("5", "5s").to_vec();
+    annotations.push(("connector.max_inflight", "1".to_owned()));
+    annotate(&gw, "batched", &annotations, |_| {
+        Reply::ok().delay(Duration::from_millis(100))
+    })
+    .await;
+    let setup = dispatcher(&gw, gw.config(), None);
+    let pending = submit_all(&setup.dispatcher, "orders", r#"{"a": 1}"#, "m", 20).await;
+    for c in pending {
+        assert_eq!(c.await.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    }
+    let sizes: Vec<usize> = gw
+        .requests_to("batched")
+        .iter()
+        .map(|r| batch_items(&r.body).len())
+        .collect();
+    assert_eq!(sizes, [5, 5, 5, 5]);
+    assert_eq!(gw.max_inflight(), 1, "one batch at a time");
+}
+
+/// With key ordering a batch holds at most one message per key, and each key's messages
+/// reach the function in order, within and across batches.
+#[tokio::test(flavor = "multi_thread")]
+async fn key_order_holds_within_and_across_batches() {
+    let gw = FakeGateway::start().await.unwrap();
+    annotate(&gw, "batched", &batching("10", "50ms"), |_| Reply::ok()).await;
+    let mut config = gw.config();
+    config.ordering = Ordering::Key;
+    let setup = dispatcher(&gw, config, None);
+    let mut pending = Vec::new();
+    for i in 0..12 {
+        let key = format!("k{}", i % 3);
+        let m =
+            message("orders", &format!(r#"{{"n": {i}}}"#), &format!("m{i}")).with_ordering_key(key);
+        pending.push(setup.dispatcher.submit(m).await.unwrap());
+    }
+    for c in pending {
+        assert_eq!(c.await.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    }
+    let mut seen: Vec<Vec<usize>> = vec![Vec::new(); 3];
+    for r in gw.requests_to("batched") {
+        let mut keys_in_batch = Vec::new();
+        for (id, _) in batch_items(&r.body) {
+            let n: usize = id[1..].parse().unwrap();
+            assert!(
+                !keys_in_batch.contains(&(n % 3)),
+                "two messages of key k{} in one batch",
+                n % 3
+            );
+            keys_in_batch.push(n % 3);
+            seen[n % 3].push(n);
+        }
+    }
+    for (key, numbers) in seen.iter().enumerate() {
+        let expected: Vec<usize> = (0..12).filter(|n| n % 3 == key).collect();
+        assert_eq!(numbers, &expected, "key k{key} out of order");
+    }
+}
+
+/// Asynchronous invocation sends a batch to `/async-function/` with the callback URL,
+/// as it does a single message.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_asynchronous_batch_carries_the_callback_url() {
+    let gw = FakeGateway::start().await.unwrap();
+    annotate(&gw, "batched", &batching("3", "50ms"), |_| Reply::ok()).await;
+    let mut config = gw.config();
+    config.asynchronous_invocation = true;
+    config.callback_url = Some("http://127.0.0.1:9/callback".into());
+    let setup = dispatcher(&gw, config, None);
+    let pending = submit_all(&setup.dispatcher, "orders", r#"{"a": 1}"#, "m", 3).await;
+    for c in pending {
+        let outcome = c.await;
+        assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::Delivered);
+        let status = outcome.deliveries[0].response.as_ref().unwrap().status;
+        assert_eq!(status.as_u16(), 202);
+    }
+    let requests = gw.requests_to("batched");
+    assert_eq!(requests.len(), 1);
+    assert_eq!(
+        requests[0].header("x-callback-url").as_deref(),
+        Some("http://127.0.0.1:9/callback")
+    );
+}

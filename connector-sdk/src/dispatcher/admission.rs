@@ -146,14 +146,19 @@ impl Inner {
             return None;
         }
         let max = overrides.max_inflight.unwrap_or(self.max_inflight);
+        let batch = self
+            .policy
+            .batch
+            .settings(Some(&overrides.batch))
+            .map_or(1, |b| b.size);
         let mut limiters = self
             .limiters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match limiters.get(function) {
-            Some(l) if l.fits(max, overrides.adaptive) => Some(l.clone()),
+            Some(l) if l.fits(max, overrides.adaptive, batch) => Some(l.clone()),
             _ => {
-                let l = Limiter::new(max, overrides.adaptive);
+                let l = Limiter::new(max, overrides.adaptive, batch);
                 limiters.insert(function.clone(), l.clone());
                 Some(l)
             }

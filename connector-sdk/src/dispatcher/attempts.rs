@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use super::batch::{Batcher, ItemResult};
+use super::batch::{Batcher, Bounds, ItemResult};
 use super::cancel::{Cancel, UntilAborted};
 use super::completion::released;
 use super::dead_letter::Failure;
@@ -129,9 +129,29 @@ impl Inner {
             ce_id = %message.id,
         );
         let report = async {
-            let _permit = match permit {
-                Some(p) => p,
-                None => {
+            // A function that takes batches: its delivery holds one of the batcher's
+            // places, not an in-flight one (its batch takes that when it is sent).
+            let batcher = self
+                .may_batch()
+                .then(|| self.batcher_of(&function))
+                .flatten();
+            let _permit = match (batcher, permit) {
+                (Some(batcher), permit) => {
+                    drop(permit);
+                    let place = tokio::select! {
+                        p = batcher.place() => p,
+                        () = cancel.drain.cancelled() => None,
+                    };
+                    let Some(place) = place else {
+                        return released(&function, 0);
+                    };
+                    if let Some(handoff) = &cancel.handoff {
+                        handoff.placed();
+                    }
+                    place
+                }
+                (None, Some(p)) => p,
+                (None, None) => {
                     tokio::select! {
                         p = self.permits.clone().acquire_owned() => match p {
                             Ok(p) => p,
@@ -181,7 +201,7 @@ impl Inner {
         let batcher = policy
             .batch
             .settings(own.map(|o| &o.batch))
-            .and_then(|settings| self.batcher(function, settings, timeout));
+            .and_then(|settings| self.batcher(function, settings, timeout, limiter.as_ref()));
         DeliveryPolicy {
             connector: policy,
             overrides,
@@ -213,7 +233,9 @@ impl Inner {
             first_failure: None,
         };
         loop {
-            let running = match &policy.limiter {
+            // A batch takes its place under the function's limit when it is sent.
+            let limiter = policy.limiter.as_ref().filter(|_| policy.batcher.is_none());
+            let running = match limiter {
                 Some(l) => tokio::select! {
                     running = l.run() => Some(running),
                     () = cancel.drain.cancelled() => return released(function, tally.local),
@@ -312,7 +334,7 @@ impl Inner {
                 signal: &cancel.signal,
                 inner: batcher.join(message, attempt),
             };
-            let tried = Self::batch_item(policy, joined.await?);
+            let tried = Self::batch_item(policy, joined.await?)?;
             if !self.subscribers.is_empty() {
                 self.publish(delivery, attempt, started.elapsed(), &tried);
             }
@@ -367,18 +389,19 @@ impl Inner {
     }
 
     /// What a batch's invocation came to for one item: the response's verdict, retryable
-    /// when the function listed the item in `batchItemFailures`.
-    fn batch_item(policy: &DeliveryPolicy<'_>, result: ItemResult) -> Tried {
+    /// when the function listed the item in `batchItemFailures`; `None` when the batch was
+    /// not sent (draining).
+    fn batch_item(policy: &DeliveryPolicy<'_>, result: ItemResult) -> Option<Tried> {
         match result {
             ItemResult::Response {
                 response,
                 failed: true,
-            } => Tried {
+            } => Some(Tried {
                 verdict: Verdict::Retry { retry_after: None },
                 response: Some(response),
                 error: Some("listed in the batch's batchItemFailures".to_owned()),
-            },
-            ItemResult::Response { response, .. } => Tried {
+            }),
+            ItemResult::Response { response, .. } => Some(Tried {
                 verdict: policy.status().classify(
                     response.status,
                     &response.headers,
@@ -386,36 +409,64 @@ impl Inner {
                 ),
                 response: Some(response),
                 error: None,
-            },
-            ItemResult::Error(error) => Tried {
+            }),
+            ItemResult::Error(error) => Some(Tried {
                 verdict: policy.status().classify_transport_error(),
                 response: None,
                 error: Some(error),
-            },
+            }),
+            ItemResult::Released => None,
         }
     }
 
-    /// `function`'s batcher for `settings` and `timeout`; made (or remade, after its
-    /// annotations changed) on first use.
+    /// Whether any function may take batches: the connector's default batch size, or
+    /// some function's annotations. Without, no delivery looks for a batcher.
+    pub(super) fn may_batch(&self) -> bool {
+        self.policy.batch.size > 1 || self.topics.has_policies()
+    }
+
+    /// `function`'s batcher, if it takes batches.
+    pub(super) fn batcher_of(&self, function: &FunctionRef) -> Option<Arc<Batcher>> {
+        let overrides = self.topics.policy_for(function);
+        let own = overrides.as_deref();
+        let settings = self.policy.batch.settings(own.map(|o| &o.batch))?;
+        let timeout = own.and_then(|o| o.timeout);
+        let limiter = own.and_then(|o| self.limiter(function, o));
+        self.batcher(function, settings, timeout, limiter.as_ref())
+    }
+
+    /// `function`'s batcher for `settings`, `timeout` and `limiter`; made (or remade,
+    /// after its annotations changed) on first use.
     fn batcher(
         &self,
         function: &FunctionRef,
         settings: BatchSettings,
         timeout: Option<Duration>,
+        limiter: Option<&Arc<Limiter>>,
     ) -> Option<Arc<Batcher>> {
         let mut batchers = self
             .batchers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match batchers.get(function) {
-            Some(b) if b.fits(settings, timeout) => Some(b.clone()),
+            Some(b) if b.fits(settings, timeout, limiter) => Some(b.clone()),
             _ => {
+                let running = self
+                    .topics
+                    .policy_for(function)
+                    .and_then(|o| o.max_inflight)
+                    .unwrap_or(self.max_inflight);
                 let b = Batcher::new(
                     function.clone(),
                     settings,
                     timeout,
                     self.gateway.clone(),
                     self.metrics.clone(),
+                    Bounds {
+                        permits: self.permits.clone(),
+                        limiter: limiter.cloned(),
+                        running,
+                    },
                 );
                 batchers.insert(function.clone(), b.clone());
                 Some(b)

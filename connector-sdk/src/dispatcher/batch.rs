@@ -20,10 +20,19 @@
 //!
 //! A failed item is retried after its backoff, in whatever batch is open then (so a
 //! batch with failures comes back smaller), and dead-lettered alone after its attempts.
-//! Acknowledgement stays per message. A batch is made of the messages in flight, so
-//! `max_inflight` (and the function's `connector.max_inflight`, which counts messages
-//! here) bounds its size; with key ordering a key has one message in flight, so a batch
-//! holds at most one message per key and order holds within and across batches.
+//! Acknowledgement stays per message.
+//!
+//! Bounds. A batch is one invocation: it takes one of the connector's in-flight places
+//! (`max_inflight`) and one of the function's own (`connector.max_inflight`) while it is
+//! sent, so `max_inflight` counts invocations, as for other functions, not messages. The
+//! messages are bounded by the batcher's places: a delivery takes one before it joins
+//! and keeps it until it is terminal (retries included), and there are as many as fill
+//! a batch in every running place and one more batch filling (`(limit + 1) x size`).
+//! A message whose deliveries all have their places leaves its worker (see
+//! `completion.rs`), so a worker is not held for a batch's window; when the places are
+//! taken, the worker waits, the hand-off queue fills and the source stops pulling.
+//! With key ordering a key has one message in flight per function, so a batch holds at
+//! most one message per key and order holds within and across batches.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -32,10 +41,11 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine;
 use bytes::Bytes;
 use serde::Deserialize;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::function::FunctionRef;
 use crate::gateway::{GatewayClient, InvokeError};
+use crate::limiter::Limiter;
 use crate::message::{InvocationResponse, Message};
 use crate::metrics::{Metrics, status_class};
 use crate::policy::BatchSettings;
@@ -49,6 +59,8 @@ pub(super) enum ItemResult {
     },
     /// No response: the transport error.
     Error(String),
+    /// Not sent: the dispatcher is draining.
+    Released,
 }
 
 /// A message waiting in a batch for its result.
@@ -76,6 +88,23 @@ pub(super) struct Batcher {
     metrics: Metrics,
     default_type: String,
     open: Mutex<Open>,
+    /// The connector's in-flight places: a batch takes one while it is sent.
+    permits: Arc<Semaphore>,
+    /// The function's own concurrency limit, if it has one: a batch takes one place.
+    limiter: Option<Arc<Limiter>>,
+    /// The messages' places: taken by a delivery before it joins, until it is terminal.
+    places: Arc<Semaphore>,
+}
+
+/// What a batcher is made of besides its function and settings.
+pub(super) struct Bounds {
+    /// The connector's in-flight places.
+    pub(super) permits: Arc<Semaphore>,
+    /// The function's limiter, if it has one.
+    pub(super) limiter: Option<Arc<Limiter>>,
+    /// How many batches may be sent at once (the function's limit, else the
+    /// connector's `max_inflight`).
+    pub(super) running: usize,
 }
 
 impl Batcher {
@@ -85,8 +114,17 @@ impl Batcher {
         timeout: Option<Duration>,
         gateway: GatewayClient,
         metrics: Metrics,
+        bounds: Bounds,
     ) -> Arc<Self> {
+        let places = bounds
+            .running
+            .saturating_add(1)
+            .saturating_mul(settings.size)
+            .min(Semaphore::MAX_PERMITS);
         Arc::new(Self {
+            permits: bounds.permits,
+            limiter: bounds.limiter,
+            places: Arc::new(Semaphore::new(places)),
             default_type: gateway.default_event_type().to_owned(),
             function,
             settings,
@@ -97,9 +135,26 @@ impl Batcher {
         })
     }
 
-    /// Whether this batcher sends with `settings` and `timeout` (else it is replaced).
-    pub(super) fn fits(&self, settings: BatchSettings, timeout: Option<Duration>) -> bool {
-        self.settings == settings && self.timeout == timeout
+    /// Whether this batcher sends with `settings`, `timeout` and `limiter` (else it is
+    /// replaced).
+    pub(super) fn fits(
+        &self,
+        settings: BatchSettings,
+        timeout: Option<Duration>,
+        limiter: Option<&Arc<Limiter>>,
+    ) -> bool {
+        let same_limiter = match (&self.limiter, limiter) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        self.settings == settings && self.timeout == timeout && same_limiter
+    }
+
+    /// Waits for a message's place among the batcher's (`None` would mean its places
+    /// were closed, which they never are). Cancel-safe.
+    pub(super) async fn place(&self) -> Option<OwnedSemaphorePermit> {
+        self.places.clone().acquire_owned().await.ok()
     }
 
     /// Adds `message` to the open batch and waits for its result. A batch that is full
@@ -153,10 +208,27 @@ impl Batcher {
         self.send(batch);
     }
 
-    /// Invokes the function with `items` on a task of its own and hands each its result.
+    /// Invokes the function with `items` on a task of its own, once the batch has an
+    /// in-flight place (and one under the function's limit), and hands each its result.
+    /// Items of a batch that cannot be sent because the dispatcher drains are released.
     fn send(self: &Arc<Self>, items: Vec<Item>) {
         let batcher = self.clone();
-        tokio::spawn(async move { batcher.invoke(items).await });
+        tokio::spawn(async move {
+            let running = match &batcher.limiter {
+                Some(l) => Some(l.run().await),
+                None => None,
+            };
+            // Closed by `drain`.
+            let Ok(permit) = batcher.permits.clone().acquire_owned().await else {
+                for item in items {
+                    let _ = item.done.send(ItemResult::Released);
+                }
+                return;
+            };
+            batcher.invoke(items).await;
+            drop(permit);
+            drop(running);
+        });
     }
 
     async fn invoke(&self, items: Vec<Item>) {
@@ -183,6 +255,13 @@ impl Batcher {
             Ok(response) => {
                 self.metrics
                     .invoked(&self.function, status_class(response.status), took);
+                if let Some(l) = &self.limiter {
+                    if response.status == http::StatusCode::TOO_MANY_REQUESTS {
+                        l.throttled();
+                    } else if response.status.is_success() {
+                        l.succeeded();
+                    }
+                }
                 let failed = failed_items(&response, &items);
                 let response = Arc::new(response);
                 for item in items {

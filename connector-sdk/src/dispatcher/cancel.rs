@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::task::{Context, Poll};
 
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,9 @@ pub(super) struct Cancel {
     pub(super) drain: CancellationToken,
     pub(super) abort: CancellationToken,
     pub(super) signal: Arc<AbortSignal>,
+    /// Set on the task of a message that left its worker: told as each of its batch
+    /// deliveries takes its place.
+    pub(super) handoff: Option<Arc<Handoff>>,
 }
 
 impl Cancel {
@@ -40,6 +43,66 @@ impl Cancel {
             drain: inner.drain.child_token(),
             abort,
             signal,
+            handoff: None,
+        }
+    }
+
+    /// For the task of a message that left its worker, which `handoff` lets go on.
+    pub(super) fn detached(inner: &Inner, handoff: Arc<Handoff>) -> Self {
+        Self {
+            handoff: Some(handoff),
+            ..Self::new(inner)
+        }
+    }
+}
+
+/// A message handed from its worker to a task of its own because some of its deliveries
+/// go to functions that take batches: the worker waits until each of those has its
+/// place in its batcher (or the message is finished), so the worker bounds how fast
+/// messages enter, and the batchers' places how many wait in batches.
+pub(super) struct Handoff {
+    left: AtomicUsize,
+    ready: tokio::sync::Notify,
+}
+
+impl Handoff {
+    /// A hand-off waiting for `deliveries` places.
+    pub(super) fn new(deliveries: usize) -> Self {
+        Self {
+            left: AtomicUsize::new(deliveries),
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// One delivery has its place.
+    pub(super) fn placed(&self) {
+        let was = self
+            .left
+            .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |n| {
+                n.checked_sub(1)
+            });
+        if was == Ok(1) {
+            self.ready.notify_waiters();
+        }
+    }
+
+    /// The message is finished (or could not place everything): the worker goes on.
+    pub(super) fn finished(&self) {
+        self.left.store(0, AtomicOrdering::Release);
+        self.ready.notify_waiters();
+    }
+
+    /// Until every delivery has its place, or the message is finished (or its task
+    /// ended by a panic: [`FinishOnDrop`]).
+    pub(super) async fn wait(&self) {
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if self.left.load(AtomicOrdering::Acquire) == 0 {
+                return;
+            }
+            ready.await;
         }
     }
 }
@@ -58,6 +121,15 @@ impl AbortSignal {
     pub(super) fn fire(&self) {
         self.aborted.store(true, AtomicOrdering::Release);
         self.waker.wake();
+    }
+}
+
+/// Tells a [`Handoff`] the message is finished when dropped, however its task ends.
+pub(super) struct FinishOnDrop(pub(super) Arc<Handoff>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.0.finished();
     }
 }
 

@@ -10,14 +10,42 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::Inner;
 use super::admission::Job;
-use super::cancel::Cancel;
+use super::cancel::{Cancel, FinishOnDrop, Handoff};
 use super::lanes::{LaneKey, LaneTicket, Lanes};
 use crate::function::FunctionRef;
 use crate::message::{DeliveryOutcome, DeliveryReport, Disposition, Message, MessageOutcome};
 
 impl Inner {
-    /// Delivers a message, records its outcome, lets its lane go on, and finishes it.
+    /// Delivers a message, records its outcome, lets its lane go on, and finishes it. A
+    /// message with deliveries to functions that take batches is handed to a task of its
+    /// own once those have their places (see `batch.rs`): a worker is not held for a
+    /// batch's window.
     pub(super) async fn execute(self: &Arc<Self>, cancel: &Cancel, job: Job) {
+        let batched = if self.may_batch() {
+            job.admission
+                .functions
+                .iter()
+                .filter(|f| self.batcher_of(f).is_some())
+                .count()
+        } else {
+            0
+        };
+        if batched == 0 {
+            return self.finish(cancel, job).await;
+        }
+        let handoff = Arc::new(Handoff::new(batched));
+        let inner = self.clone();
+        let detached = handoff.clone();
+        tokio::spawn(async move {
+            let _finished = FinishOnDrop(detached.clone());
+            let cancel = Cancel::detached(&inner, detached);
+            inner.finish(&cancel, job).await;
+        });
+        handoff.wait().await;
+    }
+
+    /// [`execute`](Self::execute) on this task.
+    async fn finish(self: &Arc<Self>, cancel: &Cancel, job: Job) {
         let Job { admission, done } = job;
         let (outcome, lane) = self
             .run(
@@ -76,6 +104,21 @@ impl Inner {
             && !self.wait_turn(cancel, &message, previous).await
         {
             return (released_all(&message, &functions), lane);
+        }
+        if cancel.handoff.is_some() {
+            // Some deliveries take batch places instead of in-flight permits: each
+            // delivery takes its own.
+            let deliveries = functions
+                .iter()
+                .map(|function| self.deliver(cancel, message.clone(), function.clone(), None));
+            let deliveries = join_all(deliveries).await;
+            let outcome = MessageOutcome {
+                id: message.id.clone(),
+                deliveries,
+                interrupted: false,
+                held_unmatched: false,
+            };
+            return (outcome, lane);
         }
         // Permits for as many deliveries as may run at once; a fan-out wider than
         // `max_inflight` acquires the rest one by one. The semaphore is closed on drain:
