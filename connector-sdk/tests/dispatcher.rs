@@ -1915,3 +1915,25 @@ async fn an_asynchronous_batch_carries_the_callback_url() {
         Some("http://127.0.0.1:9/callback")
     );
 }
+
+/// What a source's broker-side window must hold: the workers and the hand-off queue,
+/// plus what each batching function's batches hold.
+#[tokio::test]
+async fn the_message_window_grows_with_the_functions_batches() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("single", "orders", |_, _| Reply::ok());
+    let mut config = gw.config();
+    config.max_inflight = 4;
+    let before = dispatcher(&gw, config.clone(), None);
+    assert_eq!(before.dispatcher.message_window(), 8, "twice max_inflight");
+    annotate(&gw, "batched", &batching("10", "1s"), |_| Reply::ok()).await;
+    let mut limited = batching("5", "1s").to_vec();
+    limited.push(("connector.max_inflight", "1".to_owned()));
+    annotate(&gw, "limited", &limited, |_| Reply::ok()).await;
+    let after = dispatcher(&gw, config, None);
+    assert_eq!(
+        after.dispatcher.message_window(),
+        8 + (4 + 1) * 10 + (1 + 1) * 5,
+        "plus a batch per in-flight place and one filling, per batching function"
+    );
+}

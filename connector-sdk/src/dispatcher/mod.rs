@@ -468,4 +468,33 @@ impl Dispatcher {
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
+
+    /// How many messages can be inside the dispatcher at once with the current topic map:
+    /// its workers and hand-off queue (twice `max_inflight`), plus, for each function that
+    /// takes batches, the messages its batches hold (its limit plus one, times its batch
+    /// size). A source whose broker hands out at most a window of unacknowledged messages
+    /// (a prefetch, a receive maximum, `max_ack_pending`) sizes it from this, so that
+    /// batches can fill.
+    pub fn message_window(&self) -> usize {
+        let inner = &self.inner;
+        let base = inner.max_inflight.saturating_mul(2);
+        if !inner.may_batch() {
+            return base;
+        }
+        let map = inner.topics.current();
+        let functions: std::collections::HashSet<&FunctionRef> = map
+            .entries()
+            .flat_map(|(_, functions)| functions.iter())
+            .collect();
+        functions.into_iter().fold(base, |window, function| {
+            let own = map.policy(function);
+            let Some(batch) = inner.policy.batch.settings(own.map(|o| &o.batch)) else {
+                return window;
+            };
+            let limit = own
+                .and_then(|o| o.max_inflight)
+                .unwrap_or(inner.max_inflight);
+            window.saturating_add(limit.saturating_add(1).saturating_mul(batch.size))
+        })
+    }
 }

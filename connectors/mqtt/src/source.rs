@@ -72,9 +72,10 @@ impl MqttSource {
         config: MqttConfig,
         metrics: MqttMetrics,
     ) -> Result<Self, SourceError> {
-        // Twice the deliveries in flight: PUBACKs take a moment to reach the broker, and the
+        // What the dispatcher holds (twice the deliveries in flight, and what the
+        // functions' batches hold): PUBACKs take a moment to reach the broker, and the
         // window they still hold would otherwise leave the dispatcher short of messages.
-        let window = u16::try_from(ctx.config.max_inflight.max(1) * 2).unwrap_or(u16::MAX);
+        let window = u16::try_from(ctx.dispatcher.message_window().max(1)).unwrap_or(u16::MAX);
         let (client, events) = link::open(&Session {
             config: &config,
             client_id: config.client_id.clone(),

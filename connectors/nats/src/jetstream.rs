@@ -172,7 +172,10 @@ impl JetStreamSource {
             consumer_base: js.consumer.clone(),
             deliver_policy: js.deliver_policy,
             ack_wait: js.ack_wait,
-            max_ack_pending: js.max_ack_pending,
+            // Room for what the functions' batches hold, so that they can fill.
+            max_ack_pending: js
+                .max_ack_pending
+                .max(i64::try_from(ctx.dispatcher.message_window()).unwrap_or(i64::MAX)),
             batch: js.batch,
             pull_expires: js.pull_expires,
             backlog_interval: js.backlog_interval,

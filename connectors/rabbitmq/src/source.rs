@@ -1,8 +1,9 @@
 //! The queue consumer as a [`Source`]: declare, bind, consume, settle.
 //!
-//! On (re)connecting: a channel with `basic.qos` prefetch = `max_inflight`, so the broker
-//! never hands this process more unacknowledged messages than it may deliver at once (the
-//! backpressure is the broker's); the queue (and the dead-letter exchange and queue)
+//! On (re)connecting: a channel with `basic.qos` prefetch = what the dispatcher holds
+//! (`Dispatcher::message_window`: twice `max_inflight`, plus what the functions' batches
+//! hold; set again when the topic map changes it), so the broker never hands this process
+//! more unacknowledged messages than it may take in (the backpressure is the broker's); the queue (and the dead-letter exchange and queue)
 //! declared when `declare` is on, else checked to exist; one binding of the queue to
 //! `exchange` per topic; then `basic.consume` with manual acks. Replicas consuming the
 //! same queue split its messages: the broker gives each message to one consumer.
@@ -93,7 +94,7 @@ impl RabbitSource {
         let queue = ShortString::try_new(config.queue.clone())
             .map_err(|e| crate::Error::Setup(format!("queue: {e}")))?;
         let changes = TopicChanges::new(&ctx);
-        let prefetch = u16::try_from(ctx.config.max_inflight.max(1)).unwrap_or(u16::MAX);
+        let prefetch = prefetch(&ctx);
         Ok(Self {
             source: crate::source_uri(&config),
             config,
@@ -136,6 +137,7 @@ impl RabbitSource {
             })?;
         let connection = Arc::new(connection);
         let channel = self.step(connection.create_channel()).await?;
+        self.prefetch = prefetch(&self.ctx);
         self.step(channel.basic_qos(self.prefetch, BasicQosOptions::default()))
             .await?;
         self.declare(&channel).await?;
@@ -323,6 +325,11 @@ enum Event {
     Delivery(Option<lapin::Result<lapin::message::Delivery>>),
 }
 
+/// The channel's prefetch: what the dispatcher can hold, at most AMQP's 65,535.
+fn prefetch(ctx: &SourceContext) -> u16 {
+    u16::try_from(ctx.dispatcher.message_window().max(1)).unwrap_or(u16::MAX)
+}
+
 async fn requeue(acker: &Acker) -> Result<(), SourceError> {
     let options = BasicNackOptions {
         requeue: true,
@@ -368,7 +375,24 @@ impl Source for RabbitSource {
                         continue;
                     };
                     let channel = link.channel.clone();
-                    let bound = self.bind(&channel).await;
+                    let wanted = prefetch(&self.ctx);
+                    let mut bound = Ok(());
+                    if wanted != self.prefetch {
+                        bound = self
+                            .step(channel.basic_qos(wanted, BasicQosOptions::default()))
+                            .await;
+                        if bound.is_ok() {
+                            tracing::info!(
+                                prefetch = wanted,
+                                was = self.prefetch,
+                                "prefetch changed with the functions' batches"
+                            );
+                            self.prefetch = wanted;
+                        }
+                    }
+                    if bound.is_ok() {
+                        bound = self.bind(&channel).await;
+                    }
                     self.link = Some(link);
                     if let Err(e) = bound {
                         self.link = None;
