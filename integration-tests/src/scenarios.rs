@@ -648,6 +648,69 @@ pub async fn filters_and_batches(fixture: &dyn Fixture) {
     );
 }
 
+/// SIGKILL while batches are in the function and others fill: after a restart every
+/// message reaches the function (at least once), and all end acknowledged.
+pub async fn batches_lose_nothing_across_kill(fixture: &dyn Fixture) {
+    const MESSAGES: u64 = 60;
+    let topic = unique("batchkill");
+    fixture.create_topic(&topic).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "batch-kill-fn",
+        &[
+            ("topic", topic.as_str()),
+            ("connector.batch.size", "10"),
+            ("connector.batch.window", "200ms"),
+            ("connector.ordering", "none"),
+        ],
+        |_, _| Reply::ok().delay(Duration::from_millis(300)),
+    );
+    let mut connector = start(fixture, &gw, &topic, "max_inflight = 2").await;
+    let sent: Vec<Vec<u8>> = (0..MESSAGES)
+        .map(|n| format!(r#"{{"n": {n}}}"#).into_bytes())
+        .collect();
+    fixture.produce(&topic, &sent).await;
+    let delivered = |gw: &FakeGateway| -> BTreeSet<u64> {
+        gw.requests_to("batch-kill-fn")
+            .iter()
+            .flat_map(|r| {
+                serde_json::from_slice::<Vec<serde_json::Value>>(&r.body)
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| e["data"]["n"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    assert!(
+        eventually(WITHIN, || !gw.requests_to("batch-kill-fn").is_empty()).await,
+        "no batch before the kill:\n{}",
+        connector.process.output()
+    );
+    connector.process.kill();
+    let before_restart = delivered(&gw).len();
+    assert!(
+        before_restart < sent.len(),
+        "all delivered before the kill; test proves nothing"
+    );
+    connector.restart().await;
+    assert!(
+        eventually(Duration::from_secs(60), || delivered(&gw).len()
+            == sent.len())
+        .await,
+        "lost {} messages across the kill (had {before_restart} before it):\n{}",
+        sent.len() - delivered(&gw).len(),
+        connector.process.output()
+    );
+    assert!(
+        eventually_async(WITHIN, || async {
+            fixture.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "messages left unacknowledged: {}",
+        fixture.unacknowledged(&topic).await
+    );
+}
+
 /// Polls an async condition every 100 ms for up to `within`.
 pub async fn eventually_async<F, Fut>(within: Duration, mut check: F) -> bool
 where

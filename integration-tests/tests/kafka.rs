@@ -338,6 +338,12 @@ async fn kafka_filters_and_batches() {
     scenarios::filters_and_batches(&Kafka::new()).await;
 }
 
+/// SIGKILL mid-batch loses nothing on the real broker.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_batches_lose_nothing_across_kill() {
+    scenarios::batches_lose_nothing_across_kill(&Kafka::new()).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_delivered_once() {
     scenarios::delivered_once(&Kafka::new()).await;

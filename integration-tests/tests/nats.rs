@@ -46,6 +46,12 @@ async fn jetstream_filters_and_batches() {
     scenarios::filters_and_batches(&jetstream_topics().await).await;
 }
 
+/// SIGKILL mid-batch loses nothing on the real broker.
+#[tokio::test]
+async fn jetstream_batches_lose_nothing_across_kill() {
+    scenarios::batches_lose_nothing_across_kill(&jetstream_topics().await).await;
+}
+
 #[tokio::test]
 async fn jetstream_delivered_once() {
     scenarios::delivered_once(&jetstream_topics().await).await;

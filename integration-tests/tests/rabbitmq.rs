@@ -27,6 +27,12 @@ async fn rabbitmq_filters_and_batches() {
     scenarios::filters_and_batches(&RabbitQueues::new()).await;
 }
 
+/// SIGKILL mid-batch loses nothing on the real broker.
+#[tokio::test]
+async fn rabbitmq_batches_lose_nothing_across_kill() {
+    scenarios::batches_lose_nothing_across_kill(&RabbitQueues::new()).await;
+}
+
 #[tokio::test]
 async fn rabbitmq_delivered_once() {
     scenarios::delivered_once(&RabbitQueues::new()).await;

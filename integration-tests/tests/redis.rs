@@ -42,6 +42,12 @@ async fn redis_filters_and_batches() {
     scenarios::filters_and_batches(&RedisStreams::new()).await;
 }
 
+/// SIGKILL mid-batch loses nothing on the real broker.
+#[tokio::test]
+async fn redis_batches_lose_nothing_across_kill() {
+    scenarios::batches_lose_nothing_across_kill(&RedisStreams::new()).await;
+}
+
 #[tokio::test]
 async fn redis_delivered_once() {
     scenarios::delivered_once(&RedisStreams::new()).await;

@@ -23,6 +23,12 @@ async fn sqs_filters_and_batches() {
     scenarios::filters_and_batches(&SqsQueues::new()).await;
 }
 
+/// SIGKILL mid-batch loses nothing on the real broker.
+#[tokio::test]
+async fn sqs_batches_lose_nothing_across_kill() {
+    scenarios::batches_lose_nothing_across_kill(&SqsQueues::new()).await;
+}
+
 #[tokio::test]
 async fn sqs_delivered_once() {
     scenarios::delivered_once(&SqsQueues::new()).await;
