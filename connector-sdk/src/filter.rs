@@ -103,17 +103,7 @@ impl Filter {
         let mut scope = STANDARD.new_inner_scope();
         for (i, name) in VARIABLES.iter().enumerate() {
             if self.uses & (1 << i) != 0 {
-                let value = match *name {
-                    "type" => Value::String(Arc::new(
-                        message
-                            .event_type
-                            .as_deref()
-                            .unwrap_or(default_type)
-                            .to_owned(),
-                    )),
-                    _ => variable(message, name),
-                };
-                scope.add_variable_from_value(*name, value);
+                scope.add_variable_from_value(*name, variable(message, name, default_type));
             }
         }
         let fail = |reason: String| FilterError {
@@ -146,12 +136,14 @@ impl PartialEq for Filter {
 
 impl Eq for Filter {}
 
-/// The value of variable `name` for `message`.
-fn variable(message: &Message, name: &str) -> Value {
+/// The value of variable `name` for `message`, whose type is `default_type` when it has
+/// none of its own.
+fn variable(message: &Message, name: &str, default_type: &str) -> Value {
     let text = |s: &str| Value::String(Arc::new(s.to_owned()));
     match name {
         "id" => text(&message.id),
         "source" => text(&message.source),
+        "type" => text(message.event_type_or(default_type)),
         "subject" => message.subject.as_deref().map_or(Value::Null, text),
         "topic" => text(&message.topic),
         "time" => message.time.map_or(Value::Null, |t| {
@@ -179,12 +171,7 @@ fn headers(message: &Message) -> Value {
 
 /// The body as JSON when it is JSON, else its bytes.
 fn data(message: &Message) -> Value {
-    let declared = message
-        .content_type
-        .as_ref()
-        .and_then(|c| c.to_str().ok())
-        .map(|c| c.to_ascii_lowercase().contains("json"));
-    if declared != Some(false)
+    if message.may_be_json()
         && let Ok(json) = serde_json::from_slice::<serde_json::Value>(&message.payload)
     {
         return json_value(json);

@@ -143,6 +143,21 @@ impl Message {
         self.prior_attempts = prior;
         self
     }
+
+    /// Whether its payload is read as JSON when it parses: its content type says JSON
+    /// (`application/json`, `application/cloudevents+json`, ...) or it has none. A filter's
+    /// `data` and a batch item's `data` both follow this rule.
+    pub fn may_be_json(&self) -> bool {
+        self.content_type
+            .as_ref()
+            .and_then(|c| c.to_str().ok())
+            .is_none_or(|c| c.to_ascii_lowercase().contains("json"))
+    }
+
+    /// Its CloudEvents type: its own, else `default` (the connector's `<name>.message`).
+    pub fn event_type_or<'a>(&'a self, default: &'a str) -> &'a str {
+        self.event_type.as_deref().unwrap_or(default)
+    }
 }
 
 /// The response of one invocation, as far as it was read.

@@ -368,11 +368,11 @@ enum Data<'a> {
 impl<'a> Event<'a> {
     fn of(message: &'a Message, default_type: &'a str) -> Self {
         let content_type = message.content_type.as_ref().and_then(|c| c.to_str().ok());
-        let lower = content_type.map(str::to_ascii_lowercase);
-        let json_declared = lower.as_deref().map(|c| c.contains("json"));
-        let text_declared = lower.as_deref().is_some_and(|c| c.starts_with("text/"));
+        let text_declared = content_type
+            .is_some_and(|c| c.get(..5).is_some_and(|t| t.eq_ignore_ascii_case("text/")));
         let payload: &'a [u8] = &message.payload;
-        let json = (json_declared != Some(false))
+        let json = message
+            .may_be_json()
             .then(|| serde_json::from_slice::<&serde_json::value::RawValue>(payload).ok())
             .flatten();
         let (data, data_base64) = match json {
@@ -392,7 +392,7 @@ impl<'a> Event<'a> {
             specversion: "1.0",
             id: &message.id,
             source: &message.source,
-            event_type: message.event_type.as_deref().unwrap_or(default_type),
+            event_type: message.event_type_or(default_type),
             time: humantime::format_rfc3339_millis(time).to_string(),
             subject: message.subject.as_deref(),
             topic: &message.topic,
