@@ -22,6 +22,13 @@
 //! no-op) alone, then while `slow` (50 ms per call, `connector.max_inflight: 2`) is fed
 //! without pause from a second submitter through the same dispatcher (`max_inflight` 64);
 //! it prints the ratio of the two per round and their median.
+//!
+//! `BENCH_BATCH=1` measures batches instead: a function that takes 5 ms per call whatever
+//! its body, invoked with one message per call, then (another route, the same 5 ms)
+//! with `connector.batch.size: 100`, both at `max_inflight` 64 (`BENCH_CONCURRENCY` sets
+//! another). It prints records per second of each, alternating over `BENCH_ROUNDS`
+//! rounds, their ratio, and the ceilings: `max_inflight` calls per 5 ms, times 100 for
+//! batches.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -78,6 +85,8 @@ fn main() {
     // On a worker, as `Runtime::run` runs a connector's source.
     if std::env::var("BENCH_MIX").is_ok() {
         runtime.block_on(async move { tokio::spawn(mix(addr)).await.unwrap() });
+    } else if std::env::var("BENCH_BATCH").is_ok() {
+        runtime.block_on(async move { tokio::spawn(batches(addr)).await.unwrap() });
     } else {
         runtime.block_on(async move { tokio::spawn(bench(addr)).await.unwrap() });
     }
@@ -117,10 +126,86 @@ fn serve(addr: SocketAddr) {
                     ""
                 }),
             )
+            .route("/function/five-ms", post(five_ms))
+            .route("/function/five-ms-batch", post(five_ms))
             .route("/function/{name}", post(|| async { "" }));
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         axum::serve(listener, app).await.unwrap();
     });
+}
+
+/// 5 ms whatever the body: read it, wait, answer 200 without a failure list.
+async fn five_ms(body: axum::body::Bytes) -> &'static str {
+    std::hint::black_box(body.len());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    ""
+}
+
+/// One message per call against batches of 100, to a 5 ms function, same `max_inflight`.
+async fn batches(addr: SocketAddr) {
+    let inflight: usize = std::env::var("BENCH_CONCURRENCY").map_or(64, |v| v.parse().unwrap());
+    let config = SdkConfig {
+        gateway_url: format!("http://{addr}"),
+        max_inflight: inflight,
+        ..SdkConfig::default()
+    };
+    let annotations = |topic: &str, batch: bool| {
+        let mut a: std::collections::BTreeMap<String, String> =
+            [("topic".to_owned(), topic.to_owned())].into();
+        if batch {
+            a.insert("connector.batch.size".into(), "100".into());
+            a.insert("connector.batch.window".into(), "100ms".into());
+            a.insert("connector.ordering".into(), "none".into());
+        }
+        a
+    };
+    let functions = [
+        FunctionStatus {
+            name: "five-ms".into(),
+            namespace: None,
+            annotations: annotations("single", false).into_iter().collect(),
+        },
+        FunctionStatus {
+            name: "five-ms-batch".into(),
+            namespace: None,
+            annotations: annotations("batched", true).into_iter().collect(),
+        },
+    ];
+    let topics = TopicMapHandle::fixed(TopicMap::build(&functions, ","));
+    let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(3, |v| v.parse().unwrap());
+    let (metrics, _registry) = Metrics::standalone("bench");
+    let client = GatewayClient::new("bench-connector", &config).unwrap();
+    let dispatcher = Dispatcher::builder(client, topics, &config, metrics).build();
+    // Each side runs for about two seconds at its ceiling.
+    let single_count = inflight * 400;
+    let batch_count = inflight * 400 * 100 / 5;
+    let _ = feed(&dispatcher, "single", single_count / 10).await;
+    let _ = feed(&dispatcher, "batched", batch_count / 10).await;
+    let (mut singles, mut batched) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let single = feed(&dispatcher, "single", single_count).await;
+        let batch = feed(&dispatcher, "batched", batch_count).await;
+        eprintln!(
+            "round {round}: one per call {:.0}/s ({:.1} µs CPU each), batches of 100 {:.0}/s ({:.1} µs CPU each), ratio {:.1}",
+            single.per_second,
+            single.cpu_per_request.as_secs_f64() * 1e6,
+            batch.per_second,
+            batch.cpu_per_request.as_secs_f64() * 1e6,
+            batch.per_second / single.per_second
+        );
+        singles.push(single);
+        batched.push(batch);
+    }
+    let (single, batch) = (median(singles), median(batched));
+    let ceiling = inflight as f64 / 0.005;
+    println!(
+        "5 ms function, max_inflight {inflight}: one per call {:.0}/s (ceiling {ceiling:.0}), batches of 100 {:.0}/s (ceiling {:.0}), ratio {:.1} (medians of {rounds} rounds; {:.1} µs of this process's CPU per batched record)",
+        single.per_second,
+        batch.per_second,
+        ceiling * 100.0,
+        batch.per_second / single.per_second,
+        batch.cpu_per_request.as_secs_f64() * 1e6
+    );
 }
 
 struct Figures {

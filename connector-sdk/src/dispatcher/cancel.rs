@@ -29,8 +29,13 @@ impl Cancel {
     pub(super) fn new(inner: &Inner) -> Self {
         let signal = Arc::new(AbortSignal::default());
         if let Ok(mut signals) = inner.signals.lock() {
-            // Those of workers that ended are held by this list alone.
-            signals.retain(|s| Arc::strong_count(s) > 1);
+            // Those of workers (and detached messages) that ended are held by this list
+            // alone. Swept when the list is full rather than on every registration: a
+            // detached message registers one, thousands may be alive, and a sweep per
+            // registration cost as much as the rest of the message.
+            if signals.len() == signals.capacity() {
+                signals.retain(|s| Arc::strong_count(s) > 1);
+            }
             signals.push(signal.clone());
         }
         // `abort` cancels its token before it fires the listed signals: one of the two

@@ -10,7 +10,9 @@
 //! `KAFKA_BROKERS` (default 127.0.0.1:9092), `BENCH_MESSAGES` (default 100000),
 //! `BENCH_PARTITIONS` (default 8), `BENCH_CONCURRENCY` (default 64), `BENCH_RATE`
 //! (messages per second of the latency run, default 500), `BENCH_LATENCY_SECONDS`
-//! (default 10).
+//! (default 10). `BENCH_BATCH=1` adds a run with batches: the same backlog (another topic)
+//! delivered to a no-op function annotated `connector.batch.size: 100`, against the
+//! broker's raw consume rate.
 //!
 //! A no-op gateway and function (`/system/*` and `/function/noop`, 200 with an empty
 //! body) run in a child process: this binary with `serve`. The connector is the release
@@ -60,7 +62,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("serve") {
-        serve(args[2].parse().unwrap(), args[3].clone());
+        serve(args[2].parse().unwrap(), args[3].clone(), args[4].clone());
         return;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -88,9 +90,10 @@ struct Served {
     latencies: Mutex<Vec<i64>>,
 }
 
-/// The no-op gateway: one function `noop` subscribed to `topics`; records the
-/// produce-to-arrival latency of requests carrying `X-Kafka-sent-micros`.
-fn serve(addr: SocketAddr, topics: String) {
+/// The no-op gateway: one function `noop` subscribed to `topics`, and `noop-batch`,
+/// taking batches of 100, to `batch_topic`; records the produce-to-arrival latency of
+/// requests carrying `X-Kafka-sent-micros`.
+fn serve(addr: SocketAddr, topics: String, batch_topic: String) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -101,6 +104,15 @@ fn serve(addr: SocketAddr, topics: String) {
         let functions = serde_json::json!([{
             "name": "noop",
             "annotations": {"topic": topics},
+            "replicas": 1
+        }, {
+            "name": "noop-batch",
+            "annotations": {
+                "topic": batch_topic,
+                "connector.batch.size": "100",
+                "connector.batch.window": "100ms",
+                "connector.ordering": "none"
+            },
             "replicas": 1
         }]);
         let app = Router::new()
@@ -130,6 +142,7 @@ fn serve(addr: SocketAddr, topics: String) {
                     },
                 ),
             )
+            .route("/function/noop-batch", post(|| async { "" }))
             .route(
                 "/stats",
                 get(|State(s): State<Arc<Served>>| async move {
@@ -151,11 +164,12 @@ fn wait_port(addr: SocketAddr) {
     }
 }
 
-fn spawn_server(addr: SocketAddr, topics: &str) -> Child {
+fn spawn_server(addr: SocketAddr, topics: &str, batch_topic: &str) -> Child {
     let child = Command::new(std::env::current_exe().unwrap())
         .arg("serve")
         .arg(addr.to_string())
         .arg(topics)
+        .arg(batch_topic)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -459,6 +473,8 @@ async fn bench() {
     let topic2 = format!("bench-ordered-{run}");
     let lat_topic = format!("bench-lat-{run}");
     let raw_lat_topic = format!("bench-rawlat-{run}");
+    let batch_topic = format!("bench-batch-{run}");
+    let batches = std::env::var("BENCH_BATCH").is_ok();
 
     let setup = Setup {
         // One record per batch: tansu 0.6 answers a Fetch at an offset inside a batch
@@ -473,7 +489,7 @@ async fn bench() {
             .unwrap(),
         brokers: brokers.clone(),
     };
-    for t in [&topic, &topic2, &lat_topic, &raw_lat_topic] {
+    for t in [&topic, &topic2, &lat_topic, &raw_lat_topic, &batch_topic] {
         setup.create(t, partitions).await;
     }
     eprintln!("producing {n} records to {topic} and {topic2} ({partitions} partitions)");
@@ -481,9 +497,16 @@ async fn bench() {
     if std::env::var("BENCH_ORDERED").is_ok() {
         setup.fill(&topic2, n).await;
     }
+    if batches {
+        setup.fill(&batch_topic, n).await;
+    }
 
     let gateway = load::free_addr().unwrap();
-    let mut server = spawn_server(gateway, &format!("{topic},{topic2},{lat_topic}"));
+    let mut server = spawn_server(
+        gateway,
+        &format!("{topic},{topic2},{lat_topic}"),
+        &batch_topic,
+    );
 
     eprintln!("broker raw consume rate");
     let raw = raw_consume(&brokers, &topic, n).await;
@@ -497,6 +520,17 @@ async fn bench() {
     let e2e = c.consume(n as u64).await;
     let peak_kib = c.memory_kib("VmHWM");
     c.stop();
+
+    // Opt-in (BENCH_BATCH=1): batches of 100 to a no-op function.
+    let e2e_batched = if batches {
+        eprintln!("connector, batches of 100");
+        let c = Connector::start(gateway, &brokers, &batch_topic, &extra);
+        let r = c.consume(n as u64).await;
+        c.stop();
+        r
+    } else {
+        f64::NAN
+    };
 
     // Opt-in (BENCH_ORDERED=1): with ordering = "partition" every partition pauses and
     // resumes every two records, and each pause drops librdkafka's prefetch.
@@ -553,6 +587,11 @@ async fn bench() {
     println!(
         "| kafka-connector, ordering partition ({partitions} partitions) | {n} | {e2e_ordered:.0} | {:.2} |",
         e2e_ordered / ceiling
+    );
+    println!(
+        "| kafka-connector, batches of 100 to a no-op function, max_inflight {concurrency} | {n} | {e2e_batched:.0} | {:.2} of the HTTP ceiling, **{:.2} of raw consume** |",
+        e2e_batched / ceiling,
+        e2e_batched / raw
     );
     println!();
     println!("| latency at {rate} msg/s for {seconds} s | samples | p50 ms | p99 ms |");
