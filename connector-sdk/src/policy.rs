@@ -156,25 +156,52 @@ pub struct PolicyError {
     pub reason: String,
 }
 
-/// The function's `connector.batch.*` annotations.
-fn batch_overrides(annotations: &BTreeMap<String, String>) -> Result<BatchOverrides, PolicyError> {
-    let get = |key: &'static str| annotations.get(key).map(|v| (key, v.trim()));
-    let fail = |key: &'static str, value: &str, reason: &str| PolicyError {
+/// Reads a function's annotations, each value trimmed, each error naming its annotation.
+struct Reader<'a>(&'a BTreeMap<String, String>);
+
+impl Reader<'_> {
+    fn get(&self, key: &'static str) -> Option<(&'static str, &str)> {
+        self.0.get(key).map(|v| (key, v.trim()))
+    }
+
+    /// A whole number of at least 1.
+    fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(
+        &self,
+        key: &'static str,
+    ) -> Result<Option<T>, PolicyError> {
+        let Some((key, v)) = self.get(key) else {
+            return Ok(None);
+        };
+        match v.parse::<T>() {
+            Ok(n) if n >= T::from(1) => Ok(Some(n)),
+            _ => Err(fail(key, v, "a whole number of at least 1")),
+        }
+    }
+
+    /// A duration (`250ms`, `2s`, `1m`).
+    fn duration(&self, key: &'static str) -> Result<Option<Duration>, PolicyError> {
+        self.get(key)
+            .map(|(key, v)| crate::config::duration::parse(v).map_err(|e| fail(key, v, e)))
+            .transpose()
+    }
+}
+
+fn fail(key: &'static str, value: &str, reason: impl Into<String>) -> PolicyError {
+    PolicyError {
         key,
         value: value.to_owned(),
-        reason: reason.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// The function's `connector.batch.*` annotations.
+fn batch_overrides(read: &Reader<'_>) -> Result<BatchOverrides, PolicyError> {
+    let mut batch = BatchOverrides {
+        size: read.positive(BATCH_SIZE)?,
+        window: read.duration(BATCH_WINDOW)?,
+        max_bytes: None,
     };
-    let mut batch = BatchOverrides::default();
-    if let Some((key, v)) = get(BATCH_SIZE) {
-        batch.size = Some(match v.parse::<usize>() {
-            Ok(n) if n >= 1 => n,
-            _ => return Err(fail(key, v, "a whole number of at least 1")),
-        });
-    }
-    if let Some((key, v)) = get(BATCH_WINDOW) {
-        batch.window = Some(crate::config::duration::parse(v).map_err(|e| fail(key, v, &e))?);
-    }
-    if let Some((key, v)) = get(BATCH_MAX_BYTES) {
+    if let Some((key, v)) = read.get(BATCH_MAX_BYTES) {
         batch.max_bytes = Some(match v.parse::<bytesize::ByteSize>().map(|b| b.as_u64()) {
             Ok(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
             _ => return Err(fail(key, v, "a size in bytes (1048576, 512KiB, 1MiB)")),
@@ -186,31 +213,20 @@ fn batch_overrides(annotations: &BTreeMap<String, String>) -> Result<BatchOverri
 impl PolicyOverrides {
     /// Reads the delivery annotations of `annotations`; the others are ignored.
     pub fn from_annotations(annotations: &BTreeMap<String, String>) -> Result<Self, PolicyError> {
-        let get = |key: &'static str| annotations.get(key).map(|v| (key, v.trim()));
-        let fail = |key: &'static str, value: &str, reason: String| PolicyError {
-            key,
-            value: value.to_owned(),
-            reason,
+        let read = Reader(annotations);
+        let mut p = Self {
+            max_attempts: read.positive(RETRY_ATTEMPTS)?,
+            min_wait: read.duration(RETRY_MIN_WAIT)?,
+            max_wait: read.duration(RETRY_MAX_WAIT)?,
+            timeout: read.duration(TIMEOUT)?,
+            max_inflight: read.positive(MAX_INFLIGHT)?,
+            batch: batch_overrides(&read)?,
+            ..Self::default()
         };
-        let mut p = Self::default();
-        if let Some((key, v)) = get(RETRY_ATTEMPTS) {
-            p.max_attempts = Some(match v.parse::<u32>() {
-                Ok(n) if n >= 1 => n,
-                _ => return Err(fail(key, v, "a whole number of at least 1".to_owned())),
-            });
-        }
-        for (key, slot) in [
-            (RETRY_MIN_WAIT, &mut p.min_wait),
-            (RETRY_MAX_WAIT, &mut p.max_wait),
-            (TIMEOUT, &mut p.timeout),
-        ] {
-            if let Some(v) = annotations.get(key).map(|v| v.trim()) {
-                let d = crate::config::duration::parse(v).map_err(|e| fail(key, v, e))?;
-                if key == TIMEOUT && d.is_zero() {
-                    return Err(fail(key, v, "must be above zero".to_owned()));
-                }
-                *slot = Some(d);
-            }
+        if let (Some(v), Some(t)) = (read.get(TIMEOUT), p.timeout)
+            && t.is_zero()
+        {
+            return Err(fail(v.0, v.1, "must be above zero"));
         }
         if let (Some(min), Some(max)) = (p.min_wait, p.max_wait)
             && min > max
@@ -224,7 +240,7 @@ impl PolicyOverrides {
                 ),
             ));
         }
-        if let Some((key, v)) = get(RETRY_CODES) {
+        if let Some((key, v)) = read.get(RETRY_CODES) {
             let retry = v
                 .split(',')
                 .map(str::trim)
@@ -238,30 +254,23 @@ impl PolicyOverrides {
                 drop: Vec::new(),
             });
         }
-        if let Some((key, v)) = get(MAX_INFLIGHT) {
-            p.max_inflight = Some(match v.parse::<usize>() {
-                Ok(n) if n >= 1 => n,
-                _ => return Err(fail(key, v, "a whole number of at least 1".to_owned())),
-            });
-        }
-        if let Some((key, v)) = get(ADAPTIVE) {
+        if let Some((key, v)) = read.get(ADAPTIVE) {
             p.adaptive = match v {
                 "true" | "1" => true,
                 "false" | "0" => false,
-                _ => return Err(fail(key, v, "true or false".to_owned())),
+                _ => return Err(fail(key, v, "true or false")),
             };
         }
-        if let Some((key, v)) = get(ORDERING) {
+        if let Some((key, v)) = read.get(ORDERING) {
             p.ordered = Some(match v {
                 "key" => true,
                 "none" => false,
-                _ => return Err(fail(key, v, "key or none".to_owned())),
+                _ => return Err(fail(key, v, "key or none")),
             });
         }
-        if let Some((key, v)) = get(FILTER) {
+        if let Some((key, v)) = read.get(FILTER) {
             p.filter = Some(Filter::compile(v).map_err(|e| fail(key, v, e))?);
         }
-        p.batch = batch_overrides(annotations)?;
         Ok(p)
     }
 
