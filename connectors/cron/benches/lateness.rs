@@ -73,8 +73,9 @@ async fn main() {
         Some(out) => {
             let mut c = Command::new("valgrind");
             c.arg("--tool=callgrind")
-                .arg("--collect-atstart=no")
+                .arg("--instr-atstart=no")
                 .arg(format!("--callgrind-out-file={out}"))
+                .arg(format!("--log-file={out}.log"))
                 .arg(binary);
             c
         }
@@ -168,15 +169,12 @@ fn toggle_collection(pid: u32, state: &str) {
     assert!(status.success(), "callgrind_control --instr={state} failed");
 }
 
-/// The instructions callgrind counted, from the `summary:` or `totals:` line of its file.
+/// The instructions callgrind counted while instrumentation was on, from the
+/// `Collected :` line of its log (`<file>.log`).
 fn callgrind_total(file: &str) -> u64 {
-    let text = std::fs::read_to_string(file).unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("summary:")
-                .or_else(|| l.strip_prefix("totals:"))
-        })
-        .and_then(|v| v.split_whitespace().next())
+    let log = std::fs::read_to_string(format!("{file}.log")).unwrap();
+    log.lines()
+        .find_map(|l| l.split_once("Collected :").map(|(_, v)| v.trim().to_owned()))
         .and_then(|v| v.parse().ok())
         .unwrap()
 }
