@@ -5,7 +5,7 @@
 //! | [`config`] | the TOML file and environment variables |
 //! | [`api`] | `/system/*` routes, basic auth, `/healthz` |
 //! | [`proxy`] | `/function/*`: call ids, forwarding headers, metrics |
-//! | [`queue`] | `/async-function/*`: embedded or JetStream queue, retries, callbacks |
+//! | [`queue`] | `/async-function/*`: embedded (on disk by default, or in memory) or JetStream queue, retries, callbacks |
 //! | [`provider`] | the [`provider::Provider`] trait; `local` (processes) and `external` (a faas-provider) |
 //! | [`supervisor`] | `[[connectors]]` run as child processes |
 //! | [`metrics`] | OpenFaaS's metric names on the metrics port (with `/healthz`, `/readyz`) |
@@ -269,12 +269,24 @@ pub async fn build_state(
             )
             .await?,
         ),
-        None => Arc::new(EmbeddedQueue::start(
-            &config.queue,
-            worker,
-            work.clone(),
-            work_tasks,
-        )),
+        None => {
+            let store = match config.queue.queue_store {
+                config::QueueStore::Disk => {
+                    Some(config.queue.queue_file(&config.gateway.state_dir))
+                }
+                config::QueueStore::Memory => None,
+            };
+            Arc::new(
+                EmbeddedQueue::start(
+                    &config.queue,
+                    store.as_deref(),
+                    worker,
+                    work.clone(),
+                    work_tasks,
+                )
+                .await?,
+            )
+        }
     };
     state.queue = Some(queue);
     Ok(state)
