@@ -228,8 +228,14 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = commit(&db, &batch);
         commits.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(
+            operations = batch.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "committed"
+        );
         if let Err(e) = &result {
             tracing::error!(path = %path.display(), error = %e, operations = batch.len(), "async queue store commit failed");
         }
