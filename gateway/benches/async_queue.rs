@@ -266,11 +266,16 @@ url = "http://{backend_addr}/held"
             med(&|r| r.worker_rps / r.sync_rps),
         );
         if store == "disk" {
-            let file = state.join("async-queue.redb");
-            let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            let size: u64 = std::fs::read_dir(state.join("async-queue"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum();
             println!();
             println!(
-                "store file after the rounds: {:.1} MiB",
+                "store files after the rounds: {:.1} MiB",
                 size as f64 / 1024.0 / 1024.0
             );
         }

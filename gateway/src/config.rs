@@ -178,9 +178,9 @@ pub struct AsyncSection {
     /// queued requests are lost when the gateway stops). Not used with `nats_url`.
     /// Env `async_queue_store`. (default: `"disk"`)
     pub queue_store: QueueStore,
-    /// The embedded queue's file with `queue_store = "disk"` (a redb database, created
+    /// The embedded queue's folder with `queue_store = "disk"` (redb databases, created
     /// when missing; one gateway at a time). Env `async_queue_path`.
-    /// (default: unset, `async-queue.redb` in `gateway.state_dir`)
+    /// (default: unset, `async-queue` in `gateway.state_dir`)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_path: Option<PathBuf>,
     /// Attempts per request before it is dead-lettered (logged and counted; the callback
@@ -235,11 +235,11 @@ impl Default for AsyncSection {
 }
 
 impl AsyncSection {
-    /// The embedded queue's file: `queue_path`, else `async-queue.redb` in `state_dir`.
-    pub fn queue_file(&self, state_dir: &Path) -> PathBuf {
+    /// The embedded queue's folder: `queue_path`, else `async-queue` in `state_dir`.
+    pub fn queue_dir(&self, state_dir: &Path) -> PathBuf {
         self.queue_path
             .clone()
-            .unwrap_or_else(|| state_dir.join("async-queue.redb"))
+            .unwrap_or_else(|| state_dir.join("async-queue"))
     }
 }
 
@@ -667,25 +667,22 @@ mod tests {
             let c = Config::load(None).unwrap();
             assert_eq!(c.queue.queue_store, QueueStore::Disk);
             assert_eq!(
-                c.queue.queue_file(&c.gateway.state_dir),
-                c.gateway.state_dir.join("async-queue.redb")
+                c.queue.queue_dir(&c.gateway.state_dir),
+                c.gateway.state_dir.join("async-queue")
             );
             jail.create_dir("conf")?;
             jail.create_file(
                 "conf/g.toml",
-                "[async]\nqueue_store = \"memory\"\nqueue_path = \"q/a.redb\"\n",
+                "[async]\nqueue_store = \"memory\"\nqueue_path = \"q\"\n",
             )?;
             let c = Config::load(Some(Path::new("conf/g.toml"))).unwrap();
             assert_eq!(c.queue.queue_store, QueueStore::Memory);
-            assert_eq!(
-                c.queue.queue_path,
-                Some(jail.directory().join("conf/q/a.redb"))
-            );
+            assert_eq!(c.queue.queue_path, Some(jail.directory().join("conf/q")));
             jail.set_env("async_queue_store", "disk");
-            jail.set_env("async_queue_path", "/var/q.redb");
+            jail.set_env("async_queue_path", "/var/q");
             let c = Config::load(Some(Path::new("conf/g.toml"))).unwrap();
             assert_eq!(c.queue.queue_store, QueueStore::Disk);
-            assert_eq!(c.queue.queue_path, Some(PathBuf::from("/var/q.redb")));
+            assert_eq!(c.queue.queue_path, Some(PathBuf::from("/var/q")));
             Ok(())
         });
     }

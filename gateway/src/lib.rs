@@ -271,9 +271,7 @@ pub async fn build_state(
         ),
         None => {
             let store = match config.queue.queue_store {
-                config::QueueStore::Disk => {
-                    Some(config.queue.queue_file(&config.gateway.state_dir))
-                }
+                config::QueueStore::Disk => Some(config.queue.queue_dir(&config.gateway.state_dir)),
                 config::QueueStore::Memory => None,
             };
             Arc::new(
