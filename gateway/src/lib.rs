@@ -158,6 +158,12 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
     if let Ok(counts) = tokio::time::timeout(Duration::from_secs(2), refresh).await {
         state.metrics.set_service_counts(&counts);
     }
+    if let Some(held) = state.queue.as_ref().and_then(|q| q.held()) {
+        state
+            .metrics
+            .async_queue_requests
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
+    }
     match state.metrics.encode() {
         Ok(text) => {
             let mut response = text.into_response();

@@ -70,6 +70,11 @@ pub struct QueuedRequest {
 pub trait Queue: Send + Sync + 'static {
     /// Stores `request` for the worker; an error means it was not accepted.
     async fn enqueue(&self, request: QueuedRequest) -> Result<(), Error>;
+
+    /// Requests held now (accepted, not finished), where the queue knows it.
+    fn held(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// `POST /async-function/{name}[/path]`.
@@ -420,6 +425,7 @@ struct Job {
 pub struct EmbeddedQueue {
     ready: mpsc::UnboundedSender<Job>,
     places: Arc<Semaphore>,
+    capacity: usize,
     store: Option<Store>,
     next_key: AtomicU64,
 }
@@ -451,6 +457,13 @@ impl Queue for EmbeddedQueue {
                 // Stored, though: with the disk store it runs after the restart.
                 Error::ServiceUnavailable("Error queuing request: the gateway is stopping\n".into())
             })
+    }
+
+    fn held(&self) -> Option<usize> {
+        Some(
+            self.capacity
+                .saturating_sub(self.places.available_permits()),
+        )
     }
 }
 
@@ -526,6 +539,7 @@ impl EmbeddedQueue {
         Ok(Self {
             ready,
             places,
+            capacity: config.queue_capacity,
             store,
             next_key: AtomicU64::new(next_key),
         })
