@@ -29,7 +29,8 @@
 # For a debugging shell, swap the runtime base for debian:bookworm-slim (same glibc) and
 # add `USER 65532`; nothing else changes.
 
-# Edition 2024 with let-chains needs Rust 1.88 or later; 1.95 is what CI tests with.
+# Edition 2024 with let-chains needs Rust 1.88, redb (the async queue's store) 1.89 or
+# later; 1.95 is what CI tests with.
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS build

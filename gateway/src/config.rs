@@ -168,9 +168,21 @@ pub struct AsyncSection {
     pub max_body_bytes: usize,
     /// Queued invocations run at the same time. (default: `4`)
     pub concurrency: usize,
-    /// Requests the embedded queue holds; when full, enqueueing answers 503.
+    /// Requests the embedded queue holds, from acceptance until they are finished (running
+    /// and waiting to retry included); when full, enqueueing answers 503.
     /// (default: `10000`)
     pub queue_capacity: usize,
+    /// Where the embedded queue keeps accepted requests: `disk` (a 202 means the request
+    /// is on disk; after a restart or a crash, SIGKILL included, every request not yet
+    /// finished runs again, with its attempt count) or `memory` (faster to accept, but
+    /// queued requests are lost when the gateway stops). Not used with `nats_url`.
+    /// Env `async_queue_store`. (default: `"disk"`)
+    pub queue_store: QueueStore,
+    /// The embedded queue's folder with `queue_store = "disk"` (redb databases, created
+    /// when missing; one gateway at a time). Env `async_queue_path`.
+    /// (default: unset, `async-queue` in `gateway.state_dir`)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_path: Option<PathBuf>,
     /// Attempts per request before it is dead-lettered (logged and counted; the callback
     /// receives the last status). (default: `5`)
     pub max_attempts: u32,
@@ -183,8 +195,8 @@ pub struct AsyncSection {
     /// Longest wait for a callback receiver. (default: `"10s"`)
     #[serde(with = "duration")]
     pub callback_timeout: Duration,
-    /// NATS server for a durable JetStream queue instead of the embedded one, which loses
-    /// queued requests on restart. Env `nats_url`. (default: unset)
+    /// NATS server for a JetStream queue instead of the embedded one: durable too, and
+    /// shared by every gateway on the stream. Env `nats_url`. (default: unset)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_url: Option<String>,
     /// JetStream stream name (created when missing). (default: `"faas-gateway-async"`)
@@ -207,6 +219,8 @@ impl Default for AsyncSection {
             max_body_bytes: 1024 * 1024,
             concurrency: 4,
             queue_capacity: 10_000,
+            queue_store: QueueStore::Disk,
+            queue_path: None,
             max_attempts: 5,
             backoff: Backoff::default(),
             status: StatusClasses::default(),
@@ -218,6 +232,26 @@ impl Default for AsyncSection {
             nats_ack_wait: Duration::from_secs(30),
         }
     }
+}
+
+impl AsyncSection {
+    /// The embedded queue's folder: `queue_path`, else `async-queue` in `state_dir`.
+    pub fn queue_dir(&self, state_dir: &Path) -> PathBuf {
+        self.queue_path
+            .clone()
+            .unwrap_or_else(|| state_dir.join("async-queue"))
+    }
+}
+
+/// Where the embedded queue keeps accepted requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueStore {
+    /// In a file, synced before the 202: nothing accepted is lost in a crash.
+    #[default]
+    Disk,
+    /// In memory: lost when the gateway stops.
+    Memory,
 }
 
 /// `[supervisor]`.
@@ -383,6 +417,8 @@ pub const GATEWAY_ENV: &[EnvVar] = &[
     EnvVar::new("functions_provider_url", "gateway.provider_url"),
     EnvVar::new("log_format", "gateway.log_format"),
     EnvVar::new("max_async_body_bytes", "async.max_body_bytes"),
+    EnvVar::new("async_queue_store", "async.queue_store"),
+    EnvVar::new("async_queue_path", "async.queue_path"),
     EnvVar::new("nats_url", "async.nats_url"),
 ];
 
@@ -418,6 +454,9 @@ impl Config {
         self.gateway.state_dir = abs(&self.gateway.state_dir);
         self.gateway.secret_mount_path = abs(&self.gateway.secret_mount_path);
         self.provider.secrets_path = abs(&self.provider.secrets_path);
+        if let Some(path) = &self.queue.queue_path {
+            self.queue.queue_path = Some(abs(path));
+        }
         let base_abs = abs(Path::new("."));
         for f in &mut self.functions {
             let dir = match &f.workdir {
@@ -618,6 +657,47 @@ mod tests {
             let quick = Config::load(Some(&dir.join("quickstart.toml"))).unwrap();
             let names: Vec<&str> = quick.functions.iter().map(|f| f.name.as_str()).collect();
             assert_eq!(names, ["hello", "echo"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_queue_store_is_on_disk_unless_memory_is_chosen() {
+        Jail::expect_with(|jail| {
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.queue.queue_store, QueueStore::Disk);
+            assert_eq!(
+                c.queue.queue_dir(&c.gateway.state_dir),
+                c.gateway.state_dir.join("async-queue")
+            );
+            jail.create_dir("conf")?;
+            jail.create_file(
+                "conf/g.toml",
+                "[async]\nqueue_store = \"memory\"\nqueue_path = \"q\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("conf/g.toml"))).unwrap();
+            assert_eq!(c.queue.queue_store, QueueStore::Memory);
+            assert_eq!(c.queue.queue_path, Some(jail.directory().join("conf/q")));
+            jail.set_env("async_queue_store", "disk");
+            jail.set_env("async_queue_path", "/var/q");
+            let c = Config::load(Some(Path::new("conf/g.toml"))).unwrap();
+            assert_eq!(c.queue.queue_store, QueueStore::Disk);
+            assert_eq!(c.queue.queue_path, Some(PathBuf::from("/var/q")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_queue_store_names_its_key_and_origin() {
+        Jail::expect_with(|jail| {
+            jail.create_file("g.toml", "[async]\nqueue_store = \"disc\"\n")?;
+            let errs = Config::load(Some(Path::new("g.toml"))).unwrap_err();
+            assert_eq!(errs.0[0].key, "async.queue_store", "{errs}");
+            assert_eq!(errs.0[0].line, Some(2), "{errs}");
+            assert!(errs.to_string().contains("g.toml"), "{errs}");
+            jail.set_env("async_queue_store", "ram");
+            let errs = Config::load(None).unwrap_err();
+            assert!(errs.to_string().contains("async_queue_store"), "{errs}");
             Ok(())
         });
     }

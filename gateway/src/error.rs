@@ -27,6 +27,14 @@ pub enum Error {
         /// What failed.
         source: std::io::Error,
     },
+    /// The embedded queue's file could not be opened, read or written.
+    #[error("async queue store {path}: {source}")]
+    QueueStore {
+        /// The file.
+        path: String,
+        /// What redb said (shared: one failed commit fails every insert in it).
+        source: std::sync::Arc<redb::Error>,
+    },
     /// Connecting to NATS or setting up the JetStream stream failed.
     #[error("NATS: {0}")]
     Nats(String),
@@ -110,6 +118,7 @@ impl Error {
             Self::Config(_)
             | Self::Bind { .. }
             | Self::State { .. }
+            | Self::QueueStore { .. }
             | Self::Nats(_)
             | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -127,7 +136,11 @@ impl IntoResponse for Error {
             }
             Self::Upstream { body, .. } => body.clone(),
             // Never echo internal paths of startup errors to a client.
-            Self::Config(_) | Self::Bind { .. } | Self::State { .. } | Self::Nats(_) => {
+            Self::Config(_)
+            | Self::Bind { .. }
+            | Self::State { .. }
+            | Self::QueueStore { .. }
+            | Self::Nats(_) => {
                 tracing::error!(error = %self, "internal error");
                 "internal error".to_owned()
             }

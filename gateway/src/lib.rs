@@ -5,7 +5,7 @@
 //! | [`config`] | the TOML file and environment variables |
 //! | [`api`] | `/system/*` routes, basic auth, `/healthz` |
 //! | [`proxy`] | `/function/*`: call ids, forwarding headers, metrics |
-//! | [`queue`] | `/async-function/*`: embedded or JetStream queue, retries, callbacks |
+//! | [`queue`] | `/async-function/*`: embedded (on disk by default, or in memory) or JetStream queue, retries, callbacks |
 //! | [`provider`] | the [`provider::Provider`] trait; `local` (processes) and `external` (a faas-provider) |
 //! | [`supervisor`] | `[[connectors]]` run as child processes |
 //! | [`metrics`] | OpenFaaS's metric names on the metrics port (with `/healthz`, `/readyz`) |
@@ -158,6 +158,12 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
     if let Ok(counts) = tokio::time::timeout(Duration::from_secs(2), refresh).await {
         state.metrics.set_service_counts(&counts);
     }
+    if let Some(held) = state.queue.as_ref().and_then(|q| q.held()) {
+        state
+            .metrics
+            .async_queue_requests
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
+    }
     match state.metrics.encode() {
         Ok(text) => {
             let mut response = text.into_response();
@@ -269,12 +275,22 @@ pub async fn build_state(
             )
             .await?,
         ),
-        None => Arc::new(EmbeddedQueue::start(
-            &config.queue,
-            worker,
-            work.clone(),
-            work_tasks,
-        )),
+        None => {
+            let store = match config.queue.queue_store {
+                config::QueueStore::Disk => Some(config.queue.queue_dir(&config.gateway.state_dir)),
+                config::QueueStore::Memory => None,
+            };
+            Arc::new(
+                EmbeddedQueue::start(
+                    &config.queue,
+                    store.as_deref(),
+                    worker,
+                    work.clone(),
+                    work_tasks,
+                )
+                .await?,
+            )
+        }
     };
     state.queue = Some(queue);
     Ok(state)

@@ -140,6 +140,8 @@ pub struct Metrics {
     pub async_outcomes: Family<OutcomeLabel, Counter>,
     /// `gateway_async_callback_failures_total`.
     pub callback_failures: Counter,
+    /// `gateway_async_queue_requests`, refreshed before every scrape.
+    pub async_queue_requests: Gauge,
     /// Each function's handles, by `name.namespace`.
     functions: RwLock<HashMap<String, Arc<FunctionMetrics>>>,
 }
@@ -163,6 +165,7 @@ impl Metrics {
         let async_queued = Counter::default();
         let async_outcomes = Family::<OutcomeLabel, Counter>::default();
         let callback_failures = Counter::default();
+        let async_queue_requests = Gauge::default();
         registry.register(
             "gateway_function_invocation",
             "Function invocations by status code",
@@ -198,6 +201,11 @@ impl Metrics {
             "Callbacks that could not be delivered",
             callback_failures.clone(),
         );
+        registry.register(
+            "gateway_async_queue_requests",
+            "Requests the embedded queue holds: accepted and not finished, running and retrying included",
+            async_queue_requests.clone(),
+        );
         Self {
             registry,
             invocations,
@@ -208,6 +216,7 @@ impl Metrics {
             async_queued,
             async_outcomes,
             callback_failures,
+            async_queue_requests,
             functions: RwLock::default(),
         }
     }

@@ -1,13 +1,19 @@
 //! `/async-function/{name}`: accept (202 and `X-Call-Id`), queue, invoke later with the
 //! verdict rules of DESIGN.md, and post the result to `X-Callback-Url`.
 //!
-//! Two queues share one worker: an embedded in-memory queue (the default; queued requests
-//! are lost on restart) and a NATS JetStream stream (`nats_url`), durable across restarts,
-//! whose retries use JetStream's own redelivery (nak with delay) so a crash loses none.
+//! Two queues share one worker: the embedded queue (the default), and a NATS JetStream
+//! stream (`nats_url`) whose retries use JetStream's own redelivery (nak with delay).
+//! The embedded queue keeps accepted requests on disk by default ([`store`]: a redb file,
+//! written in group commits), so a 202 survives a crash, SIGKILL included, and every
+//! request runs at least once; `queue_store = "memory"` keeps them in memory only.
+
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -20,7 +26,7 @@ use faas_common::backoff::Backoff;
 use faas_common::verdict::{StatusClasses, Verdict};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,6 +40,7 @@ use crate::proxy::{
     collect_body, decorate_response, invoke_function, percent_decode, prepare_headers,
     split_function_path,
 };
+use crate::queue::store::{Record, Store};
 
 /// A queued request, as stored in the queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +70,11 @@ pub struct QueuedRequest {
 pub trait Queue: Send + Sync + 'static {
     /// Stores `request` for the worker; an error means it was not accepted.
     async fn enqueue(&self, request: QueuedRequest) -> Result<(), Error>;
+
+    /// Requests held now (accepted, not finished), where the queue knows it.
+    fn held(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// `POST /async-function/{name}[/path]`.
@@ -152,13 +164,7 @@ async fn accept(
         headers,
         body: base64::engine::general_purpose::STANDARD.encode(&body),
         callback_url,
-        accepted_at_ms: u64::try_from(
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis(),
-        )
-        .unwrap_or(u64::MAX),
+        accepted_at_ms: unix_ms(),
     };
     queue.enqueue(queued).await?;
     state.metrics.async_queued.inc();
@@ -391,88 +397,231 @@ impl Worker {
     }
 }
 
-/// A request and its attempt number, as the embedded queue carries them.
+/// A request the embedded queue holds, from acceptance until it is finished.
 #[derive(Debug)]
 struct Job {
+    /// Its key in the store: the order of acceptance.
+    key: u64,
     request: QueuedRequest,
+    /// The attempt to make next (1-based).
     attempt: u32,
+    /// Its share of `queue_capacity`, given back once it is finished (after its removal
+    /// from the store is committed). `None` for requests found in the store beyond the
+    /// capacity (it was lowered between two runs): they run, and take no new place.
+    place: Option<OwnedSemaphorePermit>,
 }
 
-/// The embedded queue: a bounded channel drained by the worker, `concurrency` at a time.
+/// The embedded queue: accepted requests wait in a channel (and, with the `disk` store,
+/// in a file) and run `concurrency` at a time.
+///
+/// A request's life: `enqueue` takes a place in `queue_capacity` (503 when none is left),
+/// stores the request (waiting for the group commit: the 202 follows a sync to disk) and
+/// hands it to the dispatcher. The dispatcher runs it when a slot is free; a retry stores
+/// the next attempt number and the time it is due, waits for it, and goes back to the
+/// channel; a finished request (delivered, dead-lettered or dropped) is removed from the
+/// store after its callback, and its place is given back. After a crash, a restart reads
+/// the store and runs every request in it again, in the order they were accepted.
 #[derive(Debug)]
 pub struct EmbeddedQueue {
-    sender: mpsc::Sender<Job>,
+    ready: mpsc::UnboundedSender<Job>,
+    places: Arc<Semaphore>,
+    capacity: usize,
+    store: Option<Store>,
+    next_key: AtomicU64,
 }
 
 #[async_trait]
 impl Queue for EmbeddedQueue {
     async fn enqueue(&self, request: QueuedRequest) -> Result<(), Error> {
-        self.sender
-            .try_send(Job {
+        let place = Arc::clone(&self.places).try_acquire_owned().map_err(|_| {
+            Error::ServiceUnavailable("Error queuing request: the queue is full\n".into())
+        })?;
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        if let Some(store) = &self.store {
+            let value = Record {
+                attempt: 1,
+                not_before_ms: None,
+                request: &request,
+            }
+            .encode()?;
+            store.insert(key, value).await?;
+        }
+        self.ready
+            .send(Job {
+                key,
                 request,
                 attempt: 1,
+                place: Some(place),
             })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    Error::ServiceUnavailable("Error queuing request: the queue is full\n".into())
-                }
-                mpsc::error::TrySendError::Closed(_) => {
-                    Error::Internal("Error queuing request: the gateway is stopping\n".into())
-                }
+            .map_err(|_| {
+                // Stored, though: with the disk store it runs after the restart.
+                Error::ServiceUnavailable("Error queuing request: the gateway is stopping\n".into())
             })
+    }
+
+    fn held(&self) -> Option<usize> {
+        Some(
+            self.capacity
+                .saturating_sub(self.places.available_permits()),
+        )
     }
 }
 
 impl EmbeddedQueue {
-    /// A queue and the task that works it, stopped by `cancel` (queued requests are then
-    /// abandoned: this queue keeps nothing across restarts).
-    pub fn start(
+    /// A queue and the task that works it, stopped by `cancel`. With the `disk` store it
+    /// opens the file first and queues what a previous run left in it; with `memory`,
+    /// requests still queued when `cancel` fires are abandoned.
+    pub async fn start(
         config: &AsyncSection,
+        store_path: Option<&Path>,
         worker: Arc<Worker>,
         cancel: CancellationToken,
         tracker: &TaskTracker,
-    ) -> Self {
-        let (sender, mut receiver) = mpsc::channel::<Job>(config.queue_capacity);
-        let retry_sender = sender.clone();
+    ) -> Result<Self, Error> {
+        let (ready, mut receiver) = mpsc::unbounded_channel::<Job>();
+        let places = Arc::new(Semaphore::new(config.queue_capacity));
+        let (store, found) = match store_path {
+            Some(path) => {
+                let (store, found) = Store::open(path).await?;
+                tracing::info!(path = %path.display(), requests = found.len(), "async queue store open");
+                (Some(store), found)
+            }
+            None => (None, Vec::new()),
+        };
+        let next_key = found.last().map_or(0, |(key, _)| key + 1);
+        let jobs = TaskTracker::new();
+        let now = unix_ms();
+        for (key, record) in found {
+            let job = Job {
+                key,
+                request: record.request,
+                attempt: record.attempt.max(1),
+                place: Arc::clone(&places).try_acquire_owned().ok(),
+            };
+            match record.not_before_ms.filter(|due| *due > now) {
+                Some(due) => {
+                    let wait = Duration::from_millis(due - now);
+                    jobs.spawn(requeue_after(wait, job, ready.clone(), cancel.clone()));
+                }
+                None => {
+                    let _ = ready.send(job);
+                }
+            }
+        }
         let concurrency = Arc::new(Semaphore::new(config.concurrency));
-        let tasks = tracker.clone();
+        let dispatch = Dispatch {
+            worker,
+            store: store.clone(),
+            ready: ready.clone(),
+            cancel: cancel.clone(),
+        };
         tracker.spawn(async move {
             loop {
-                // Take a slot before a job, so at most `concurrency` run (backpressure on
+                // Take a slot before a job, so at most `concurrency` run (the rest wait in
                 // the channel, never an unbounded pile of tasks).
                 let permit = tokio::select! {
                     p = Arc::clone(&concurrency).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    () = cancel.cancelled() => break,
+                    () = dispatch.cancel.cancelled() => break,
                 };
                 let job = tokio::select! {
                     job = receiver.recv() => match job { Some(job) => job, None => break },
-                    () = cancel.cancelled() => break,
+                    () = dispatch.cancel.cancelled() => break,
                 };
-                let worker = Arc::clone(&worker);
-                let retry = retry_sender.clone();
-                let cancel = cancel.clone();
-                tasks.spawn(async move {
-                    let outcome = worker.attempt(&job.request, job.attempt).await;
-                    drop(permit);
-                    match outcome {
-                        Attempt::Done { status, headers, body, .. } => {
-                            worker.callback(&job.request, status, &headers, body, &cancel).await;
-                        }
-                        Attempt::Retry(delay) => {
-                            tokio::select! {
-                                () = tokio::time::sleep(delay) => {
-                                    let next = Job { request: job.request, attempt: job.attempt + 1 };
-                                    let _ = retry.send(next).await;
-                                }
-                                () = cancel.cancelled() => {}
-                            }
-                        }
-                    }
-                });
+                jobs.spawn(dispatch.clone().run(job, permit));
+            }
+            // Requests still running finish and are removed; those waiting stay stored.
+            jobs.close();
+            jobs.wait().await;
+            if let Some(store) = &dispatch.store {
+                store.close().await;
             }
         });
-        Self { sender }
+        Ok(Self {
+            ready,
+            places,
+            capacity: config.queue_capacity,
+            store,
+            next_key: AtomicU64::new(next_key),
+        })
     }
+}
+
+/// What a running request needs besides itself.
+#[derive(Clone)]
+struct Dispatch {
+    worker: Arc<Worker>,
+    store: Option<Store>,
+    ready: mpsc::UnboundedSender<Job>,
+    cancel: CancellationToken,
+}
+
+impl Dispatch {
+    /// One attempt; then the callback and removal, or the retry.
+    async fn run(self, mut job: Job, slot: OwnedSemaphorePermit) {
+        let outcome = self.worker.attempt(&job.request, job.attempt).await;
+        drop(slot);
+        match outcome {
+            Attempt::Done {
+                status,
+                headers,
+                body,
+                ..
+            } => {
+                self.worker
+                    .callback(&job.request, status, &headers, body, &self.cancel)
+                    .await;
+                match &self.store {
+                    Some(store) => store.remove(job.key, job.place.take()),
+                    None => drop(job.place.take()),
+                }
+            }
+            Attempt::Retry(delay) => {
+                job.attempt += 1;
+                if let Some(store) = &self.store {
+                    let due = unix_ms()
+                        .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                    let record = Record {
+                        attempt: job.attempt,
+                        not_before_ms: Some(due),
+                        request: &job.request,
+                    };
+                    match record.encode() {
+                        Ok(value) => store.update(job.key, value),
+                        Err(e) => {
+                            tracing::warn!(call_id = %job.request.call_id, error = %e, "cannot store the retry; a restart repeats the last attempt's number")
+                        }
+                    }
+                }
+                requeue_after(delay, job, self.ready, self.cancel).await;
+            }
+        }
+    }
+}
+
+/// Puts `job` back in the channel after `wait`, unless the gateway stops first (then it
+/// stays in the store, if there is one, for the next start).
+async fn requeue_after(
+    wait: Duration,
+    job: Job,
+    ready: mpsc::UnboundedSender<Job>,
+    cancel: CancellationToken,
+) {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {
+            let _ = ready.send(job);
+        }
+        () = cancel.cancelled() => {}
+    }
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
 }
 
 /// The JetStream queue: requests are published to a durable stream and consumed by a

@@ -183,3 +183,63 @@ async fn async_refuses_bad_requests() {
     .await;
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_queue_reports_the_requests_it_holds_until_they_finish() {
+    use tower::ServiceExt;
+    // A function that holds every request until the test lets them go.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&arrived);
+    let app = Router::new().fallback(post(move || {
+        let mut released = released.clone();
+        let count = Arc::clone(&count);
+        async move {
+            count.fetch_add(1, Ordering::SeqCst);
+            let _ = released.wait_for(|r| *r).await;
+            StatusCode::OK
+        }
+    }));
+    let (function, _) = serve(app).await;
+    let gw = start(|_| {}).await;
+    gw.deploy(json!({
+        "service": "held", "image": "i",
+        "annotations": {"faas-gateway.runtime": "url", "faas-gateway.url": format!("http://{function}")}
+    }))
+    .await;
+    let held = || async {
+        let response = gateway::metrics_router(gw.state.clone())
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("gateway_async_queue_requests ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap()
+    };
+    assert_eq!(held().await, 0);
+    for _ in 0..2 {
+        let (status, _) = gw.call("POST", "/async-function/held", "x").await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    common::wait_for(Duration::from_secs(10), "both requests running", || async {
+        (arrived.load(Ordering::SeqCst) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(held().await, 2);
+    release.send_replace(true);
+    common::wait_for(
+        Duration::from_secs(10),
+        "the requests to finish",
+        || async { (held().await == 0).then_some(()) },
+    )
+    .await;
+    gw.shutdown().await;
+}
