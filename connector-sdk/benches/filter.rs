@@ -25,11 +25,18 @@ fn main() {
         .with_event_type("com.example.order.created")
         .with_subject("42")
         .with_content_type("application/json");
-    for (name, value) in [("x-tenant", "acme"), ("x-region", "eu"), ("x-priority", "high")] {
+    for (name, value) in [
+        ("x-tenant", "acme"),
+        ("x-region", "eu"),
+        ("x-priority", "high"),
+    ] {
         message.add_header(name, value);
     }
     let expressions = [
-        ("a CloudEvents attribute", "type == 'com.example.order.created'"),
+        (
+            "a CloudEvents attribute",
+            "type == 'com.example.order.created'",
+        ),
         ("a header", "headers['x-tenant'] == 'acme'"),
         ("a JSON field of the body", "data.amount > 10.0"),
         (
@@ -46,7 +53,11 @@ fn main() {
             .map(|_| {
                 let started = Instant::now();
                 for _ in 0..count {
-                    black_box(filter.matches(black_box(&message), "bench.message").unwrap());
+                    black_box(
+                        filter
+                            .matches(black_box(&message), "bench.message")
+                            .unwrap(),
+                    );
                 }
                 started.elapsed().as_secs_f64() / count as f64
             })
