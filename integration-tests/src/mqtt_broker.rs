@@ -216,7 +216,10 @@ impl MqttTopics {
         read.ok().filter(|done| *done).map(|_| got)
     }
 
-    /// Every dead letter of `topic` so far, with its properties.
+    /// Every dead letter of `topic` so far, with its properties. A letter that comes
+    /// again with the same payload and properties (its `x-dead-letter-time` to the
+    /// millisecond included) is the same QoS 1 publish delivered twice, which MQTT allows
+    /// (a PUBACK lost with a disconnect), not a second dead letter: it is counted once.
     pub async fn letters(&self, topic: &str) -> Vec<Received> {
         let new = self
             .read_session(&format!("dl-{topic}"), &format!("mark/dl-{topic}"), true)
@@ -224,7 +227,14 @@ impl MqttTopics {
             .unwrap_or_default();
         let mut letters = self.letters.lock().unwrap();
         let all = letters.entry(topic.to_owned()).or_default();
-        all.extend(new.into_iter().filter(|r| !r.topic.starts_with("mark/")));
+        for letter in new.into_iter().filter(|r| !r.topic.starts_with("mark/")) {
+            let again = all
+                .iter()
+                .any(|l| l.payload == letter.payload && l.properties == letter.properties);
+            if !again {
+                all.push(letter);
+            }
+        }
         all.clone()
     }
 }

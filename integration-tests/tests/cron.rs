@@ -26,6 +26,17 @@ struct Cron {
 }
 
 async fn start(gw: &FakeGateway, extra: &str, env: &[(&str, &str)]) -> Cron {
+    start_waiting_for(gw, extra, env, "/readyz").await
+}
+
+/// Starts the connector and waits until `path` answers 200 (`/healthz` for one that is
+/// not meant to be ready).
+async fn start_waiting_for(
+    gw: &FakeGateway,
+    extra: &str,
+    env: &[(&str, &str)],
+    path: &str,
+) -> Cron {
     let metrics = free_addr();
     let config = format!(
         r#"[connector]
@@ -45,8 +56,8 @@ max = "100ms"
     );
     let process = Process::start(&cron_binary(), &config, env);
     assert!(
-        wait_http(metrics, "/readyz", 200, Duration::from_secs(30)).await,
-        "cron-connector not ready:\n{}",
+        wait_http(metrics, path, 200, Duration::from_secs(30)).await,
+        "cron-connector: {path} not 200:\n{}",
         process.output()
     );
     Cron { process, metrics }
@@ -415,7 +426,11 @@ async fn an_unreachable_lock_store_skips_ticks_until_it_answers() {
     );
     // A free port: nothing listens there until `start`.
     let mut own = OwnRedis::new();
-    let cron = start(&gw, &lock_on(&own.url(), ""), &[]).await;
+    let cron = start_waiting_for(&gw, &lock_on(&own.url(), ""), &[], "/healthz").await;
+    // It fires nothing, so it is not ready, and says why.
+    let (status, body) = http_get(cron.metrics, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "ready without its lease store: {body}");
+    assert!(body.contains("source not connected"), "{body}");
     let series =
         "connector_cron_firings_total{function=\"locked\",outcome=\"skipped_lock_unavailable\"}";
     let skipped = || async { metric(&metrics_text(cron.metrics).await, series).unwrap_or(0.0) };
@@ -438,9 +453,14 @@ async fn an_unreachable_lock_store_skips_ticks_until_it_answers() {
         "{output}"
     );
 
-    // Redis comes back: the replica reconnects (with backoff) and fires again.
+    // Redis comes back: the replica reconnects (with backoff), is ready, and fires again.
     own.start().await;
     let back = skipped().await;
+    assert!(
+        wait_http(cron.metrics, "/readyz", 200, Duration::from_secs(30)).await,
+        "not ready once Redis answered:\n{}",
+        cron.process.output()
+    );
     assert!(
         eventually(Duration::from_secs(30), || gw.requests_to("locked").len()
             >= 3)
@@ -483,6 +503,11 @@ async fn an_unreachable_lock_store_fires_anyway_when_asked_to() {
     );
     let output = cron.process.output();
     assert!(output.contains("firing without it"), "{output}");
+    assert_eq!(
+        http_get(cron.metrics, "/readyz").await.unwrap().0,
+        200,
+        "firing without the lock is working: ready"
+    );
 }
 
 /// `POST http://{addr}/drain`, with `Authorization: Bearer {token}` when given: the status.

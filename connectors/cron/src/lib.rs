@@ -93,6 +93,7 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), CronError> 
                 replica,
                 takeover_window,
                 shutdown: ctx.shutdown.clone(),
+                health: ctx.health.clone(),
             });
             Scheduler::new(cron, zone, firer).run(ctx).await;
             Ok::<(), std::convert::Infallible>(())

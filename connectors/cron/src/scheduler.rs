@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
+use connector_sdk::server::Health;
 use connector_sdk::{
     DeliveryOutcome, Dispatcher, Disposition, FunctionRef, Message, SourceContext, TopicMap,
 };
@@ -144,6 +145,8 @@ pub struct Firer {
     pub takeover_window: Duration,
     /// Stop watching and firing.
     pub shutdown: CancellationToken,
+    /// `/readyz`: not ready while the lease store is unreachable and ticks are skipped.
+    pub health: Health,
 }
 
 /// One tick to fire.
@@ -157,6 +160,30 @@ struct Tick {
 }
 
 impl Firer {
+    /// Readiness follows the lease store: with `lock.on_unavailable = "skip"` a replica
+    /// that cannot reach it fires nothing, so it is not ready until the store answers;
+    /// with `"fire"` it fires anyway and stays ready.
+    fn lease_store_answered(&self, answered: bool) {
+        self.health
+            .set_source_ready(answered || self.on_lock_unavailable == OnLockUnavailable::Fire);
+    }
+
+    /// Asks the lease store every `every` until shutdown, so that readiness follows it
+    /// between ticks too (a schedule may tick once an hour).
+    async fn watch_lease_store(self: Arc<Self>, every: Duration) {
+        let Some(leases) = &self.leases else {
+            return;
+        };
+        loop {
+            let answered = leases.ping().await.is_ok();
+            self.lease_store_answered(answered);
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
     async fn fire(self: Arc<Self>, tick: Tick) {
         let name = tick.function.as_str().to_owned();
         // Whether this replica holds a claim on the tick, to renew and finish.
@@ -170,7 +197,9 @@ impl Firer {
                 tracing::info!(function = %tick.function, "previous run still going on a replica; tick skipped");
                 return;
             }
-            match self.claim_or_watch(leases, &name, tick.at).await {
+            let claim = self.claim_or_watch(leases, &name, tick.at).await;
+            self.lease_store_answered(claim.is_ok());
+            match claim {
                 Ok(true) => claimed = true,
                 Ok(false) => return,
                 Err(e) => {
@@ -372,7 +401,17 @@ impl Scheduler {
     pub async fn run(mut self, ctx: SourceContext) {
         let mut changes = ctx.topics.subscribe();
         self.reconcile(&ctx.topics.current(), Utc::now());
-        ctx.health.set_source_ready(true);
+        match &self.firer.leases {
+            Some(leases) => {
+                // Ready once the lease store answered (or firing without it is allowed).
+                self.firer.lease_store_answered(leases.ping().await.is_ok());
+                let every = leases
+                    .lease()
+                    .clamp(Duration::from_secs(1), Duration::from_secs(10));
+                tokio::spawn(self.firer.clone().watch_lease_store(every));
+            }
+            None => ctx.health.set_source_ready(true),
+        }
         loop {
             let wake = self.queue.first().map(|(t, _)| *t);
             let sleep = async {
