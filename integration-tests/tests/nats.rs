@@ -1111,3 +1111,57 @@ async fn jetstream_resumes_after_the_server_restarts() {
         connector.output()
     );
 }
+
+/// A JetStream stream that does not exist (and `create_stream` off): the connector cannot
+/// consume, so `/readyz` says not ready (and stays so, not ready only between retries);
+/// once the stream is created it consumes and is ready.
+#[tokio::test]
+async fn a_missing_stream_is_not_ready_until_it_exists() {
+    let p = unique("nostream");
+    let fixture = jetstream_topics().await;
+    let stream = JetStreamTopics::stream_of(&p);
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("waiting", &format!("{p}.*"), |_, _| Reply::ok());
+    let metrics_addr = free_addr();
+    let nats_section = format!(
+        "[nats]\nurl = \"{}\"\nmode = \"jetstream\"\n\n[jetstream]\nstream = \"{stream}\"\nconsumer = \"missing\"\n",
+        nats_url()
+    );
+    let connector = Process::start(
+        &binary(),
+        &config(&gw, metrics_addr, "", &nats_section),
+        &[],
+    );
+    assert!(wait_http(metrics_addr, "/healthz", 200, WITHIN).await);
+    assert!(
+        wait_http(metrics_addr, "/readyz", 503, WITHIN).await,
+        "ready without its stream:\n{}",
+        connector.output()
+    );
+    // Not ready between the consumer's retries either: 30 looks over 3 s.
+    for _ in 0..30 {
+        let (status, body) = integration_tests::http_get(metrics_addr, "/readyz")
+            .await
+            .unwrap();
+        assert_eq!(status, 503, "ready without its stream: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fixture.create_stream(&stream, vec![format!("{p}.>")]).await;
+    assert!(
+        wait_http(metrics_addr, "/readyz", 200, WITHIN).await,
+        "not ready once the stream exists:\n{}",
+        connector.output()
+    );
+    let nats = client(&nats_url()).await;
+    let js = async_nats::jetstream::new(nats);
+    js.publish(format!("{p}.a"), "hello".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        eventually(WITHIN, || !gw.requests_to("waiting").is_empty()).await,
+        "nothing delivered once the stream existed:\n{}",
+        connector.output()
+    );
+}
