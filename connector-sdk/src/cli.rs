@@ -15,6 +15,7 @@ use crate::replay::ReplayArgs;
 
 /// `<connector> [--config FILE] [replay ...]`.
 #[derive(Debug, clap::Parser)]
+#[command(version)]
 pub struct ConnectorArgs {
     /// TOML configuration file.
     #[arg(long, global = true)]

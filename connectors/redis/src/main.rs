@@ -10,42 +10,29 @@
 //!
 //! See `config/redis.toml` for every key and its default.
 
-use std::path::PathBuf;
-
 use connector_sdk::Runtime;
+use connector_sdk::cli::{ConnectorArgs, ConnectorCommand};
 use connector_sdk::runtime::init_tracing;
-
-/// Command line.
-#[derive(clap::Parser)]
-#[command(about = "Delivers Redis Streams entries and Pub/Sub messages to functions")]
-struct Args {
-    /// TOML configuration file.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Without a subcommand: run the connector.
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(clap::Subcommand)]
-enum Command {
-    /// Deliver the dead letters again (to the function named in each), removing each from
-    /// its dead-letter stream once delivered.
-    Replay(connector_sdk::replay::ReplayArgs),
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = <Args as clap::Parser>::parse();
+    let args = ConnectorArgs::parse_for(
+        redis_connector::NAME,
+        "Delivers Redis Streams entries and Pub/Sub messages to functions",
+    );
     let config = redis_connector::load(args.config.as_deref())?;
     init_tracing(config.connector.log_format);
-    if let Some(Command::Replay(replay)) = args.command {
-        redis_connector::replay::run(&config, replay, &mut std::io::stdout())
-            .await?
-            .check()?;
-        return Ok(());
+    match args.command {
+        Some(ConnectorCommand::Replay(replay)) => {
+            let out = &mut std::io::stdout();
+            redis_connector::replay::run(&config, replay, out)
+                .await?
+                .check()?;
+        }
+        None => {
+            let runtime = Runtime::new(redis_connector::NAME, config.connector.clone())?;
+            redis_connector::run(config, runtime).await?;
+        }
     }
-    let runtime = Runtime::new(redis_connector::NAME, config.connector.clone())?;
-    redis_connector::run(config, runtime).await?;
     Ok(())
 }

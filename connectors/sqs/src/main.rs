@@ -7,44 +7,30 @@
 //! sqs-connector --config config/sqs.toml replay --limit 10
 //! ```
 
-use std::path::PathBuf;
-
-use clap::Parser;
 use connector_sdk::Runtime;
+use connector_sdk::cli::{ConnectorArgs, ConnectorCommand};
 use connector_sdk::runtime::init_tracing;
 use sqs_connector::config::Config;
 
-/// Invokes the functions subscribed to each SQS message's topic; deletes it once done.
-#[derive(Parser)]
-#[command(version, about)]
-struct Args {
-    /// TOML configuration file (see config/sqs.toml).
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Without a subcommand: run the connector.
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(clap::Subcommand)]
-enum Command {
-    /// Deliver the messages of sqs.dead_letter_queue again (to the function named in
-    /// each), deleting each once delivered.
-    Replay(connector_sdk::replay::ReplayArgs),
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = ConnectorArgs::parse_for(
+        sqs_connector::NAME,
+        "Invokes the functions subscribed to each SQS message's topic; deletes it once done",
+    );
     let config = Config::load(args.config.as_deref())?;
     init_tracing(config.connector.log_format);
-    if let Some(Command::Replay(replay)) = args.command {
-        sqs_connector::replay::run(&config, replay, &mut std::io::stdout())
-            .await?
-            .check()?;
-        return Ok(());
+    match args.command {
+        Some(ConnectorCommand::Replay(replay)) => {
+            let out = &mut std::io::stdout();
+            sqs_connector::replay::run(&config, replay, out)
+                .await?
+                .check()?;
+        }
+        None => {
+            let runtime = Runtime::new(sqs_connector::NAME, config.sdk_config())?;
+            sqs_connector::run(config, runtime).await?;
+        }
     }
-    let runtime = Runtime::new(sqs_connector::NAME, config.sdk_config())?;
-    sqs_connector::run(config, runtime).await?;
     Ok(())
 }
