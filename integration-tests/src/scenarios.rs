@@ -284,27 +284,45 @@ pub async fn nothing_lost_across_kill(fixture: &dyn Fixture) {
         "nothing delivered before the kill:\n{}",
         connector.process.output()
     );
+    let delivered = || {
+        bodies(&gw, "kill-fn")
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    kill_restart_and_recover(fixture, &mut connector, &topic, sent.len(), delivered).await;
+}
+
+/// SIGKILLs `connector` (which must not have delivered all `sent` messages of `topic`
+/// yet), restarts it, and waits until `delivered()` (distinct messages the function got)
+/// reaches `sent` and the broker holds nothing unacknowledged.
+async fn kill_restart_and_recover(
+    fixture: &dyn Fixture,
+    connector: &mut Started,
+    topic: &str,
+    sent: usize,
+    delivered: impl Fn() -> usize,
+) {
     connector.process.kill();
-    let before_restart = gw.requests_to("kill-fn").len();
+    let before_restart = delivered();
     assert!(
-        before_restart < sent.len(),
+        before_restart < sent,
         "all delivered before the kill; test proves nothing"
     );
     connector.restart().await;
-    let delivered = |gw: &FakeGateway| bodies(gw, "kill-fn").into_iter().collect::<BTreeSet<_>>();
     assert!(
-        eventually(Duration::from_secs(60), || delivered(&gw).len()
-            == sent.len())
-        .await,
-        "lost {} messages across the kill:\n{}",
-        sent.len() - delivered(&gw).len(),
+        eventually(Duration::from_secs(60), || delivered() == sent).await,
+        "lost {} messages across the kill (had {before_restart} before it):\n{}",
+        sent - delivered(),
         connector.process.output()
     );
     assert!(
         eventually_async(WITHIN, || async {
-            fixture.unacknowledged(&topic).await == 0
+            fixture.unacknowledged(topic).await == 0
         })
-        .await
+        .await,
+        "messages left unacknowledged: {}",
+        fixture.unacknowledged(topic).await
     );
 }
 
@@ -686,29 +704,8 @@ pub async fn batches_lose_nothing_across_kill(fixture: &dyn Fixture) {
         "no batch before the kill:\n{}",
         connector.process.output()
     );
-    connector.process.kill();
-    let before_restart = delivered(&gw).len();
-    assert!(
-        before_restart < sent.len(),
-        "all delivered before the kill; test proves nothing"
-    );
-    connector.restart().await;
-    assert!(
-        eventually(Duration::from_secs(60), || delivered(&gw).len()
-            == sent.len())
-        .await,
-        "lost {} messages across the kill (had {before_restart} before it):\n{}",
-        sent.len() - delivered(&gw).len(),
-        connector.process.output()
-    );
-    assert!(
-        eventually_async(WITHIN, || async {
-            fixture.unacknowledged(&topic).await == 0
-        })
-        .await,
-        "messages left unacknowledged: {}",
-        fixture.unacknowledged(&topic).await
-    );
+    let count = || delivered(&gw).len();
+    kill_restart_and_recover(fixture, &mut connector, &topic, sent.len(), count).await;
 }
 
 /// Polls an async condition every 100 ms for up to `within`.
