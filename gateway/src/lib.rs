@@ -84,7 +84,63 @@ impl std::fmt::Debug for AppState {
 /// The OpenFaaS API on the main port. Handlers share the state behind one `Arc`, so a
 /// request clones a pointer rather than every field.
 pub fn router(state: AppState) -> Router {
+    routes(Arc::new(state))
+}
+
+/// The main port's service: `/function/{name}[/...]` straight to [`proxy::function_route`],
+/// everything else through the [`router`]. The invocation path is the hot one, and the
+/// router's work on it (route matching, path parameters stored in the request, a boxed
+/// handler future per layer) bought nothing: the handler reads the name from the raw path
+/// itself. Both ways reach the same handler, so the answers are the same.
+#[derive(Clone)]
+pub struct App {
+    state: Arc<AppState>,
+    router: Router,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("state", &self.state).finish()
+    }
+}
+
+/// [`App`] over `state`.
+pub fn app(state: AppState) -> App {
     let state = Arc::new(state);
+    App {
+        router: routes(Arc::clone(&state)),
+        state,
+    }
+}
+
+impl tower::Service<axum::extract::Request> for App {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        // Only a non-empty name goes the short way; `/function/` and other odd shapes get
+        // the router's answers.
+        let invocation = proxy::split_function_path(request.uri().path(), "/function/")
+            .is_some_and(|(name, _)| !name.is_empty());
+        if invocation {
+            let state = Arc::clone(&self.state);
+            Box::pin(async move { Ok(proxy::function_route(State(state), request).await) })
+        } else {
+            let call = tower::Service::call(&mut self.router, request);
+            Box::pin(call)
+        }
+    }
+}
+
+fn routes(state: Arc<AppState>) -> Router {
     let system = Router::new()
         .route(
             "/system/functions",
@@ -131,6 +187,37 @@ pub fn metrics_router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(api::not_found)
         .with_state(state)
+}
+
+/// Serves `service` on `listener` until `stop`, with the client's address as
+/// `ConnectInfo` (for `X-Forwarded-For`). `TCP_NODELAY` on every connection, as nginx
+/// sets it on keep-alive ones: a streamed answer's chunks leave when written, not after
+/// the client's delayed ACK.
+async fn serve<S>(listener: tokio::net::TcpListener, service: S, stop: CancellationToken)
+where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    use axum::ServiceExt as _;
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
+    let service = service.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, service)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "server failed");
+    }
 }
 
 /// 200 while serving, 503 once the gateway is stopping.
@@ -351,21 +438,12 @@ impl Gateway {
         let state = build_state(&config, &work, &work_tasks).await?;
         let servers = CancellationToken::new();
         let server_tasks = TaskTracker::new();
-        for (listener, app) in [
-            (api_listener, router(state.clone())),
-            (metrics_listener, metrics_router(state.clone())),
-        ] {
-            let stop = servers.clone();
-            server_tasks.spawn(async move {
-                let service = app.into_make_service_with_connect_info::<SocketAddr>();
-                if let Err(e) = axum::serve(listener, service)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                {
-                    tracing::error!(error = %e, "server failed");
-                }
-            });
-        }
+        server_tasks.spawn(serve(api_listener, app(state.clone()), servers.clone()));
+        server_tasks.spawn(serve(
+            metrics_listener,
+            metrics_router(state.clone()),
+            servers.clone(),
+        ));
 
         let connectors = CancellationToken::new();
         let connector_tasks = TaskTracker::new();

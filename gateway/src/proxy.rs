@@ -43,41 +43,70 @@ pub fn split_function_path<'a>(path: &'a str, prefix: &str) -> Option<(&'a str, 
     })
 }
 
-/// Call-id and timing headers of one request.
+/// Call-id and timing headers of one request, as header values: built once, then put on
+/// the forwarded request and on the response by reference count, not copied again.
 #[derive(Debug, Clone)]
 pub struct CallHeaders {
     /// The call id (the client's, or generated).
-    pub call_id: String,
+    pub call_id: HeaderValue,
     /// Whether the gateway generated it (then it is echoed in the response).
     pub generated: bool,
     /// `X-Start-Time`: Unix nanoseconds.
-    pub start_time: String,
+    pub start_time: HeaderValue,
+}
+
+impl CallHeaders {
+    /// The call id as text (always visible ASCII: a client's id that is not was replaced).
+    pub fn call_id(&self) -> &str {
+        self.call_id.to_str().unwrap_or_default()
+    }
+}
+
+/// `value` in decimal, as a header value, without an intermediate `String`.
+fn decimal_header(value: u128) -> Option<HeaderValue> {
+    use std::io::Write as _;
+    let mut buffer = [0u8; 40];
+    let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+    write!(cursor, "{value}").ok()?;
+    let written = usize::try_from(cursor.position()).ok()?;
+    HeaderValue::from_bytes(buffer.get(..written)?).ok()
+}
+
+/// The client's address (`ip:port`) as a header value, without an intermediate `String`.
+fn address_header(address: SocketAddr) -> Option<HeaderValue> {
+    use std::io::Write as _;
+    let mut buffer = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+    write!(cursor, "{address}").ok()?;
+    let written = usize::try_from(cursor.position()).ok()?;
+    HeaderValue::from_bytes(buffer.get(..written)?).ok()
 }
 
 /// Prepares the headers sent to the function: hop-by-hop removed, `X-Call-Id`,
 /// `X-Start-Time`, and `X-Forwarded-For` / `X-Forwarded-Host` when absent.
 pub fn prepare_headers(headers: &mut HeaderMap, client: Option<SocketAddr>) -> CallHeaders {
     strip_hop_by_hop(headers);
+    // The client's id is kept when it is text; cloning a parsed value shares its bytes.
     let existing = headers
         .get(&X_CALL_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned);
+        .filter(|v| !v.is_empty() && v.to_str().is_ok())
+        .cloned();
     let generated = existing.is_none();
-    let call_id = existing.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let start_time = SystemTime::now()
+    let call_id = existing.unwrap_or_else(|| {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+        // A UUID's text is visible ASCII, always a valid header value.
+        HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static(""))
+    });
+    let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
-        .unwrap_or_default()
-        .to_string();
-    if let Ok(v) = HeaderValue::from_str(&call_id) {
-        headers.insert(X_CALL_ID.clone(), v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&start_time) {
-        headers.append(X_START_TIME.clone(), v);
-    }
+        .unwrap_or_default();
+    let start_time = decimal_header(nanos).unwrap_or(HeaderValue::from_static("0"));
+    headers.insert(X_CALL_ID.clone(), call_id.clone());
+    headers.append(X_START_TIME.clone(), start_time.clone());
     if !headers.contains_key(&X_FORWARDED_FOR)
-        && let Some(addr) = client.and_then(|a| HeaderValue::from_str(&a.to_string()).ok())
+        && let Some(addr) = client.and_then(address_header)
     {
         headers.insert(X_FORWARDED_FOR.clone(), addr);
     }
@@ -96,14 +125,10 @@ pub fn prepare_headers(headers: &mut HeaderMap, client: Option<SocketAddr>) -> C
 /// Adds `X-Call-Id` (when generated), `X-Start-Time` and `X-Served-By` to a response.
 pub fn decorate_response(response: &mut Response, call: &CallHeaders) {
     let headers = response.headers_mut();
-    if call.generated
-        && let Ok(v) = HeaderValue::from_str(&call.call_id)
-    {
-        headers.insert(X_CALL_ID.clone(), v);
+    if call.generated {
+        headers.insert(X_CALL_ID.clone(), call.call_id.clone());
     }
-    if let Ok(v) = HeaderValue::from_str(&call.start_time) {
-        headers.append(X_START_TIME.clone(), v);
-    }
+    headers.append(X_START_TIME.clone(), call.start_time.clone());
     headers.insert(X_SERVED_BY.clone(), HeaderValue::from_static(SERVED_BY));
 }
 
@@ -136,8 +161,9 @@ pub async fn function_route(State(state): State<Arc<AppState>>, request: Request
         .get::<ConnectInfo<SocketAddr>>()
         .copied();
     let (mut parts, body) = request.into_parts();
-    let raw_path = parts.uri.path().to_owned();
-    let Some((raw_name, sub_path)) = split_function_path(&raw_path, "/function/") else {
+    // Taken out of the request so the path is borrowed, not copied.
+    let uri = std::mem::take(&mut parts.uri);
+    let Some((raw_name, sub_path)) = split_function_path(uri.path(), "/function/") else {
         return Error::BadRequest("Provide function name in the request path".into())
             .into_response();
     };
@@ -181,7 +207,7 @@ pub async fn function_route(State(state): State<Arc<AppState>>, request: Request
         } else {
             sub_path.to_owned()
         },
-        query: parts.uri.query().map(str::to_owned),
+        query: uri.query().map(str::to_owned),
         headers: parts.headers,
         body,
     };
@@ -219,8 +245,12 @@ pub fn limit_body(body: Body, limit: usize) -> (Body, Arc<AtomicBool>) {
     (Body::from_stream(stream), exceeded)
 }
 
-/// Decodes `%XX` escapes so `a%2Fb` is checked (and refused) as `a/b`.
-pub fn percent_decode(raw: &str) -> String {
+/// Decodes `%XX` escapes so `a%2Fb` is checked (and refused) as `a/b`. A name without
+/// `%` (every valid one) is borrowed as it is.
+pub fn percent_decode(raw: &str) -> std::borrow::Cow<'_, str> {
+    if !raw.contains('%') {
+        return std::borrow::Cow::Borrowed(raw);
+    }
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -236,7 +266,7 @@ pub fn percent_decode(raw: &str) -> String {
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Reads a whole body up to `limit` bytes (for callers that must buffer, like the async
@@ -277,6 +307,10 @@ mod tests {
         assert_eq!(percent_decode("a%2Fb"), "a/b");
         assert_eq!(percent_decode("a%2"), "a%2");
         assert_eq!(percent_decode("%2e%2e"), "..");
+        assert!(matches!(
+            percent_decode("echo.fn"),
+            std::borrow::Cow::Borrowed("echo.fn")
+        ));
     }
 
     #[test]
@@ -286,7 +320,13 @@ mod tests {
         h.insert("connection", HeaderValue::from_static("keep-alive"));
         let call = prepare_headers(&mut h, Some("10.0.0.1:5000".parse().unwrap()));
         assert!(call.generated);
-        assert_eq!(h["x-call-id"], call.call_id.as_str());
+        assert_eq!(h["x-call-id"], call.call_id());
+        assert_eq!(call.call_id().len(), 36, "a UUID: {}", call.call_id());
+        let nanos: u128 = h["x-start-time"].to_str().unwrap().parse().unwrap();
+        assert!(
+            nanos > 1_600_000_000_000_000_000,
+            "Unix nanoseconds: {nanos}"
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1:5000");
         assert_eq!(h["x-forwarded-host"], "gw:8080");
         assert!(!h.contains_key("connection"));
@@ -295,7 +335,8 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         let call = prepare_headers(&mut h, Some("10.0.0.1:5000".parse().unwrap()));
         assert!(!call.generated);
-        assert_eq!(call.call_id, "given");
+        assert_eq!(call.call_id(), "given");
+        assert_eq!(h.get_all("x-call-id").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4");
     }
 }

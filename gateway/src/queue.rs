@@ -153,7 +153,7 @@ async fn accept(
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
     let queued = QueuedRequest {
-        call_id: call.call_id.clone(),
+        call_id: call.call_id().to_owned(),
         function: function.qualified(),
         path: if sub_path.is_empty() {
             "/".into()
@@ -168,7 +168,7 @@ async fn accept(
     };
     queue.enqueue(queued).await?;
     state.metrics.async_queued.inc();
-    tracing::debug!(function = %function, call_id = %call.call_id, "queued");
+    tracing::debug!(function = %function, call_id = call.call_id(), "queued");
     let mut response = StatusCode::ACCEPTED.into_response();
     // The caller needs the id to match the callback, generated or not.
     let echo = crate::proxy::CallHeaders {

@@ -702,3 +702,44 @@ async fn a_deleted_secret_does_not_drop_a_saved_function_on_restart() {
     assert_eq!(status["secrets"], json!(["key"]));
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_app_answers_as_the_router_does() {
+    // `gateway::app` sends `/function/NAME...` to the proxy without the router; every
+    // other shape must get the router's answer.
+    use tower::ServiceExt as _;
+    let gw = start(|_| {}).await;
+    gw.deploy(json!({"service": "echo", "image": "i", "envProcess": "cat"}))
+        .await;
+    let router = gateway::router(gw.state.clone());
+    for (method, uri) in [
+        ("POST", "/function/echo"),
+        ("POST", "/function/echo/"),
+        ("POST", "/function/echo/a/b?x=1"),
+        ("GET", "/function/echo.openfaas-fn"),
+        ("POST", "/function/"),
+        ("POST", "/function"),
+        ("POST", "/function//x"),
+        ("POST", "/function/nope"),
+        ("POST", "/function/a%2Fb"),
+        ("GET", "/functions/echo"),
+        ("GET", "/system/info"),
+    ] {
+        let request = || {
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Body::from("hi"))
+                .unwrap()
+        };
+        let via_app = gw.send(request()).await;
+        let via_router = router.clone().oneshot(request()).await.unwrap();
+        assert_eq!(via_app.status(), via_router.status(), "{method} {uri}");
+        assert_eq!(
+            text(via_app).await,
+            text(via_router).await,
+            "{method} {uri}"
+        );
+    }
+    gw.shutdown().await;
+}

@@ -139,7 +139,7 @@ async fn autoscaler_adds_replicas_under_load_and_removes_them_after() {
         let stop = tokio_util::sync::CancellationToken::new();
         let token = stop.clone();
         let handle = tokio::spawn(async move {
-            let one = |router: axum::Router| async move {
+            let one = |router: gateway::App| async move {
                 use tower::ServiceExt;
                 let request = http::Request::post("/function/busy?sleep=0.3")
                     .body(axum::body::Body::empty())

@@ -96,3 +96,48 @@ async fn a_streamed_response_arrives_before_the_function_has_finished() {
     assert_eq!(text(response).await, (64 * 128 * 1024).to_string());
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_streamed_body_past_max_body_bytes_gets_413_and_one_within_it_goes_through() {
+    let upstream = Router::new()
+        .route(
+            "/upload",
+            post(|body: Bytes| async move { format!("{}", body.len()) }),
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let (addr, _stop) = serve(upstream).await;
+    let gw = start(|c| c.gateway.max_body_bytes = 256 * 1024).await;
+    gw.deploy(json!({
+        "service": "up", "image": "i",
+        "annotations": {"faas-gateway.runtime": "url", "faas-gateway.url": format!("http://{addr}")}
+    }))
+    .await;
+    // No Content-Length: the gateway counts the bytes on their way through.
+    let chunked = |chunks: usize| {
+        Body::from_stream(futures::stream::iter(
+            (0..chunks).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 64 * 1024]))),
+        ))
+    };
+    let response = gw
+        .send(
+            Request::post("/function/up/upload")
+                .body(chunked(4))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(text(response).await, (4 * 64 * 1024).to_string());
+    let response = gw
+        .send(
+            Request::post("/function/up/upload")
+                .body(chunked(5))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        response.headers().contains_key("x-call-id"),
+        "a refused request still has its call id"
+    );
+    gw.shutdown().await;
+}

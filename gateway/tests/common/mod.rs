@@ -17,7 +17,7 @@ use tower::ServiceExt;
 
 pub struct TestGateway {
     pub state: AppState,
-    pub router: Router,
+    pub router: gateway::App,
     pub dir: tempfile::TempDir,
     pub work: CancellationToken,
     pub tasks: TaskTracker,
@@ -41,7 +41,7 @@ pub async fn start_with(dir: tempfile::TempDir, change: impl FnOnce(&mut Config)
     let work = CancellationToken::new();
     let tasks = TaskTracker::new();
     let state = gateway::build_state(&config, &work, &tasks).await.unwrap();
-    let router = gateway::router(state.clone());
+    let router = gateway::app(state.clone());
     TestGateway {
         state,
         router,

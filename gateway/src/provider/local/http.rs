@@ -215,21 +215,22 @@ impl Inner {
     /// The least busy ready replica; ties go round-robin so sequential requests spread.
     fn choose_ready(&self) -> Option<Arc<Replica>> {
         let replicas = self.replicas();
-        let ready: Vec<&Arc<Replica>> = replicas
-            .iter()
-            .filter(|r| r.ready.load(Ordering::SeqCst) && !r.stop.is_cancelled())
-            .collect();
-        if ready.is_empty() {
+        // Two passes over the few replicas rather than a list of the ready ones per request.
+        let ready = || {
+            replicas
+                .iter()
+                .filter(|r| r.ready.load(Ordering::SeqCst) && !r.stop.is_cancelled())
+        };
+        let count = ready().count();
+        if count == 0 {
             return None;
         }
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % ready.len();
-        ready
-            .iter()
-            .cycle()
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % count;
+        ready()
             .skip(start)
-            .take(ready.len())
+            .chain(ready().take(start))
             .min_by_key(|r| r.inflight.load(Ordering::SeqCst))
-            .map(|r| Arc::clone(r))
+            .map(Arc::clone)
     }
 
     async fn pick(&self) -> Result<Arc<Replica>, Error> {
