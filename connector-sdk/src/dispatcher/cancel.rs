@@ -27,17 +27,7 @@ pub(super) struct Cancel {
 
 impl Cancel {
     pub(super) fn new(inner: &Inner) -> Self {
-        let signal = Arc::new(AbortSignal::default());
-        if let Ok(mut signals) = inner.signals.lock() {
-            // Those of workers (and detached messages) that ended are held by this list
-            // alone. Swept when the list is full rather than on every registration: a
-            // detached message registers one, thousands may be alive, and a sweep per
-            // registration cost as much as the rest of the message.
-            if signals.len() == signals.capacity() {
-                signals.retain(|s| Arc::strong_count(s) > 1);
-            }
-            signals.push(signal.clone());
-        }
+        let signal = register_signal(inner);
         // `abort` cancels its token before it fires the listed signals: one of the two
         // reaches this worker.
         let abort = inner.abort.child_token();
@@ -52,13 +42,40 @@ impl Cancel {
         }
     }
 
-    /// For the task of a message that left its worker, which `handoff` lets go on.
-    pub(super) fn detached(inner: &Inner, handoff: Arc<Handoff>) -> Self {
+    /// For the task of a message that left `worker`, which `handoff` lets go on: the
+    /// worker's tokens (shared, not new children: one per message would cost a node in
+    /// the dispatcher's token tree each), and an abort signal of its own, since a signal
+    /// wakes one waiting invocation.
+    pub(super) fn detached(worker: &Cancel, inner: &Inner, handoff: Arc<Handoff>) -> Self {
+        let signal = register_signal(inner);
+        if worker.abort.is_cancelled() {
+            signal.fire();
+        }
         Self {
+            drain: worker.drain.clone(),
+            abort: worker.abort.clone(),
+            signal,
             handoff: Some(handoff),
-            ..Self::new(inner)
         }
     }
+}
+
+/// A new abort signal, listed for [`Dispatcher::abort`](super::Dispatcher::abort).
+fn register_signal(inner: &Inner) -> Arc<AbortSignal> {
+    let signal = Arc::new(AbortSignal::default());
+    {
+        if let Ok(mut signals) = inner.signals.lock() {
+            // Those of workers (and detached messages) that ended are held by this list
+            // alone. Swept when the list is full rather than on every registration: a
+            // detached message registers one, thousands may be alive, and a sweep per
+            // registration cost as much as the rest of the message.
+            if signals.len() == signals.capacity() {
+                signals.retain(|s| Arc::strong_count(s) > 1);
+            }
+            signals.push(signal.clone());
+        }
+    }
+    signal
 }
 
 /// A message handed from its worker to a task of its own because some of its deliveries

@@ -35,11 +35,10 @@ impl Inner {
         }
         let handoff = Arc::new(Handoff::new(batched));
         let inner = self.clone();
-        let detached = handoff.clone();
+        let own = Cancel::detached(cancel, self, handoff.clone());
         tokio::spawn(async move {
-            let _finished = FinishOnDrop(detached.clone());
-            let cancel = Cancel::detached(&inner, detached);
-            inner.finish(&cancel, job).await;
+            let _finished = own.handoff.clone().map(FinishOnDrop);
+            inner.finish(&own, job).await;
         });
         handoff.wait().await;
     }
