@@ -174,7 +174,10 @@ fn toggle_collection(pid: u32, state: &str) {
 fn callgrind_total(file: &str) -> u64 {
     let log = std::fs::read_to_string(format!("{file}.log")).unwrap();
     log.lines()
-        .find_map(|l| l.split_once("Collected :").map(|(_, v)| v.trim().to_owned()))
+        .find_map(|l| {
+            l.split_once("Collected :")
+                .map(|(_, v)| v.trim().to_owned())
+        })
         .and_then(|v| v.parse().ok())
         .unwrap()
 }

@@ -12,7 +12,7 @@
 //!
 //! | disposition | AMQP |
 //! | --- | --- |
-//! | ack: delivered, dead-lettered (published and confirmed first), dropped, or no function | `basic.ack` |
+//! | ack: delivered, dead-lettered (published and confirmed first), dropped, or no function | `basic.ack`; a request with `reply_to` first gets its reply, published and confirmed (see [`crate::reply`]); a reply that fails holds the request instead |
 //! | release: cut short by shutdown | `basic.nack` with requeue, at once |
 //! | hold: failed for good and could not be dead-lettered | kept unacknowledged for `hold_delay`, then `basic.nack` with requeue |
 //!
@@ -50,10 +50,12 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, Channel, Connection, Consumer, ExchangeKind};
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
 
 use crate::config::{QueueType, RabbitConfig};
 use crate::delivery::{self, Envelope};
 use crate::metrics::RabbitMetrics;
+use crate::reply::{Replies, ReplyTo};
 
 /// What a live connection consumes through.
 struct Link {
@@ -62,6 +64,13 @@ struct Link {
     consumer: Consumer,
     /// Stops the queue-depth task with the link.
     _depth: DropGuard,
+}
+
+/// What settling one message needs: its acker, and where its reply goes when it is a
+/// request (`reply_to`) and replies are on.
+pub struct AckHandle {
+    acker: Acker,
+    reply_to: Option<Box<ReplyTo>>,
 }
 
 /// A held message waiting out its delay before it is requeued.
@@ -82,6 +91,11 @@ pub struct RabbitSource {
     requeue_now: CancellationToken,
     metrics: RabbitMetrics,
     source: String,
+    /// Publishes replies, when they are on.
+    replies: Option<Arc<Replies>>,
+    /// Replies being published, each acknowledging (or holding) its request once
+    /// confirmed: waited for on flush.
+    replying: TaskTracker,
 }
 
 impl RabbitSource {
@@ -90,6 +104,7 @@ impl RabbitSource {
         ctx: SourceContext,
         config: RabbitConfig,
         metrics: RabbitMetrics,
+        replies: Option<Arc<Replies>>,
     ) -> Result<Self, crate::Error> {
         let queue = ShortString::try_new(config.queue.clone())
             .map_err(|e| crate::Error::Setup(format!("queue: {e}")))?;
@@ -107,6 +122,8 @@ impl RabbitSource {
             requeue_now: CancellationToken::new(),
             metrics,
             ctx,
+            replies,
+            replying: TaskTracker::new(),
         })
     }
 
@@ -141,6 +158,7 @@ impl RabbitSource {
         self.step(channel.basic_qos(self.prefetch, BasicQosOptions::default()))
             .await?;
         self.declare(&channel).await?;
+        self.check_reply_exchange(&channel).await?;
         self.bound.clear();
         self.bind(&channel).await?;
         let consumer = self
@@ -228,6 +246,26 @@ impl RabbitSource {
         Ok(())
     }
 
+    /// A named reply exchange must exist (a passive declare): replies to a missing one
+    /// would fail, and hold every request, until someone declares it.
+    async fn check_reply_exchange(&self, channel: &Channel) -> Result<(), SourceError> {
+        let name = &self.config.reply_exchange;
+        if self.replies.is_none() || name.is_empty() {
+            return Ok(());
+        }
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        self.step(channel.exchange_declare(
+            short(name)?,
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        ))
+        .await
+    }
+
     /// A durable topic exchange; the predeclared `amq.*` ones (which may not be declared)
     /// and the default exchange (`""`) are taken as they are.
     async fn declare_exchange(&self, channel: &Channel, name: &str) -> Result<(), SourceError> {
@@ -292,7 +330,7 @@ impl RabbitSource {
         Ok(())
     }
 
-    fn message(&self, d: lapin::message::Delivery) -> (Message, Acker) {
+    fn message(&self, d: lapin::message::Delivery) -> (Message, AckHandle) {
         let envelope = Envelope {
             queue: self.queue.as_str(),
             exchange: d.exchange.as_str(),
@@ -300,8 +338,17 @@ impl RabbitSource {
             redelivered: d.redelivered,
             quorum: self.config.queue_type == QueueType::Quorum,
         };
+        let reply_to = self
+            .replies
+            .as_ref()
+            .and_then(|_| ReplyTo::from_request(d.routing_key.as_str(), &d.properties))
+            .map(Box::new);
         let message = delivery::message(&envelope, &d.properties, d.data, &self.source);
-        (message, d.acker)
+        let handle = AckHandle {
+            acker: d.acker,
+            reply_to,
+        };
+        (message, handle)
     }
 
     /// Keeps `acker`'s message for `delay`, then requeues it (at once on flush).
@@ -315,6 +362,40 @@ impl RabbitSource {
             acker
         }));
     }
+}
+
+/// Publishes the reply of a request that is to be acknowledged, on a task of its own (a
+/// confirmation is a round trip to the broker; settling other messages does not wait for
+/// it), then acknowledges the request; if the reply cannot be published, the request is
+/// held as an undeliverable message is: requeued after `hold_delay` (at once on flush).
+fn reply_then_ack(
+    replying: &TaskTracker,
+    replies: Arc<Replies>,
+    to: ReplyTo,
+    acker: Acker,
+    outcome: MessageOutcome,
+    hold_delay: Duration,
+    requeue_now: CancellationToken,
+) {
+    replying.spawn(async move {
+        match replies.send(&to, &outcome).await {
+            Ok(()) => {
+                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(error = %e, ce_id = %outcome.id, "acknowledging a replied request failed; it will be redelivered");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ce_id = %outcome.id, hold_delay = ?hold_delay, "reply not published: the request is held, then requeued");
+                tokio::select! {
+                    () = tokio::time::sleep(hold_delay) => {}
+                    () = requeue_now.cancelled() => {}
+                }
+                if let Err(e) = requeue(&acker).await {
+                    tracing::debug!(error = %e, "requeueing a held request failed");
+                }
+            }
+        }
+    });
 }
 
 /// What woke `pull`. Lives for one turn of the loop: its size does not matter.
@@ -344,9 +425,9 @@ async fn requeue(acker: &Acker) -> Result<(), SourceError> {
 
 #[async_trait::async_trait]
 impl Source for RabbitSource {
-    type Ack = Acker;
+    type Ack = AckHandle;
 
-    async fn pull(&mut self) -> Result<Vec<(Message, Acker)>, SourceError> {
+    async fn pull(&mut self) -> Result<Vec<(Message, AckHandle)>, SourceError> {
         if self.link.is_none() {
             let link = self.open().await?;
             self.link = Some(link);
@@ -431,16 +512,31 @@ impl Source for RabbitSource {
 
     async fn settle(
         &mut self,
-        acker: Acker,
+        handle: AckHandle,
         disposition: Disposition,
-        _outcome: &MessageOutcome,
+        outcome: &MessageOutcome,
     ) -> Result<(), SourceError> {
+        let AckHandle { acker, reply_to } = handle;
         match disposition {
-            Disposition::Ack => acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map(|_| ())
-                .map_err(SourceError::transient),
+            Disposition::Ack => {
+                if let (Some(to), Some(replies)) = (reply_to, &self.replies) {
+                    reply_then_ack(
+                        &self.replying,
+                        replies.clone(),
+                        *to,
+                        acker,
+                        outcome.clone(),
+                        self.config.hold_delay,
+                        self.requeue_now.clone(),
+                    );
+                    return Ok(());
+                }
+                acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(SourceError::transient)
+            }
             Disposition::Release => requeue(&acker).await,
             Disposition::Hold => {
                 self.requeue_after(acker, self.config.hold_delay);
@@ -457,6 +553,10 @@ impl Source for RabbitSource {
 
     async fn flush(&mut self) -> Result<(), SourceError> {
         self.requeue_now.cancel();
+        // Replies in flight finish (each within command_timeout) and settle their requests
+        // while the channel is still open.
+        self.replying.close();
+        self.replying.wait().await;
         while let Some(acker) = self.waiting.next().await {
             if let Err(e) = requeue(&acker).await {
                 tracing::debug!(error = %e, "requeueing a held message failed");
