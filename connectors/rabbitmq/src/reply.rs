@@ -64,7 +64,10 @@ pub struct ReplyTo {
 impl ReplyTo {
     /// The reply address of a request on `topic`; `None` without a (non-empty) `reply_to`.
     pub fn from_request(topic: &str, properties: &BasicProperties) -> Option<Self> {
-        let routing_key = properties.reply_to().clone().filter(|r| !r.as_str().is_empty())?;
+        let routing_key = properties
+            .reply_to()
+            .clone()
+            .filter(|r| !r.as_str().is_empty())?;
         let hops = properties
             .headers()
             .as_ref()
