@@ -16,10 +16,13 @@
 //!   route, headers and body), 64 in flight;
 //! - **plain consumer**: lapin consuming a backlog of `COUNT` persistent messages from a
 //!   fresh queue of the same type, prefetch 128 (what the connector asks for at
-//!   `max_inflight` 64), acknowledging each on receipt: RabbitMQ's own rate here;
+//!   `max_inflight` 64), acknowledging each on receipt (acks sent concurrently, as the
+//!   connector sends them; the clock stops when the last is written): RabbitMQ's own
+//!   rate here;
 //! - **connector**: the release binary consuming the same kind of backlog, `max_inflight`
-//!   64. The clock starts at the function's first call and stops at its `COUNT`th; then
-//!   SIGTERM, and the queue must be empty (every message acknowledged).
+//!   64. The clock starts at the function's first call and stops when the connector has
+//!   acknowledged `COUNT` messages (`connector_messages_total{outcome="ack"}`); then
+//!   SIGTERM, and the queue must be empty.
 //!
 //! Printed: per-round figures on stderr; the medians, the ratios, the connector's CPU time
 //! per message, its resident memory idle (started on an empty queue, after `/readyz`) and
@@ -314,11 +317,19 @@ async fn plain_consumer_run(broker: &Broker, queue: &str) -> f64 {
         )
         .await
         .unwrap();
+    // Acks are sent concurrently, as the connector sends them: awaiting each before the
+    // next delivery would measure lapin's thread hand-offs rather than the broker.
     let mut started = None;
+    let mut acks = Vec::with_capacity(*COUNT);
     for _ in 0..*COUNT {
         let delivery = consumer.next().await.unwrap().unwrap();
         started.get_or_insert_with(Instant::now);
-        delivery.ack(BasicAckOptions::default()).await.unwrap();
+        acks.push(tokio::spawn(async move {
+            delivery.ack(BasicAckOptions::default()).await
+        }));
+    }
+    for ack in acks {
+        ack.await.unwrap().unwrap();
     }
     let took = started.unwrap().elapsed();
     let _ = channel.close(200, "consumed".into()).await;
@@ -345,7 +356,9 @@ async fn connector_run(
             .await
             .unwrap();
     let pid = connector.pid;
-    // The clock starts at the first call: consuming the backlog, not starting up.
+    // The clock starts at the first call: consuming the backlog, not starting up. It
+    // stops when every message is acknowledged (a retried call would make the function's
+    // count run ahead of the messages).
     let deadline = Instant::now() + Duration::from_secs(30);
     let (cpu, started, first) = loop {
         let calls = function.calls().await.unwrap();
@@ -355,14 +368,45 @@ async fn connector_run(
         assert!(Instant::now() < deadline, "nothing delivered");
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
+    let perf = std::env::var("BENCH_PERF").ok().map(|out| {
+        std::process::Command::new("perf")
+            .args([
+                "record",
+                "-F",
+                "499",
+                "-g",
+                "-o",
+                &out,
+                "-p",
+                &pid.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    });
     let deadline = Instant::now() + Duration::from_secs(300);
-    while function.calls().await.unwrap() < base + *COUNT as u64 {
+    let acked = r#"connector_messages_total{outcome="ack"}"#;
+    while scrape(metrics, acked).await < *COUNT as f64 {
         assert!(Instant::now() < deadline, "connector did not finish");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = started.elapsed();
     let cpu = load::cpu_time(pid) - cpu;
     let peak_kib = load::status_kib(pid, "VmHWM");
+    if let Some(perf) = perf {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait_with_output();
+    }
+    let calls = function.calls().await.unwrap() - base;
+    if calls != *COUNT as u64 {
+        eprintln!(
+            "the function was called {calls} times for {} messages",
+            *COUNT
+        );
+    }
     connector.stop().unwrap();
     assert_eq!(
         broker.depth(topic).await,
@@ -371,4 +415,23 @@ async fn connector_run(
     );
     let n = *COUNT as u64 - first;
     (n as f64 / took.as_secs_f64(), cpu / n as u32, peak_kib)
+}
+
+/// One series of the connector's `/metrics` (0 when absent or unreachable).
+async fn scrape(metrics: SocketAddr, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(metrics).await else {
+        return 0.0;
+    };
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return 0.0;
+    }
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text).await;
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

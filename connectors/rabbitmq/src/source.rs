@@ -93,9 +93,9 @@ pub struct RabbitSource {
     source: String,
     /// Publishes replies, when they are on.
     replies: Option<Arc<Replies>>,
-    /// Replies being published, each acknowledging (or holding) its request once
-    /// confirmed: waited for on flush.
-    replying: TaskTracker,
+    /// Acknowledgements being sent, and replies being published (each then acknowledging
+    /// or holding its request): waited for on flush, before the channel closes.
+    settling: TaskTracker,
 }
 
 impl RabbitSource {
@@ -123,7 +123,7 @@ impl RabbitSource {
             metrics,
             ctx,
             replies,
-            replying: TaskTracker::new(),
+            settling: TaskTracker::new(),
         })
     }
 
@@ -369,7 +369,7 @@ impl RabbitSource {
 /// it), then acknowledges the request; if the reply cannot be published, the request is
 /// held as an undeliverable message is: requeued after `hold_delay` (at once on flush).
 fn reply_then_ack(
-    replying: &TaskTracker,
+    settling: &TaskTracker,
     replies: Arc<Replies>,
     to: ReplyTo,
     acker: Acker,
@@ -377,7 +377,7 @@ fn reply_then_ack(
     hold_delay: Duration,
     requeue_now: CancellationToken,
 ) {
-    replying.spawn(async move {
+    settling.spawn(async move {
         match replies.send(&to, &outcome).await {
             Ok(()) => {
                 if let Err(e) = acker.ack(BasicAckOptions::default()).await {
@@ -521,7 +521,7 @@ impl Source for RabbitSource {
             Disposition::Ack => {
                 if let (Some(to), Some(replies)) = (reply_to, &self.replies) {
                     reply_then_ack(
-                        &self.replying,
+                        &self.settling,
                         replies.clone(),
                         *to,
                         acker,
@@ -531,11 +531,16 @@ impl Source for RabbitSource {
                     );
                     return Ok(());
                 }
-                acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map(|_| ())
-                    .map_err(SourceError::transient)
+                // Not awaited here: an ack is handed to lapin's internal task, then to its
+                // I/O loop, and waiting for each in turn kept the pump from settling and
+                // pulling meanwhile (most of the connector's time went to those thread
+                // hand-offs); sent concurrently, lapin writes them together.
+                self.settling.spawn(async move {
+                    if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                        tracing::warn!(error = %e, "acknowledging a message failed; it will be redelivered");
+                    }
+                });
+                Ok(())
             }
             Disposition::Release => requeue(&acker).await,
             Disposition::Hold => {
@@ -553,10 +558,10 @@ impl Source for RabbitSource {
 
     async fn flush(&mut self) -> Result<(), SourceError> {
         self.requeue_now.cancel();
-        // Replies in flight finish (each within command_timeout) and settle their requests
-        // while the channel is still open.
-        self.replying.close();
-        self.replying.wait().await;
+        // Acks and replies in flight (each reply within command_timeout) finish while the
+        // channel is still open.
+        self.settling.close();
+        self.settling.wait().await;
         while let Some(acker) = self.waiting.next().await {
             if let Err(e) = requeue(&acker).await {
                 tracing::debug!(error = %e, "requeueing a held message failed");
