@@ -15,7 +15,7 @@
 //! - **ceiling**: a plain HTTP loop making the same requests the connector makes (same
 //!   route, headers and body), 64 in flight;
 //! - **plain consumer**: lapin consuming a backlog of `COUNT` persistent messages from a
-//!   fresh queue of the same type, prefetch 128 (what the connector asks for at
+//!   fresh queue of the same type, prefetch 256 (what the connector asks for at
 //!   `max_inflight` 64), acknowledging each on receipt (acks sent concurrently, as the
 //!   connector sends them; the clock stops when the last is written): RabbitMQ's own
 //!   rate here;
@@ -299,13 +299,13 @@ async fn ceiling_run(addr: SocketAddr, topic: &str, count: usize) -> f64 {
     .unwrap()
 }
 
-/// lapin alone: the backlog consumed with prefetch 128, each message acknowledged on
+/// lapin alone: the backlog consumed with prefetch 256, each message acknowledged on
 /// receipt.
 async fn plain_consumer_run(broker: &Broker, queue: &str) -> f64 {
     broker.backlog(queue).await;
     let channel = broker.channel().await;
     channel
-        .basic_qos(2 * CONCURRENCY as u16, BasicQosOptions::default())
+        .basic_qos(4 * CONCURRENCY as u16, BasicQosOptions::default())
         .await
         .unwrap();
     let mut consumer = channel

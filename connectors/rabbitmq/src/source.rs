@@ -1,9 +1,11 @@
 //! The queue consumer as a [`Source`]: declare, bind, consume, settle.
 //!
-//! On (re)connecting: a channel with `basic.qos` prefetch = what the dispatcher holds
-//! (`Dispatcher::message_window`: twice `max_inflight`, plus what the functions' batches
-//! hold; set again when the topic map changes it), so the broker never hands this process
-//! more unacknowledged messages than it may take in (the backpressure is the broker's); the queue (and the dead-letter exchange and queue)
+//! On (re)connecting: a channel with `basic.qos` prefetch = twice what the dispatcher
+//! holds (`Dispatcher::message_window`: twice `max_inflight`, plus what the functions'
+//! batches hold; set again when the topic map changes it): the dispatcher's share, and as
+//! much again for messages whose acks are on their way (see [`prefetch`]); so the broker
+//! never hands this process more unacknowledged messages than that (the backpressure is
+//! the broker's); the queue (and the dead-letter exchange and queue)
 //! declared when `declare` is on, else checked to exist; one binding of the queue to
 //! `exchange` per topic; then `basic.consume` with manual acks. Replicas consuming the
 //! same queue split its messages: the broker gives each message to one consumer.
@@ -406,9 +408,16 @@ enum Event {
     Delivery(Option<lapin::Result<lapin::message::Delivery>>),
 }
 
-/// The channel's prefetch: what the dispatcher can hold, at most AMQP's 65,535.
+/// The channel's prefetch: twice what the dispatcher can hold, at most AMQP's 65,535.
+/// A message keeps its place in the broker's window until the broker has processed its
+/// ack, well after the dispatcher let go of it: a quorum queue settles acks through its
+/// Raft log, milliseconds under load. With the window no larger than the dispatcher's,
+/// the acks on their way left the dispatcher short of messages (the bench consumed at
+/// half the plain consumer's rate); the second half covers them. What the broker may
+/// hand over beyond the dispatcher's room waits in the consumer's buffer: bounded.
 fn prefetch(ctx: &SourceContext) -> u16 {
-    u16::try_from(ctx.dispatcher.message_window().max(1)).unwrap_or(u16::MAX)
+    let window = ctx.dispatcher.message_window().max(1).saturating_mul(2);
+    u16::try_from(window).unwrap_or(u16::MAX)
 }
 
 async fn requeue(acker: &Acker) -> Result<(), SourceError> {
