@@ -25,7 +25,8 @@
 //!   SIGTERM, and the queue must be empty.
 //!
 //! Printed: per-round figures on stderr; the medians, the ratios, the connector's CPU time
-//! per message, its resident memory idle (started on an empty queue, after `/readyz`) and
+//! per message, the broker's (`beam.smp` on this machine, over the connector's round,
+//! publishing the backlog included), its resident memory idle (started on an empty queue, after `/readyz`) and
 //! at its peak (`VmHWM`, the largest of the rounds).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -66,6 +67,7 @@ fn main() {
 }
 
 struct Round {
+    broker_cpu_per_message: Duration,
     ceiling: f64,
     plain: f64,
     connector: f64,
@@ -84,16 +86,25 @@ async fn bench() {
     for round in 0..*ROUNDS {
         let ceiling = ceiling_run(function.addr, &topic, *COUNT).await;
         let plain = plain_consumer_run(&broker, &format!("{topic}-plain-{round}")).await;
+        let broker_cpu = broker_pid().map(load::cpu_time);
         let (connector, cpu_per_message, peak_kib) =
             connector_run(&broker, &function, &topic).await;
+        // Over the whole run (publishing the backlog included, hence per message twice
+        // over): what the broker needs of the same two cores.
+        let broker_cpu_per_message = broker_pid()
+            .zip(broker_cpu)
+            .map(|(pid, before)| (load::cpu_time(pid) - before) / *COUNT as u32)
+            .unwrap_or_default();
         eprintln!(
-            "round {round}: ceiling {ceiling:.0}/s, plain lapin {plain:.0}/s, connector {connector:.0}/s ({:.2} of ceiling, {:.2} of plain), {:.1} µs CPU/msg, peak {:.1} MiB",
+            "round {round}: ceiling {ceiling:.0}/s, plain lapin {plain:.0}/s, connector {connector:.0}/s ({:.2} of ceiling, {:.2} of plain), {:.1} µs CPU/msg, broker {:.1} µs CPU/msg (publish and consume), peak {:.1} MiB",
             connector / ceiling,
             connector / plain,
             cpu_per_message.as_secs_f64() * 1e6,
+            broker_cpu_per_message.as_secs_f64() * 1e6,
             peak_kib as f64 / 1024.0
         );
         rounds.push(Round {
+            broker_cpu_per_message,
             ceiling,
             plain,
             connector,
@@ -107,11 +118,11 @@ async fn bench() {
         .map(|r| format!("{:.2}", r.connector / r.ceiling))
         .collect();
     println!(
-        "| queue | messages | rounds | ceiling req/s | plain lapin msg/s | connector msg/s | of ceiling (per round) | of plain consumer | connector CPU/msg | RSS idle | RSS peak |"
+        "| queue | messages | rounds | ceiling req/s | plain lapin msg/s | connector msg/s | of ceiling (per round) | of plain consumer | connector CPU/msg | broker CPU/msg | RSS idle | RSS peak |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} ({}) | {:.2} | {:.1} µs | {:.1} MiB | {:.1} MiB |",
+        "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} ({}) | {:.2} | {:.1} µs | {:.1} µs | {:.1} MiB | {:.1} MiB |",
         *QUEUE_TYPE,
         *COUNT,
         rounds.len(),
@@ -122,6 +133,7 @@ async fn bench() {
         ratios.join(", "),
         med(&|r| r.connector / r.plain),
         med(&|r| r.cpu_per_message.as_secs_f64()) * 1e6,
+        med(&|r| r.broker_cpu_per_message.as_secs_f64()) * 1e6,
         idle_kib as f64 / 1024.0,
         rounds.iter().map(|r| r.peak_kib).max().unwrap_or(0) as f64 / 1024.0,
     );
@@ -434,4 +446,13 @@ async fn scrape(metrics: SocketAddr, series: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The broker's process (`beam.smp`) when it runs on this machine, for its CPU time.
+fn broker_pid() -> Option<u32> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-o", "beam.smp"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }

@@ -63,6 +63,8 @@ use crate::reply::{Replies, ReplyTo};
 struct Link {
     connection: Arc<Connection>,
     channel: Channel,
+    /// Which link this is: delivery tags are only valid on the channel they came from.
+    generation: u64,
     consumer: Consumer,
     /// Stops the queue-depth task with the link.
     _depth: DropGuard,
@@ -72,6 +74,9 @@ struct Link {
 /// request (`reply_to`) and replies are on.
 pub struct AckHandle {
     acker: Acker,
+    /// The delivery tag, and the link it is valid on.
+    tag: u64,
+    generation: u64,
     reply_to: Option<Box<ReplyTo>>,
 }
 
@@ -85,6 +90,8 @@ pub struct RabbitSource {
     queue: ShortString,
     prefetch: u16,
     link: Option<Link>,
+    /// Counts the links opened.
+    generation: u64,
     /// Bindings this process made, to unbind those the topic map drops.
     bound: BTreeSet<String>,
     changes: TopicChanges,
@@ -118,6 +125,7 @@ impl RabbitSource {
             queue,
             prefetch,
             link: None,
+            generation: 0,
             bound: BTreeSet::new(),
             changes,
             waiting: FuturesUnordered::new(),
@@ -180,9 +188,11 @@ impl RabbitSource {
             depth.clone(),
         ));
         tracing::info!(queue = %self.queue, prefetch = self.prefetch, "consuming");
+        self.generation += 1;
         Ok(Link {
             connection,
             channel,
+            generation: self.generation,
             consumer,
             _depth: depth.drop_guard(),
         })
@@ -348,6 +358,8 @@ impl RabbitSource {
         let message = delivery::message(&envelope, &d.properties, d.data, &self.source);
         let handle = AckHandle {
             acker: d.acker,
+            tag: d.delivery_tag,
+            generation: self.generation,
             reply_to,
         };
         (message, handle)
@@ -525,7 +537,12 @@ impl Source for RabbitSource {
         disposition: Disposition,
         outcome: &MessageOutcome,
     ) -> Result<(), SourceError> {
-        let AckHandle { acker, reply_to } = handle;
+        let AckHandle {
+            acker,
+            reply_to,
+            tag,
+            generation,
+        } = handle;
         match disposition {
             Disposition::Ack => {
                 if let (Some(to), Some(replies)) = (reply_to, &self.replies) {
@@ -540,15 +557,24 @@ impl Source for RabbitSource {
                     );
                     return Ok(());
                 }
-                // Not awaited here: an ack is handed to lapin's internal task, then to its
-                // I/O loop, and waiting for each in turn kept the pump from settling and
-                // pulling meanwhile (most of the connector's time went to those thread
-                // hand-offs); sent concurrently, lapin writes them together.
-                self.settling.spawn(async move {
-                    if let Err(e) = acker.ack(BasicAckOptions::default()).await {
-                        tracing::warn!(error = %e, "acknowledging a message failed; it will be redelivered");
-                    }
-                });
+                // Sent straight on the channel and not awaited: `Acker::ack` hands the ack
+                // to lapin's internal task, then to its I/O loop, and waiting for each in
+                // turn kept the pump from settling and pulling meanwhile (most of the
+                // connector's time went to those thread hand-offs). `basic_ack` queues its
+                // frame before its first await; what is left is waiting for the write,
+                // which nobody needs: frames of a channel go out in order, so the acks
+                // precede the close in `flush`. A tag is only valid on its own channel: a
+                // message of an earlier link went back to the queue when that one closed.
+                let Some(link) = self.link.as_ref().filter(|l| l.generation == generation) else {
+                    return Ok(());
+                };
+                if let Some(Err(e)) = link
+                    .channel
+                    .basic_ack(tag, BasicAckOptions::default())
+                    .now_or_never()
+                {
+                    return Err(SourceError::transient(e));
+                }
                 Ok(())
             }
             Disposition::Release => requeue(&acker).await,
