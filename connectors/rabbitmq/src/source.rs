@@ -473,10 +473,12 @@ impl Source for RabbitSource {
                     }
                 }
                 Event::TopicsChanged => {
-                    let Some(link) = self.link.take() else {
+                    // The link stays in place: `pull` is dropped whenever a completion is
+                    // settled first, and a link taken out here would go with it (its
+                    // connection closed, its unacknowledged messages redelivered).
+                    let Some(channel) = self.link.as_ref().map(|l| l.channel.clone()) else {
                         continue;
                     };
-                    let channel = link.channel.clone();
                     let wanted = prefetch(&self.ctx);
                     let mut bound = Ok(());
                     if wanted != self.prefetch {
@@ -495,7 +497,6 @@ impl Source for RabbitSource {
                     if bound.is_ok() {
                         bound = self.bind(&channel).await;
                     }
-                    self.link = Some(link);
                     if let Err(e) = bound {
                         self.link = None;
                         return Err(e);
