@@ -174,6 +174,63 @@ impl RabbitQueues {
         let _ = connection.close(200, "done".into()).await;
     }
 
+    /// Publishes one message with `routing_key` and `properties`, confirmed.
+    pub async fn publish_with(
+        &self,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) {
+        let (connection, channel) = self.channel().await;
+        let confirm = channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                payload,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "not confirmed");
+        assert!(
+            confirm.take_message().is_none(),
+            "unroutable: {routing_key}"
+        );
+        let _ = connection.close(200, "done".into()).await;
+    }
+
+    /// A classic, non-durable queue of the test's own for replies (a requester's queue),
+    /// deleted again by [`Self::delete_queue`].
+    pub async fn declare_reply_queue(&self, queue: &str) {
+        let connection = self.connect().await;
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = connection.close(200, "declared".into()).await;
+    }
+
+    /// Deletes `queue`.
+    pub async fn delete_queue(&self, queue: &str) {
+        let connection = self.connect().await;
+        let channel = connection.create_channel().await.unwrap();
+        let _ = channel
+            .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+            .await;
+        let _ = connection.close(200, "deleted".into()).await;
+    }
+
     /// Every message of `queue`: properties and body, oldest first, left in the queue.
     pub async fn browse(&self, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
         let connection = self.connect().await;

@@ -3,7 +3,8 @@
 //! gateway. Every test uses its own queues and exchanges. The shared scenario suite runs
 //! first (on quorum queues, and the happy path on a classic one); then what is particular
 //! to RabbitMQ: replicas sharing a queue, order per routing key, topic-exchange patterns,
-//! AMQP headers, dead-letter provenance, a missing queue with `declare = false`.
+//! AMQP headers, dead-letter provenance, a missing queue with `declare = false`, replies
+//! to requests with `reply_to` (AMQP RPC).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +16,7 @@ use integration_tests::scenarios::{self, Fixture, eventually_async};
 use integration_tests::{
     FakeGateway, Process, Reply, eventually, free_addr, http_get, metric, unique, wait_http,
 };
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -373,4 +375,162 @@ async fn a_missing_queue_without_declare_stops_the_connector() {
         "{output}"
     );
     assert!(output.contains(&topic), "{output}");
+}
+
+// ---------------------------------------------------------------- replies (AMQP RPC)
+
+/// A request: `reply_to` and `correlation_id` set.
+fn request(reply_to: &str, correlation_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_reply_to(reply_to.into())
+        .with_correlation_id(correlation_id.into())
+}
+
+/// A header of an AMQP message as text.
+fn amqp_header(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// A request with `reply_to` and `correlation_id` gets exactly one reply: the function's
+/// body, the request's correlation id, the response's content type and status. The reply
+/// is confirmed before the request is acknowledged, so once it is acknowledged the reply
+/// is in the requester's queue.
+#[tokio::test]
+async fn a_request_gets_one_reply_with_the_functions_response() {
+    let fx = RabbitQueues::new();
+    let topic = unique("rpc");
+    fx.create_topic(&topic).await;
+    let replies = unique("rpc-replies");
+    fx.declare_reply_queue(&replies).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("rpc-fn", &topic, |req, _| {
+        let mut body = b"echo:".to_vec();
+        body.extend_from_slice(&req.body);
+        Reply::status(201)
+            .header("content-type", "application/json")
+            .body(&body)
+    });
+    let connector = Connector::start(&gw, "", &fx.source_config(&topic)).await;
+    fx.publish_with(&topic, b"ping", request(&replies, "corr-42"))
+        .await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            !gw.requests_to("rpc-fn").is_empty() && fx.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "the request was not delivered and acknowledged:\n{}",
+        connector.process.output()
+    );
+    let got = fx.browse(&replies).await;
+    assert_eq!(got.len(), 1, "exactly one reply");
+    let (props, body) = &got[0];
+    assert_eq!(body, b"echo:ping");
+    assert_eq!(
+        props.correlation_id().as_ref().map(|c| c.as_str()),
+        Some("corr-42")
+    );
+    assert_eq!(
+        props.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(
+        amqp_header(props, "X-Function-Status").as_deref(),
+        Some("201")
+    );
+    assert_eq!(amqp_header(props, "X-Function").as_deref(), Some("rpc-fn"));
+    assert_eq!(amqp_header(props, "x-connector-hops").as_deref(), Some("1"));
+    assert_eq!(props.reply_to(), &None, "a reply asks for no reply");
+    assert_eq!(gw.requests_to("rpc-fn").len(), 1);
+    let m = connector.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"connector_rabbitmq_replies_total{result="published"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    fx.delete_queue(&replies).await;
+}
+
+/// With `reply = false` a request is delivered and acknowledged, and nothing is replied.
+#[tokio::test]
+async fn replies_off_publish_nothing() {
+    let fx = RabbitQueues::new().with_extra_config("reply = false");
+    let topic = unique("rpc-off");
+    fx.create_topic(&topic).await;
+    let replies = unique("rpc-off-replies");
+    fx.declare_reply_queue(&replies).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("rpc-off-fn", &topic, |_, _| Reply::ok().body(b"pong"));
+    let connector = Connector::start(&gw, "", &fx.source_config(&topic)).await;
+    fx.publish_with(&topic, b"ping", request(&replies, "c-1"))
+        .await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            !gw.requests_to("rpc-off-fn").is_empty() && fx.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "the request was not delivered and acknowledged:\n{}",
+        connector.process.output()
+    );
+    assert!(
+        fx.browse(&replies).await.is_empty(),
+        "a reply with replies off"
+    );
+    let m = connector.metrics().await;
+    assert!(!m.contains("connector_rabbitmq_replies_total{"), "{m}");
+    fx.delete_queue(&replies).await;
+}
+
+/// A message without `reply_to` gets no reply; one whose `reply_to` no queue takes (the
+/// requester is gone) is acknowledged all the same, its reply counted as unroutable.
+#[tokio::test]
+async fn only_requests_with_a_reachable_reply_to_get_replies() {
+    let fx = RabbitQueues::new();
+    let topic = unique("rpc-mixed");
+    fx.create_topic(&topic).await;
+    let replies = unique("rpc-mixed-replies");
+    fx.declare_reply_queue(&replies).await;
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("rpc-mixed-fn", &topic, |req, _| Reply::ok().body(&req.body));
+    let connector = Connector::start(&gw, "", &fx.source_config(&topic)).await;
+    let plain = BasicProperties::default().with_correlation_id("no-reply-to".into());
+    fx.publish_with(&topic, b"plain", plain).await;
+    fx.publish_with(&topic, b"gone", request(&unique("nobody"), "c-gone"))
+        .await;
+    fx.publish_with(&topic, b"asked", request(&replies, "c-asked"))
+        .await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            gw.requests_to("rpc-mixed-fn").len() >= 3 && fx.unacknowledged(&topic).await == 0
+        })
+        .await,
+        "not all delivered and acknowledged:\n{}",
+        connector.process.output()
+    );
+    let got = fx.browse(&replies).await;
+    assert_eq!(got.len(), 1, "one reply, to the one request");
+    assert_eq!(got[0].1, b"asked");
+    let m = connector.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"connector_rabbitmq_replies_total{result="published"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"connector_rabbitmq_replies_total{result="unroutable"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    fx.delete_queue(&replies).await;
 }

@@ -90,6 +90,22 @@ pub struct RabbitConfig {
     /// when `declare` is on, and read by `replay`; `{queue}` is replaced by `queue`.
     /// Env `rabbitmq_dead_letter_queue`. (default: `"{queue}.dead-letter"`)
     pub dead_letter_queue: String,
+    /// Replies (the AMQP RPC pattern): a message with a `reply_to` property gets the
+    /// function's response published to `reply_to`, with the request's `correlation_id`,
+    /// the response's content type and the HTTP status in `X-Function-Status`, confirmed
+    /// by the broker before the request is acknowledged. Env `rabbitmq_reply`.
+    /// (default: `true`)
+    #[serde(with = "config::flag")]
+    pub reply: bool,
+    /// The exchange replies are published to, with `reply_to` as the routing key. Empty:
+    /// the default exchange, where `reply_to` names the requester's queue (or is
+    /// `amq.rabbitmq.reply-to`'s direct reply-to address). A named exchange must exist.
+    /// Env `rabbitmq_reply_exchange`. (default: `""`)
+    pub reply_exchange: String,
+    /// A request that has already made this many hops (its `x-connector-hops` header, one
+    /// more on each reply) gets no reply: a chain that turns replies back into requests
+    /// cannot loop forever. Env `rabbitmq_reply_max_hops`. (default: `4`)
+    pub reply_max_hops: u32,
     /// How long a message that failed for good and could not be dead-lettered stays
     /// unacknowledged before it is requeued (`basic.nack` with requeue) and delivered
     /// again. Env `rabbitmq_hold_delay`. (default: `"5s"`)
@@ -118,6 +134,9 @@ impl Default for RabbitConfig {
             exchange: "amq.topic".to_owned(),
             dead_letter_exchange: "faas.dead-letter".to_owned(),
             dead_letter_queue: "{queue}.dead-letter".to_owned(),
+            reply: true,
+            reply_exchange: String::new(),
+            reply_max_hops: 4,
             hold_delay: Duration::from_secs(5),
             metrics_interval: Duration::from_secs(5),
             command_timeout: Duration::from_secs(10),
@@ -161,6 +180,9 @@ pub const ENV: &[EnvVar] = &[
         "rabbitmq.dead_letter_exchange",
     ),
     EnvVar::new("rabbitmq_dead_letter_queue", "rabbitmq.dead_letter_queue"),
+    EnvVar::new("rabbitmq_reply", "rabbitmq.reply"),
+    EnvVar::new("rabbitmq_reply_exchange", "rabbitmq.reply_exchange"),
+    EnvVar::new("rabbitmq_reply_max_hops", "rabbitmq.reply_max_hops"),
     EnvVar::new("rabbitmq_hold_delay", "rabbitmq.hold_delay"),
     EnvVar::new("rabbitmq_command_timeout", "rabbitmq.command_timeout"),
 ];
@@ -210,6 +232,7 @@ impl Config {
             ("exchange", r.exchange.clone()),
             ("dead_letter_exchange", r.dead_letter_exchange.clone()),
             ("dead_letter_queue", r.dead_letter_queue()),
+            ("reply_exchange", r.reply_exchange.clone()),
         ] {
             if name.len() > MAX_NAME {
                 fail(key, format!("longer than {MAX_NAME} bytes"));
@@ -231,6 +254,12 @@ impl Config {
             fail(
                 "hold_delay",
                 "must be above zero (a held message would come straight back)".to_owned(),
+            );
+        }
+        if r.reply && r.reply_max_hops == 0 {
+            fail(
+                "reply_max_hops",
+                "must be above zero (no request could be answered; use reply = false)".to_owned(),
             );
         }
         if r.metrics_interval.is_zero() {
@@ -276,11 +305,15 @@ mod tests {
             )?;
             jail.set_env("rabbitmq_queue_type", "classic");
             jail.set_env("rabbitmq_password", "s3cret");
+            jail.set_env("rabbitmq_reply", "false");
+            jail.set_env("rabbitmq_reply_exchange", "rpc");
             let c = load(Some(Path::new("c.toml"))).unwrap();
             assert_eq!(c.connector.topics, ["orders.*"]);
             assert_eq!(c.rabbitmq.queue, "billing");
             assert_eq!(c.rabbitmq.queue_type, QueueType::Classic);
             assert_eq!(c.rabbitmq.hold_delay, Duration::from_secs(2));
+            assert!(!c.rabbitmq.reply);
+            assert_eq!(c.rabbitmq.reply_exchange, "rpc");
             assert_eq!(c.rabbitmq.dead_letter_queue(), "billing.dead-letter");
             let uri = c.rabbitmq.uri().unwrap();
             assert_eq!(uri.authority.userinfo.username, "u");
@@ -320,6 +353,7 @@ mod tests {
         c.rabbitmq.dead_letter_queue = "{queue}".into();
         c.rabbitmq.hold_delay = Duration::ZERO;
         c.rabbitmq.exchange = "x".repeat(300);
+        c.rabbitmq.reply_max_hops = 0;
         c.connector.topics = vec!["t".repeat(256)];
         let e = c.validate().unwrap_err().to_string();
         for key in [
@@ -327,6 +361,7 @@ mod tests {
             "rabbitmq.dead_letter_queue",
             "rabbitmq.hold_delay",
             "rabbitmq.exchange",
+            "rabbitmq.reply_max_hops",
             "connector.topics",
         ] {
             assert!(e.contains(key), "missing {key} in {e}");

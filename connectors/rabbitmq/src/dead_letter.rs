@@ -4,25 +4,20 @@
 //! before the original is acknowledged. A letter the broker cannot route (no queue bound)
 //! or does not confirm is an error: the dispatcher tries again and then holds the message.
 //!
-//! Publishing has a connection of its own, opened on first use and again after a failure:
-//! RabbitMQ blocks a publishing connection under memory pressure, and the consumer's acks
-//! must not wait behind it.
+//! Published through a [`ConfirmedPublisher`] of its own (connection `dead-letters`).
 
 use connector_sdk::{DeadLetter, DeadLetterError, DeadLetterSink};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::BasicProperties;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Connection};
-use tokio::sync::Mutex;
 
 use crate::config::RabbitConfig;
 use crate::delivery;
+use crate::publish::{ConfirmedPublisher, Published};
 
 /// The dead-letter exchange as a [`DeadLetterSink`].
 pub struct ExchangeDeadLetters {
-    config: RabbitConfig,
     exchange: ShortString,
-    /// The publishing connection and its confirm-mode channel, while they work.
-    link: Mutex<Option<(Connection, Channel)>>,
+    publisher: ConfirmedPublisher,
 }
 
 impl ExchangeDeadLetters {
@@ -31,35 +26,9 @@ impl ExchangeDeadLetters {
         let exchange = ShortString::try_new(config.dead_letter_exchange.clone())
             .map_err(|e| crate::Error::Setup(format!("dead_letter_exchange: {e}")))?;
         Ok(Self {
-            config: config.clone(),
             exchange,
-            link: Mutex::new(None),
+            publisher: ConfirmedPublisher::new(config, "dead-letters"),
         })
-    }
-
-    async fn channel(&self) -> Result<Channel, crate::Error> {
-        let mut link = self.link.lock().await;
-        if let Some((connection, channel)) = link.as_ref()
-            && connection.status().connected()
-            && channel.status().connected()
-        {
-            return Ok(channel.clone());
-        }
-        let connection = crate::connect(&self.config, "dead-letters").await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(crate::Error::Connect)?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(crate::Error::Connect)?;
-        *link = Some((connection, channel.clone()));
-        Ok(channel)
-    }
-
-    async fn forget(&self) {
-        self.link.lock().await.take();
     }
 }
 
@@ -93,53 +62,22 @@ impl DeadLetterSink for ExchangeDeadLetters {
         // replayed letter's topic.
         let key =
             ShortString::try_new(letter.message.topic.clone()).map_err(DeadLetterError::new)?;
-        let channel = self.channel().await.map_err(DeadLetterError::new)?;
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let published = async {
-            channel
-                .basic_publish(
-                    self.exchange.clone(),
-                    key.clone(),
-                    options,
-                    &letter.message.payload,
-                    properties(letter),
-                )
-                .await?
-                .await
-        };
-        let confirmation = match tokio::time::timeout(self.config.command_timeout, published).await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                self.forget().await;
-                return Err(DeadLetterError::new(format!(
-                    "publishing to {}: {e}",
-                    self.exchange
-                )));
-            }
-            Err(_) => {
-                self.forget().await;
-                return Err(DeadLetterError::new(format!(
-                    "{} did not confirm within {:?}",
-                    self.exchange, self.config.command_timeout
-                )));
-            }
-        };
-        if !confirmation.is_ack() {
-            return Err(DeadLetterError::new(format!(
-                "{} refused the dead letter (basic.nack)",
-                self.exchange
-            )));
-        }
-        if confirmation.take_message().is_some() {
-            return Err(DeadLetterError::new(format!(
+        let published = self
+            .publisher
+            .publish(
+                self.exchange.clone(),
+                key.clone(),
+                &letter.message.payload,
+                properties(letter),
+            )
+            .await
+            .map_err(|e| DeadLetterError::new(format!("{}: {e}", self.exchange)))?;
+        match published {
+            Published::Confirmed => Ok(()),
+            Published::Unroutable => Err(DeadLetterError::new(format!(
                 "no queue is bound to {} for routing key {key}: the dead letter would be lost",
                 self.exchange
-            )));
+            ))),
         }
-        Ok(())
     }
 }

@@ -8,6 +8,9 @@
 //!   count); topic-exchange pattern matching for the functions' `topic` annotations.
 //! - [`source`]: declare, bind, consume with prefetch, ack / requeue per disposition.
 //! - [`dead_letter`]: dead letters published to an exchange with publisher confirms.
+//! - [`reply`]: responses to requests with `reply_to` (AMQP RPC), confirmed before the
+//!   request is acknowledged.
+//! - [`publish`]: publishing with publisher confirms, for both.
 //! - [`replay`]: `rabbitmq-connector replay`: dead letters back to their functions.
 //! - [`metrics`]: queue depth (`connector_rabbitmq_queue_*`, the backlog).
 //!
@@ -19,7 +22,9 @@ pub mod config;
 pub mod dead_letter;
 pub mod delivery;
 pub mod metrics;
+pub mod publish;
 pub mod replay;
+pub mod reply;
 pub mod source;
 
 use std::sync::Arc;
@@ -122,16 +127,22 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
     } else {
         runtime = runtime.dead_letters(Arc::new(dead_letter::ExchangeDeadLetters::new(&r)?));
     }
+    let replies = if r.reply {
+        Some(Arc::new(reply::Replies::new(&r, metrics.clone())?))
+    } else {
+        None
+    };
     tracing::info!(
         queue = %r.queue,
         exchange = %r.exchange,
         queue_type = r.queue_type.as_str(),
+        reply = r.reply,
         source = %source_uri(&r),
         "rabbitmq-connector configured"
     );
     runtime
         .run(|ctx| async move {
-            let mut source = source::RabbitSource::new(ctx.clone(), r, metrics)
+            let mut source = source::RabbitSource::new(ctx.clone(), r, metrics, replies)
                 .map_err(connector_sdk::SourceError::fatal)?;
             source.connect().await?;
             pump(&ctx, source).await

@@ -5,7 +5,11 @@
 //! partition="ready"}`, what an autoscaler reads. Messages delivered and not yet
 //! acknowledged are `connector_inflight` in each replica.
 //!
-//! Labels: the queue (one per connector: a bounded set).
+//! `connector_rabbitmq_replies_total{result}` counts replies: `published` (confirmed),
+//! `unroutable` (confirmed, but no queue took it), `failed` (refused, not confirmed in
+//! time, or no connection: the request is held), `hop_limit` (not published).
+//!
+//! Labels: the queue (one per connector: a bounded set), the reply's result (four).
 
 use std::time::Duration;
 
@@ -14,6 +18,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -26,11 +31,19 @@ pub struct QueueLabels {
     pub queue: String,
 }
 
-/// `connector_rabbitmq_queue_*`.
+/// Labels of the reply counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `published`, `unroutable`, `failed` or `hop_limit`.
+    pub result: &'static str,
+}
+
+/// `connector_rabbitmq_queue_*` and `connector_rabbitmq_replies_total`.
 #[derive(Clone, Debug)]
 pub struct RabbitMetrics {
     ready: Family<QueueLabels, Gauge>,
     consumers: Family<QueueLabels, Gauge>,
+    replies: Family<ResultLabels, Counter>,
     sdk: Metrics,
 }
 
@@ -40,8 +53,16 @@ impl RabbitMetrics {
         let m = Self {
             ready: Family::default(),
             consumers: Family::default(),
+            replies: Family::default(),
             sdk,
         };
+        registry
+            .sub_registry_with_prefix("connector_rabbitmq")
+            .register(
+                "replies",
+                "Replies to requests with reply_to, by result",
+                m.replies.clone(),
+            );
         let r = registry.sub_registry_with_prefix("connector_rabbitmq_queue");
         r.register(
             "messages_ready",
@@ -54,6 +75,11 @@ impl RabbitMetrics {
             m.consumers.clone(),
         );
         m
+    }
+
+    /// One reply handled.
+    pub fn reply(&self, result: &'static str) {
+        self.replies.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Records one reading.

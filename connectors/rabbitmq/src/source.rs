@@ -1,9 +1,11 @@
 //! The queue consumer as a [`Source`]: declare, bind, consume, settle.
 //!
-//! On (re)connecting: a channel with `basic.qos` prefetch = what the dispatcher holds
-//! (`Dispatcher::message_window`: twice `max_inflight`, plus what the functions' batches
-//! hold; set again when the topic map changes it), so the broker never hands this process
-//! more unacknowledged messages than it may take in (the backpressure is the broker's); the queue (and the dead-letter exchange and queue)
+//! On (re)connecting: a channel with `basic.qos` prefetch = twice what the dispatcher
+//! holds (`Dispatcher::message_window`: twice `max_inflight`, plus what the functions'
+//! batches hold; set again when the topic map changes it): the dispatcher's share, and as
+//! much again for messages whose acks are on their way (see [`prefetch`]); so the broker
+//! never hands this process more unacknowledged messages than that (the backpressure is
+//! the broker's); the queue (and the dead-letter exchange and queue)
 //! declared when `declare` is on, else checked to exist; one binding of the queue to
 //! `exchange` per topic; then `basic.consume` with manual acks. Replicas consuming the
 //! same queue split its messages: the broker gives each message to one consumer.
@@ -12,7 +14,7 @@
 //!
 //! | disposition | AMQP |
 //! | --- | --- |
-//! | ack: delivered, dead-lettered (published and confirmed first), dropped, or no function | `basic.ack` |
+//! | ack: delivered, dead-lettered (published and confirmed first), dropped, or no function | `basic.ack`; a request with `reply_to` first gets its reply, published and confirmed (see [`crate::reply`]); a reply that fails holds the request instead |
 //! | release: cut short by shutdown | `basic.nack` with requeue, at once |
 //! | hold: failed for good and could not be dead-lettered | kept unacknowledged for `hold_delay`, then `basic.nack` with requeue |
 //!
@@ -50,18 +52,32 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, Channel, Connection, Consumer, ExchangeKind};
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
 
 use crate::config::{QueueType, RabbitConfig};
 use crate::delivery::{self, Envelope};
 use crate::metrics::RabbitMetrics;
+use crate::reply::{Replies, ReplyTo};
 
 /// What a live connection consumes through.
 struct Link {
     connection: Arc<Connection>,
     channel: Channel,
+    /// Which link this is: delivery tags are only valid on the channel they came from.
+    generation: u64,
     consumer: Consumer,
     /// Stops the queue-depth task with the link.
     _depth: DropGuard,
+}
+
+/// What settling one message needs: its acker, and where its reply goes when it is a
+/// request (`reply_to`) and replies are on.
+pub struct AckHandle {
+    acker: Acker,
+    /// The delivery tag, and the link it is valid on.
+    tag: u64,
+    generation: u64,
+    reply_to: Option<Box<ReplyTo>>,
 }
 
 /// A held message waiting out its delay before it is requeued.
@@ -74,6 +90,8 @@ pub struct RabbitSource {
     queue: ShortString,
     prefetch: u16,
     link: Option<Link>,
+    /// Counts the links opened.
+    generation: u64,
     /// Bindings this process made, to unbind those the topic map drops.
     bound: BTreeSet<String>,
     changes: TopicChanges,
@@ -82,6 +100,11 @@ pub struct RabbitSource {
     requeue_now: CancellationToken,
     metrics: RabbitMetrics,
     source: String,
+    /// Publishes replies, when they are on.
+    replies: Option<Arc<Replies>>,
+    /// Acknowledgements being sent, and replies being published (each then acknowledging
+    /// or holding its request): waited for on flush, before the channel closes.
+    settling: TaskTracker,
 }
 
 impl RabbitSource {
@@ -90,6 +113,7 @@ impl RabbitSource {
         ctx: SourceContext,
         config: RabbitConfig,
         metrics: RabbitMetrics,
+        replies: Option<Arc<Replies>>,
     ) -> Result<Self, crate::Error> {
         let queue = ShortString::try_new(config.queue.clone())
             .map_err(|e| crate::Error::Setup(format!("queue: {e}")))?;
@@ -101,12 +125,15 @@ impl RabbitSource {
             queue,
             prefetch,
             link: None,
+            generation: 0,
             bound: BTreeSet::new(),
             changes,
             waiting: FuturesUnordered::new(),
             requeue_now: CancellationToken::new(),
             metrics,
             ctx,
+            replies,
+            settling: TaskTracker::new(),
         })
     }
 
@@ -141,6 +168,7 @@ impl RabbitSource {
         self.step(channel.basic_qos(self.prefetch, BasicQosOptions::default()))
             .await?;
         self.declare(&channel).await?;
+        self.check_reply_exchange(&channel).await?;
         self.bound.clear();
         self.bind(&channel).await?;
         let consumer = self
@@ -160,9 +188,11 @@ impl RabbitSource {
             depth.clone(),
         ));
         tracing::info!(queue = %self.queue, prefetch = self.prefetch, "consuming");
+        self.generation += 1;
         Ok(Link {
             connection,
             channel,
+            generation: self.generation,
             consumer,
             _depth: depth.drop_guard(),
         })
@@ -226,6 +256,26 @@ impl RabbitSource {
             .await?;
         }
         Ok(())
+    }
+
+    /// A named reply exchange must exist (a passive declare): replies to a missing one
+    /// would fail, and hold every request, until someone declares it.
+    async fn check_reply_exchange(&self, channel: &Channel) -> Result<(), SourceError> {
+        let name = &self.config.reply_exchange;
+        if self.replies.is_none() || name.is_empty() {
+            return Ok(());
+        }
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        self.step(channel.exchange_declare(
+            short(name)?,
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        ))
+        .await
     }
 
     /// A durable topic exchange; the predeclared `amq.*` ones (which may not be declared)
@@ -292,7 +342,7 @@ impl RabbitSource {
         Ok(())
     }
 
-    fn message(&self, d: lapin::message::Delivery) -> (Message, Acker) {
+    fn message(&self, d: lapin::message::Delivery) -> (Message, AckHandle) {
         let envelope = Envelope {
             queue: self.queue.as_str(),
             exchange: d.exchange.as_str(),
@@ -300,8 +350,19 @@ impl RabbitSource {
             redelivered: d.redelivered,
             quorum: self.config.queue_type == QueueType::Quorum,
         };
+        let reply_to = self
+            .replies
+            .as_ref()
+            .and_then(|_| ReplyTo::from_request(d.routing_key.as_str(), &d.properties))
+            .map(Box::new);
         let message = delivery::message(&envelope, &d.properties, d.data, &self.source);
-        (message, d.acker)
+        let handle = AckHandle {
+            acker: d.acker,
+            tag: d.delivery_tag,
+            generation: self.generation,
+            reply_to,
+        };
+        (message, handle)
     }
 
     /// Keeps `acker`'s message for `delay`, then requeues it (at once on flush).
@@ -317,6 +378,40 @@ impl RabbitSource {
     }
 }
 
+/// Publishes the reply of a request that is to be acknowledged, on a task of its own (a
+/// confirmation is a round trip to the broker; settling other messages does not wait for
+/// it), then acknowledges the request; if the reply cannot be published, the request is
+/// held as an undeliverable message is: requeued after `hold_delay` (at once on flush).
+fn reply_then_ack(
+    settling: &TaskTracker,
+    replies: Arc<Replies>,
+    to: ReplyTo,
+    acker: Acker,
+    outcome: MessageOutcome,
+    hold_delay: Duration,
+    requeue_now: CancellationToken,
+) {
+    settling.spawn(async move {
+        match replies.send(&to, &outcome).await {
+            Ok(()) => {
+                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(error = %e, ce_id = %outcome.id, "acknowledging a replied request failed; it will be redelivered");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ce_id = %outcome.id, hold_delay = ?hold_delay, "reply not published: the request is held, then requeued");
+                tokio::select! {
+                    () = tokio::time::sleep(hold_delay) => {}
+                    () = requeue_now.cancelled() => {}
+                }
+                if let Err(e) = requeue(&acker).await {
+                    tracing::debug!(error = %e, "requeueing a held request failed");
+                }
+            }
+        }
+    });
+}
+
 /// What woke `pull`. Lives for one turn of the loop: its size does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Event {
@@ -325,9 +420,16 @@ enum Event {
     Delivery(Option<lapin::Result<lapin::message::Delivery>>),
 }
 
-/// The channel's prefetch: what the dispatcher can hold, at most AMQP's 65,535.
+/// The channel's prefetch: twice what the dispatcher can hold, at most AMQP's 65,535.
+/// A message keeps its place in the broker's window until the broker has processed its
+/// ack, well after the dispatcher let go of it: a quorum queue settles acks through its
+/// Raft log, milliseconds under load. With the window no larger than the dispatcher's,
+/// the acks on their way left the dispatcher short of messages (the bench consumed at
+/// half the plain consumer's rate); the second half covers them. What the broker may
+/// hand over beyond the dispatcher's room waits in the consumer's buffer: bounded.
 fn prefetch(ctx: &SourceContext) -> u16 {
-    u16::try_from(ctx.dispatcher.message_window().max(1)).unwrap_or(u16::MAX)
+    let window = ctx.dispatcher.message_window().max(1).saturating_mul(2);
+    u16::try_from(window).unwrap_or(u16::MAX)
 }
 
 async fn requeue(acker: &Acker) -> Result<(), SourceError> {
@@ -344,9 +446,9 @@ async fn requeue(acker: &Acker) -> Result<(), SourceError> {
 
 #[async_trait::async_trait]
 impl Source for RabbitSource {
-    type Ack = Acker;
+    type Ack = AckHandle;
 
-    async fn pull(&mut self) -> Result<Vec<(Message, Acker)>, SourceError> {
+    async fn pull(&mut self) -> Result<Vec<(Message, AckHandle)>, SourceError> {
         if self.link.is_none() {
             let link = self.open().await?;
             self.link = Some(link);
@@ -371,10 +473,12 @@ impl Source for RabbitSource {
                     }
                 }
                 Event::TopicsChanged => {
-                    let Some(link) = self.link.take() else {
+                    // The link stays in place: `pull` is dropped whenever a completion is
+                    // settled first, and a link taken out here would go with it (its
+                    // connection closed, its unacknowledged messages redelivered).
+                    let Some(channel) = self.link.as_ref().map(|l| l.channel.clone()) else {
                         continue;
                     };
-                    let channel = link.channel.clone();
                     let wanted = prefetch(&self.ctx);
                     let mut bound = Ok(());
                     if wanted != self.prefetch {
@@ -393,7 +497,6 @@ impl Source for RabbitSource {
                     if bound.is_ok() {
                         bound = self.bind(&channel).await;
                     }
-                    self.link = Some(link);
                     if let Err(e) = bound {
                         self.link = None;
                         return Err(e);
@@ -431,16 +534,50 @@ impl Source for RabbitSource {
 
     async fn settle(
         &mut self,
-        acker: Acker,
+        handle: AckHandle,
         disposition: Disposition,
-        _outcome: &MessageOutcome,
+        outcome: &MessageOutcome,
     ) -> Result<(), SourceError> {
+        let AckHandle {
+            acker,
+            reply_to,
+            tag,
+            generation,
+        } = handle;
         match disposition {
-            Disposition::Ack => acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map(|_| ())
-                .map_err(SourceError::transient),
+            Disposition::Ack => {
+                if let (Some(to), Some(replies)) = (reply_to, &self.replies) {
+                    reply_then_ack(
+                        &self.settling,
+                        replies.clone(),
+                        *to,
+                        acker,
+                        outcome.clone(),
+                        self.config.hold_delay,
+                        self.requeue_now.clone(),
+                    );
+                    return Ok(());
+                }
+                // Sent straight on the channel and not awaited: `Acker::ack` hands the ack
+                // to lapin's internal task, then to its I/O loop, and waiting for each in
+                // turn kept the pump from settling and pulling meanwhile (most of the
+                // connector's time went to those thread hand-offs). `basic_ack` queues its
+                // frame before its first await; what is left is waiting for the write,
+                // which nobody needs: frames of a channel go out in order, so the acks
+                // precede the close in `flush`. A tag is only valid on its own channel: a
+                // message of an earlier link went back to the queue when that one closed.
+                let Some(link) = self.link.as_ref().filter(|l| l.generation == generation) else {
+                    return Ok(());
+                };
+                if let Some(Err(e)) = link
+                    .channel
+                    .basic_ack(tag, BasicAckOptions::default())
+                    .now_or_never()
+                {
+                    return Err(SourceError::transient(e));
+                }
+                Ok(())
+            }
             Disposition::Release => requeue(&acker).await,
             Disposition::Hold => {
                 self.requeue_after(acker, self.config.hold_delay);
@@ -457,6 +594,10 @@ impl Source for RabbitSource {
 
     async fn flush(&mut self) -> Result<(), SourceError> {
         self.requeue_now.cancel();
+        // Acks and replies in flight (each reply within command_timeout) finish while the
+        // channel is still open.
+        self.settling.close();
+        self.settling.wait().await;
         while let Some(acker) = self.waiting.next().await {
             if let Err(e) = requeue(&acker).await {
                 tracing::debug!(error = %e, "requeueing a held message failed");
