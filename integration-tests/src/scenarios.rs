@@ -252,6 +252,18 @@ pub async fn dead_letter_on_4xx(fixture: &dyn Fixture) {
         connector.process.output()
     );
     assert!(eventually(WITHIN, || gw.requests_to("dlq-fn").len() >= 3).await);
+    // The connector says it acknowledged all three before the broker is asked: the MQTT
+    // fixture asks by taking over the connector's session, and a takeover between the
+    // dead letter and the acknowledgement has the broker deliver the message again (at
+    // least once, as it should), which would be dead-lettered a second time.
+    assert!(
+        eventually_async(WITHIN, || async {
+            acknowledged(connector.metrics_addr).await >= 3.0
+        })
+        .await,
+        "the connector did not acknowledge all three:\n{}",
+        connector.process.output()
+    );
     assert!(
         eventually_async(WITHIN, || async {
             fixture.unacknowledged(&topic).await == 0
@@ -266,6 +278,16 @@ pub async fn dead_letter_on_4xx(fixture: &dyn Fixture) {
         .filter(|r| r.body.starts_with(b"bad"))
         .count();
     assert_eq!(bad_attempts, 1, "a 4xx must not be retried");
+}
+
+/// Messages the connector at `metrics_addr` has acknowledged (its
+/// `connector_messages_total{outcome="ack"}`).
+async fn acknowledged(metrics_addr: SocketAddr) -> f64 {
+    let text = crate::http_get(metrics_addr, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    crate::metric(&text, r#"connector_messages_total{outcome="ack"}"#).unwrap_or(0.0)
 }
 
 /// SIGKILL mid-stream, then a restart: every message is delivered at least once.
