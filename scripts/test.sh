@@ -221,9 +221,14 @@ export RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export POSTGRES_URL=${POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 export MQTT_URL=${MQTT_URL:-tcp://127.0.0.1:1883}
 
+log "cargo build --workspace --bins --examples"
+# The end-to-end tests run every connector's binary and the examples. `cargo test` builds
+# the binaries only of packages with tests of their own, so a connector whose tests live
+# in integration-tests would otherwise run as an older build left in the target
+# directory. Built here once, with the workspace's features; the tests use these
+# instead of building each package again.
+cargo build --workspace --bins --examples
 log "cargo test --workspace"
-# cargo test builds every binary and example before running tests; the end-to-end tests
-# use those instead of building each package again with different features.
 export TEST_BINARIES_BUILT=1
 cargo test --workspace
 log "all tests passed"
