@@ -13,6 +13,12 @@
 //!   connector does not acknowledge on the new connection what it received on the one
 //!   taken over (the broker sends it again), so a count above zero is not asked again for
 //!   [`PROBE_PAUSE`]: asked every 100 ms, the takeovers alone would keep it above zero.
+//!   A takeover makes the broker send again what the connector settled but had not yet
+//!   acknowledged on the wire, which it would then deliver a second time (at least once,
+//!   as it should, but not what a scenario counts on): so the probe first waits, for up
+//!   to [`SETTLE_WITHIN`], until the connectors the scenario started hold nothing for
+//!   the session (`connector_backlog_messages{partition="held"}`, which counts a message
+//!   until its PUBACK is written).
 //! - dead letters are read from a session of the fixture's own (`dl-<topic>`), subscribed
 //!   to `dead/<topic>` by `create_topic`, ended by a marker in the same way; they are
 //!   acknowledged and kept in memory.
@@ -65,7 +71,12 @@ pub struct MqttTopics {
     letters: Mutex<BTreeMap<String, Vec<Received>>>,
     /// The last count above zero per topic, and when it was taken.
     probes: Mutex<BTreeMap<String, (Instant, u64)>>,
+    /// Metrics addresses of the connectors started with this fixture.
+    connectors: Mutex<Vec<std::net::SocketAddr>>,
 }
+
+/// How long a probe waits for the connectors to hold nothing (see the module docs).
+pub const SETTLE_WITHIN: Duration = Duration::from_secs(2);
 
 /// How long a count of unacknowledged messages above zero stands (see the module docs).
 pub const PROBE_PAUSE: Duration = Duration::from_secs(2);
@@ -91,6 +102,7 @@ impl MqttTopics {
             extra: String::new(),
             letters: Mutex::new(BTreeMap::new()),
             probes: Mutex::new(BTreeMap::new()),
+            connectors: Mutex::new(Vec::new()),
         }
     }
 
@@ -216,6 +228,22 @@ impl MqttTopics {
         read.ok().filter(|done| *done).map(|_| got)
     }
 
+    /// Whether no running connector holds a message of session `client_id`: received
+    /// and not yet acknowledged on the wire.
+    async fn settled(&self, client_id: &str) -> bool {
+        let series =
+            format!("connector_backlog_messages{{topic=\"{client_id}\",partition=\"held\"}}");
+        let connectors = self.connectors.lock().unwrap().clone();
+        for addr in connectors {
+            if let Some((_, text)) = crate::http_get(addr, "/metrics").await
+                && crate::metric(&text, &series).is_some_and(|held| held > 0.0)
+            {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Every dead letter of `topic` so far, with its properties. A letter that comes
     /// again with the same payload and properties (its `x-dead-letter-time` to the
     /// millisecond included) is the same QoS 1 publish delivered twice, which MQTT allows
@@ -313,6 +341,10 @@ impl Fixture for MqttTopics {
             .collect()
     }
 
+    fn started(&self, metrics_addr: std::net::SocketAddr) {
+        self.connectors.lock().unwrap().push(metrics_addr);
+    }
+
     /// Messages the broker sends the connector's session again; `u64::MAX` when the
     /// marker did not come back (more unacknowledged than the broker's window).
     async fn unacknowledged(&self, topic: &str) -> u64 {
@@ -321,6 +353,10 @@ impl Fixture for MqttTopics {
         {
             return *count;
         }
+        let client_id = Self::client_id(topic);
+        // Not settled within the time (messages held through an outage, say): the
+        // probe goes on, and the broker sends those again, as it would after the outage.
+        crate::scenarios::eventually_async(SETTLE_WITHIN, || self.settled(&client_id)).await;
         let marker = format!("mark/{topic}");
         let count = match self
             .read_session(&Self::client_id(topic), &marker, false)

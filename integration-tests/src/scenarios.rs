@@ -44,6 +44,10 @@ pub trait Fixture: Send + Sync {
     /// (Kafka lag, Redis pending plus unread, SQS visible plus in flight, JetStream
     /// pending plus ack pending).
     async fn unacknowledged(&self, topic: &str) -> u64;
+
+    /// Told of each connector a scenario started, with its metrics address, before the
+    /// scenario goes on.
+    fn started(&self, _metrics_addr: SocketAddr) {}
 }
 
 /// A connector started for one scenario.
@@ -115,6 +119,7 @@ max = "200ms"
         "connector not ready:\n{}",
         process.output()
     );
+    fixture.started(metrics_addr);
     Started {
         process,
         metrics_addr,

@@ -32,13 +32,10 @@ async fn mqtt_failure_then_success() {
     scenarios::failure_then_success(&MqttTopics::new()).await;
 }
 
-/// Ignored until the fixture stops taking over the connector's session to count what it
-/// has not acknowledged: under `cargo test` in CI (tests in parallel) the takeover lands
-/// between a dead letter and its PUBACK, the broker delivers the message again and it is
-/// dead-lettered twice (seen three times on 2026-12-07). Run it alone with `--ignored`;
-/// it passes there. See the session 9 note.
+/// The fixture's probe takes the connector's session over only once the connector holds
+/// nothing for it (PUBACKs written): a takeover between a dead letter and its PUBACK had
+/// the broker deliver the message again, dead-lettered twice under parallel load.
 #[tokio::test]
-#[ignore = "the MQTT fixture's session-takeover probe makes the broker redeliver under load; see the comment"]
 async fn mqtt_dead_letter_on_4xx() {
     scenarios::dead_letter_on_4xx(&MqttTopics::new()).await;
 }

@@ -44,12 +44,13 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Polls `events` in a task; `capacity` bounds the signals waiting.
-    pub fn spawn(events: Events, capacity: usize) -> Self {
+    /// Polls `events` in a task; `capacity` bounds the signals waiting; `acknowledged`
+    /// runs for each PUBACK written to the broker.
+    pub fn spawn(events: Events, capacity: usize, acknowledged: Acknowledged) -> Self {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let epoch = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(drive(events, tx, epoch.clone(), stop.clone()));
+        let task = tokio::spawn(drive(events, tx, epoch.clone(), stop.clone(), acknowledged));
         Self {
             rx,
             epoch,
@@ -74,11 +75,15 @@ impl Driver {
     }
 }
 
+/// Told of each PUBACK written to the broker.
+pub type Acknowledged = Box<dyn Fn() + Send + Sync>;
+
 async fn drive(
     mut events: Events,
     tx: mpsc::Sender<Signal>,
     epoch: Arc<AtomicU64>,
     stop: CancellationToken,
+    acknowledged: Acknowledged,
 ) {
     let mut failures = Backoff {
         initial: Duration::from_millis(200),
@@ -101,6 +106,10 @@ async fn drive(
             Ok(Event::Subscribed) => Signal::Subscribed,
             Ok(Event::Refused(why)) => Signal::Refused(why),
             Ok(Event::Disconnected) => return,
+            Ok(Event::Acknowledged) => {
+                acknowledged();
+                continue;
+            }
             Ok(_) => continue,
             Err(e) => {
                 epoch.fetch_add(1, Ordering::SeqCst);

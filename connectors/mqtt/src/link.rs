@@ -47,6 +47,8 @@ pub enum Event {
     Subscribed,
     /// A subscription was refused.
     Refused(String),
+    /// Our PUBACK of a received message went out.
+    Acknowledged,
     /// Our DISCONNECT went out.
     Disconnected,
     /// Anything else (pings, acknowledgements of unsubscribing).
@@ -195,6 +197,7 @@ macro_rules! event {
             }
             E::Incoming(P::SubAck(ack)) => Event::Refused(format!("{:?}", ack.return_codes)),
             E::Outgoing(Outgoing::Publish(pkid)) => Event::Published(pkid),
+            E::Outgoing(Outgoing::PubAck(_)) => Event::Acknowledged,
             E::Outgoing(Outgoing::Disconnect) => Event::Disconnected,
             _ => Event::Other,
         })

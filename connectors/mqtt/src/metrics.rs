@@ -1,7 +1,8 @@
 //! MQTT keeps no queue depth a client can read: a broker queues messages per session and
 //! says nothing of how many. The backlog this connector exports is what it holds itself:
 //! `connector_mqtt_held_messages`, messages received and not yet acknowledged (in flight,
-//! retrying, or held after a failure with nowhere to dead-letter them), also
+//! retrying, held after a failure with nowhere to dead-letter them, or settled with their
+//! PUBACK not yet written to the broker), also
 //! `connector_backlog_messages{topic=<client_id>, partition="held"}`; and
 //! `connector_mqtt_connected` (1 while connected). No labels but the client id.
 
@@ -30,7 +31,7 @@ impl MqttMetrics {
         let r = registry.sub_registry_with_prefix("connector_mqtt");
         r.register(
             "held_messages",
-            "Messages received and not yet acknowledged: in flight, retrying or held",
+            "Messages received and not yet acknowledged: in flight, retrying, held, or PUBACK unwritten",
             m.held.clone(),
         );
         r.register(

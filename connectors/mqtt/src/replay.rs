@@ -58,7 +58,7 @@ pub async fn run(
         })
         .await
         .map_err(|e| Error::Setup(format!("{}: {e}", m.broker)))?;
-    let driver = Driver::spawn(events, usize::from(window));
+    let driver = Driver::spawn(events, usize::from(window), Box::new(|| {}));
     // Again, harmlessly, in case the session expired since the connector made it.
     client
         .subscribe(std::slice::from_ref(&m.dead_letter_topic), 1, false)

@@ -89,7 +89,10 @@ impl MqttSource {
             source: crate::source_uri(&config),
             config,
             client,
-            driver: Some(Driver::spawn(events, usize::from(window))),
+            driver: Some(Driver::spawn(events, usize::from(window), {
+                let metrics = metrics.clone();
+                Box::new(move || metrics.held(-1))
+            })),
             unsent: VecDeque::new(),
             subscribed: BTreeSet::new(),
             changes,
@@ -182,6 +185,8 @@ impl MqttSource {
             pkid: p.pkid,
             qos: p.qos,
         };
+        // Held until its PUBACK is written (or, QoS 0, settled).
+        self.metrics.held(1);
         let dead_letter =
             !self.config.dead_letter_topic.is_empty() && p.topic == self.config.dead_letter_topic;
         if dead_letter || (p.retain && !self.config.retained) {
@@ -189,15 +194,17 @@ impl MqttSource {
             self.ack(handle);
             return;
         }
-        self.metrics.held(1);
         batch.push((crate::message::message(&p, &self.source), handle));
     }
 
-    /// Queues `h`'s PUBACK (QoS 1) after those still unsent.
+    /// Queues `h`'s PUBACK (QoS 1) after those still unsent. The message stays held
+    /// until the event loop writes the PUBACK.
     fn ack(&mut self, h: Handle) {
         if h.qos == 1 {
             self.unsent.push_back(h);
             self.send_acks();
+        } else {
+            self.metrics.held(-1);
         }
     }
 
@@ -206,7 +213,10 @@ impl MqttSource {
     fn send_acks(&mut self) {
         let Some(driver) = &self.driver else { return };
         while let Some(h) = self.unsent.front() {
-            if driver.current(h.epoch) && !self.client.try_ack(h.pkid) {
+            if !driver.current(h.epoch) {
+                // Its connection is gone: the broker sends the message again.
+                self.metrics.held(-1);
+            } else if !self.client.try_ack(h.pkid) {
                 return;
             }
             self.unsent.pop_front();
@@ -286,12 +296,12 @@ impl Source for MqttSource {
         disposition: Disposition,
         _outcome: &MessageOutcome,
     ) -> Result<(), SourceError> {
-        self.metrics.held(-1);
         match disposition {
             Disposition::Ack => self.ack(handle),
             // No negative acknowledgement in MQTT: the broker sends it again when the
             // session resumes.
             Disposition::Hold | Disposition::Release | Disposition::Retry { .. } => {
+                self.metrics.held(-1);
                 tracing::debug!(
                     pkid = handle.pkid,
                     disposition = disposition.as_str(),
