@@ -318,6 +318,72 @@ impl MessageOutcome {
     }
 }
 
+/// Header of a reply naming the function's HTTP status (`X-Function-Status`).
+pub const REPLY_STATUS_HEADER: &str = "X-Function-Status";
+/// Header of a reply naming the function that answered (`X-Function`).
+pub const REPLY_FUNCTION_HEADER: &str = "X-Function";
+
+/// The reply to a request (NATS request-reply, AMQP `reply_to`), whatever the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply<'a> {
+    /// The function's HTTP status, or what stood in for it: `404` (no function
+    /// subscribes), `503` (the connector is shutting down), `502` (no response).
+    pub status: String,
+    /// The function whose answer this is.
+    pub function: Option<&'a FunctionRef>,
+    /// The response's `Content-Type`.
+    pub content_type: Option<&'a str>,
+    /// The response body, or why there is none.
+    pub body: Bytes,
+}
+
+impl MessageOutcome {
+    /// The reply to a request on `topic` whose deliveries ended as this outcome: the
+    /// first delivered function's response, else the first response, else the first
+    /// delivery's error.
+    pub fn reply(&self, topic: &str) -> Reply<'_> {
+        let mut reply = Reply {
+            status: String::new(),
+            function: None,
+            content_type: None,
+            body: Bytes::new(),
+        };
+        if self.interrupted {
+            reply.status = "503".into();
+            reply.body = Bytes::from_static(b"the connector is shutting down");
+            return reply;
+        }
+        let chosen = self
+            .deliveries
+            .iter()
+            .find(|d| d.outcome == DeliveryOutcome::Delivered && d.response.is_some())
+            .or_else(|| self.deliveries.iter().find(|d| d.response.is_some()))
+            .or_else(|| self.deliveries.first());
+        let Some(delivery) = chosen else {
+            reply.status = "404".into();
+            reply.body = Bytes::from(format!("no function subscribes to {topic}"));
+            return reply;
+        };
+        reply.function = Some(&delivery.function);
+        match &delivery.response {
+            Some(response) => {
+                reply.status = response.status.as_str().to_owned();
+                reply.content_type = response
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                reply.body = response.body.clone();
+            }
+            None => {
+                let released = delivery.outcome == DeliveryOutcome::Released;
+                reply.status = if released { "503" } else { "502" }.into();
+                reply.body = Bytes::from(delivery.error.clone().unwrap_or_default());
+            }
+        }
+        reply
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,6 +432,63 @@ mod tests {
         );
         assert!(!retry(1).allows_ack());
         assert_eq!(retry(1).as_str(), "retry");
+    }
+
+    #[test]
+    fn a_reply_prefers_a_delivered_response() {
+        let outcome = |deliveries, interrupted| MessageOutcome {
+            id: "m".into(),
+            deliveries,
+            interrupted,
+            held_unmatched: false,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        let answered = |outcome, status: u16| DeliveryReport {
+            response: Some(Arc::new(InvocationResponse {
+                status: http::StatusCode::from_u16(status).unwrap_or_default(),
+                headers: headers.clone(),
+                body: Bytes::from_static(b"hi"),
+            })),
+            ..report(outcome)
+        };
+        let failed = outcome(vec![answered(DeliveryOutcome::DeadLettered, 422)], false);
+        let both = outcome(
+            vec![
+                answered(DeliveryOutcome::DeadLettered, 422),
+                answered(DeliveryOutcome::Delivered, 200),
+            ],
+            false,
+        );
+        let reply = both.reply("t");
+        assert_eq!(
+            (reply.status.as_str(), reply.content_type),
+            ("200", Some("text/plain"))
+        );
+        assert_eq!(failed.reply("t").status, "422");
+        let released = outcome(vec![report(DeliveryOutcome::Released)], false);
+        assert_eq!(released.reply("t").status, "503");
+        let error = DeliveryReport {
+            error: Some("timed out".into()),
+            ..report(DeliveryOutcome::DeadLettered)
+        };
+        let errored = outcome(vec![error], false);
+        let reply = errored.reply("t");
+        assert_eq!(
+            (reply.status.as_str(), &reply.body[..]),
+            ("502", &b"timed out"[..])
+        );
+        assert_eq!(reply.function.map(FunctionRef::as_str), Some("f"));
+        assert_eq!(outcome(Vec::new(), true).reply("t").status, "503");
+        let unmatched = outcome(Vec::new(), false);
+        let nobody = unmatched.reply("a.b");
+        assert_eq!(
+            (nobody.status.as_str(), &nobody.body[..]),
+            ("404", &b"no function subscribes to a.b"[..])
+        );
     }
 
     #[test]

@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use connector_sdk::message::DeliveryOutcome;
 use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceContext, SourceError};
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -27,10 +26,9 @@ use crate::connect::Connection;
 use crate::message;
 use crate::subscriptions::{Event, Subscriptions, spawn_until, wanted};
 
-/// The header carrying the function's HTTP status on a reply.
-pub const STATUS_HEADER: &str = "X-Function-Status";
-/// The header naming the function that answered.
-pub const FUNCTION_HEADER: &str = "X-Function";
+pub use connector_sdk::message::{
+    REPLY_FUNCTION_HEADER as FUNCTION_HEADER, REPLY_STATUS_HEADER as STATUS_HEADER,
+};
 
 /// Messages taken from the subscriptions per pull at most.
 const PULL_BATCH: usize = 64;
@@ -226,57 +224,19 @@ impl Source for CoreSource {
     }
 }
 
-/// The reply to a request on `subject` whose deliveries ended as `outcome`.
+/// The reply to a request on `subject` whose deliveries ended as `outcome`, as NATS
+/// headers and a body.
 pub fn reply_for(subject: &str, outcome: &MessageOutcome) -> (HeaderMap, Bytes) {
+    let reply = outcome.reply(subject);
     let mut headers = HeaderMap::new();
-    if outcome.interrupted {
-        headers.insert(STATUS_HEADER, "503");
-        return (
-            headers,
-            Bytes::from_static(b"the connector is shutting down"),
-        );
+    headers.insert(STATUS_HEADER, reply.status.as_str());
+    if let Some(function) = reply.function {
+        headers.insert(FUNCTION_HEADER, function.as_str());
     }
-    let chosen = outcome
-        .deliveries
-        .iter()
-        .find(|d| d.outcome == DeliveryOutcome::Delivered && d.response.is_some())
-        .or_else(|| outcome.deliveries.iter().find(|d| d.response.is_some()))
-        .or_else(|| outcome.deliveries.first());
-    let Some(delivery) = chosen else {
-        headers.insert(STATUS_HEADER, "404");
-        return (
-            headers,
-            Bytes::from(format!("no function subscribes to {subject}")),
-        );
-    };
-    headers.insert(FUNCTION_HEADER, delivery.function.as_str());
-    match &delivery.response {
-        Some(response) => {
-            headers.insert(STATUS_HEADER, response.status.as_str());
-            if let Some(ct) = response
-                .headers
-                .get(http_content_type())
-                .and_then(|v| v.to_str().ok())
-            {
-                headers.insert("Content-Type", ct);
-            }
-            (headers, response.body.clone())
-        }
-        None => {
-            let status = if delivery.outcome == DeliveryOutcome::Released {
-                "503"
-            } else {
-                "502"
-            };
-            headers.insert(STATUS_HEADER, status);
-            let error = delivery.error.clone().unwrap_or_default();
-            (headers, Bytes::from(error))
-        }
+    if let Some(ct) = reply.content_type {
+        headers.insert("Content-Type", ct);
     }
-}
-
-fn http_content_type() -> &'static str {
-    "content-type"
+    (headers, reply.body)
 }
 
 #[cfg(test)]

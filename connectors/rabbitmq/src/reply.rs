@@ -30,7 +30,6 @@
 
 use bytes::Bytes;
 use connector_sdk::MessageOutcome;
-use connector_sdk::message::DeliveryOutcome;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
@@ -39,10 +38,9 @@ use crate::delivery;
 use crate::metrics::RabbitMetrics;
 use crate::publish::{ConfirmedPublisher, PublishError, Published};
 
-/// The header carrying the function's HTTP status on a reply (as nats-connector's).
-pub const STATUS_HEADER: &str = "X-Function-Status";
-/// The header naming the function that answered.
-pub const FUNCTION_HEADER: &str = "X-Function";
+pub use connector_sdk::message::{
+    REPLY_FUNCTION_HEADER as FUNCTION_HEADER, REPLY_STATUS_HEADER as STATUS_HEADER,
+};
 /// The hop count (as kafka-connector's).
 pub const HOPS_HEADER: &str = "x-connector-hops";
 
@@ -162,15 +160,10 @@ impl Replies {
     }
 }
 
-/// The reply to a request whose deliveries ended as `outcome`: the first delivered
-/// function's response, else the first response, else the first delivery's error.
+/// The reply to a request whose deliveries ended as `outcome` (see
+/// [`MessageOutcome::reply`]), as AMQP properties and a body.
 pub fn reply_for(to: &ReplyTo, outcome: &MessageOutcome) -> (BasicProperties, Bytes) {
-    let chosen = outcome
-        .deliveries
-        .iter()
-        .find(|d| d.outcome == DeliveryOutcome::Delivered && d.response.is_some())
-        .or_else(|| outcome.deliveries.iter().find(|d| d.response.is_some()))
-        .or_else(|| outcome.deliveries.first());
+    let reply = outcome.reply(&to.topic);
     let mut headers = FieldTable::default();
     let mut header = |name: &str, value: &str| {
         headers.insert(
@@ -179,31 +172,14 @@ pub fn reply_for(to: &ReplyTo, outcome: &MessageOutcome) -> (BasicProperties, By
         );
     };
     header(HOPS_HEADER, &to.hops.saturating_add(1).to_string());
-    let mut content_type = None;
-    let body = match chosen {
-        None => {
-            header(STATUS_HEADER, "404");
-            Bytes::from(format!("no function subscribes to {}", to.topic))
-        }
-        Some(delivery) => {
-            header(FUNCTION_HEADER, delivery.function.as_str());
-            match &delivery.response {
-                Some(response) => {
-                    header(STATUS_HEADER, response.status.as_str());
-                    content_type = response
-                        .headers
-                        .get(http::header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| ShortString::try_new(v).ok());
-                    response.body.clone()
-                }
-                None => {
-                    header(STATUS_HEADER, "502");
-                    Bytes::from(delivery.error.clone().unwrap_or_default())
-                }
-            }
-        }
-    };
+    header(STATUS_HEADER, &reply.status);
+    if let Some(function) = reply.function {
+        header(FUNCTION_HEADER, function.as_str());
+    }
+    let content_type = reply
+        .content_type
+        .and_then(|v| ShortString::try_new(v).ok());
+    let body = reply.body;
     let mut properties = BasicProperties::default()
         .with_delivery_mode(if to.persistent { 2 } else { 1 })
         .with_headers(headers);
@@ -222,6 +198,7 @@ mod tests {
     use std::sync::Arc;
 
     use connector_sdk::FunctionRef;
+    use connector_sdk::message::DeliveryOutcome;
     use connector_sdk::message::{DeliveryReport, InvocationResponse};
 
     use super::*;
