@@ -129,12 +129,10 @@ impl Inner {
             ce_id = %message.id,
         );
         let report = async {
+            let policy = self.delivery_policy(&function);
             // A function that takes batches: its delivery holds one of the batcher's
             // places, not an in-flight one (its batch takes that when it is sent).
-            let batcher = self
-                .may_batch()
-                .then(|| self.batcher_of(&function))
-                .flatten();
+            let batcher = policy.batcher.clone();
             let _permit = match (batcher, permit) {
                 (Some(batcher), permit) => {
                     drop(permit);
@@ -167,7 +165,7 @@ impl Inner {
                 message: &message,
                 function: &function,
             };
-            let report = self.attempts(delivery).await;
+            let report = self.attempts(delivery, &policy).await;
             self.metrics.inflight().dec();
             report
         }
@@ -217,14 +215,17 @@ impl Inner {
     /// function's concurrency limit, and waits the backoff between attempts outside it:
     /// a delivery waiting to retry does not keep another message of the function from
     /// running.
-    async fn attempts(&self, delivery: Delivery<'_>) -> DeliveryReport {
+    async fn attempts(
+        &self,
+        delivery: Delivery<'_>,
+        policy: &DeliveryPolicy<'_>,
+    ) -> DeliveryReport {
         let Delivery {
             cancel,
             message,
             function,
         } = delivery;
-        let policy = self.delivery_policy(function);
-        if let Some(report) = self.screen(delivery, &policy).await {
+        if let Some(report) = self.screen(delivery, policy).await {
             return report;
         }
         let mut tally = Tally {
@@ -248,10 +249,10 @@ impl Inner {
             }
             tally.attempt = tally.attempt.saturating_add(1);
             tally.local += 1;
-            let Some(tried) = self.attempt(delivery, &policy, tally.attempt).await else {
+            let Some(tried) = self.attempt(delivery, policy, tally.attempt).await else {
                 return released(function, tally.local);
             };
-            let delay = match self.act_on(delivery, &policy, &mut tally, &tried).await {
+            let delay = match self.act_on(delivery, policy, &mut tally, &tried).await {
                 Then::End(outcome) => return tried.report(function, outcome, tally.local),
                 Then::RetryIn(delay) => delay,
             };
@@ -427,12 +428,7 @@ impl Inner {
 
     /// `function`'s batcher, if it takes batches.
     pub(super) fn batcher_of(&self, function: &FunctionRef) -> Option<Arc<Batcher>> {
-        let overrides = self.topics.policy_for(function);
-        let own = overrides.as_deref();
-        let settings = self.policy.batch.settings(own.map(|o| &o.batch))?;
-        let timeout = own.and_then(|o| o.timeout);
-        let limiter = own.and_then(|o| self.limiter(function, o));
-        self.batcher(function, settings, timeout, limiter.as_ref())
+        self.delivery_policy(function).batcher
     }
 
     /// `function`'s batcher for `settings`, `timeout` and `limiter`; made (or remade,
