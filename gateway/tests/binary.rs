@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,8 +14,6 @@ use common::binary::start_binary;
 use common::wait_for;
 use futures::StreamExt;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let path = dir.join("gateway.toml");
