@@ -222,7 +222,11 @@ async fn contract(runtime: Runtime) {
             .await
             .unwrap();
         assert!(response.status().is_success(), "{}", response.status());
-        assert_eq!(replicas(&client, &gw, "scaled").await.0, got, "asked {asked}");
+        assert_eq!(
+            replicas(&client, &gw, "scaled").await.0,
+            got,
+            "asked {asked}"
+        );
     }
     wait_replicas(&client, &gw, "scaled", (0, 0)).await;
     let response = client

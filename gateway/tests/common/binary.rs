@@ -96,4 +96,3 @@ impl Running {
         self.child.kill().await.unwrap();
     }
 }
-

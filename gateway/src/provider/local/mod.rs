@@ -248,9 +248,7 @@ impl LocalProvider {
             // A worker never holds more than `max_inflight`: a target above it would never
             // be reached, so the function would never scale.
             if let Some(slots) = spec.max_inflight {
-                scaling.target = scaling
-                    .target
-                    .min(u64::try_from(slots).unwrap_or(u64::MAX));
+                scaling.target = scaling.target.min(u64::try_from(slots).unwrap_or(u64::MAX));
             }
             Workers::start(
                 Arc::new(Scaler::new(

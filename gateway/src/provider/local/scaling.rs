@@ -426,7 +426,11 @@ mod tests {
         let s = scaler(1, 3, None);
         assert_eq!(s.desired(), 1);
         let load: Vec<InFlight> = (0..5).map(|_| s.begin()).collect();
-        assert_eq!(s.autoscale(), Some(3), "5 in flight / target 2, capped at 3");
+        assert_eq!(
+            s.autoscale(),
+            Some(3),
+            "5 in flight / target 2, capped at 3"
+        );
         let more: Vec<InFlight> = (0..20).map(|_| s.begin()).collect();
         assert_eq!(s.autoscale(), None, "never beyond max");
         assert_eq!(s.desired(), 3);
@@ -453,7 +457,11 @@ mod tests {
         tokio::time::advance(Duration::from_secs(20)).await;
         assert_eq!(s.autoscale(), None);
         let burst: Vec<InFlight> = (0..7).map(|_| s.begin()).collect();
-        assert_eq!(s.autoscale(), None, "7 / 2 needs 4: the pending scale-down is off");
+        assert_eq!(
+            s.autoscale(),
+            None,
+            "7 / 2 needs 4: the pending scale-down is off"
+        );
         drop(burst);
         s.autoscale();
         assert_eq!(s.autoscale(), None, "low again from here");
@@ -511,7 +519,11 @@ mod tests {
         let held: Vec<WorkerSlot> = (0..2).map(|_| pool.acquire().unwrap()).collect();
         assert_eq!(s.autoscale(), None, "full, but nobody was refused");
         assert!(pool.acquire().is_err());
-        assert_eq!(s.autoscale(), Some(2), "a refusal is demand beyond the full worker");
+        assert_eq!(
+            s.autoscale(),
+            Some(2),
+            "a refusal is demand beyond the full worker"
+        );
         pool.resize();
         drop(held);
     }
