@@ -130,15 +130,17 @@ pub struct ProviderSection {
     /// How often ready replicas are health-checked. (default: `"2s"`)
     #[serde(with = "duration")]
     pub health_interval: Duration,
-    /// Idle time after which an `http` function with `com.openfaas.scale.zero=true` or
+    /// Idle time after which a function with `com.openfaas.scale.zero=true` or
     /// `com.openfaas.scale.min=0` is scaled to zero; the label
     /// `com.openfaas.scale.zero-duration` overrides it. (default: `"5m"`)
     #[serde(with = "duration")]
     pub scale_to_zero_after: Duration,
-    /// How often the autoscaler compares in-flight requests to the target. (default: `"1s"`)
+    /// How often the autoscaler compares in-flight requests to the target, in every
+    /// runtime. (default: `"1s"`)
     #[serde(with = "duration")]
     pub autoscale_interval: Duration,
-    /// How long the load must stay low before replicas are removed. (default: `"30s"`)
+    /// How long the load must stay low before replicas are removed (adding is
+    /// immediate). (default: `"30s"`)
     #[serde(with = "duration")]
     pub scale_down_after: Duration,
     /// Log lines kept per function for `/system/logs`. (default: `1000`)

@@ -37,6 +37,17 @@ impl FunctionRef {
         })
     }
 
+    /// Reads the `NAME[.NAMESPACE]` of an invocation path (`/function/...`,
+    /// `/async-function/...`) as [`Self::parse`] does, except that an empty name
+    /// (`/function/.openfaas-fn`) names no function: 404, as a missing function gets.
+    pub fn parse_invoked(raw: &str, default_ns: &str) -> Result<Self, Error> {
+        let name = raw.rsplit_once('.').map_or(raw, |(name, _)| name);
+        if name.is_empty() {
+            return Err(Error::FunctionNotFound(raw.to_owned()));
+        }
+        Self::parse(raw, None, default_ns)
+    }
+
     /// The `name.namespace` form used in metric labels and messages.
     pub fn qualified(&self) -> String {
         format!("{}.{}", self.name, self.namespace)
@@ -129,6 +140,30 @@ mod tests {
             assert!(FunctionRef::parse(bad, None, NS).is_err(), "{bad:?}");
         }
         assert!(FunctionRef::parse("ok", Some("../x"), NS).is_err());
+    }
+
+    #[test]
+    fn an_invoked_empty_name_is_a_missing_function() {
+        for empty in ["", ".openfaas-fn", ".x"] {
+            assert!(
+                matches!(
+                    FunctionRef::parse_invoked(empty, NS),
+                    Err(Error::FunctionNotFound(_))
+                ),
+                "{empty:?}"
+            );
+        }
+        for bad in ["..", "a..b", "a/b"] {
+            assert!(
+                matches!(
+                    FunctionRef::parse_invoked(bad, NS),
+                    Err(Error::BadRequest(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let r = FunctionRef::parse_invoked("figlet.dev", NS).unwrap();
+        assert_eq!((r.name.as_str(), r.namespace.as_str()), ("figlet", "dev"));
     }
 
     #[test]

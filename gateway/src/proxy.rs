@@ -168,7 +168,7 @@ pub async fn function_route(State(state): State<Arc<AppState>>, request: Request
             .into_response();
     };
     let name = percent_decode(raw_name);
-    let function = match FunctionRef::parse(&name, None, &state.namespace) {
+    let function = match FunctionRef::parse_invoked(&name, &state.namespace) {
         Ok(f) => f,
         Err(e) => return e.into_response(),
     };

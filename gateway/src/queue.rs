@@ -109,7 +109,7 @@ async fn accept(
     let raw_path = parts.uri.path().to_owned();
     let (raw_name, sub_path) = split_function_path(&raw_path, "/async-function/")
         .ok_or_else(|| Error::BadRequest("Provide function name in the request path".into()))?;
-    let function = FunctionRef::parse(&percent_decode(raw_name), None, &state.namespace)?;
+    let function = FunctionRef::parse_invoked(&percent_decode(raw_name), &state.namespace)?;
     let limit = state.async_max_body_bytes;
     let declared = parts
         .headers

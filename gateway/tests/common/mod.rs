@@ -2,6 +2,8 @@
 //! a socket, bounded polling.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod binary;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -8,12 +8,11 @@
 //! 2xx, and only ready replicas get requests; `availableReplicas` counts them. A replica
 //! whose process exits is replaced, after a backoff if it died young.
 //!
-//! `desired` moves three ways: `/system/scale-function` sets it (0 allowed); the
-//! autoscaler, every `autoscale_interval`, raises it to `ceil(peak in-flight / target)`
-//! (up to `com.openfaas.scale.max`) at once and lowers it only after the load has stayed
-//! lower for `scale_down_after`; and an idle function with scale-to-zero enabled drops to
-//! 0. A request that finds no ready replica sets `desired` back to `max(min, 1)` when it
-//! was 0 and waits, up to `ready_timeout`, for one to be ready: scale from zero.
+//! `desired` is the function's [`Scaler`]'s, the policy every runtime shares (see
+//! [`super::scaling`]): `/system/scale-function` sets it, the autoscaler follows the load
+//! between `com.openfaas.scale.min` and `max`, an idle function with scale-to-zero enabled
+//! drops to 0. A request that finds no ready replica sets `desired` back to `max(min, 1)`
+//! when it was 0 and waits, up to `ready_timeout`, for one to be ready: scale from zero.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::logs::LogBook;
+use super::scaling::{InFlight, Scaler};
 use super::spec::FunctionSpec;
 use crate::error::Error;
 use crate::provider::{Deadline, Invocation, Upstream, UpstreamClient, forward};
@@ -61,12 +61,9 @@ struct Inner {
     logs: Arc<LogBook>,
     client: UpstreamClient,
     settings: HttpSettings,
-    desired: AtomicU64,
+    scaler: Arc<Scaler>,
     replicas: Mutex<Vec<Arc<Replica>>>,
     ready: watch::Sender<usize>,
-    inflight: AtomicUsize,
-    peak: AtomicUsize,
-    last_used: Mutex<Instant>,
     failures: AtomicU64,
     rotation: AtomicUsize,
     next_id: AtomicU64,
@@ -98,17 +95,19 @@ impl HttpRuntime {
         cancel: CancellationToken,
     ) -> Self {
         let (ready, _) = watch::channel(0);
+        let scaler = Arc::new(Scaler::new(
+            spec.scaling,
+            settings.scale_down_after,
+            Arc::clone(&logs),
+        ));
         let inner = Arc::new(Inner {
-            desired: AtomicU64::new(spec.scaling.min),
             spec,
             logs,
             client,
             settings,
+            scaler,
             replicas: Mutex::new(Vec::new()),
             ready,
-            inflight: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
-            last_used: Mutex::new(Instant::now()),
             failures: AtomicU64::new(0),
             rotation: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
@@ -125,7 +124,7 @@ impl HttpRuntime {
 
     /// Desired replicas.
     pub fn replicas(&self) -> u64 {
-        self.inner.desired.load(Ordering::SeqCst)
+        self.inner.scaler.desired()
     }
 
     /// Ready replicas.
@@ -146,21 +145,16 @@ impl HttpRuntime {
 
     /// Sets desired replicas, capped at the function's maximum.
     pub fn scale(&self, replicas: u64) {
-        let replicas = replicas.min(self.inner.spec.scaling.max);
-        self.inner.desired.store(replicas, Ordering::SeqCst);
-        self.inner.wake.notify_one();
+        self.inner.scaler.set(replicas);
     }
 
     /// Sends `invocation` to the least busy ready replica, scaling from zero if needed.
     pub async fn invoke(&self, invocation: Invocation) -> Result<Response<Body>, Error> {
         let inner = &self.inner;
-        *inner
-            .last_used
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        inner.scaler.touch();
         let replica = inner.pick().await?;
         let upstream = replica.upstream.clone();
-        let guard = InflightGuard::new(Arc::clone(inner), replica);
+        let guard = InflightGuard::new(&inner.scaler, replica);
         let deadline = Deadline::new(inner.settings.upstream_timeout, inner.spec.exec_timeout);
         // The request counts as in flight until its body has been streamed out: the
         // guard goes with the body.
@@ -181,29 +175,25 @@ impl Drop for HttpRuntime {
     }
 }
 
+/// A request in flight on a replica, counted there and by the function's scaler.
 struct InflightGuard {
-    inner: Arc<Inner>,
     replica: Arc<Replica>,
+    _load: InFlight,
 }
 
 impl InflightGuard {
-    fn new(inner: Arc<Inner>, replica: Arc<Replica>) -> Self {
+    fn new(scaler: &Arc<Scaler>, replica: Arc<Replica>) -> Self {
         replica.inflight.fetch_add(1, Ordering::SeqCst);
-        let now = inner.inflight.fetch_add(1, Ordering::SeqCst) + 1;
-        inner.peak.fetch_max(now, Ordering::SeqCst);
-        Self { inner, replica }
+        Self {
+            replica,
+            _load: scaler.begin(),
+        }
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.replica.inflight.fetch_sub(1, Ordering::SeqCst);
-        self.inner.inflight.fetch_sub(1, Ordering::SeqCst);
-        *self
-            .inner
-            .last_used
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
     }
 }
 
@@ -240,18 +230,7 @@ impl Inner {
         let wait_until = tokio::time::Instant::now() + self.settings.ready_timeout;
         let mut ready = self.ready.subscribe();
         loop {
-            if self.desired.load(Ordering::SeqCst) == 0 {
-                let to = self.spec.scaling.min.max(1);
-                if self
-                    .desired
-                    .compare_exchange(0, to, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    self.logs
-                        .write("gateway", &format!("Scaling from zero to {to} replica(s)"));
-                }
-                self.wake.notify_one();
-            }
+            self.scaler.wake_from_zero();
             let waited = tokio::select! {
                 r = tokio::time::timeout_at(wait_until, ready.wait_for(|n| *n > 0)) => r,
                 () = self.cancel.cancelled() => {
@@ -289,14 +268,16 @@ impl Inner {
     }
 
     async fn reconcile_loop(self: Arc<Self>) {
-        let mut low_since: Option<Instant> = None;
         let mut tick = tokio::time::interval(self.settings.autoscale_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => break,
                 () = self.wake.notified() => {}
-                _ = tick.tick() => self.autoscale(&mut low_since),
+                () = self.scaler.changed().notified() => {}
+                _ = tick.tick() => {
+                    self.scaler.autoscale();
+                }
             }
             self.reconcile();
         }
@@ -307,63 +288,8 @@ impl Inner {
         self.publish_ready();
     }
 
-    fn autoscale(&self, low_since: &mut Option<Instant>) {
-        let scaling = self.spec.scaling;
-        let desired = self.desired.load(Ordering::SeqCst);
-        let current = self.inflight.load(Ordering::SeqCst);
-        let peak = self.peak.swap(current, Ordering::SeqCst).max(current);
-        if desired == 0 {
-            return;
-        }
-        let now = Instant::now();
-        if let Some(after) = scaling.zero_after {
-            let idle = now.duration_since(
-                *self
-                    .last_used
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
-            if current == 0 && idle >= after {
-                self.desired.store(0, Ordering::SeqCst);
-                self.logs.write(
-                    "gateway",
-                    &format!(
-                        "Scaling to zero after {} idle",
-                        humantime::format_duration(after)
-                    ),
-                );
-                *low_since = None;
-                return;
-            }
-        }
-        let peak = u64::try_from(peak).unwrap_or(u64::MAX);
-        let needed = peak
-            .div_ceil(scaling.target)
-            .clamp(scaling.min.max(1), scaling.max);
-        if needed > desired {
-            self.desired.store(needed, Ordering::SeqCst);
-            self.logs.write(
-                "gateway",
-                &format!("Scaling up from {desired} to {needed} replicas ({peak} in flight)"),
-            );
-            *low_since = None;
-        } else if needed < desired {
-            let since = *low_since.get_or_insert(now);
-            if now.duration_since(since) >= self.settings.scale_down_after {
-                self.desired.store(needed, Ordering::SeqCst);
-                self.logs.write(
-                    "gateway",
-                    &format!("Scaling down from {desired} to {needed} replicas"),
-                );
-                *low_since = None;
-            }
-        } else {
-            *low_since = None;
-        }
-    }
-
     fn reconcile(self: &Arc<Self>) {
-        let want = usize::try_from(self.desired.load(Ordering::SeqCst)).unwrap_or(usize::MAX);
+        let want = usize::try_from(self.scaler.desired()).unwrap_or(usize::MAX);
         let mut started = Vec::new();
         {
             let mut replicas = self.replicas();

@@ -5,12 +5,12 @@
 pub mod http;
 pub mod logs;
 pub mod process;
+pub mod scaling;
 pub mod spec;
 pub mod store;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use self::http::{HttpRuntime, HttpSettings};
 use self::logs::LogBook;
 use self::process::ProcessRuntime;
+use self::scaling::{Scaler, Workers};
 use self::spec::FunctionSpec;
 use self::store::{Store, StoredFunction};
 use super::{
@@ -69,33 +70,39 @@ struct Deployed {
     runtime: Runtime,
 }
 
+/// A function's runtime. Every one scales on the same policy ([`scaling::Scaler`]); what a
+/// replica is differs: a server process (`http`), a watchdog worker admitting
+/// `max_inflight` requests at once (`process`), or a lane of `max_inflight` concurrent
+/// requests to the backend (`url`: the service's own instances are not ours to count,
+/// so a replica is the gateway's share of its concurrency).
 #[derive(Debug)]
 enum Runtime {
     Process {
         runtime: ProcessRuntime,
-        /// Scaling a `process` function only changes what is reported; the next request
-        /// brings it back to 1.
-        replicas: AtomicU64,
+        workers: Workers,
     },
     Http(HttpRuntime),
-    Url(Upstream),
+    Url {
+        upstream: Upstream,
+        workers: Workers,
+    },
 }
 
 impl Deployed {
     fn replicas(&self) -> (u64, u64) {
         match &self.runtime {
-            Runtime::Process { replicas, .. } => {
-                let n = replicas.load(Ordering::SeqCst);
-                (n, n.min(1))
+            Runtime::Process { workers, .. } | Runtime::Url { workers, .. } => {
+                (workers.replicas(), workers.available())
             }
             Runtime::Http(rt) => (rt.replicas(), rt.available()),
-            Runtime::Url(_) => (1, 1),
         }
     }
 
     async fn stop(&self) {
-        if let Runtime::Http(rt) = &self.runtime {
-            rt.stop().await;
+        match &self.runtime {
+            Runtime::Http(rt) => rt.stop().await,
+            // Their scaling loops end; requests in flight finish on their own.
+            Runtime::Process { workers, .. } | Runtime::Url { workers, .. } => workers.stop(),
         }
     }
 
@@ -236,6 +243,24 @@ impl LocalProvider {
             }
         }
         let logs = logs.unwrap_or_else(|| LogBook::new(function, self.settings.provider.log_lines));
+        let workers = || {
+            let mut scaling = spec.scaling;
+            // A worker never holds more than `max_inflight`: a target above it would never
+            // be reached, so the function would never scale.
+            if let Some(slots) = spec.max_inflight {
+                scaling.target = scaling.target.min(u64::try_from(slots).unwrap_or(u64::MAX));
+            }
+            Workers::start(
+                Arc::new(Scaler::new(
+                    scaling,
+                    self.settings.provider.scale_down_after,
+                    Arc::clone(&logs),
+                )),
+                spec.max_inflight,
+                self.settings.provider.autoscale_interval,
+                self.cancel.child_token(),
+            )
+        };
         let runtime = match spec.runtime {
             RuntimeKind::Process => Runtime::Process {
                 runtime: ProcessRuntime::new(
@@ -243,7 +268,7 @@ impl LocalProvider {
                     Arc::clone(&logs),
                     self.settings.upstream_timeout,
                 ),
-                replicas: AtomicU64::new(1),
+                workers: workers(),
             },
             RuntimeKind::Http => Runtime::Http(HttpRuntime::start(
                 Arc::clone(&spec),
@@ -259,9 +284,10 @@ impl LocalProvider {
                 },
                 self.cancel.child_token(),
             )),
-            RuntimeKind::Url => {
-                Runtime::Url(Upstream::parse(spec.url.as_deref().unwrap_or_default())?)
-            }
+            RuntimeKind::Url => Runtime::Url {
+                upstream: Upstream::parse(spec.url.as_deref().unwrap_or_default())?,
+                workers: workers(),
+            },
         };
         Ok(Deployed {
             deployment,
@@ -444,9 +470,10 @@ impl Provider for LocalProvider {
             .lookup(function)
             .ok_or_else(|| Error::SystemFunctionNotFound(format!("{function}")))?;
         match &deployed.runtime {
-            Runtime::Process { replicas: r, .. } => r.store(replicas.min(1), Ordering::SeqCst),
+            Runtime::Process { workers, .. } | Runtime::Url { workers, .. } => {
+                workers.scale(replicas);
+            }
             Runtime::Http(rt) => rt.scale(replicas),
-            Runtime::Url(_) => {}
         }
         Ok(())
     }
@@ -549,15 +576,17 @@ impl Provider for LocalProvider {
             .lookup(function)
             .ok_or_else(|| Error::FunctionNotFound(function.qualified()))?;
         match &deployed.runtime {
-            Runtime::Process { runtime, replicas } => {
-                replicas.store(1, Ordering::SeqCst);
+            Runtime::Process { runtime, workers } => {
+                let _slot = workers.acquire()?;
                 runtime.invoke(invocation).await
             }
             Runtime::Http(rt) => rt.invoke(invocation).await,
-            Runtime::Url(upstream) => {
+            Runtime::Url { upstream, workers } => {
+                let slot = workers.acquire()?;
                 let deadline =
                     Deadline::new(self.settings.upstream_timeout, deployed.spec.exec_timeout);
-                forward(&self.client, upstream, None, invocation, deadline, ()).await
+                // The slot goes with the response body: the request holds it until streamed.
+                forward(&self.client, upstream, None, invocation, deadline, slot).await
             }
         }
     }

@@ -2,7 +2,11 @@
 //! The body goes to stdin, stdout is the response, request headers arrive as `Http_*`
 //! variables. A non-zero exit is 500 with the output; passing `exec_timeout` kills the
 //! process and answers 504 (passing the gateway's `upstream_timeout` first: 502, as for
-//! every runtime); more than `max_inflight` at once answers 429.
+//! every runtime).
+//!
+//! Replicas: each replica is a watchdog worker admitting `max_inflight` requests at once
+//! (a [`super::scaling::WorkerPool`] owned by the provider, which calls [`ProcessRuntime::invoke`]
+//! with a slot held); with every worker full the answer is 429.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -14,7 +18,6 @@ use futures::StreamExt;
 use http::{HeaderValue, Response, StatusCode, header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
-use tokio::sync::Semaphore;
 
 use super::logs::LogBook;
 use super::spec::FunctionSpec;
@@ -26,9 +29,6 @@ use crate::provider::{Deadline, Invocation};
 pub struct ProcessRuntime {
     spec: Arc<FunctionSpec>,
     logs: Arc<LogBook>,
-    /// `max_inflight` as the watchdog applies it: excess requests are refused at once
-    /// rather than queued, so a slow function cannot pile up processes.
-    inflight: Option<Arc<Semaphore>>,
     /// The function's `exec_timeout` (504 when passed) or the gateway's
     /// `upstream_timeout` (502), whichever is shorter.
     deadline: Deadline,
@@ -38,29 +38,16 @@ impl ProcessRuntime {
     /// A runtime for `spec`; `default_timeout` applies when the function sets no
     /// `exec_timeout`.
     pub fn new(spec: Arc<FunctionSpec>, logs: Arc<LogBook>, default_timeout: Duration) -> Self {
-        let inflight = spec.max_inflight.map(|n| Arc::new(Semaphore::new(n)));
         let deadline = Deadline::new(default_timeout, spec.exec_timeout);
         Self {
             spec,
             logs,
-            inflight,
             deadline,
         }
     }
 
-    /// Runs the command once for `invocation`.
+    /// Runs the command once for `invocation` (admission is the caller's: a worker slot).
     pub async fn invoke(&self, invocation: Invocation) -> Result<Response<Body>, Error> {
-        let _permit = match &self.inflight {
-            Some(sem) => match Arc::clone(sem).try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    return Err(Error::TooManyRequests(
-                        self.spec.max_inflight.unwrap_or_default(),
-                    ));
-                }
-            },
-            None => None,
-        };
         let started = Instant::now();
         let request_type = invocation.headers.get(header::CONTENT_TYPE).cloned();
         let mut command = self.command(&invocation)?;

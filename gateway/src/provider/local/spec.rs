@@ -57,7 +57,7 @@ pub struct FunctionSpec {
     pub scaling: Scaling,
 }
 
-/// The scaling labels of an `http` function.
+/// The scaling labels, read for every runtime (see [`super::scaling`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scaling {
     /// Least replicas while the function is in use.

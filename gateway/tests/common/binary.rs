@@ -1,0 +1,98 @@
+//! The real `gateway` binary, started on a config file, its log collected.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::wait_for;
+
+/// A running gateway binary; killed when dropped.
+pub struct Running {
+    pub child: Child,
+    pub addr: String,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub async fn start_binary(config: &Path) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    let stderr = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            sink.lock().unwrap().push(strip_ansi(&line));
+        }
+    });
+    let addr = wait_for(Duration::from_secs(30), "the gateway to listen", || {
+        let lines = Arc::clone(&lines);
+        async move {
+            let lines = lines.lock().unwrap();
+            lines.iter().find_map(|l| {
+                let at = l.find("gateway listening")?;
+                let rest = &l[at..];
+                let addr = rest.split("addr=").nth(1)?.split_whitespace().next()?;
+                Some(addr.to_owned())
+            })
+        }
+    })
+    .await;
+    Running { child, addr, lines }
+}
+
+impl Running {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the gateway stops within 30s of SIGTERM")
+            .unwrap()
+    }
+
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
