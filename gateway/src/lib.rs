@@ -8,6 +8,7 @@
 //! | [`queue`] | `/async-function/*`: embedded (on disk by default, or in memory) or JetStream queue, retries, callbacks |
 //! | [`provider`] | the [`provider::Provider`] trait; `local` (processes) and `external` (a faas-provider) |
 //! | [`supervisor`] | `[[connectors]]` run as child processes |
+//! | [`backlog`] | `/system/backlog`: connectors' backlog reports, summed per function for the provider |
 //! | [`metrics`] | OpenFaaS's metric names on the metrics port (with `/healthz`, `/readyz`) |
 //! | [`error`] | the one error type, rendered as OpenFaaS's status codes and bodies |
 //!
@@ -15,6 +16,7 @@
 //! the listeners and starts everything; [`Gateway::stop`] takes it down in order.
 
 pub mod api;
+pub mod backlog;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -70,6 +72,8 @@ pub struct AppState {
     /// Cancelled when the gateway starts to stop: `/readyz` turns 503 and followed log
     /// streams end, so they do not hold the shutdown.
     pub draining: CancellationToken,
+    /// The connectors' latest backlog reports.
+    pub backlogs: Arc<backlog::BacklogReports>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -161,6 +165,7 @@ fn routes(state: Arc<AppState>) -> Router {
                 .delete(api::delete_secret),
         )
         .route("/system/logs", get(api::logs))
+        .route("/system/backlog", post(backlog::report))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::require_auth,
@@ -348,6 +353,7 @@ pub async fn build_state(
         async_max_body_bytes: config.queue.max_body_bytes,
         children,
         draining: CancellationToken::new(),
+        backlogs: Arc::default(),
     };
     let worker = Arc::new(Worker::new(state.clone(), &config.queue, client));
     let queue: Arc<dyn Queue> = match &config.queue.nats_url {
@@ -439,6 +445,7 @@ impl Gateway {
         let servers = CancellationToken::new();
         let server_tasks = TaskTracker::new();
         server_tasks.spawn(serve(api_listener, app(state.clone()), servers.clone()));
+        server_tasks.spawn(backlog::expire_loop(state.clone(), servers.clone()));
         server_tasks.spawn(serve(
             metrics_listener,
             metrics_router(state.clone()),

@@ -20,10 +20,15 @@ use crate::provider::local::http::terminate;
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// The variables every connector gets (its own `env` overrides them): `gateway_url`
-/// pointing at this gateway and, when `/system/*` needs basic auth, the credentials in the
-/// connector-sdk's names (the same files, or `gateway_username`/`gateway_password`).
+/// pointing at this gateway, `report_backlog` on (so the local provider scales functions
+/// on the messages waiting for them, see [`crate::backlog`]) and, when `/system/*` needs
+/// basic auth, the credentials in the connector-sdk's names (the same files, or
+/// `gateway_username`/`gateway_password`).
 pub fn connector_env(gateway_url: &str, gateway: &GatewaySection) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::from([("gateway_url".to_owned(), gateway_url.to_owned())]);
+    let mut env = BTreeMap::from([
+        ("gateway_url".to_owned(), gateway_url.to_owned()),
+        ("report_backlog".to_owned(), "true".to_owned()),
+    ]);
     if gateway.basic_auth {
         env.insert("basic_auth".to_owned(), "true".to_owned());
         match (&gateway.username, &gateway.password) {
@@ -170,8 +175,9 @@ mod tests {
     fn connectors_get_the_gateway_and_its_credentials() {
         let mut gateway = GatewaySection::default();
         let env = connector_env("http://127.0.0.1:8080", &gateway);
-        assert_eq!(env.len(), 1);
+        assert_eq!(env.len(), 2);
         assert_eq!(env["gateway_url"], "http://127.0.0.1:8080");
+        assert_eq!(env["report_backlog"], "true");
         gateway.basic_auth = true;
         let env = connector_env("http://gw", &gateway);
         assert_eq!(env["basic_auth"], "true");

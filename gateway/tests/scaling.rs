@@ -302,3 +302,56 @@ async fn an_empty_function_name_is_a_missing_function() {
     assert_eq!(body, "error finding function .openfaas-fn: not found");
     gw.stop().await;
 }
+
+/// `POST /system/backlog`: messages waiting for a function scaled to zero give it a
+/// replica before any invocation, a backlog per replica above `connector.scale.target`
+/// scales it out to max, and once nothing waits it goes back to zero.
+#[tokio::test]
+async fn a_reported_backlog_wakes_and_scales_a_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path()).await;
+    let client = reqwest::Client::new();
+    let mut deployment = Runtime::Http.deployment(
+        "lazy",
+        json!({
+            "com.openfaas.scale.min": "0",
+            "com.openfaas.scale.max": "3",
+            "com.openfaas.scale.zero-duration": "1s",
+        }),
+    );
+    deployment["annotations"]["connector.scale.target"] = json!("5");
+    deploy(&client, &gw, deployment).await;
+    assert_eq!(replicas(&client, &gw, "lazy").await, (0, 0));
+    let report = |functions: Value| {
+        client
+            .post(gw.url("/system/backlog"))
+            .json(&json!({"source": "test", "functions": functions}))
+            .send()
+    };
+    let response = report(json!({"lazy": 0, "not-deployed": 4})).await.unwrap();
+    assert_eq!(response.status(), 204, "an unknown function is skipped");
+    assert_eq!(
+        replicas(&client, &gw, "lazy").await,
+        (0, 0),
+        "nothing waits"
+    );
+    report(json!({"lazy.openfaas-fn": 2})).await.unwrap();
+    assert_eq!(
+        replicas(&client, &gw, "lazy").await.0,
+        1,
+        "a waiting message wakes it at once"
+    );
+    wait_replicas(&client, &gw, "lazy", (1, 1)).await;
+    report(json!({"lazy": 12})).await.unwrap();
+    wait_replicas(&client, &gw, "lazy", (3, 3)).await;
+    report(json!({"lazy": 0})).await.unwrap();
+    wait_replicas(&client, &gw, "lazy", (0, 0)).await;
+    let response = client
+        .post(gw.url("/system/backlog"))
+        .body("{\"functions\": 3}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    gw.stop().await;
+}

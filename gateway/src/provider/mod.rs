@@ -72,6 +72,12 @@ pub trait Provider: Send + Sync + 'static {
     async fn delete(&self, function: &FunctionRef) -> Result<(), Error>;
     /// `POST /system/scale-function/{name}`; 0 is allowed.
     async fn scale(&self, function: &FunctionRef, replicas: u64) -> Result<(), Error>;
+    /// Messages waiting for `function`, summed over the connectors that report it
+    /// (`POST /system/backlog`). The local provider scales on it; a provider that
+    /// scales by other means (KEDA on the connectors' own scaler) ignores it.
+    async fn set_backlog(&self, _function: &FunctionRef, _messages: u64) -> Result<(), Error> {
+        Ok(())
+    }
     /// `GET /system/namespaces`.
     async fn namespaces(&self) -> Result<Vec<String>, Error>;
     /// The provider part of `/system/info`.

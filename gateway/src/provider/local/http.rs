@@ -148,6 +148,11 @@ impl HttpRuntime {
         self.inner.scaler.set(replicas);
     }
 
+    /// The function's scaler.
+    pub fn scaler(&self) -> &Arc<Scaler> {
+        &self.inner.scaler
+    }
+
     /// Sends `invocation` to the least busy ready replica, scaling from zero if needed.
     pub async fn invoke(&self, invocation: Invocation) -> Result<Response<Body>, Error> {
         let inner = &self.inner;

@@ -478,6 +478,19 @@ impl Provider for LocalProvider {
         Ok(())
     }
 
+    async fn set_backlog(&self, function: &FunctionRef, messages: u64) -> Result<(), Error> {
+        let deployed = self
+            .lookup(function)
+            .ok_or_else(|| Error::SystemFunctionNotFound(format!("{function}")))?;
+        match &deployed.runtime {
+            Runtime::Process { workers, .. } | Runtime::Url { workers, .. } => {
+                workers.set_backlog(messages);
+            }
+            Runtime::Http(rt) => rt.scaler().set_backlog(messages),
+        }
+        Ok(())
+    }
+
     async fn namespaces(&self) -> Result<Vec<String>, Error> {
         Ok(vec![self.settings.namespace.clone()])
     }

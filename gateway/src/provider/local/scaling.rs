@@ -17,6 +17,14 @@
 //! request for its idle time goes to 0; the next request sets it back to `max(min, 1)`
 //! ([`Scaler::wake_from_zero`]). `/system/scale-function` sets the count directly
 //! ([`Scaler::set`], capped at `max`); the autoscaler moves it again once load says so.
+//!
+//! Events waiting count as load too. Connectors report each function's backlog (messages
+//! waiting for it: broker lag plus what they hold) to the gateway (`POST
+//! /system/backlog`), which hands the sum to [`Scaler::set_backlog`]: a function at zero
+//! gets `max(min, 1)` replicas at once when a message waits for it, not when the first
+//! invocation arrives; `needed` is also at least `ceil(backlog / connector.scale.target)`,
+//! so a growing backlog scales the function out to `max`; and a function with a backlog
+//! is never idle.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -41,6 +49,8 @@ pub struct Scaler {
     /// Most requests in flight at once since the last decision.
     peak: AtomicUsize,
     last_used: Mutex<Instant>,
+    /// Messages waiting for the function, as the connectors last reported.
+    backlog: AtomicU64,
     /// When the load first fell below the desired count (scale-down pending).
     low_since: Mutex<Option<Instant>>,
     changed: Notify,
@@ -57,6 +67,7 @@ impl Scaler {
             inflight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
+            backlog: AtomicU64::new(0),
             low_since: Mutex::new(None),
             changed: Notify::new(),
         }
@@ -96,6 +107,22 @@ impl Scaler {
             self.changed.notify_one();
         }
         woke
+    }
+
+    /// Messages waiting for the function now (the connectors' sum). A backlog wakes a
+    /// function at zero at once and keeps it from going idle; the next
+    /// [`autoscale`](Self::autoscale) scales it out as far as the backlog calls for.
+    pub fn set_backlog(&self, messages: u64) {
+        self.backlog.store(messages, Ordering::SeqCst);
+        if messages > 0 {
+            self.touch();
+            self.wake_from_zero();
+        }
+    }
+
+    /// The last reported backlog.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::SeqCst)
     }
 
     /// Counts a request in flight until the returned guard is dropped.
@@ -156,7 +183,7 @@ impl Scaler {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner),
             );
-            if current == 0 && idle >= after {
+            if current == 0 && self.backlog() == 0 && idle >= after {
                 self.logs.write(
                     "gateway",
                     &format!(
@@ -170,13 +197,17 @@ impl Scaler {
             }
         }
         let peak = u64::try_from(peak).unwrap_or(u64::MAX);
+        let backlog = self.backlog();
         let needed = peak
             .div_ceil(scaling.target)
+            .max(backlog.div_ceil(scaling.backlog_target))
             .clamp(scaling.min.max(1), scaling.max);
         if needed > desired {
             self.logs.write(
                 "gateway",
-                &format!("Scaling up from {desired} to {needed} replicas ({peak} in flight)"),
+                &format!(
+                    "Scaling up from {desired} to {needed} replicas ({peak} in flight, {backlog} waiting)"
+                ),
             );
             *low_since = None;
             self.store(needed);
@@ -379,6 +410,12 @@ impl Workers {
         self.pool.resize();
     }
 
+    /// Messages waiting for the function (see [`Scaler::set_backlog`]).
+    pub fn set_backlog(&self, messages: u64) {
+        self.pool.scaler().set_backlog(messages);
+        self.pool.resize();
+    }
+
     /// Ends the scaling loop.
     pub fn stop(&self) {
         self.cancel.cancel();
@@ -415,6 +452,7 @@ mod tests {
                 max,
                 target: 2,
                 zero_after,
+                backlog_target: 10,
             },
             Duration::from_secs(30),
             logs,
@@ -498,6 +536,32 @@ mod tests {
         assert_eq!(s.autoscale(), None);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(s.autoscale(), Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_wakes_from_zero_scales_out_and_keeps_the_function_busy() {
+        // Backlog target 10 per replica, max 4, idle after 60 s.
+        let s = scaler(0, 4, Some(Duration::from_secs(60)));
+        assert_eq!(s.desired(), 0);
+        s.set_backlog(0);
+        assert_eq!(s.desired(), 0, "nothing waits: stays at zero");
+        s.set_backlog(3);
+        assert_eq!(s.desired(), 1, "a waiting message wakes it at once");
+        s.set_backlog(35);
+        assert_eq!(
+            s.autoscale(),
+            Some(4),
+            "35 waiting / 10 per replica, capped at 4"
+        );
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert_eq!(s.autoscale(), None, "a function with a backlog is not idle");
+        s.set_backlog(12);
+        assert_eq!(s.autoscale(), None, "lower: the scale-down waits");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(s.autoscale(), Some(2), "12 / 10 needs 2");
+        s.set_backlog(0);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(s.autoscale(), Some(0), "idle once nothing waits");
     }
 
     #[tokio::test(start_paused = true)]

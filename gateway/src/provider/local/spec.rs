@@ -23,6 +23,11 @@ pub const SCALE_TARGET: &str = "com.openfaas.scale.target";
 pub const SCALE_ZERO: &str = "com.openfaas.scale.zero";
 /// Label: idle time before scaling to zero (`15m`).
 pub const SCALE_ZERO_DURATION: &str = "com.openfaas.scale.zero-duration";
+/// Annotation (or label): messages waiting per replica to aim for, when connectors report
+/// the function's backlog; the name the connectors' KEDA scaler reads.
+pub const BACKLOG_TARGET: &str = "connector.scale.target";
+/// Backlog per replica when the function does not say.
+pub const DEFAULT_BACKLOG_TARGET: u64 = 10;
 
 /// Variables passed from the gateway's own environment to functions; everything else
 /// (credentials in particular) is withheld.
@@ -68,6 +73,8 @@ pub struct Scaling {
     pub target: u64,
     /// Idle time before scaling to zero, when enabled.
     pub zero_after: Option<Duration>,
+    /// Messages waiting per replica to aim for (`connector.scale.target`).
+    pub backlog_target: u64,
 }
 
 impl FunctionSpec {
@@ -155,7 +162,7 @@ impl FunctionSpec {
             }
             None => None,
         };
-        let scaling = Scaling::from_labels(&labels, zero_after)?;
+        let scaling = Scaling::from_labels(&labels, &annotations, zero_after)?;
         let labels: StringMap = labels
             .into_iter()
             .filter(|(key, _)| valid_env_name(key))
@@ -200,15 +207,28 @@ fn valid_env_name(name: &str) -> bool {
 }
 
 impl Scaling {
-    fn from_labels(labels: &StringMap, default_zero_after: Duration) -> Result<Self, Error> {
-        let number = |key: &str, default: u64| -> Result<u64, Error> {
-            match labels.get(key) {
-                Some(text) => text.trim().parse().map_err(|_| {
-                    Error::BadRequest(format!("label {key}={text:?} is not a whole number"))
-                }),
-                None => Ok(default),
-            }
+    fn from_labels(
+        labels: &StringMap,
+        annotations: &StringMap,
+        default_zero_after: Duration,
+    ) -> Result<Self, Error> {
+        let number_in = |map: &StringMap, kind: &str, key: &str| -> Result<Option<u64>, Error> {
+            map.get(key)
+                .map(|text| {
+                    text.trim().parse().map_err(|_| {
+                        Error::BadRequest(format!("{kind} {key}={text:?} is not a whole number"))
+                    })
+                })
+                .transpose()
         };
+        let number = |key: &str, default: u64| -> Result<u64, Error> {
+            Ok(number_in(labels, "label", key)?.unwrap_or(default))
+        };
+        let backlog_target = match number_in(annotations, "annotation", BACKLOG_TARGET)? {
+            Some(n) => n,
+            None => number(BACKLOG_TARGET, DEFAULT_BACKLOG_TARGET)?,
+        }
+        .max(1);
         let min = number(SCALE_MIN, 1)?;
         let max = number(SCALE_MAX, 5)?.max(1);
         let target = number(SCALE_TARGET, 50)?.max(1);
@@ -243,6 +263,7 @@ impl Scaling {
             max,
             target,
             zero_after: zero_enabled.then_some(zero_after),
+            backlog_target,
         })
     }
 }
@@ -289,9 +310,13 @@ mod tests {
                 min: 0,
                 max: 3,
                 target: 4,
-                zero_after: Some(Duration::from_secs(300))
+                zero_after: Some(Duration::from_secs(300)),
+                backlog_target: DEFAULT_BACKLOG_TARGET,
             }
         );
+        let s = deploy(r#"{"service":"f","image":"i","envProcess":"x","annotations":{"connector.scale.target":"25"}}"#).unwrap();
+        assert_eq!(s.scaling.backlog_target, 25);
+        assert!(deploy(r#"{"service":"f","image":"i","envProcess":"x","annotations":{"connector.scale.target":"lots"}}"#).is_err());
         assert!(deploy(r#"{"service":"f","image":"i","envProcess":"x","labels":{"com.openfaas.scale.min":"two"}}"#).is_err());
         assert!(deploy(r#"{"service":"f","image":"i","envProcess":"x","labels":{"com.openfaas.scale.min":"4","com.openfaas.scale.max":"2"}}"#).is_err());
     }
