@@ -1141,11 +1141,18 @@ fn keda_overlay_scales_a_function_through_every_broker_connector() {
                 other => panic!("{what}: unexpected path {other}"),
             }
         }
-        assert!(addr.is_some() && addr == port, "{what}: scaler_addr {addr:?}, containerPort {port:?}");
+        assert!(
+            addr.is_some() && addr == port,
+            "{what}: scaler_addr {addr:?}, containerPort {port:?}"
+        );
         ports.insert(target, port.unwrap());
     }
     let brokers: BTreeSet<String> = broker_connectors().map(str::to_owned).collect();
-    assert_eq!(ports.keys().cloned().collect::<BTreeSet<_>>(), brokers, "a patch per broker connector");
+    assert_eq!(
+        ports.keys().cloned().collect::<BTreeSet<_>>(),
+        brokers,
+        "a patch per broker connector"
+    );
 
     // A Service per broker connector, on its scaler port.
     let mut services = BTreeMap::new();
@@ -1153,14 +1160,18 @@ fn keda_overlay_scales_a_function_through_every_broker_connector() {
         check_schema::<Service>(&doc, DIR);
         let name = str_of(&doc["metadata"]["name"]);
         assert_eq!(doc["metadata"]["namespace"], "openfaas", "{name}");
-        assert_eq!(doc["spec"]["selector"]["app.kubernetes.io/name"], name.as_str());
+        assert_eq!(
+            doc["spec"]["selector"]["app.kubernetes.io/name"],
+            name.as_str()
+        );
         let port = &doc["spec"]["ports"][0];
         assert_eq!(port["targetPort"], "scaler", "{name}");
-        services.insert(
-            format!("{name}.openfaas:{}", port["port"]),
-            name.clone(),
+        services.insert(format!("{name}.openfaas:{}", port["port"]), name.clone());
+        assert_eq!(
+            port["port"].as_u64().map(|p| p as u16),
+            ports.get(&name).copied(),
+            "{name}"
         );
-        assert_eq!(port["port"].as_u64().map(|p| p as u16), ports.get(&name).copied(), "{name}");
     }
 
     // A ScaledObject per broker connector, pointing at its Service and naming a function.
@@ -1180,13 +1191,21 @@ fn keda_overlay_scales_a_function_through_every_broker_connector() {
         let meta = &trigger["metadata"];
         let connector = services
             .get(&str_of(&meta["scalerAddress"]))
-            .unwrap_or_else(|| panic!("{name}: scalerAddress {} is no Service", meta["scalerAddress"]));
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name}: scalerAddress {} is no Service",
+                    meta["scalerAddress"]
+                )
+            });
         assert!(
             !str_of(&meta[connector_sdk::scaler::FUNCTION_KEY]).is_empty(),
             "{name}: no function"
         );
         if let Some(target) = meta[connector_sdk::scaler::TARGET_KEY].as_str() {
-            assert!(target.parse::<f64>().is_ok_and(|t| t > 0.0), "{name}: {target}");
+            assert!(
+                target.parse::<f64>().is_ok_and(|t| t > 0.0),
+                "{name}: {target}"
+            );
         }
         scaled.insert(connector.clone());
     }
@@ -1214,6 +1233,9 @@ fn helm_chart_keda_is_off_by_default_and_renders_what_the_overlay_has() {
         "scalerAddress:",
         "kind: Service",
     ] {
-        assert!(template.contains(needed), "the chart does not render {needed}");
+        assert!(
+            template.contains(needed),
+            "the chart does not render {needed}"
+        );
     }
 }
