@@ -172,9 +172,9 @@ impl Backlogs {
         }
     }
 
-    /// Lets [`snapshot`](Self::snapshot) resolve topics to functions; set once by the
-    /// runtime.
-    pub(crate) fn set_view(&self, topics: crate::topic_map::TopicMapHandle, resolver: Resolver) {
+    /// Lets [`snapshot`](Self::snapshot) resolve topics to functions: set once, by the
+    /// runtime (or by a harness that builds its own dispatcher); later calls are ignored.
+    pub fn set_view(&self, topics: crate::topic_map::TopicMapHandle, resolver: Resolver) {
         let _ = self.view.set((topics, resolver));
     }
 
