@@ -2,7 +2,8 @@
 //! (generated from `connector-sdk/proto/externalscaler.proto` by tonic) against the real
 //! connector binary, with a real backlog at the real broker.
 //!
-//! The function answers 503 while it is "down" (as a gateway does for a function scaled to
+//! After a warm-up message (so a Kafka consumer has its partitions before anything is
+//! timed), the function answers 503 while it is "down" (as a gateway does for a function scaled to
 //! zero that has not started yet), so the messages published for it wait: at the broker,
 //! and in the connector, retrying. `GetMetrics` follows that backlog up and back to zero
 //! once the function answers, `StreamIsActive` flips to active within a second of the
@@ -18,7 +19,7 @@ use connector_sdk::scaler::proto::{GetMetricsRequest, ScaledObjectRef};
 use tonic::transport::Channel;
 
 use crate::scenarios::{Fixture, eventually_async, start};
-use crate::{FakeGateway, Reply, free_addr, http_get, metric, unique};
+use crate::{FakeGateway, Reply, eventually, free_addr, http_get, metric, unique};
 
 const WITHIN: Duration = Duration::from_secs(30);
 
@@ -106,6 +107,26 @@ pub async fn scaler_follows_backlog(fixture: &dyn Fixture) {
         "{spec:?}"
     );
 
+    // Warm-up while the function is up: one message through, so the consumer has joined
+    // its group and been assigned its partitions (Kafka) before the timed part.
+    down.store(false, Ordering::SeqCst);
+    fixture.produce(&topic, &[b"warm-up".to_vec()]).await;
+    assert!(
+        eventually(WITHIN, || !gw.requests_to("keda-fn").is_empty()).await,
+        "the warm-up message was not delivered:\n{}",
+        connector.process.output()
+    );
+    assert!(
+        eventually_async(WITHIN, || {
+            let mut c = client.clone();
+            async move { backlog(&mut c, "keda-fn").await == Some(0) }
+        })
+        .await,
+        "the backlog did not clear after the warm-up: {:?}",
+        backlog(&mut client, "keda-fn").await
+    );
+    down.store(true, Ordering::SeqCst);
+
     let mut stream = client
         .stream_is_active(object("keda-fn"))
         .await
@@ -116,7 +137,6 @@ pub async fn scaler_follows_backlog(fixture: &dyn Fixture) {
         matches!(first, Ok(Ok(Some(ref r))) if !r.result),
         "the stream's first answer should be inactive: {first:?}"
     );
-    assert_eq!(backlog(&mut client, "keda-fn").await, Some(0));
 
     let sent: Vec<Vec<u8>> = (0..SENT)
         .map(|i| format!("keda-{i}").into_bytes())
@@ -185,5 +205,9 @@ pub async fn scaler_follows_backlog(fixture: &dyn Fixture) {
         .into_iter()
         .map(|r| r.body.to_vec())
         .collect();
-    assert_eq!(delivered.len(), SENT, "every message reached the function");
+    assert_eq!(
+        delivered.len(),
+        SENT + 1,
+        "every message reached the function"
+    );
 }
