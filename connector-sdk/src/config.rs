@@ -59,6 +59,7 @@ pub const SDK_ENV: &[EnvVar] = &[
     EnvVar::new("drain_timeout", "connector.drain_timeout"),
     EnvVar::new("metrics_addr", "connector.metrics_addr"),
     EnvVar::new("drain_token", "connector.drain_token"),
+    EnvVar::new("scaler_addr", "connector.scaler_addr"),
     EnvVar::new("log_format", "connector.log_format"),
 ];
 
@@ -215,6 +216,11 @@ pub struct SdkConfig {
     /// SIGINT drain. Env `drain_token`. (default: unset)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_token: Option<Secret>,
+    /// Address of KEDA's external scaler (gRPC: `IsActive`, `StreamIsActive`,
+    /// `GetMetricSpec`, `GetMetrics` on each function's backlog; see docs/scaling.md).
+    /// Unset: not served. Env `scaler_addr`. (default: unset)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaler_addr: Option<SocketAddr>,
     /// `text` or `json`; the level comes from `RUST_LOG` (default `info`).
     /// Env `log_format`. (default: `"text"`)
     pub log_format: LogFormat,
@@ -254,6 +260,7 @@ impl Default for SdkConfig {
             drain_timeout: Duration::from_secs(30),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8081)),
             drain_token: None,
+            scaler_addr: None,
             log_format: LogFormat::Text,
             pool_max_idle_per_host: 128,
             pool_idle_timeout: Duration::from_secs(90),

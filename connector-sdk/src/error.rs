@@ -57,6 +57,14 @@ pub enum SdkError {
         /// Why.
         source: std::io::Error,
     },
+    /// The KEDA scaler could not listen.
+    #[error("cannot listen on scaler_addr {addr}: {source}")]
+    ListenScaler {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),

@@ -28,6 +28,9 @@
 //! - [`dead_letter`]: the sink each connector implements, with provenance.
 //! - [`message`]: [`Message`] in, [`MessageOutcome`] and [`Disposition`] out.
 //! - [`response`]: bounded response subscribers; the OpenFaaS print options.
+//! - [`backlog`]: each function's backlog (broker backlog of its topics plus what the
+//!   connector holds for it), `connector_function_backlog_messages`.
+//! - [`scaler`]: KEDA's external scaler over gRPC, on that backlog (`scaler_addr`).
 //! - [`metrics`] and [`server`]: `connector_` metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
 //! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
@@ -44,6 +47,7 @@
 //! by default). A connector with its own `#[global_allocator]` depends on the SDK with
 //! `default-features = false`.
 
+pub mod backlog;
 pub mod cli;
 pub mod config;
 pub mod dead_letter;
@@ -60,6 +64,7 @@ pub mod policy;
 pub mod replay;
 pub mod response;
 pub mod runtime;
+pub mod scaler;
 pub mod server;
 pub mod source;
 pub mod source_headers;

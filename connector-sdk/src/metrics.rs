@@ -112,6 +112,9 @@ pub struct Metrics {
     filter_errors: Family<FunctionLabels, Counter>,
     messages: Family<MessageLabels, Counter>,
     backlog: Family<PartitionLabels, Gauge>,
+    /// Per function: what waits for it (see [`crate::backlog`]), set at scrape time.
+    function_backlog: Family<FunctionLabels, Gauge>,
+    backlogs: Arc<crate::backlog::Backlogs>,
     stalled: Family<PartitionLabels, Gauge>,
     topic_map_topics: Gauge,
     topic_map_functions: Gauge,
@@ -160,6 +163,8 @@ impl Metrics {
             filter_errors: Family::default(),
             messages: Family::default(),
             backlog: Family::default(),
+            function_backlog: Family::default(),
+            backlogs: Arc::default(),
             stalled: Family::default(),
             topic_map_topics: Gauge::default(),
             topic_map_functions: Gauge::default(),
@@ -236,6 +241,11 @@ impl Metrics {
             "backlog_messages",
             "Messages waiting at the source (Kafka lag, Redis pending, SQS visible + in flight, JetStream pending + ack pending)",
             m.backlog.clone(),
+        );
+        r.register(
+            "function_backlog_messages",
+            "Messages waiting for the function: the broker backlog of its topics plus the messages the connector holds for it (queued, in flight, retrying, batched)",
+            m.function_backlog.clone(),
         );
         r.register(
             "partition_stalled",
@@ -479,6 +489,18 @@ impl Metrics {
                 .as_secs_f64();
             self.topic_map_age.set((now - last).max(0.0));
         }
+        // Functions that are gone lose their series.
+        self.function_backlog.clear();
+        for (function, messages) in self.backlogs.snapshot() {
+            self.function_backlog
+                .get_or_create(&fn_labels(&function))
+                .set(i64::try_from(messages).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The per-function backlog's state, shared with the KEDA scaler.
+    pub fn backlogs(&self) -> &Arc<crate::backlog::Backlogs> {
+        &self.backlogs
     }
 
     pub(crate) fn set_ready(&self, ready: bool) {
@@ -491,7 +513,38 @@ impl Metrics {
 
     /// Sets the backlog of one topic (and partition, or `""`): Kafka lag, Redis pending,
     /// SQS visible plus in flight, JetStream pending plus ack pending.
+    /// The topic's backlog counts for each function subscribed to it (matched as the
+    /// connector matches a message's topic).
     pub fn set_backlog(&self, topic: &str, partition: &str, messages: u64) {
+        self.record_backlog(topic, partition, messages, false);
+    }
+
+    /// Sets a backlog the broker counts per stream, queue, session or slot rather than per
+    /// topic (`topic` names that stream or queue): it counts for every function the
+    /// connector serves. Exported as `connector_backlog_messages` like the others.
+    pub fn set_shared_backlog(&self, stream: &str, partition: &str, messages: u64) {
+        self.record_backlog(stream, partition, messages, true);
+    }
+
+    /// Sets a backlog series that only counts what the connector itself holds (MQTT and
+    /// PostgreSQL, whose brokers cannot count what waits): exported as
+    /// `connector_backlog_messages`, not added to function backlogs, which count held
+    /// messages per function already.
+    pub fn set_held_backlog(&self, topic: &str, partition: &str, messages: u64) {
+        self.backlog
+            .get_or_create(&PartitionLabels {
+                topic: topic.to_owned(),
+                partition: partition.to_owned(),
+            })
+            .set(i64::try_from(messages).unwrap_or(i64::MAX));
+    }
+
+    fn record_backlog(&self, topic: &str, partition: &str, messages: u64, shared: bool) {
+        self.backlogs.set_source(
+            topic,
+            partition,
+            crate::backlog::SourceBacklog { messages, shared },
+        );
         self.backlog
             .get_or_create(&PartitionLabels {
                 topic: topic.to_owned(),
@@ -502,6 +555,7 @@ impl Metrics {
 
     /// Forgets a topic's backlog series (partition revoked, topic unsubscribed).
     pub fn remove_backlog(&self, topic: &str, partition: &str) {
+        self.backlogs.remove_source(topic, partition);
         self.backlog.remove(&PartitionLabels {
             topic: topic.to_owned(),
             partition: partition.to_owned(),

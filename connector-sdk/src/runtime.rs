@@ -270,10 +270,32 @@ impl Runtime {
         if let Some(sink) = dead_letters {
             builder = builder.dead_letters(sink);
         }
+        let backlog_matcher = matcher.clone();
         if let Some(m) = matcher {
             builder = builder.matcher(m);
         }
         let dispatcher = builder.build();
+        // Reported broker backlogs are matched to functions as messages are (wildcards).
+        let map = topics.clone();
+        metrics.backlogs().set_view(
+            topics.clone(),
+            Arc::new(move |topic| {
+                let current = map.current();
+                match &backlog_matcher {
+                    Some(m) => m(&current, topic),
+                    None => current
+                        .lookup(topic)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new([])),
+                }
+            }),
+        );
+        if let Some(addr) = config.scaler_addr {
+            let scaler = crate::scaler::Scaler::new(metrics.backlogs().clone(), background.clone());
+            let (addr, serve) = crate::scaler::bind(addr, scaler, background.clone()).await?;
+            tasks.spawn(serve);
+            tracing::info!(scaler = %addr, "serving KEDA's external scaler");
+        }
 
         let result = tokio::select! {
             () = topics.wait_ready() => {

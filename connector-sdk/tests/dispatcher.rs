@@ -1937,3 +1937,56 @@ async fn the_message_window_grows_with_the_functions_batches() {
         "plus a batch per in-flight place and one filling, per batching function"
     );
 }
+
+/// Messages the dispatcher holds (retrying here) count in their functions' backlog until
+/// they are complete; a subscribed function with nothing waiting reads zero.
+#[tokio::test]
+async fn held_messages_count_in_the_function_backlog_until_complete() {
+    use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+    let gw = FakeGateway::start().await.unwrap();
+    let down = Arc::new(AtomicBool::new(true));
+    let state = down.clone();
+    gw.function_with_annotations(
+        "waiting",
+        &[("topic", "orders"), ("com.openfaas.retry.attempts", "1000")],
+        move |_, _| {
+            if state.load(AtomicOrdering::SeqCst) {
+                Reply::status(503)
+            } else {
+                Reply::ok()
+            }
+        },
+    );
+    gw.function("idle", "audit", |_, _| Reply::ok());
+    let (metrics, _registry) = Metrics::standalone("test-connector");
+    let config = gw.config();
+    let client = GatewayClient::new("test-connector", &config).unwrap();
+    let topics = gw.topic_map();
+    let dispatcher = Dispatcher::builder(client, topics.clone(), &config, metrics.clone()).build();
+    let lookup = topics.clone();
+    metrics.backlogs().set_view(
+        topics.clone(),
+        Arc::new(move |t| {
+            lookup
+                .current()
+                .lookup(t)
+                .cloned()
+                .unwrap_or_else(|| Arc::new([]))
+        }),
+    );
+    let waiting = connector_sdk::FunctionRef::new("waiting", None);
+    let idle = connector_sdk::FunctionRef::new("idle", None);
+    let completions = submit_all(&dispatcher, "orders", "x", "m", 3).await;
+    let now = metrics.backlogs().snapshot();
+    assert_eq!(now.get(&waiting), Some(&3), "{now:?}");
+    assert_eq!(now.get(&idle), Some(&0), "{now:?}");
+    // A broker backlog of the topic adds to it.
+    metrics.set_backlog("orders", "0", 4);
+    assert_eq!(metrics.backlogs().snapshot().get(&waiting), Some(&7));
+    metrics.set_backlog("orders", "0", 0);
+    down.store(false, AtomicOrdering::SeqCst);
+    for c in completions {
+        assert_eq!(c.await.disposition(), Disposition::Ack);
+    }
+    assert_eq!(metrics.backlogs().snapshot().get(&waiting), Some(&0));
+}

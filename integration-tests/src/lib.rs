@@ -7,7 +7,8 @@
 //!   [`nats_url`], [`kafka_brokers`], [`sqs_endpoint`], [`rabbitmq_url`],
 //!   `postgres_broker::postgres_url`), as `scripts/test.sh` exports them.
 //! - [`unique`] names, so tests never share a topic, stream or queue.
-//! - [`scenarios`]: the shared suite every broker connector runs; [`replay`]: the
+//! - [`scenarios`]: the shared suite every broker connector runs; [`keda`]: the KEDA
+//!   external scaler scenario, through a generated gRPC client; [`replay`]: the
 //!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`],
 //!   [`nats_broker`], [`sqs_broker`], [`rabbitmq_broker`], [`postgres_broker`],
 //!   [`mqtt_broker`]: broker fixtures.
@@ -18,6 +19,7 @@
 
 pub mod config_keys;
 pub mod kafka_broker;
+pub mod keda;
 pub mod mqtt_broker;
 pub mod nats_broker;
 pub mod postgres_broker;

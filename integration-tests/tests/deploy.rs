@@ -15,6 +15,9 @@
 //!   resource requests, and the cron connector's several replicas with the Redis lock;
 //!   every document deserializes as the Kubernetes API's own type (k8s-openapi) with no
 //!   field the API lacks.
+//! - `deploy/kubernetes-keda/`: the KEDA overlay patches every broker connector's workload
+//!   with a `scaler_addr` it reads and a matching port, has a Service (API schema checked)
+//!   and an example ScaledObject per broker connector, each pointing at that Service.
 //! - `deploy/helm/`: the same checks on the chart's values (templates are checked for the
 //!   values they read, since helm is not available to render them here).
 //! - `deploy/grafana/connectors.json` and `deploy/prometheus/*.yml`: every metric name in a
@@ -1072,4 +1075,167 @@ fn kubernetes_manifests_follow_the_api_schema() {
     doc["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 45.into();
     let caught = std::panic::catch_unwind(|| check_schema::<Deployment>(&doc, "probe"));
     assert!(caught.is_err(), "an unknown field was not reported");
+}
+
+/// The connectors that have a backlog to scale on (all but cron).
+fn broker_connectors() -> impl Iterator<Item = &'static str> {
+    CONNECTORS.into_iter().filter(|c| *c != "cron-connector")
+}
+
+#[test]
+fn keda_overlay_scales_a_function_through_every_broker_connector() {
+    use k8s_openapi::api::core::v1::Service;
+    const DIR: &str = "deploy/kubernetes-keda";
+    let kustomization = yaml(&format!("{DIR}/kustomization.yaml"));
+    let resources: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(str_of)
+        .collect();
+    let expected: BTreeSet<String> = ["../kubernetes", "services.yaml", "scaledobjects.yaml"]
+        .map(str::to_owned)
+        .into();
+    assert_eq!(resources, expected, "{DIR}/kustomization.yaml resources");
+
+    // The kind of each connector's workload in the base.
+    let mut kinds = BTreeMap::new();
+    for binary in CONNECTORS {
+        for doc in yaml_documents(&format!("deploy/kubernetes/{binary}.yaml")) {
+            if matches!(doc["kind"].as_str(), Some("Deployment" | "StatefulSet")) {
+                kinds.insert(binary.to_owned(), str_of(&doc["kind"]));
+            }
+        }
+    }
+
+    // Each patch turns the scaler on: an address the binary reads, a named port.
+    let mut ports: BTreeMap<String, u16> = BTreeMap::new();
+    for patch in kustomization["patches"].as_array().unwrap() {
+        let target = str_of(&patch["target"]["name"]);
+        let what = format!("{DIR}/kustomization.yaml patch of {target}");
+        assert_eq!(
+            kinds.get(&target),
+            Some(&str_of(&patch["target"]["kind"])),
+            "{what}: no such workload in deploy/kubernetes"
+        );
+        assert!(env_names(&target).contains("scaler_addr"), "{what}");
+        let ops: Value = serde_json::to_value(
+            serde_norway::from_str::<serde_norway::Value>(patch["patch"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let mut addr = None;
+        let mut port = None;
+        for op in ops.as_array().unwrap() {
+            let value = &op["value"];
+            match str_of(&op["path"]).as_str() {
+                "/spec/template/spec/containers/0/env/-" => {
+                    assert_eq!(value["name"], "scaler_addr", "{what}");
+                    let a: std::net::SocketAddr = str_of(&value["value"]).parse().unwrap();
+                    addr = Some(a.port());
+                }
+                "/spec/template/spec/containers/0/ports/-" => {
+                    assert_eq!(value["name"], "scaler", "{what}");
+                    port = value["containerPort"].as_u64().map(|p| p as u16);
+                }
+                other => panic!("{what}: unexpected path {other}"),
+            }
+        }
+        assert!(
+            addr.is_some() && addr == port,
+            "{what}: scaler_addr {addr:?}, containerPort {port:?}"
+        );
+        ports.insert(target, port.unwrap());
+    }
+    let brokers: BTreeSet<String> = broker_connectors().map(str::to_owned).collect();
+    assert_eq!(
+        ports.keys().cloned().collect::<BTreeSet<_>>(),
+        brokers,
+        "a patch per broker connector"
+    );
+
+    // A Service per broker connector, on its scaler port.
+    let mut services = BTreeMap::new();
+    for doc in yaml_documents(&format!("{DIR}/services.yaml")) {
+        check_schema::<Service>(&doc, DIR);
+        let name = str_of(&doc["metadata"]["name"]);
+        assert_eq!(doc["metadata"]["namespace"], "openfaas", "{name}");
+        assert_eq!(
+            doc["spec"]["selector"]["app.kubernetes.io/name"],
+            name.as_str()
+        );
+        let port = &doc["spec"]["ports"][0];
+        assert_eq!(port["targetPort"], "scaler", "{name}");
+        services.insert(format!("{name}.openfaas:{}", port["port"]), name.clone());
+        assert_eq!(
+            port["port"].as_u64().map(|p| p as u16),
+            ports.get(&name).copied(),
+            "{name}"
+        );
+    }
+
+    // A ScaledObject per broker connector, pointing at its Service and naming a function.
+    let mut scaled = BTreeSet::new();
+    for doc in yaml_documents(&format!("{DIR}/scaledobjects.yaml")) {
+        let name = str_of(&doc["metadata"]["name"]);
+        assert_eq!(doc["apiVersion"], "keda.sh/v1alpha1", "{name}");
+        assert_eq!(doc["kind"], "ScaledObject", "{name}");
+        assert!(doc["metadata"]["namespace"].is_string(), "{name}");
+        assert!(doc["spec"]["scaleTargetRef"]["name"].is_string(), "{name}");
+        let trigger = &doc["spec"]["triggers"][0];
+        assert!(
+            matches!(trigger["type"].as_str(), Some("external-push" | "external")),
+            "{name}: {}",
+            trigger["type"]
+        );
+        let meta = &trigger["metadata"];
+        let connector = services
+            .get(&str_of(&meta["scalerAddress"]))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name}: scalerAddress {} is no Service",
+                    meta["scalerAddress"]
+                )
+            });
+        assert!(
+            !str_of(&meta[connector_sdk::scaler::FUNCTION_KEY]).is_empty(),
+            "{name}: no function"
+        );
+        if let Some(target) = meta[connector_sdk::scaler::TARGET_KEY].as_str() {
+            assert!(
+                target.parse::<f64>().is_ok_and(|t| t > 0.0),
+                "{name}: {target}"
+            );
+        }
+        scaled.insert(connector.clone());
+    }
+    assert_eq!(scaled, brokers, "a ScaledObject per broker connector");
+}
+
+#[test]
+fn helm_chart_keda_is_off_by_default_and_renders_what_the_overlay_has() {
+    const CHART: &str = "deploy/helm/faas-connectors";
+    let values = yaml(&format!("{CHART}/values.yaml"));
+    assert_eq!(values["keda"]["enabled"], false, "KEDA is off by default");
+    assert!(values["keda"]["port"].is_u64());
+    for binary in broker_connectors() {
+        let key = binary.trim_end_matches("-connector");
+        assert!(
+            values["connectors"][key]["scaledObjects"].is_array(),
+            "values.yaml connectors.{key}.scaledObjects"
+        );
+    }
+    let template = read(&format!("{CHART}/templates/connectors.yaml"));
+    for needed in [
+        "name: scaler_addr",
+        "kind: ScaledObject",
+        "type: external-push",
+        "scalerAddress:",
+        "kind: Service",
+    ] {
+        assert!(
+            template.contains(needed),
+            "the chart does not render {needed}"
+        );
+    }
 }

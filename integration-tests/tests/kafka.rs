@@ -350,6 +350,11 @@ async fn kafka_delivered_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn kafka_scaler_follows_backlog() {
+    integration_tests::keda::scaler_follows_backlog(&Kafka::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn kafka_failure_then_success() {
     scenarios::failure_then_success(&Kafka::new()).await;
 }

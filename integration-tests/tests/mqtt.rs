@@ -28,6 +28,11 @@ async fn mqtt_delivered_once() {
 }
 
 #[tokio::test]
+async fn mqtt_scaler_follows_backlog() {
+    integration_tests::keda::scaler_follows_backlog(&MqttTopics::new()).await;
+}
+
+#[tokio::test]
 async fn mqtt_failure_then_success() {
     scenarios::failure_then_success(&MqttTopics::new()).await;
 }

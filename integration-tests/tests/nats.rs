@@ -58,6 +58,11 @@ async fn jetstream_delivered_once() {
 }
 
 #[tokio::test]
+async fn jetstream_scaler_follows_backlog() {
+    integration_tests::keda::scaler_follows_backlog(&jetstream_topics().await).await;
+}
+
+#[tokio::test]
 async fn jetstream_failure_then_success() {
     scenarios::failure_then_success(&jetstream_topics().await).await;
 }

@@ -27,6 +27,11 @@ async fn postgres_delivered_once() {
 }
 
 #[tokio::test]
+async fn postgres_scaler_follows_backlog() {
+    integration_tests::keda::scaler_follows_backlog(&PgTables::new()).await;
+}
+
+#[tokio::test]
 async fn postgres_failure_then_success() {
     scenarios::failure_then_success(&PgTables::new()).await;
 }

@@ -41,6 +41,11 @@ async fn rabbitmq_delivered_once() {
 }
 
 #[tokio::test]
+async fn rabbitmq_scaler_follows_backlog() {
+    integration_tests::keda::scaler_follows_backlog(&RabbitQueues::new()).await;
+}
+
+#[tokio::test]
 async fn rabbitmq_classic_queue_delivered_once() {
     scenarios::delivered_once(&RabbitQueues::new().classic()).await;
 }

@@ -54,6 +54,11 @@ async fn redis_delivered_once() {
 }
 
 #[tokio::test]
+async fn redis_scaler_follows_backlog() {
+    integration_tests::keda::scaler_follows_backlog(&RedisStreams::new()).await;
+}
+
+#[tokio::test]
 async fn redis_failure_then_success() {
     scenarios::failure_then_success(&RedisStreams::new()).await;
 }

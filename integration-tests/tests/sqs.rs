@@ -35,6 +35,11 @@ async fn sqs_delivered_once() {
 }
 
 #[tokio::test]
+async fn sqs_scaler_follows_backlog() {
+    integration_tests::keda::scaler_follows_backlog(&SqsQueues::new()).await;
+}
+
+#[tokio::test]
 async fn sqs_failure_then_success() {
     scenarios::failure_then_success(&SqsQueues::new()).await;
 }

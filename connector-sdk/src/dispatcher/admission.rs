@@ -12,6 +12,7 @@ use super::completion::released_all;
 use super::lanes::Lanes;
 use super::pool::Offer;
 use super::{Dispatcher, Inner};
+use crate::backlog::HeldGuard;
 use crate::error::SdkError;
 use crate::function::FunctionRef;
 use crate::limiter::Limiter;
@@ -37,6 +38,8 @@ pub(super) struct Admission {
     pub(super) token: TaskTrackerToken,
     /// Its places among the admitted messages of its concurrency-limited functions.
     pub(super) tickets: Vec<OwnedSemaphorePermit>,
+    /// Counts the message in its functions' backlogs until it is settled.
+    pub(super) _held: HeldGuard,
 }
 
 /// One message for a worker: deliver it, then send its outcome to its [`Completion`].
@@ -75,7 +78,9 @@ impl Dispatcher {
             return Admitted::Ready(released_all(&message, &functions));
         }
         let lanes = self.inner.lanes_of(&message, &functions);
+        let held = self.inner.metrics.backlogs().hold(functions.clone());
         Admitted::Run(Admission {
+            _held: held,
             message,
             functions,
             lanes,

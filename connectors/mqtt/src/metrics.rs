@@ -45,7 +45,7 @@ impl MqttMetrics {
     /// `by` more (or fewer) messages held.
     pub fn held(&self, by: i64) {
         let now = self.held.inc_by(by) + by;
-        self.sdk.set_backlog(
+        self.sdk.set_held_backlog(
             &self.client_id,
             "held",
             u64::try_from(now.max(0)).unwrap_or(0),

@@ -83,7 +83,7 @@ impl NatsMetrics {
             .get_or_create(&labels)
             .set(gauge(counts.redelivered));
         if let Some(sdk) = &self.sdk {
-            sdk.set_backlog(
+            sdk.set_shared_backlog(
                 stream,
                 consumer,
                 counts.pending.saturating_add(counts.ack_pending),

@@ -47,7 +47,7 @@ impl PgMetrics {
 
     /// Messages received and not yet acknowledged (`topic` is the slot, or `notify`).
     pub fn set_held(&self, topic: &str, held: u64) {
-        self.sdk.set_backlog(topic, "held", held);
+        self.sdk.set_held_backlog(topic, "held", held);
     }
 
     fn set_lag(&self, slot: &str, bytes: i64) {

@@ -91,7 +91,8 @@ impl RabbitMetrics {
         self.consumers
             .get_or_create(&labels)
             .set(i64::from(consumers));
-        self.sdk.set_backlog(queue, "ready", u64::from(ready));
+        self.sdk
+            .set_shared_backlog(queue, "ready", u64::from(ready));
     }
 }
 

@@ -138,6 +138,7 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), SqsError> {
                 metrics.clone(),
                 ctx.clone(),
                 sqs.metrics_interval,
+                sqs.topic_attribute.is_some(),
             ));
             let (acker, acker_tasks) = Acker::start(
                 client.clone(),
@@ -172,6 +173,9 @@ async fn depth_loop(
     metrics: SqsMetrics,
     ctx: SourceContext,
     interval: Duration,
+    // With `topic_attribute`, a queue carries several topics: its depth counts for every
+    // function rather than for the topic named like the queue.
+    shared: bool,
 ) {
     let stop: CancellationToken = ctx.shutdown.clone();
     let mut ticker = tokio::time::interval(interval);
@@ -184,8 +188,12 @@ async fn depth_loop(
             match queue::depth(&client, &q.url).await {
                 Ok(depth) => {
                     metrics.set_depth(&q.name, depth);
-                    ctx.metrics
-                        .set_backlog(&q.name, "", depth.visible + depth.in_flight);
+                    let messages = depth.visible + depth.in_flight;
+                    if shared {
+                        ctx.metrics.set_shared_backlog(&q.name, "", messages);
+                    } else {
+                        ctx.metrics.set_backlog(&q.name, "", messages);
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(queue = %q.name, error = %e, "reading queue depth failed")
