@@ -209,6 +209,51 @@ impl Backlogs {
     }
 }
 
+/// How often the backlog is reported to the gateway without a change: scaling out
+/// follows the counts between the zero crossings that trigger a report at once.
+pub const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `connector.report_backlog`: reports every function's backlog to the gateway as
+/// `source` (`POST /system/backlog`) at once when one may have turned zero or non-zero (a
+/// function scaled to zero gets a replica as soon as a message waits for it), and every
+/// [`REPORT_EVERY`], until `cancel`. A report the gateway does not take is logged (at warn
+/// once, then at debug until one is taken again) and the next one goes on schedule.
+pub async fn report_loop(
+    backlogs: Arc<Backlogs>,
+    gateway: crate::gateway::GatewayClient,
+    source: String,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut changes = backlogs.subscribe();
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let snapshot = backlogs.snapshot();
+        if backlogs.topics().is_none() {
+            continue;
+        }
+        match gateway.report_backlog(&source, &snapshot).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("backlog reports are taken again");
+                }
+                failing = false;
+            }
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "the gateway did not take the backlog report; retrying every second");
+                failing = true;
+            }
+            Err(e) => tracing::debug!(error = %e, "backlog report not taken"),
+        }
+    }
+}
+
 /// A message held for some functions; dropping it releases them.
 pub(crate) struct HeldGuard {
     backlogs: Arc<Backlogs>,

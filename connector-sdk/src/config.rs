@@ -60,6 +60,7 @@ pub const SDK_ENV: &[EnvVar] = &[
     EnvVar::new("metrics_addr", "connector.metrics_addr"),
     EnvVar::new("drain_token", "connector.drain_token"),
     EnvVar::new("scaler_addr", "connector.scaler_addr"),
+    EnvVar::new("report_backlog", "connector.report_backlog"),
     EnvVar::new("log_format", "connector.log_format"),
 ];
 
@@ -221,6 +222,11 @@ pub struct SdkConfig {
     /// Unset: not served. Env `scaler_addr`. (default: unset)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scaler_addr: Option<SocketAddr>,
+    /// Report each function's backlog to the gateway (`POST /system/backlog`) whenever one
+    /// turns zero or non-zero, and every second: the bundled gateway scales its functions
+    /// on it (it sets this for the connectors it supervises). Off for an OpenFaaS gateway,
+    /// which has no such route. Env `report_backlog`. (default: `false`)
+    pub report_backlog: bool,
     /// `text` or `json`; the level comes from `RUST_LOG` (default `info`).
     /// Env `log_format`. (default: `"text"`)
     pub log_format: LogFormat,
@@ -261,6 +267,7 @@ impl Default for SdkConfig {
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8081)),
             drain_token: None,
             scaler_addr: None,
+            report_backlog: false,
             log_format: LogFormat::Text,
             pool_max_idle_per_host: 128,
             pool_idle_timeout: Duration::from_secs(90),

@@ -41,6 +41,14 @@ pub enum SdkError {
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(String),
+    /// A backlog report was not taken by the gateway.
+    #[error("reporting the backlog to {url} failed: {reason}")]
+    ReportBacklog {
+        /// Where it went.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Listing namespaces or functions on the gateway failed.
     #[error("listing functions ({url}) failed: {reason}")]
     ListFunctions {

@@ -214,6 +214,40 @@ impl GatewayClient {
         req
     }
 
+    /// `POST /system/backlog`: the messages waiting for each function, as `source` (one
+    /// connector process) sees them now (see [`crate::backlog::report_loop`]).
+    pub async fn report_backlog(
+        &self,
+        source: &str,
+        functions: &std::collections::BTreeMap<crate::FunctionRef, u64>,
+    ) -> Result<(), SdkError> {
+        let url = format!("{}/system/backlog", self.base);
+        let functions: serde_json::Map<String, serde_json::Value> = functions
+            .iter()
+            .map(|(f, n)| (f.to_string(), (*n).into()))
+            .collect();
+        let body = serde_json::json!({ "source": source, "functions": functions });
+        let mut req = self
+            .http
+            .post(&url)
+            .timeout(self.timeout)
+            .header(USER_AGENT, self.user_agent.clone())
+            .json(&body);
+        if let Some(auth) = &self.auth {
+            req = req.basic_auth(&auth.user, Some(auth.password.expose()));
+        }
+        let failed = |reason: String| SdkError::ReportBacklog {
+            url: url.clone(),
+            reason,
+        };
+        let resp = req.send().await.map_err(|e| failed(e.to_string()))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(failed(format!("status {}", resp.status())))
+        }
+    }
+
     /// `GET /system/namespaces`. A gateway without namespace support (404) lists none.
     pub async fn list_namespaces(&self) -> Result<Vec<String>, SdkError> {
         let url = "/system/namespaces";

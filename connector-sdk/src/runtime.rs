@@ -263,6 +263,7 @@ impl Runtime {
             background.clone(),
         ));
 
+        let reporter = config.report_backlog.then(|| gateway.clone());
         let mut builder = Dispatcher::builder(gateway, topics.clone(), &config, metrics.clone())
             .subscribers(subscribers)
             .broker_retries(broker_retries)
@@ -290,6 +291,19 @@ impl Runtime {
                 }
             }),
         );
+        if let Some(gateway) = reporter {
+            let source = format!(
+                "{name}-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            );
+            tasks.spawn(crate::backlog::report_loop(
+                metrics.backlogs().clone(),
+                gateway,
+                source,
+                background.clone(),
+            ));
+        }
         if let Some(addr) = config.scaler_addr {
             let scaler = crate::scaler::Scaler::new(metrics.backlogs().clone(), background.clone());
             let (addr, serve) = crate::scaler::bind(addr, scaler, background.clone()).await?;

@@ -895,3 +895,124 @@ async fn a_connector_invoking_asynchronously_gets_results_at_its_callback_url() 
     );
     system.stop().await;
 }
+
+/// An `http` function for [`a_scaled_to_zero_function_scales_on_its_backlog`]: each
+/// request takes 200 ms and its body is written to `lazy/` (aside, then renamed).
+const LAZY: &str = r#"
+import os, time, uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.answer(b"OK")
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        time.sleep(0.2)
+        name = os.path.join("lazy", uuid.uuid4().hex)
+        with open(name + ".tmp", "wb") as f:
+            f.write(body)
+        os.rename(name + ".tmp", name + ".txt")
+        self.answer(b"done")
+
+    def answer(self, data):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// The bundled gateway scales on backlogs its supervised connector reports: an `http`
+/// function scaled to zero (min 0) that takes one message at a time from the connector
+/// (`connector.max_inflight = 1`) gets replicas once messages wait for it, as many as
+/// its backlog calls for (`connector.scale.target = 2`, up to max 3), which in-flight
+/// requests alone (one at a time, target 50) never would; every message is delivered,
+/// and it goes back to zero once nothing waits.
+#[tokio::test]
+async fn a_scaled_to_zero_function_scales_on_its_backlog() {
+    let fixture = RedisStreams::new();
+    let topic = unique("system-lazy");
+    fixture.create_topic(&topic).await;
+    let connector = ConnectorEntry::new("redis", &fixture, &topic, "");
+    let functions = format!(
+        r#"
+[[functions]]
+name = "lazy"
+runtime = "http"
+command = "python3 lazy.py"
+labels = {{ "com.openfaas.scale.min" = "0", "com.openfaas.scale.max" = "3", "com.openfaas.scale.zero-duration" = "2s" }}
+annotations = {{ topic = "{topic}", "connector.max_inflight" = "1", "connector.scale.target" = "2" }}
+"#
+    );
+    let mut system =
+        System::launch(&topic, Credentials::Files, vec![connector], &[], &functions).await;
+    std::fs::write(system.dir.join("lazy.py"), LAZY).unwrap();
+    std::fs::create_dir(system.dir.join("lazy")).unwrap();
+    let addr = system.metrics_addr("redis").await;
+    assert!(
+        wait_http(addr, "/readyz", 200, WITHIN).await,
+        "connector not ready:\n{}",
+        system.gateway.output()
+    );
+    let client = reqwest::Client::new();
+    let replicas = || {
+        let request = client
+            .get(system.url("/system/function/lazy"))
+            .basic_auth(USER, Some(&system.password))
+            .send();
+        async move {
+            let status: serde_json::Value = request.await.unwrap().json().await.unwrap();
+            status["replicas"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(replicas().await, 0, "min 0: no replica before any message");
+
+    let sent: BTreeSet<String> = payloads(&topic, 20).into_iter().collect();
+    let bytes: Vec<Vec<u8>> = sent.iter().map(|p| p.clone().into_bytes()).collect();
+    fixture.produce(&topic, &bytes).await;
+    let most = std::sync::atomic::AtomicU64::new(0);
+    let scaled_out = eventually_async(WITHIN, || async {
+        let now = replicas().await;
+        most.fetch_max(now, std::sync::atomic::Ordering::SeqCst)
+            .max(now)
+            == 3
+    })
+    .await;
+    assert!(
+        scaled_out,
+        "at most {} replicas for 20 waiting messages:\n{}",
+        most.into_inner(),
+        system.gateway.output()
+    );
+    let lazy = system.dir.join("lazy");
+    let got = || -> BTreeSet<String> {
+        std::fs::read_dir(&lazy)
+            .unwrap()
+            .filter_map(|e| {
+                let path = e.unwrap().path();
+                (path.extension()? == "txt").then(|| std::fs::read_to_string(path).unwrap())
+            })
+            .collect()
+    };
+    assert!(
+        eventually_async(WITHIN, || async { got() == sent }).await,
+        "the function got {} of {} messages:\n{}",
+        got().len(),
+        sent.len(),
+        system.gateway.output()
+    );
+    assert!(
+        eventually_async(WITHIN, || async { replicas().await == 0 }).await,
+        "not back to zero once nothing waits:\n{}",
+        system.gateway.output()
+    );
+    system.stop().await;
+}
