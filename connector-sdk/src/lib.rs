@@ -30,6 +30,7 @@
 //! - [`response`]: bounded response subscribers; the OpenFaaS print options.
 //! - [`metrics`] and [`server`]: `connector_` metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
+//! - [`trace`]: W3C trace context in and out of deliveries, their OpenTelemetry spans.
 //! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
 //!   path, removed once delivered.
 //! - [`watermark`]: the contiguous commit point of sources that acknowledge a position
@@ -67,6 +68,7 @@ pub mod source_headers;
 pub mod testing;
 pub mod topic_map;
 pub mod topic_pattern;
+pub mod trace;
 pub mod watermark;
 
 // Shared with the gateway through faas-common; re-exported so connectors keep these paths.
