@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::http::{HeaderMap, StatusCode};
 use faas_common::otel;
-use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 
 /// A span in progress; ends when finished or dropped.

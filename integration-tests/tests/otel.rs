@@ -432,7 +432,7 @@ async fn one_event_is_traced_from_its_broker_to_the_function() {
     let complete = eventually_async(WITHIN, || async {
         let spans = receiver.spans();
         spans.iter().any(|s| s.name == "ack")
-            && spans.iter().filter(|s| s.name == "call traced").count() >= 2
+            && spans.iter().filter(|s| s.name == "call traced.openfaas-fn").count() >= 2
     })
     .await;
     let spans = receiver.spans();
@@ -456,7 +456,7 @@ async fn one_event_is_traced_from_its_broker_to_the_function() {
         .map(|n| {
             one(
                 &spans,
-                "invoke traced",
+                "invoke traced.openfaas-fn",
                 Some(("delivery.attempt", &n.to_string())),
             )
         })
@@ -481,12 +481,12 @@ async fn one_event_is_traced_from_its_broker_to_the_function() {
     for attempt in &attempts {
         let proxy = spans
             .iter()
-            .find(|s| s.name == "proxy traced" && s.parent == attempt.span_id)
+            .find(|s| s.name == "proxy traced.openfaas-fn" && s.parent == attempt.span_id)
             .unwrap_or_else(|| panic!("no proxy span under attempt {attempt:?}: {spans:#?}"));
         assert_eq!(proxy.service, "gateway");
         let call = spans
             .iter()
-            .find(|s| s.name == "call traced" && s.parent == proxy.span_id)
+            .find(|s| s.name == "call traced.openfaas-fn" && s.parent == proxy.span_id)
             .unwrap_or_else(|| panic!("no call span under {proxy:?}: {spans:#?}"));
         assert_eq!(call.service, "gateway");
         if attempt.attributes["delivery.attempt"] == "2" {
