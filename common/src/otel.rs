@@ -33,6 +33,37 @@ pub enum OtelError {
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT: cannot build the OTLP/HTTP exporter: {0}"
     )]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// An endpoint variable is not an absolute `http://` or `https://` URL.
+    #[error("{variable}: `{value}` is not an http:// or https:// URL")]
+    Endpoint {
+        /// The variable.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+    },
+}
+
+/// Checks that each endpoint variable that is set holds an absolute HTTP(S) URL: the
+/// exporter would otherwise take a typo and fail on every export, silently.
+fn check_endpoints() -> Result<(), OtelError> {
+    for variable in [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        let Ok(value) = std::env::var(variable) else {
+            continue;
+        };
+        if value.trim().is_empty() {
+            continue;
+        }
+        let valid = value.parse::<http::Uri>().is_ok_and(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
+        });
+        if !valid {
+            return Err(OtelError::Endpoint { variable, value });
+        }
+    }
+    Ok(())
 }
 
 struct Installed {
@@ -70,6 +101,7 @@ pub fn init(service_name: &str) -> Result<bool, OtelError> {
     if !configured() {
         return Ok(false);
     }
+    check_endpoints()?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()?;

@@ -432,7 +432,11 @@ async fn one_event_is_traced_from_its_broker_to_the_function() {
     let complete = eventually_async(WITHIN, || async {
         let spans = receiver.spans();
         spans.iter().any(|s| s.name == "ack")
-            && spans.iter().filter(|s| s.name == "call traced.openfaas-fn").count() >= 2
+            && spans
+                .iter()
+                .filter(|s| s.name == "call traced.openfaas-fn")
+                .count()
+                >= 2
     })
     .await;
     let spans = receiver.spans();
