@@ -15,11 +15,14 @@
 //!   the `duration`, `flag` and `list` serde helpers.
 //! - [`http_client`]: hyper's pooled client with TLS, for invocations and the gateway's
 //!   proxy.
+//! - [`otel`]: OpenTelemetry traces: the OTLP exporter from the `OTEL_*` variables, W3C
+//!   trace context in and out of headers.
 //! - [`tls`]: the rustls client configuration (ring, Mozilla roots or a CA file) every
 //!   TLS client uses.
 
 pub mod backoff;
 pub mod config;
 pub mod http_client;
+pub mod otel;
 pub mod tls;
 pub mod verdict;

@@ -55,11 +55,24 @@ fn main() {
         return;
     }
     // `cargo bench` passes `--bench`; anything else is ignored too.
-    let addr: SocketAddr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
+    // With `OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:PORT` traces are on (at the
+    // sampler's rate, `OTEL_TRACES_SAMPLER`), and the function server listens there: it
+    // is the OTLP sink too (`/v1/traces`), so every span is exported somewhere real.
+    let addr: SocketAddr = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(url) => url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap(),
+        Err(_) => {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        }
     };
     let mut child = spawn_server(addr);
+    if faas_common::otel::init("dispatch-bench").unwrap() {
+        eprintln!("traces on: OTLP/HTTP to the function server at {addr}");
+    }
     // Log as a connector does by default (fmt at `info`, here to a sink), so that what
     // tracing costs per delivery is in the figures; BENCH_LOG sets another filter, and
     // BENCH_LOG=none installs no subscriber at all.
@@ -128,7 +141,9 @@ fn serve(addr: SocketAddr) {
             )
             .route("/function/five-ms", post(five_ms))
             .route("/function/five-ms-batch", post(five_ms))
-            .route("/function/{name}", post(|| async { "" }));
+            .route("/function/{name}", post(|| async { "" }))
+            // The OTLP sink when traces are on: an empty ExportTraceServiceResponse.
+            .route("/v1/traces", post(|| async { "" }));
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         axum::serve(listener, app).await.unwrap();
     });

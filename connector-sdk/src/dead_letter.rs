@@ -83,6 +83,9 @@ pub mod names {
     pub const ID: &str = "x-dead-letter-id";
     /// RFC 3339 time of the original message (`ce-time`), when it had one.
     pub const TIME: &str = "x-dead-letter-time";
+    /// The W3C `traceparent` of the message's trace: its span when traces are on, else
+    /// the context it arrived with; absent when it had none.
+    pub const TRACEPARENT: &str = "x-dead-letter-traceparent";
     /// Prefix of each source coordinate (`x-dead-letter-source-partition`).
     pub const SOURCE_PREFIX: &str = "x-dead-letter-source-";
 }
@@ -115,6 +118,9 @@ impl DeadLetter {
                 names::RESPONSE.to_owned(),
                 String::from_utf8_lossy(&self.response_excerpt).into_owned(),
             ));
+        }
+        if let Some(traceparent) = crate::trace::dead_letter_traceparent(&self.message) {
+            out.push((names::TRACEPARENT.to_owned(), traceparent));
         }
         for (k, v) in &self.message.coordinates {
             out.push((format!("{}{k}", names::SOURCE_PREFIX), v.clone()));
@@ -150,10 +156,12 @@ mod tests {
 
     #[test]
     fn provenance_carries_everything() {
-        let message = Message::new("orders", "x", "orders/1/9", "kafka://b/orders")
+        let mut message = Message::new("orders", "x", "orders/1/9", "kafka://b/orders")
             .with_coordinate("partition", 1)
             .with_coordinate("offset", 9)
             .with_time(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1500));
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        message.set_trace_context(traceparent.as_bytes(), None);
         let letter = DeadLetter {
             message: Arc::new(message),
             function: FunctionRef::new("f", Some("ns")),
@@ -176,5 +184,6 @@ mod tests {
         assert_eq!(p["x-dead-letter-source-offset"], "9");
         assert_eq!(p[names::ID], "orders/1/9");
         assert_eq!(p[names::TIME], "1970-01-01T00:00:01.500Z");
+        assert_eq!(p[names::TRACEPARENT], traceparent);
     }
 }

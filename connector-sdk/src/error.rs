@@ -76,6 +76,9 @@ pub enum SdkError {
     /// The signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The OTLP trace exporter could not be set up from the `OTEL_*` variables.
+    #[error(transparent)]
+    Telemetry(#[from] faas_common::otel::OtelError),
     /// The dispatcher no longer accepts messages (it is shutting down).
     #[error("the dispatcher is closed")]
     DispatcherClosed,

@@ -417,8 +417,25 @@ impl GatewayClient {
         attempt: u32,
         timeout: Option<Duration>,
     ) -> Result<InvocationResponse, InvokeError> {
+        self.invoke_traced(function, message, attempt, timeout, None)
+            .await
+    }
+
+    /// [`invoke`](Self::invoke), carrying `trace` as `traceparent`/`tracestate` (the
+    /// delivery attempt's span, or the message's incoming context passed on).
+    pub async fn invoke_traced(
+        &self,
+        function: &FunctionRef,
+        message: &Message,
+        attempt: u32,
+        timeout: Option<Duration>,
+        trace: Option<&opentelemetry::Context>,
+    ) -> Result<InvocationResponse, InvokeError> {
         let uri = self.function_uri(function)?;
         let mut headers = self.invocation_headers(message, attempt);
+        if let Some(cx) = trace {
+            faas_common::otel::inject(cx, &mut headers);
+        }
         if message.payload.is_empty() {
             // hyper sends no length for an empty body; say it, as other clients do, so
             // that an empty message reaches the function as an empty body.

@@ -33,6 +33,7 @@
 //! - [`scaler`]: KEDA's external scaler over gRPC, on that backlog (`scaler_addr`).
 //! - [`metrics`] and [`server`]: `connector_` metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
+//! - [`trace`]: W3C trace context in and out of deliveries, their OpenTelemetry spans.
 //! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
 //!   path, removed once delivered.
 //! - [`watermark`]: the contiguous commit point of sources that acknowledge a position
@@ -72,6 +73,7 @@ pub mod source_headers;
 pub mod testing;
 pub mod topic_map;
 pub mod topic_pattern;
+pub mod trace;
 pub mod watermark;
 
 // Shared with the gateway through faas-common; re-exported so connectors keep these paths.

@@ -53,6 +53,10 @@ pub struct Message {
     /// reads it back with `letter.message.extensions.get::<T>()`. Never sent to a
     /// function.
     pub extensions: http::Extensions,
+    /// The W3C trace context the event carries in its source (Kafka and NATS headers,
+    /// SQS attributes, a Redis entry field, ...), set by the connector with
+    /// [`set_trace_context`](Self::set_trace_context); see [`crate::trace`].
+    pub trace_context: Option<crate::trace::TraceContext>,
 }
 
 impl Message {
@@ -77,6 +81,7 @@ impl Message {
             coordinates: Vec::new(),
             prior_attempts: 0,
             extensions: http::Extensions::new(),
+            trace_context: None,
         }
     }
 

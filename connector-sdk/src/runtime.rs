@@ -104,6 +104,10 @@ impl Runtime {
     /// as `X-Connector`). Nothing connects yet.
     pub fn new(name: &str, config: SdkConfig) -> Result<Self, SdkError> {
         config.validate()?;
+        // OpenTelemetry traces, when the `OTEL_*` variables configure an endpoint.
+        if faas_common::otel::init(name)? {
+            tracing::info!("exporting traces over OTLP/HTTP");
+        }
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry, name);
         let gateway = GatewayClient::new(name, &config)?.with_metrics(metrics.clone());
@@ -356,6 +360,8 @@ impl Runtime {
         background.cancel();
         tasks.close();
         tasks.wait().await;
+        // The last spans (acknowledgements of the drain) go out before the exit.
+        let _ = tokio::task::spawn_blocking(faas_common::otel::shutdown).await;
         match &result {
             Ok(()) => tracing::info!(connector = %name, "stopped"),
             Err(e) => tracing::error!(connector = %name, error = %e, "stopped with an error"),

@@ -103,13 +103,14 @@ pin_project_lite::pin_project! {
 }
 
 impl<A> Future for Pending<A> {
-    type Output = (A, MessageOutcome);
+    /// With the message's span (traces on), which its settling ends.
+    type Output = (A, MessageOutcome, Option<opentelemetry::Context>);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let outcome = std::task::ready!(Pin::new(this.completion).poll(cx));
+        let outcome = std::task::ready!(Pin::new(&mut *this.completion).poll(cx));
         match this.ack.take() {
-            Some(ack) => Poll::Ready((ack, outcome)),
+            Some(ack) => Poll::Ready((ack, outcome, this.completion.take_trace())),
             // Polled again after it completed: FuturesUnordered never does that.
             None => Poll::Pending,
         }
@@ -129,12 +130,12 @@ pub async fn pump<S: Source>(ctx: &SourceContext, mut source: S) -> Result<(), S
     'pull: loop {
         tokio::select! {
             biased;
-            Some((ack, outcome)) = pending.next(), if !pending.is_empty() => {
-                settle(&mut source, ack, &outcome).await;
+            Some((ack, outcome, trace)) = pending.next(), if !pending.is_empty() => {
+                settle(&mut source, ack, &outcome, trace).await;
                 // Settle the rest of what completed meanwhile before pulling again: every
                 // turn of this loop builds a new `pull` future.
-                while let Some(Some((ack, outcome))) = pending.next().now_or_never() {
-                    settle(&mut source, ack, &outcome).await;
+                while let Some(Some((ack, outcome, trace))) = pending.next().now_or_never() {
+                    settle(&mut source, ack, &outcome, trace).await;
                 }
             }
             () = ctx.shutdown.cancelled() => break 'pull,
@@ -156,8 +157,8 @@ pub async fn pump<S: Source>(ctx: &SourceContext, mut source: S) -> Result<(), S
                                 biased;
                                 () = ctx.shutdown.cancelled() => break None,
                                 c = &mut submit => break c.ok(),
-                                Some((ack, outcome)) = pending.next(), if !pending.is_empty() => {
-                                    settle(&mut source, ack, &outcome).await;
+                                Some((ack, outcome, trace)) = pending.next(), if !pending.is_empty() => {
+                                    settle(&mut source, ack, &outcome, trace).await;
                                 }
                             }
                         };
@@ -193,8 +194,8 @@ pub async fn pump<S: Source>(ctx: &SourceContext, mut source: S) -> Result<(), S
                     loop {
                         tokio::select! {
                             biased;
-                            Some((ack, outcome)) = pending.next(), if !pending.is_empty() => {
-                                settle(&mut source, ack, &outcome).await;
+                            Some((ack, outcome, trace)) = pending.next(), if !pending.is_empty() => {
+                                settle(&mut source, ack, &outcome, trace).await;
                             }
                             () = ctx.shutdown.cancelled() => break 'pull,
                             () = &mut sleep => break,
@@ -212,20 +213,28 @@ async fn drain<S: Source>(source: &mut S, pending: &mut FuturesUnordered<Pending
     if !pending.is_empty() {
         tracing::info!(in_flight = pending.len(), "waiting for in-flight messages");
     }
-    while let Some((ack, outcome)) = pending.next().await {
-        settle(source, ack, &outcome).await;
+    while let Some((ack, outcome, trace)) = pending.next().await {
+        settle(source, ack, &outcome, trace).await;
     }
     if let Err(e) = source.flush().await {
         tracing::error!(error = %e, "flushing acknowledgements failed; those messages will be redelivered");
     }
 }
 
-async fn settle<S: Source>(source: &mut S, ack: S::Ack, outcome: &MessageOutcome) {
+async fn settle<S: Source>(
+    source: &mut S,
+    ack: S::Ack,
+    outcome: &MessageOutcome,
+    trace: Option<opentelemetry::Context>,
+) {
     let disposition = outcome.disposition();
-    if let Err(e) = source.settle(ack, disposition, outcome).await {
-        // The message stays with the broker and comes back: at-least-once holds.
-        tracing::warn!(error = %e, ce_id = %outcome.id, ?disposition, "settling a message failed; it will be redelivered");
-    }
+    let settling = async {
+        if let Err(e) = source.settle(ack, disposition, outcome).await {
+            // The message stays with the broker and comes back: at-least-once holds.
+            tracing::warn!(error = %e, ce_id = %outcome.id, ?disposition, "settling a message failed; it will be redelivered");
+        }
+    };
+    crate::trace::acknowledged(trace, disposition.as_str(), settling).await;
 }
 
 async fn release<S: Source>(source: &mut S, ack: S::Ack) {
@@ -235,7 +244,7 @@ async fn release<S: Source>(source: &mut S, ack: S::Ack) {
         interrupted: true,
         held_unmatched: false,
     };
-    settle(source, ack, &outcome).await;
+    settle(source, ack, &outcome, None).await;
 }
 
 /// Settles completed messages on a task of its own, several at once: for sources whose
@@ -289,14 +298,15 @@ where
     Fut: Future<Output = ()>,
 {
     let mut pending: FuturesUnordered<Pending<A>> = FuturesUnordered::new();
-    let mut settling: FuturesUnordered<Fut> = FuturesUnordered::new();
+    let mut settling = FuturesUnordered::new();
     let mut open = true;
     while open || !pending.is_empty() || !settling.is_empty() {
         tokio::select! {
             biased;
             Some(()) = settling.next(), if !settling.is_empty() => {}
-            Some((ack, outcome)) = pending.next(), if !pending.is_empty() => {
-                settling.push(settle(ack, outcome));
+            Some((ack, outcome, trace)) = pending.next(), if !pending.is_empty() => {
+                let disposition = outcome.disposition().as_str();
+                settling.push(crate::trace::acknowledged(trace, disposition, settle(ack, outcome)));
             }
             received = rx.recv(), if open => match received {
                 Some(p) => pending.push(p),

@@ -20,11 +20,14 @@
 //!   connector's values are set after the message's and would replace most of these
 //!   anyway; withholding them all means one that the connector leaves unset on some
 //!   message (`ce-subject`, `X-Callback-Url`) cannot be filled in by a publisher either;
+//! - `traceparent` and `tracestate` are replaced, not forwarded: the invocation carries
+//!   the context of the connector's delivery attempt, a child of the message's own (see
+//!   [`crate::trace`]);
 //! - `Content-Type` is not taken from the headers either: it comes from the connector's
 //!   `content_type`, else the message's own ([`Message::content_type`], which each
 //!   connector sets from its source's content type).
 //!
-//! Everything else (`X-Tenant`, `traceparent`, `X-Kafka-*`, ...) passes unchanged. Names
+//! Everything else (`X-Tenant`, `X-Kafka-*`, ...) passes unchanged. Names
 //! are compared case-insensitively: [`HeaderName`]s are lowercase.
 //!
 //! [`GatewayClient::invocation_headers`]: crate::gateway::GatewayClient::invocation_headers
@@ -57,6 +60,10 @@ const WITHHELD: &[&str] = &[
     "x-delivery-attempt",
     "user-agent",
     "content-type",
+    // W3C trace context: the connector sends its own delivery span's (see `crate::trace`,
+    // which reads the message's as the parent), never the publisher's beside it
+    "traceparent",
+    "tracestate",
 ];
 
 /// Prefixes withheld, lowercase, as they are reported.
@@ -115,6 +122,8 @@ mod tests {
             ("X-Delivery-Attempt", "x-delivery-attempt"),
             ("User-Agent", "user-agent"),
             ("Content-Type", "content-type"),
+            ("traceparent", "traceparent"),
+            ("TraceState", "tracestate"),
             ("ce-id", "ce-*"),
             ("CE-Source", "ce-*"),
             ("ce-myextension", "ce-*"),
@@ -128,7 +137,6 @@ mod tests {
         for name in [
             "X-Trace-Me",
             "X-Tenant",
-            "traceparent",
             "Accept",
             "X-Kafka-Offset",
             "X-Kafka-Content-Length",

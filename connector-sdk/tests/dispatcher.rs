@@ -1990,3 +1990,45 @@ async fn held_messages_count_in_the_function_backlog_until_complete() {
     }
     assert_eq!(metrics.backlogs().snapshot().get(&waiting), Some(&0));
 }
+
+/// Traces off (no `OTEL_*` endpoint in the test environment): a valid incoming W3C
+/// context reaches the function unchanged as `traceparent`/`tracestate`, from the
+/// message's trace context or from its own headers; an invalid one, and a publisher's
+/// header beside a connector-set context, never do.
+#[tokio::test]
+async fn trace_context_passes_through_when_traces_are_off() {
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    assert!(
+        !faas_common::otel::configured(),
+        "run without OTEL_* endpoints"
+    );
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("traced", "orders", |_, _| Reply::ok());
+    let setup = dispatcher(&gw, gw.config(), None);
+    let dispatcher = &setup.dispatcher;
+    let submit = |m: Message| async move { dispatcher.submit(m).await.unwrap().await };
+
+    let mut set = message("orders", "a", "orders/0/1");
+    set.set_trace_context(PARENT.as_bytes(), Some(b"v=1"));
+    set.add_header(
+        "traceparent",
+        "00-ffffffffffffffffffffffffffffffff-00f067aa0ba902b7-01",
+    );
+    submit(set).await;
+    let mut from_headers = message("orders", "b", "orders/0/2");
+    from_headers.add_header("traceparent", PARENT);
+    submit(from_headers).await;
+    let mut invalid = message("orders", "c", "orders/0/3");
+    invalid.set_trace_context(b"00-not-a-context-01", None);
+    submit(invalid).await;
+    submit(message("orders", "d", "orders/0/4")).await;
+
+    let seen = gw.requests_to("traced");
+    let by_body = |b: &[u8]| seen.iter().find(|r| &r.body[..] == b).unwrap();
+    let a = by_body(b"a");
+    assert_eq!(a.header("traceparent").as_deref(), Some(PARENT));
+    assert_eq!(a.header("tracestate").as_deref(), Some("v=1"));
+    assert_eq!(by_body(b"b").header("traceparent").as_deref(), Some(PARENT));
+    assert_eq!(by_body(b"c").header("traceparent"), None);
+    assert_eq!(by_body(b"d").header("traceparent"), None);
+}

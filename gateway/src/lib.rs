@@ -26,6 +26,7 @@ pub mod provider;
 pub mod proxy;
 pub mod queue;
 pub mod supervisor;
+pub mod trace;
 pub mod types;
 
 use std::net::SocketAddr;

@@ -50,6 +50,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         logs.init();
     }
+    // OpenTelemetry traces, when the `OTEL_*` variables configure an endpoint.
+    if faas_common::otel::init("gateway").context("OpenTelemetry traces")? {
+        tracing::info!("exporting traces over OTLP/HTTP");
+    }
     let grace = config.gateway.upstream_timeout;
     let gateway = gateway::Gateway::start(config)
         .await
@@ -58,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     gateway.stop(grace.min(Duration::from_secs(30))).await;
+    let _ = tokio::task::spawn_blocking(faas_common::otel::shutdown).await;
     Ok(())
 }
 

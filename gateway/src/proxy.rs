@@ -137,19 +137,25 @@ pub fn decorate_response(response: &mut Response, call: &CallHeaders) {
 pub async fn invoke_function(
     state: &AppState,
     function: &FunctionRef,
-    invocation: Invocation,
+    mut invocation: Invocation,
 ) -> Response {
     let label = function.qualified();
     let metrics = state.metrics.function(&label);
     metrics.started.inc();
     let began = Instant::now();
-    let response = match state.provider.invoke(function, invocation).await {
-        Ok(response) => response.into_response(),
+    // Traces on: the proxy span and the provider's call, whose context the function gets.
+    let spans = crate::trace::proxy(&label, &mut invocation.headers);
+    let (response, failed) = match state.provider.invoke(function, invocation).await {
+        Ok(response) => (response.into_response(), false),
         Err(e) => {
             tracing::debug!(function = %label, error = %e, "invocation failed");
-            e.into_response()
+            (e.into_response(), true)
         }
     };
+    if let Some((proxy, call)) = spans {
+        call.finish(Some(response.status()), failed);
+        proxy.finish(Some(response.status()), false);
+    }
     metrics.observe(response.status().as_u16(), began.elapsed().as_secs_f64());
     response
 }

@@ -147,6 +147,8 @@ async fn accept(
     let body = collect_body(body, limit).await?;
     let call = prepare_headers(&mut parts.headers, client);
     parts.headers.remove("x-callback-url");
+    // Stored with the request: the trace survives the queue and a restart.
+    crate::trace::enqueued(&function.qualified(), &mut parts.headers);
     let headers = parts
         .headers
         .iter()
@@ -268,6 +270,10 @@ impl Worker {
         if let Ok(v) = HeaderValue::from_str(&attempt.to_string()) {
             headers.insert("x-delivery-attempt", v);
         }
+        if attempt == 1 {
+            let accepted = SystemTime::UNIX_EPOCH + Duration::from_millis(request.accepted_at_ms);
+            crate::trace::waited(&request.function, &headers, accepted);
+        }
         let body = base64::engine::general_purpose::STANDARD
             .decode(&request.body)
             .unwrap_or_default();
@@ -370,6 +376,22 @@ impl Worker {
                 out.insert(k, v);
             }
         }
+        let span = crate::trace::callback(&request.function, &stored_trace(request), &mut out);
+        let delivered = self.post_callback(request, url, out, body, cancel).await;
+        if let Some(span) = span {
+            span.finish(None, !delivered);
+        }
+    }
+
+    /// Posts the callback, a few quick attempts; whether the receiver took it.
+    async fn post_callback(
+        &self,
+        request: &QueuedRequest,
+        url: &str,
+        out: HeaderMap,
+        body: bytes::Bytes,
+        cancel: &CancellationToken,
+    ) -> bool {
         for attempt in 1..=3u32 {
             let sent = self
                 .callbacks
@@ -380,7 +402,7 @@ impl Worker {
                 .send()
                 .await;
             match sent {
-                Ok(r) if r.status().is_success() => return,
+                Ok(r) if r.status().is_success() => return true,
                 Ok(r) => {
                     tracing::warn!(call_id = %request.call_id, status = r.status().as_u16(), attempt, "callback refused")
                 }
@@ -394,7 +416,21 @@ impl Worker {
             }
         }
         self.state.metrics.callback_failures.inc();
+        false
     }
+}
+
+/// The stored request's `traceparent`/`tracestate`, as headers.
+fn stored_trace(request: &QueuedRequest) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (k, v) in &request.headers {
+        if (k.eq_ignore_ascii_case("traceparent") || k.eq_ignore_ascii_case("tracestate"))
+            && let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v))
+        {
+            out.insert(k, v);
+        }
+    }
+    out
 }
 
 /// A request the embedded queue holds, from acceptance until it is finished.

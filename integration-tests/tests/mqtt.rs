@@ -349,7 +349,12 @@ async fn user_properties_become_headers_and_forbidden_ones_are_dropped() {
         &[b"payload".to_vec()],
         &[
             ("x-tenant", "acme"),
-            ("traceparent", "00-abc-def-01"),
+            // A valid W3C context passes on (traces off: unchanged); see connector-sdk's
+            // `trace` module.
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
             ("Host", "evil.example"),
             ("Authorization", "Bearer stolen"),
             ("Content-Length", "1"),
@@ -366,7 +371,10 @@ async fn user_properties_become_headers_and_forbidden_ones_are_dropped() {
     );
     let r = &gw.requests_to("props-fn")[0];
     assert_eq!(r.header("x-tenant").as_deref(), Some("acme"));
-    assert_eq!(r.header("traceparent").as_deref(), Some("00-abc-def-01"));
+    assert_eq!(
+        r.header("traceparent").as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
     assert_ne!(r.header("host").as_deref(), Some("evil.example"));
     assert_eq!(r.header("authorization"), None);
     assert_eq!(r.header("x-callback-url"), None);

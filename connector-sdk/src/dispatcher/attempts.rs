@@ -23,6 +23,7 @@ use crate::message::{DeliveryOutcome, DeliveryReport, InvocationResponse, Messag
 use crate::metrics::status_class;
 use crate::policy::{BatchSettings, PolicyOverrides};
 use crate::response::InvocationResult;
+use crate::trace::AttemptSpan;
 use crate::verdict::{StatusClasses, Verdict};
 
 /// One delivery: a message to one function, on the worker whose cancellation it obeys.
@@ -101,6 +102,16 @@ impl Tried {
     }
 }
 
+/// A verdict's name, for the attempt's span.
+fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Delivered => "delivered",
+        Verdict::Retry { .. } => "retry",
+        Verdict::DeadLetter => "dead_letter",
+        Verdict::Drop => "drop",
+    }
+}
+
 /// What a delivery does after acting on a verdict.
 enum Then {
     /// It ends with this outcome.
@@ -128,6 +139,9 @@ impl Inner {
             topic = %message.topic,
             ce_id = %message.id,
         );
+        // `trace{trace_id}` when the message has a trace; the context passed on to the
+        // function when traces are off.
+        let (log_span, passthrough) = crate::trace::delivery(&message);
         let report = async {
             let policy = self.delivery_policy(&function);
             // A function that takes batches: its delivery holds one of the batcher's
@@ -165,11 +179,12 @@ impl Inner {
                 message: &message,
                 function: &function,
             };
-            let report = self.attempts(delivery, &policy).await;
+            let report = self.attempts(delivery, &policy, passthrough.as_ref()).await;
             self.metrics.inflight().dec();
             report
         }
         .instrument(span)
+        .instrument(log_span)
         .await;
         self.metrics.delivery_finished(&function, report.outcome);
         report
@@ -219,6 +234,7 @@ impl Inner {
         &self,
         delivery: Delivery<'_>,
         policy: &DeliveryPolicy<'_>,
+        passthrough: Option<&opentelemetry::Context>,
     ) -> DeliveryReport {
         let Delivery {
             cancel,
@@ -249,10 +265,27 @@ impl Inner {
             }
             tally.attempt = tally.attempt.saturating_add(1);
             tally.local += 1;
-            let Some(tried) = self.attempt(delivery, policy, tally.attempt).await else {
+            let span = AttemptSpan::start(message, function, tally.attempt);
+            let trace = span.as_ref().map(AttemptSpan::context).or(passthrough);
+            let Some(tried) = self.attempt(delivery, policy, tally.attempt, trace).await else {
                 return released(function, tally.local);
             };
-            let delay = match self.act_on(delivery, policy, &mut tally, &tried).await {
+            let then = self.act_on(delivery, policy, &mut tally, &tried).await;
+            if let Some(span) = span {
+                let retry_delay = match then {
+                    Then::RetryIn(delay) | Then::End(DeliveryOutcome::Retry { after: delay }) => {
+                        Some(delay)
+                    }
+                    Then::End(_) => None,
+                };
+                span.finish(
+                    tried.status(),
+                    tried.error.as_deref(),
+                    verdict_name(tried.verdict),
+                    retry_delay,
+                );
+            }
+            let delay = match then {
                 Then::End(outcome) => return tried.report(function, outcome, tally.local),
                 Then::RetryIn(delay) => delay,
             };
@@ -313,6 +346,7 @@ impl Inner {
         delivery: Delivery<'_>,
         policy: &DeliveryPolicy<'_>,
         attempt: u32,
+        trace: Option<&opentelemetry::Context>,
     ) -> Option<Tried> {
         let Delivery {
             cancel,
@@ -345,7 +379,7 @@ impl Inner {
             signal: &cancel.signal,
             inner: self
                 .gateway
-                .invoke(function, message, attempt, policy.timeout),
+                .invoke_traced(function, message, attempt, policy.timeout, trace),
         };
         let result = invocation.await?;
         let took = started.elapsed();

@@ -46,6 +46,7 @@ impl Inner {
     /// [`execute`](Self::execute) on this task.
     async fn finish(self: &Arc<Self>, cancel: &Cancel, job: Job) {
         let Job { admission, done } = job;
+        crate::trace::dispatched(&admission.message);
         let (outcome, lane) = self
             .run(
                 cancel,
@@ -215,7 +216,7 @@ pub(super) fn released(function: &FunctionRef, attempts: u32) -> DeliveryReport 
 /// Resolves to the [`MessageOutcome`] of a submitted message once all its deliveries are
 /// terminal.
 #[derive(Debug)]
-pub struct Completion(CompletionState);
+pub struct Completion(CompletionState, Option<opentelemetry::Context>);
 
 #[derive(Debug)]
 enum CompletionState {
@@ -228,12 +229,26 @@ enum CompletionState {
 impl Completion {
     /// A completion whose outcome was known at submission.
     pub(super) fn ready(outcome: MessageOutcome) -> Self {
-        Self(CompletionState::Ready(Some(outcome)))
+        Self(CompletionState::Ready(Some(outcome)), None)
     }
 
     /// A completion the worker delivering the message resolves through `rx`.
     pub(super) fn pending(rx: oneshot::Receiver<MessageOutcome>) -> Self {
-        Self(CompletionState::Pending(rx))
+        Self(CompletionState::Pending(rx), None)
+    }
+}
+
+impl Completion {
+    /// With the message's span (traces on), for the acknowledgement to end.
+    pub(super) fn traced(mut self, cx: Option<opentelemetry::Context>) -> Self {
+        self.1 = cx;
+        self
+    }
+
+    /// The message's span, taken for its acknowledgement ([`crate::source`] settles
+    /// under it). Dropped with the completion otherwise: the span then ends there.
+    pub(crate) fn take_trace(&mut self) -> Option<opentelemetry::Context> {
+        self.1.take()
     }
 }
 

@@ -1,12 +1,13 @@
 //! Dead-letter writing: a delivery that failed for good goes to the dead-letter sink,
 //! tried a few times; when that is impossible it is held or dropped (`on_exhausted`).
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::Inner;
 use super::attempts::Delivery;
 use crate::config::OnExhausted;
-use crate::dead_letter::{DeadLetter, DeadLetterReason, RESPONSE_EXCERPT_BYTES};
+use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RESPONSE_EXCERPT_BYTES};
 use crate::message::{DeliveryOutcome, InvocationResponse};
 
 /// How many times writing one dead letter is tried before the delivery is held.
@@ -67,17 +68,35 @@ impl Inner {
             );
         };
         let Delivery {
+            message, function, ..
+        } = delivery;
+        let letter = failure.letter(delivery);
+        let write = async {
+            let outcome = self.write_letter(delivery, &failure, sink, &letter).await;
+            (outcome, outcome == DeliveryOutcome::DeadLettered)
+        };
+        crate::trace::dead_letter_span(message, function, failure.reason.as_str(), write).await
+    }
+
+    /// Writes `letter` to `sink`, tried [`DEAD_LETTER_WRITE_TRIES`] times.
+    async fn write_letter(
+        &self,
+        delivery: Delivery<'_>,
+        failure: &Failure<'_>,
+        sink: &Arc<dyn DeadLetterSink>,
+        letter: &DeadLetter,
+    ) -> DeliveryOutcome {
+        let Delivery {
             cancel,
             message,
             function,
         } = delivery;
-        let letter = failure.letter(delivery);
         let mut failures = self.policy.backoff.attempts();
         for try_number in 1..=DEAD_LETTER_WRITE_TRIES {
             let written = tokio::select! {
                 biased;
                 () = cancel.abort.cancelled() => return DeliveryOutcome::Released,
-                r = sink.write(&letter) => r,
+                r = sink.write(letter) => r,
             };
             match written {
                 Ok(()) => {
@@ -111,7 +130,7 @@ impl Inner {
                 }
             }
         }
-        self.give_up(delivery, &failure, "writing the dead letter failed")
+        self.give_up(delivery, failure, "writing the dead letter failed")
     }
 
     /// The outcome of a delivery that failed for good and could not be dead-lettered:

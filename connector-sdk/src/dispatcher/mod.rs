@@ -372,12 +372,13 @@ impl Dispatcher {
     /// The returned [`Completion`] resolves when every delivery is terminal. Fails only
     /// when the dispatcher is draining. Cancel-safe: dropping the future before it resolves
     /// delivers nothing.
-    pub async fn submit(&self, message: Message) -> Result<Completion, SdkError> {
+    pub async fn submit(&self, mut message: Message) -> Result<Completion, SdkError> {
+        let trace = crate::trace::start_message(&mut message);
         // Shared by its deliveries from here on: behind one pointer, the message is not
         // copied again as it moves through admission, the queue and the futures.
         let message = Arc::new(message);
         let functions = self.functions_for(&message.topic);
-        self.submit_shared(message, functions).await
+        Ok(self.submit_shared(message, functions).await?.traced(trace))
     }
 
     /// Like [`submit`](Self::submit), but to exactly `functions` instead of the topic's
@@ -387,7 +388,12 @@ impl Dispatcher {
         message: Message,
         functions: Arc<[FunctionRef]>,
     ) -> Result<Completion, SdkError> {
-        self.submit_shared(Arc::new(message), functions).await
+        let mut message = message;
+        let trace = crate::trace::start_message(&mut message);
+        Ok(self
+            .submit_shared(Arc::new(message), functions)
+            .await?
+            .traced(trace))
     }
 
     async fn submit_shared(

@@ -81,7 +81,8 @@ impl Record {
         format!("{}/{}/{}", self.tp.topic, self.tp.partition, self.offset)
     }
 
-    /// The message handed to the dispatcher.
+    /// The message handed to the dispatcher. The record's `traceparent`/`tracestate`
+    /// headers become its trace context (see connector-sdk's `trace` module).
     pub fn to_message(&self, group: &str, ordering: Ordering) -> Message {
         let tp = &self.tp;
         let mut m = Message::new(
@@ -97,7 +98,19 @@ impl Record {
             // In dead letters' provenance, so a replay restores `ce-time` and the header.
             m = m.with_coordinate("timestamp", ts);
         }
+        let (mut traceparent, mut tracestate) = (None, None);
         for (name, value) in &self.headers {
+            // W3C trace context (and CloudEvents' Kafka binding, `ce_traceparent`): the
+            // parent of the delivery's span, sent on as the invocation's own
+            // `traceparent`, not also as `X-Kafka-traceparent` beside it.
+            if is_trace_header(name, "traceparent") {
+                traceparent = value.as_ref();
+                continue;
+            }
+            if is_trace_header(name, "tracestate") {
+                tracestate = value.as_ref();
+                continue;
+            }
             if name.eq_ignore_ascii_case("content-type")
                 && let Some(ct) = value.as_ref().and_then(|v| std::str::from_utf8(v).ok())
             {
@@ -109,6 +122,9 @@ impl Record {
             } else {
                 m.add_header(&header, "");
             }
+        }
+        if let Some(parent) = traceparent {
+            m.set_trace_context(parent, tracestate.map(|s| &s[..]));
         }
         // Ours last, replacing any record header that spells the same name.
         for name in [
@@ -182,6 +198,15 @@ pub fn epoch_millis(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether record header `name` is the W3C `field` (`traceparent`, `tracestate`), plain
+/// or as CloudEvents' Kafka binding spells its extensions (`ce_traceparent`).
+fn is_trace_header(name: &str, field: &str) -> bool {
+    name.eq_ignore_ascii_case(field)
+        || name
+            .strip_prefix("ce_")
+            .is_some_and(|rest| rest.eq_ignore_ascii_case(field))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -204,6 +229,28 @@ mod tests {
                 ),
             ],
         }
+    }
+
+    #[test]
+    fn trace_context_is_taken_not_forwarded() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut r = record();
+        r.headers
+            .push(("traceparent".into(), Some(Bytes::from(parent))));
+        r.headers
+            .push(("tracestate".into(), Some(Bytes::from_static(b"v=1"))));
+        let m = r.to_message("g", Ordering::None);
+        let tc = m.trace_context.clone().unwrap();
+        assert_eq!(tc.traceparent, parent);
+        assert_eq!(tc.tracestate.unwrap(), "v=1");
+        assert_eq!(header(&m, "x-kafka-traceparent"), None);
+        assert_eq!(header(&m, "x-kafka-tracestate"), None);
+        // CloudEvents' Kafka binding.
+        let mut r = record();
+        r.headers
+            .push(("ce_traceparent".into(), Some(Bytes::from(parent))));
+        let m = r.to_message("g", Ordering::None);
+        assert_eq!(m.trace_context.unwrap().traceparent, parent);
     }
 
     fn header(m: &Message, name: &str) -> Option<String> {

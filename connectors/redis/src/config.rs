@@ -87,6 +87,11 @@ pub struct RedisConfig {
     /// as one lane. Also sent as `ce-subject`. Env `redis_key_field`. (default: unset)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_field: Option<String>,
+    /// The entry field holding the event's W3C `traceparent`: the parent of the
+    /// delivery's trace, sent on as the invocation's `traceparent` (a field named
+    /// `tracestate` goes with it). Env `redis_trace_field`. (default: unset)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_field: Option<String>,
     /// Dead-letter stream; `{stream}` is replaced by the source stream. Empty: no dead
     /// letters (a delivery that failed for good stays pending, or is dropped with
     /// `on_exhausted = "drop"`). Env `redis_dead_letter_stream`.
@@ -141,6 +146,7 @@ impl Default for RedisConfig {
             body_field: None,
             content_type_field: None,
             key_field: None,
+            trace_field: None,
             dead_letter_stream: "{stream}:dead-letter".to_owned(),
             dead_letter_maxlen: 0,
             batch_size: 100,
@@ -169,6 +175,7 @@ pub const ENV: &[EnvVar] = &[
     EnvVar::new("redis_body_field", "redis.body_field"),
     EnvVar::new("redis_content_type_field", "redis.content_type_field"),
     EnvVar::new("redis_key_field", "redis.key_field"),
+    EnvVar::new("redis_trace_field", "redis.trace_field"),
     EnvVar::new("redis_dead_letter_stream", "redis.dead_letter_stream"),
     EnvVar::new("redis_batch_size", "redis.batch_size"),
     EnvVar::new("redis_block", "redis.block"),

@@ -291,6 +291,8 @@ pub struct Shape {
     pub content_type_field: Option<String>,
     /// The ordering-key field, if configured.
     pub key_field: Option<String>,
+    /// The field holding the W3C `traceparent`, if configured.
+    pub trace_field: Option<String>,
     /// The configured ordering.
     pub ordering: Ordering,
     /// `ce-source` prefix: `redis://host:port/db`.
@@ -368,6 +370,10 @@ impl Shape {
             }
             Ordering::Partition => message = message.with_ordering_key(lane_of(stream)),
         }
+        if let Some(traceparent) = field(&self.trace_field) {
+            let tracestate = field(&Some("tracestate".to_owned()));
+            message.set_trace_context(&traceparent, tracestate.as_deref());
+        }
         message.add_header(headers::STREAM, stream);
         message.add_header(headers::ID, id);
         message.add_header(headers::GROUP, &self.group);
@@ -439,6 +445,7 @@ mod tests {
             body_field: body.map(str::to_owned),
             content_type_field: Some("ct".into()),
             key_field: Some("user".into()),
+            trace_field: None,
             ordering,
             source: "redis://127.0.0.1:6379/0".into(),
             group: "g".into(),

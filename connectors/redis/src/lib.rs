@@ -120,6 +120,7 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
         body_field: r.body_field.clone(),
         content_type_field: r.content_type_field.clone(),
         key_field: r.key_field.clone(),
+        trace_field: r.trace_field.clone(),
         ordering: config.connector.ordering,
         source: source.clone(),
         group: r.group.clone(),

@@ -354,9 +354,27 @@ fn convert(
             .with_coordinate("message-group-id", &group)
             .with_ordering_key(key.into_bytes());
     }
+    // W3C trace context in `traceparent`/`tracestate` attributes: the message's trace
+    // (connector-sdk's `trace`), sent as the invocation's own `traceparent`, not also as
+    // `X-SQS-Attr-traceparent`.
+    let trace_attribute = |field: &str| {
+        attributes
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(field))
+            .and_then(|(_, v)| v.string_value.as_deref())
+    };
+    if let Some(traceparent) = trace_attribute("traceparent") {
+        message.set_trace_context(
+            traceparent.as_bytes(),
+            trace_attribute("tracestate").map(str::as_bytes),
+        );
+    }
     let mut names: Vec<&String> = attributes.keys().collect();
     names.sort();
     for name in names {
+        if name.eq_ignore_ascii_case("traceparent") || name.eq_ignore_ascii_case("tracestate") {
+            continue;
+        }
         let Some(value) = attributes.get(name).and_then(|v| v.string_value.as_deref()) else {
             continue; // Binary attributes are not forwarded.
         };
