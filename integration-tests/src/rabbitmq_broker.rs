@@ -7,7 +7,6 @@
 //! from `rabbitmqctl list_queues` (ready plus unacknowledged): AMQP itself reports only
 //! the ready ones.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -250,50 +249,6 @@ impl RabbitQueues {
         out
     }
 
-    /// Messages the channels consuming `queue` have received and not acknowledged, as
-    /// the channels count them now (0 when `rabbitmqctl` fails: the queue's count stands).
-    fn held_by_consumers(queue: &str) -> u64 {
-        let list = |args: &[&str]| -> Vec<Vec<String>> {
-            Command::new("rabbitmqctl")
-                .args(args)
-                .output()
-                .ok()
-                .filter(|out| out.status.success())
-                .map(|out| {
-                    String::from_utf8_lossy(&out.stdout)
-                        .lines()
-                        .map(|l| l.split_whitespace().map(str::to_owned).collect())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let channels: BTreeSet<String> = list(&[
-            "list_consumers",
-            "-q",
-            "--no-table-headers",
-            "queue_name",
-            "channel_pid",
-        ])
-        .into_iter()
-        .filter(|row| row.first().map(String::as_str) == Some(queue))
-        .filter_map(|row| row.get(1).cloned())
-        .collect();
-        if channels.is_empty() {
-            return 0;
-        }
-        list(&[
-            "list_channels",
-            "-q",
-            "--no-table-headers",
-            "pid",
-            "messages_unacknowledged",
-        ])
-        .into_iter()
-        .filter(|row| row.first().is_some_and(|pid| channels.contains(pid)))
-        .filter_map(|row| row.get(1)?.parse::<u64>().ok())
-        .sum()
-    }
-
     /// Ready plus unacknowledged messages of `queue`, as the broker counts them. A failed
     /// `rabbitmqctl` (slow to start under load) or a listing without the queue is asked
     /// again, a few times, rather than read as zero: zero means "all acknowledged".
@@ -392,14 +347,9 @@ metrics_interval = "200ms"
             .collect()
     }
 
-    /// The queue's count (ready plus unacknowledged, from statistics a quorum queue
-    /// publishes every 5 s) plus what the channels consuming it hold unacknowledged now
-    /// (counted live by each channel): a message delivered and not yet acknowledged shows
-    /// at once, not at the next tick. Counted twice once the tick catches up, which only
-    /// errs towards "not yet acknowledged".
     async fn unacknowledged(&self, topic: &str) -> u64 {
         let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || Self::depth(&topic) + Self::held_by_consumers(&topic))
+        tokio::task::spawn_blocking(move || Self::depth(&topic))
             .await
             .unwrap()
     }
