@@ -178,6 +178,21 @@ impl Backlogs {
         let _ = self.view.set((topics, resolver));
     }
 
+    /// [`set_view`](Self::set_view) with a topic's functions as the map names them
+    /// (exact topics, no wildcards).
+    pub fn set_exact_view(&self, topics: crate::topic_map::TopicMapHandle) {
+        let map = topics.clone();
+        self.set_view(
+            topics,
+            Arc::new(move |topic| {
+                map.current()
+                    .lookup(topic)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new([]))
+            }),
+        );
+    }
+
     /// Every function's backlog now; empty before the runtime has set the view.
     pub fn snapshot(&self) -> BTreeMap<FunctionRef, u64> {
         let Some((topics, resolver)) = self.view.get() else {
@@ -234,10 +249,10 @@ pub async fn report_loop(
             changed = changes.changed() => if changed.is_err() { return },
             _ = tick.tick() => {}
         }
-        let snapshot = backlogs.snapshot();
         if backlogs.topics().is_none() {
             continue;
         }
+        let snapshot = backlogs.snapshot();
         match gateway.report_backlog(&source, &snapshot).await {
             Ok(()) => {
                 if failing {

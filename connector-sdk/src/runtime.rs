@@ -281,20 +281,16 @@ impl Runtime {
         }
         let dispatcher = builder.build();
         // Reported broker backlogs are matched to functions as messages are (wildcards).
-        let map = topics.clone();
-        metrics.backlogs().set_view(
-            topics.clone(),
-            Arc::new(move |topic| {
-                let current = map.current();
-                match &backlog_matcher {
-                    Some(m) => m(&current, topic),
-                    None => current
-                        .lookup(topic)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new([])),
-                }
-            }),
-        );
+        match backlog_matcher {
+            Some(m) => {
+                let map = topics.clone();
+                metrics.backlogs().set_view(
+                    topics.clone(),
+                    Arc::new(move |topic| m(&map.current(), topic)),
+                );
+            }
+            None => metrics.backlogs().set_exact_view(topics.clone()),
+        }
         if let Some(gateway) = reporter {
             let source = format!(
                 "{name}-{}-{}",

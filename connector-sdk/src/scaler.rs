@@ -330,17 +330,7 @@ mod tests {
         );
         let handle = TopicMapHandle::fixed(map);
         let backlogs = Arc::new(Backlogs::default());
-        let lookup = handle.clone();
-        backlogs.set_view(
-            handle,
-            Arc::new(move |t| {
-                lookup
-                    .current()
-                    .lookup(t)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new([]))
-            }),
-        );
+        backlogs.set_exact_view(handle);
         (
             Scaler::new(backlogs.clone(), CancellationToken::new()),
             backlogs,

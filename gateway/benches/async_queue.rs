@@ -34,6 +34,8 @@
 //! per second, the sync rate, and the median of the per-round ratios workers / sync.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark program, not library code
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -42,8 +44,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use support::{median, start_gateway, stop_gateway};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const BODY: &[u8] = b"hello";
 
@@ -197,7 +200,11 @@ url = "http://{backend_addr}/held"
             ),
         )
         .unwrap();
-        let (mut gateway, addr, metrics) = start_gateway(&config).await;
+        let support::Gateway {
+            child: mut gateway,
+            addr,
+            metrics,
+        } = start_gateway(&config).await;
         // Warm: pools filled, caches hot.
         load(
             addr,
@@ -327,62 +334,6 @@ async fn wait_drained(client: &reqwest::Client, metrics: SocketAddr, target: Opt
     panic!("the queue did not drain within 120 s");
 }
 
-/// Starts the release gateway on `config`; its API and metrics addresses from its log.
-async fn start_gateway(config: &std::path::Path) -> (Child, SocketAddr, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("--config")
-        .arg(config)
-        .env("NO_COLOR", "1")
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn,gateway=info".into()),
-        )
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the gateway binary");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (addr, metrics) = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("gateway exited");
-            if let Some(rest) = line.split("gateway listening addr=").nth(1) {
-                let mut words = rest.split_whitespace();
-                let addr = words.next().unwrap().parse().unwrap();
-                let metrics = words
-                    .next()
-                    .and_then(|w| w.strip_prefix("metrics="))
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-                break (addr, metrics);
-            }
-        }
-    })
-    .await
-    .expect("the gateway listens within 30 s");
-    let echo = std::env::var_os("BENCH_GATEWAY_LOG").is_some();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if echo {
-                eprintln!("{line}");
-            }
-        }
-    });
-    (child, addr, metrics)
-}
-
-/// SIGTERM, so the gateway closes its store before it exits.
-async fn stop_gateway(child: &mut Child) {
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-}
-
 struct Load {
     ok: u64,
     errors: u64,
@@ -460,9 +411,4 @@ async fn connect(addr: SocketAddr) -> Option<Sender> {
         .ok()?;
     tokio::spawn(connection);
     Some(sender)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }

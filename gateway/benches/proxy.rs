@@ -29,6 +29,8 @@
 //! gateway's resident memory idle (after the functions are ready) and its peak.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark program, not library code
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -38,6 +40,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use support::{free_addr, median, start_gateway, stop_gateway};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -157,7 +160,11 @@ command = "cat"
         ),
     )
     .unwrap();
-    let (mut local, local_addr) = start_gateway(&config).await;
+    let support::Gateway {
+        child: mut local,
+        addr: local_addr,
+        ..
+    } = start_gateway(&config).await;
     let external_config = dir.path().join("external.toml");
     std::fs::write(
         &external_config,
@@ -173,7 +180,11 @@ provider_url = "http://{backend_addr}"
         ),
     )
     .unwrap();
-    let (mut external, external_addr) = start_gateway(&external_config).await;
+    let support::Gateway {
+        child: mut external,
+        addr: external_addr,
+        ..
+    } = start_gateway(&external_config).await;
     let local_pid = local.id().unwrap();
 
     // The `http` function's replica: its port is in its log.
@@ -316,49 +327,6 @@ provider_url = "http://{backend_addr}"
     let _ = backend.kill().await;
 }
 
-/// Starts the release gateway on `config` and reads its address from its log.
-async fn start_gateway(config: &std::path::Path) -> (Child, SocketAddr) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
-    // For experiments with the gateway's runtime alone (tokio reads it in `main`).
-    if let Ok(workers) = std::env::var("BENCH_GATEWAY_WORKERS") {
-        command.env("TOKIO_WORKER_THREADS", workers);
-    }
-    let mut child = command
-        .arg("--config")
-        .arg(config)
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "warn,gateway=info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the gateway binary");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("gateway exited");
-            if let Some(rest) = line.split("gateway listening addr=").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        }
-    })
-    .await
-    .expect("the gateway listens within 30 s");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
-}
-
-/// SIGTERM, so the gateway stops its function processes before it exits.
-async fn stop_gateway(child: &mut Child) {
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-}
-
 /// The `http` function's replica address, from its log line `listening on ...`.
 async fn find_replica(gateway: SocketAddr) -> SocketAddr {
     let client = reqwest::Client::new();
@@ -416,8 +384,8 @@ impl Nginx {
         std::fs::create_dir_all(&root).unwrap();
         // Ports picked here and released for nginx to bind: a benchmark can afford the
         // small race, and nginx failing to start is reported.
-        let to_backend = free_port();
-        let to_replica = free_port();
+        let to_backend = free_addr();
+        let to_replica = free_addr();
         let location = |upstream: &str| {
             format!(
                 "location / {{ proxy_pass http://{upstream}; proxy_http_version 1.1; \
@@ -534,11 +502,6 @@ async fn ensure_nginx() {
         let _ = Command::new("apt-get").arg("update").status().await;
         assert!(install().await, "cannot install nginx with apt-get");
     }
-}
-
-fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -690,11 +653,6 @@ async fn spawn_cat() -> bool {
         .wait_with_output()
         .await
         .is_ok_and(|o| o.status.success() && o.stdout == BODY)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn median_run(runs: &[Run]) -> Run {

@@ -6,45 +6,20 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::binary::start_binary;
+use common::binary::{start_binary, write_config};
 use common::wait_for;
 use futures::StreamExt;
 use serde_json::json;
-
-fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("gateway.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[gateway]
-bind = "127.0.0.1:0"
-metrics_bind = "127.0.0.1:0"
-state_dir = "state"
-
-[provider]
-secrets_path = "secrets"
-
-[supervisor]
-backoff = {{ initial = "50ms", max = "200ms" }}
-stop_timeout = "5s"
-{extra}
-"#
-        ),
-    )
-    .unwrap();
-    path
-}
 
 #[tokio::test]
 async fn deployed_functions_survive_a_binary_restart_and_sigterm_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
+        "",
         r#"
 [[functions]]
 name = "configured"
@@ -140,6 +115,7 @@ async fn the_supervisor_restarts_a_crashed_connector_and_stops_connectors_gracef
     std::fs::write(dir.path().join("steady.toml"), "").unwrap();
     let config = write_config(
         dir.path(),
+        "",
         &format!(
             r#"
 [[connectors]]
@@ -242,6 +218,7 @@ async fn jetstream_queue_keeps_requests_across_a_gateway_crash() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
+        "",
         &format!(
             r#"
 [async]
@@ -317,6 +294,7 @@ async fn embedded_queue_runs_every_accepted_request_after_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
+        "",
         &format!(
             r#"
 [async]
@@ -438,6 +416,7 @@ async fn embedded_queue_keeps_a_retry_and_its_attempt_count_across_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
+        "",
         &format!(
             r#"
 [async]
@@ -496,6 +475,7 @@ async fn replicas_orphaned_by_a_killed_gateway_are_stopped_by_the_next_start() {
     );
     let config = write_config(
         dir.path(),
+        "",
         &format!(
             r#"
 [[functions]]

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::binary::{Running, start_binary};
+use common::binary::{Running, start_binary, write_config};
 use common::wait_for;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -29,24 +29,17 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 /// A gateway whose autoscaler decides every 100 ms and scales down after 1 s of low load.
 async fn gateway(dir: &Path) -> Running {
-    let path = dir.join("gateway.toml");
-    std::fs::write(
-        &path,
-        r#"
-[gateway]
-bind = "127.0.0.1:0"
-metrics_bind = "127.0.0.1:0"
-state_dir = "state"
-
-[provider]
-secrets_path = "secrets"
+    let provider = r#"
 autoscale_interval = "100ms"
 scale_down_after = "1s"
 health_interval = "200ms"
-"#,
-    )
-    .unwrap();
-    start_binary(&path).await
+"#;
+    start_binary(&write_config(dir, provider, "")).await
+}
+
+/// The body of the answer to `request`.
+async fn text(request: reqwest::RequestBuilder) -> String {
+    request.send().await.unwrap().text().await.unwrap()
 }
 
 fn labels(min: u64, max: u64) -> Value {
@@ -145,14 +138,7 @@ async fn wait_replicas(client: &reqwest::Client, gw: &Running, name: &str, want:
 
 /// The targets of the autoscaler's scale-ups, from the function's log.
 async fn scale_ups(client: &reqwest::Client, gw: &Running, name: &str) -> Vec<u64> {
-    let log = client
-        .get(gw.url(&format!("/system/logs?name={name}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = text(client.get(gw.url(&format!("/system/logs?name={name}")))).await;
     log.split("Scaling up from ")
         .skip(1)
         .filter_map(|rest| rest.split(" to ").nth(1)?.split(' ').next()?.parse().ok())
@@ -291,14 +277,7 @@ async fn an_empty_function_name_is_a_missing_function() {
         let response = client.post(gw.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 404, "{path}");
     }
-    let body = client
-        .post(gw.url("/function/.openfaas-fn"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = text(client.post(gw.url("/function/.openfaas-fn"))).await;
     assert_eq!(body, "error finding function .openfaas-fn: not found");
     gw.stop().await;
 }

@@ -13,11 +13,13 @@
 //!   [`nats_broker`], [`sqs_broker`], [`rabbitmq_broker`], [`postgres_broker`],
 //!   [`mqtt_broker`]: broker fixtures.
 //! - The gateway and functions are `connector_sdk::testing::FakeGateway`, a real HTTP
-//!   server, except in `tests/system.rs`, which runs the real `gateway` binary with a
-//!   function and the connectors it supervises.
+//!   server, except in `tests/system.rs` and `tests/otel.rs`, which run the real
+//!   `gateway` binary ([`gateway::Gateway`]) with functions and the connectors it
+//!   supervises.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod config_keys;
+pub mod gateway;
 pub mod kafka_broker;
 pub mod keda;
 pub mod mqtt_broker;

@@ -695,17 +695,23 @@ fn check_deployment(d: &Deployment, origin: &str) {
     }
 }
 
-#[test]
-fn kubernetes_manifests_match_the_connectors() {
-    let dir = repo().join("deploy/kubernetes");
-    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
-    assert_eq!(kustomization["namespace"], "openfaas");
-    let resources: BTreeSet<String> = kustomization["resources"]
+/// `dir/kustomization.yaml` and its `resources`.
+fn kustomization(dir: &str) -> (Value, BTreeSet<String>) {
+    let kustomization = yaml(&format!("{dir}/kustomization.yaml"));
+    let resources = kustomization["resources"]
         .as_array()
         .unwrap()
         .iter()
         .map(str_of)
         .collect();
+    (kustomization, resources)
+}
+
+#[test]
+fn kubernetes_manifests_match_the_connectors() {
+    let dir = repo().join("deploy/kubernetes");
+    let (kustomization, resources) = kustomization("deploy/kubernetes");
+    assert_eq!(kustomization["namespace"], "openfaas");
     let files: BTreeSet<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1086,13 +1092,7 @@ fn broker_connectors() -> impl Iterator<Item = &'static str> {
 fn keda_overlay_scales_a_function_through_every_broker_connector() {
     use k8s_openapi::api::core::v1::Service;
     const DIR: &str = "deploy/kubernetes-keda";
-    let kustomization = yaml(&format!("{DIR}/kustomization.yaml"));
-    let resources: BTreeSet<String> = kustomization["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(str_of)
-        .collect();
+    let (kustomization, resources) = kustomization(DIR);
     let expected: BTreeSet<String> = ["../kubernetes", "services.yaml", "scaledobjects.yaml"]
         .map(str::to_owned)
         .into();

@@ -26,10 +26,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
+use integration_tests::gateway::Gateway;
 use integration_tests::kafka_broker::KafkaTopics;
 use integration_tests::mqtt_broker::MqttTopics;
 use integration_tests::nats_broker::JetStreamTopics;
@@ -38,7 +39,7 @@ use integration_tests::rabbitmq_broker::RabbitQueues;
 use integration_tests::redis_broker::RedisStreams;
 use integration_tests::scenarios::{Fixture, eventually_async};
 use integration_tests::sqs_broker::SqsQueues;
-use integration_tests::{Process, unique, wait_http};
+use integration_tests::{unique, wait_http};
 
 /// The longest any one step (start, delivery, acknowledgement, stop) may take.
 const WITHIN: Duration = Duration::from_secs(30);
@@ -143,14 +144,13 @@ max = "500ms"
 /// topic, and its connectors. Stopped with SIGTERM when dropped, so the gateway stops
 /// its connectors: a SIGKILL would leave them running (each is in its own process group).
 struct System {
-    gateway: Process,
+    gateway: Gateway,
     /// The gateway's API.
     addr: SocketAddr,
     /// The temporary directory of the gateway's config, state, secrets and the function.
     dir: PathBuf,
     password: String,
     connectors: Vec<ConnectorEntry>,
-    stopped: bool,
 }
 
 impl System {
@@ -253,81 +253,21 @@ annotations = {{ topic = "{topic}" }}
 {functions}
 {entries}"#
         );
-        let config_file = dir.join("gateway.toml");
-        std::fs::write(&config_file, config).unwrap();
-        let binary = integration_tests::binary("gateway", "gateway");
-        let gateway = Process::start_with_args(
-            &binary,
-            &["--config".as_ref(), config_file.as_os_str()],
-            env,
-            temp,
-        );
-        let mut system = Self {
+        let mut gateway = Gateway::start(temp, &config, env);
+        let addr = gateway.listening(WITHIN).await;
+        Self {
             gateway,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr,
             dir,
             password,
             connectors,
-            stopped: false,
-        };
-        system.addr = system.listening().await;
-        system
-    }
-
-    /// The API address, from the gateway's `gateway listening addr=...` line.
-    async fn listening(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + WITHIN;
-        loop {
-            let output = self.gateway.output();
-            let addr = output
-                .lines()
-                .filter(|l| l.contains("gateway listening"))
-                .find_map(|l| {
-                    l.split("addr=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()?
-                        .parse()
-                        .ok()
-                });
-            if let Some(addr) = addr {
-                return addr;
-            }
-            assert!(
-                self.gateway.exited().is_none(),
-                "the gateway exited at start"
-            );
-            assert!(Instant::now() < deadline, "the gateway is not listening");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// Where connector `name` serves `/metrics` and `/readyz`: the address on its latest
     /// `starting ... metrics=ADDR` line (a restarted connector binds a new port).
     async fn metrics_addr(&self, name: &str) -> SocketAddr {
-        let prefix = format!("[{name}] ");
-        let found = || {
-            self.gateway
-                .output()
-                .lines()
-                .rev()
-                .filter(|l| l.starts_with(&prefix) && l.contains(" starting "))
-                .find_map(|l| {
-                    l.split("metrics=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()?
-                        .parse()
-                        .ok()
-                })
-        };
-        let known = eventually_async(WITHIN, || async { found().is_some() }).await;
-        assert!(
-            known,
-            "connector {name} did not start:\n{}",
-            self.gateway.output()
-        );
-        found().unwrap()
+        self.gateway.wait_connector_metrics(name, WITHIN).await
     }
 
     fn url(&self, path: &str) -> String {
@@ -401,8 +341,7 @@ annotations = {{ topic = "{topic}" }}
     /// SIGTERM: the gateway stops its connectors (each logged as stopped) and exits 0.
     /// Neither it nor a connector logged the password.
     async fn stop(&mut self) {
-        let status = self.gateway.terminate(WITHIN).await;
-        self.stopped = true;
+        let status = self.gateway.stop(WITHIN).await;
         let output = self.gateway.output();
         assert!(
             status.success(),
@@ -416,22 +355,6 @@ annotations = {{ topic = "{topic}" }}
                 "connector {} was not stopped:\n{output}",
                 c.name
             );
-        }
-    }
-}
-
-impl Drop for System {
-    fn drop(&mut self) {
-        let pid = self.gateway.pid();
-        if self.stopped || pid == 0 || self.gateway.exited().is_some() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        let deadline = Instant::now() + WITHIN;
-        while self.gateway.exited().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The real `gateway` binary, started on a config file, its log collected.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,6 +9,34 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::wait_for;
+
+/// Writes `gateway.toml` in `dir`: loopback ports, state and secrets in `dir`, a quick
+/// supervisor, `provider` (keys) in `[provider]`, then `extra` (tables); returns its path.
+pub fn write_config(dir: &Path, provider: &str, extra: &str) -> PathBuf {
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[gateway]
+bind = "127.0.0.1:0"
+metrics_bind = "127.0.0.1:0"
+state_dir = "state"
+
+[provider]
+secrets_path = "secrets"
+{provider}
+
+[supervisor]
+backoff = {{ initial = "50ms", max = "200ms" }}
+stop_timeout = "5s"
+{extra}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
 
 /// A running gateway binary; killed when dropped.
 pub struct Running {
