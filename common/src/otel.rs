@@ -215,6 +215,11 @@ pub fn trace_id(cx: &Context) -> Option<TraceId> {
     sc.is_valid().then(|| sc.trace_id())
 }
 
+/// The trace id of the `traceparent` in `headers`, when it holds a valid one.
+pub fn trace_id_in(headers: &HeaderMap) -> Option<TraceId> {
+    extract(headers).as_ref().and_then(trace_id)
+}
+
 /// A `tracing` span at info level carrying `trace_id`, so that every log line inside it
 /// names the trace (text: `trace{trace_id=...}:`; JSON: the `span` and `spans` fields).
 pub fn log_span(trace_id: TraceId) -> tracing::Span {

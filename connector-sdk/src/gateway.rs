@@ -447,7 +447,8 @@ impl GatewayClient {
 
     /// Invokes `function` with a batch: `body` is a CloudEvents JSON batch (the items'
     /// own attributes are inside it, so no `ce-*` header is sent), `topic` its items'
-    /// topic when they share one, `attempt` the highest attempt among them.
+    /// topic when they share one, `attempt` the highest attempt among them, `trace` the
+    /// `traceparent`/`tracestate` the request carries.
     pub async fn invoke_batch(
         &self,
         function: &FunctionRef,
@@ -455,9 +456,13 @@ impl GatewayClient {
         body: Bytes,
         attempt: u32,
         timeout: Option<Duration>,
+        trace: Option<&HeaderMap>,
     ) -> Result<InvocationResponse, InvokeError> {
         let uri = self.function_uri(function)?;
-        let mut headers = HeaderMap::with_capacity(7);
+        let mut headers = HeaderMap::with_capacity(9);
+        for (name, value) in trace.into_iter().flatten() {
+            headers.insert(name.clone(), value.clone());
+        }
         if let Some(v) = topic.and_then(header_value) {
             headers.insert(X_TOPIC.clone(), v);
         }

@@ -98,6 +98,8 @@ pub struct Provenance {
     pub last_failure: Option<SystemTime>,
     /// `x-dead-letter-time`: the original message's `ce-time`.
     pub time: Option<SystemTime>,
+    /// `x-dead-letter-traceparent`: the W3C `traceparent` of the failed delivery's trace.
+    pub traceparent: Option<String>,
     /// `x-dead-letter-source-*`, in the order written: the original coordinates.
     pub coordinates: Vec<(String, String)>,
 }
@@ -158,6 +160,7 @@ impl Provenance {
             first_failure: time(take(names::FIRST_FAILURE)),
             last_failure: time(take(names::LAST_FAILURE)),
             time: time(take(names::TIME)),
+            traceparent: take(names::TRACEPARENT).filter(|t| !t.trim().is_empty()),
             coordinates,
         })
     }
@@ -177,12 +180,16 @@ impl Provenance {
     }
 
     /// The original message's skeleton: topic, `payload`, `ce-id`, `source` (`ce-source`,
-    /// which the connector knows), coordinates and `ce-time` (when the letter kept it). The connector adds the source headers,
-    /// content type and anything else it can restore.
+    /// which the connector knows), coordinates, `ce-time` (when the letter kept it) and
+    /// the trace context (so the replayed delivery joins the failed one's trace). The
+    /// connector adds the source headers, content type and anything else it can restore.
     pub fn message(&self, payload: impl Into<Bytes>, source: impl Into<String>) -> Message {
         let mut message = Message::new(self.topic.clone(), payload, self.id.clone(), source);
         message.coordinates = self.coordinates.clone();
         message.time = self.time;
+        if let Some(traceparent) = &self.traceparent {
+            message.set_trace_context(traceparent.trim().as_bytes(), None);
+        }
         message
     }
 
@@ -791,6 +798,47 @@ mod tests {
         assert_eq!(good[0].header("x-topic").as_deref(), Some("orders"));
         assert_eq!(good[0].header("x-delivery-attempt").as_deref(), Some("1"));
         assert_eq!(gw.requests_to("bad").len(), 1, "a 4xx is not retried");
+    }
+
+    /// A letter written from a traced message keeps the trace in
+    /// `x-dead-letter-traceparent`; replaying it invokes the function in that trace.
+    #[tokio::test]
+    async fn a_replayed_letter_continues_its_trace() {
+        let gw = FakeGateway::start().await.unwrap();
+        gw.function("good", "unrelated", |_, _| Reply::ok());
+        let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let mut traced = letter("a", "good");
+        let mut message = (*traced.message).clone();
+        message.set_trace_context(
+            format!("00-{trace_id}-00f067aa0ba902b7-01").as_bytes(),
+            None,
+        );
+        traced.message = Arc::new(message);
+        let decoded = decode(&traced).unwrap();
+        assert!(
+            decoded
+                .provenance
+                .traceparent
+                .as_deref()
+                .is_some_and(|t| t.contains(trace_id))
+        );
+        let store = Memory::with(vec![Ok(decoded), decode(&letter("b", "good"))]);
+        let (summary, out) = replay(&gw, ReplayArgs::default(), store).await;
+        assert_eq!(summary.replayed, 2, "{out}");
+        let requests = gw.requests_to("good");
+        let traceparent = |id: &str| {
+            requests
+                .iter()
+                .find(|r| r.header("ce-id").as_deref() == Some(id))
+                .and_then(|r| r.header("traceparent"))
+        };
+        let continued = traceparent("a").unwrap();
+        assert_eq!(continued.split('-').nth(1), Some(trace_id), "{continued}");
+        assert_eq!(
+            traceparent("b"),
+            None,
+            "a letter without a trace starts none"
+        );
     }
 
     #[tokio::test]

@@ -49,6 +49,21 @@ pub struct TraceContext {
     pub tracestate: Option<HeaderValue>,
 }
 
+impl TraceContext {
+    /// The context a reply to `message` carries, so the requester sees the reply in its
+    /// own trace: the one the request arrived with (see
+    /// [`Message::incoming_trace_context`]).
+    pub fn for_reply(message: &Message) -> Option<Self> {
+        message.incoming_trace_context().map(Cow::into_owned)
+    }
+
+    /// `traceparent` and, when set, `tracestate`, as header name and value.
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
+        std::iter::once(("traceparent", &self.traceparent))
+            .chain(self.tracestate.iter().map(|s| ("tracestate", s)))
+    }
+}
+
 static CE_TRACEPARENT: http::HeaderName = http::HeaderName::from_static("ce-traceparent");
 static CE_TRACESTATE: http::HeaderName = http::HeaderName::from_static("ce-tracestate");
 
@@ -67,26 +82,52 @@ impl Message {
 
     /// The trace context the event arrived with: [`trace_context`](Self::trace_context),
     /// else its own `traceparent`/`tracestate` headers, else CloudEvents binary-mode
-    /// `ce-traceparent`/`ce-tracestate`. Unparsed.
+    /// `ce-traceparent`/`ce-tracestate`, else, for a CloudEvents structured-mode event
+    /// (content type `application/cloudevents+json`), the `traceparent`/`tracestate`
+    /// attributes of its JSON envelope (the distributed tracing extension). Unparsed.
     pub fn incoming_trace_context(&self) -> Option<Cow<'_, TraceContext>> {
         if let Some(tc) = &self.trace_context {
             return Some(Cow::Borrowed(tc));
         }
-        if self.headers.is_empty() {
-            return None;
-        }
-        for (parent, state) in [
-            (&otel::TRACEPARENT, &otel::TRACESTATE),
-            (&CE_TRACEPARENT, &CE_TRACESTATE),
-        ] {
-            if let Some(tp) = self.headers.get(parent) {
-                return Some(Cow::Owned(TraceContext {
-                    traceparent: tp.clone(),
-                    tracestate: self.headers.get(state).cloned(),
-                }));
+        if !self.headers.is_empty() {
+            for (parent, state) in [
+                (&otel::TRACEPARENT, &otel::TRACESTATE),
+                (&CE_TRACEPARENT, &CE_TRACESTATE),
+            ] {
+                if let Some(tp) = self.headers.get(parent) {
+                    return Some(Cow::Owned(TraceContext {
+                        traceparent: tp.clone(),
+                        tracestate: self.headers.get(state).cloned(),
+                    }));
+                }
             }
         }
-        None
+        self.structured_cloud_event_trace().map(Cow::Owned)
+    }
+
+    /// The tracing extension of a structured-mode CloudEvent's envelope, if the message is
+    /// one and carries it.
+    fn structured_cloud_event_trace(&self) -> Option<TraceContext> {
+        /// The envelope's attributes this reads; the rest (`data` included) is skipped.
+        #[derive(serde::Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            traceparent: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            tracestate: Option<Cow<'a, str>>,
+        }
+        let content_type = self.content_type.as_ref()?.to_str().ok()?;
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if !essence.eq_ignore_ascii_case("application/cloudevents+json") {
+            return None;
+        }
+        let envelope: Envelope<'_> = serde_json::from_slice(&self.payload).ok()?;
+        Some(TraceContext {
+            traceparent: HeaderValue::from_str(&envelope.traceparent?).ok()?,
+            tracestate: envelope
+                .tracestate
+                .and_then(|s| HeaderValue::from_str(&s).ok()),
+        })
     }
 }
 

@@ -1654,6 +1654,35 @@ async fn batches_are_sent_full_or_when_their_window_closes() {
     assert!(requests[2].at.duration_since(requests[1].at) >= Duration::from_millis(250));
 }
 
+/// A batch item keeps its message's trace context (traces off: the incoming one) as the
+/// CloudEvents tracing extension of its event; an item without one has none; the request
+/// continues the traced item's trace.
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_items_carry_their_trace_context() {
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let gw = FakeGateway::start().await.unwrap();
+    annotate(&gw, "batched", &batching("2", "5s"), |_| Reply::ok()).await;
+    let setup = dispatcher(&gw, gw.config(), None);
+    let mut traced = message("orders", "{}", "traced");
+    traced.set_trace_context(PARENT.as_bytes(), Some(b"v=1"));
+    let plain = message("orders", "{}", "plain");
+    let mut pending = Vec::new();
+    for m in [plain, traced] {
+        pending.push(setup.dispatcher.submit(m).await.unwrap());
+    }
+    for c in pending {
+        assert_eq!(c.await.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    }
+    let requests = gw.requests_to("batched");
+    assert_eq!(requests.len(), 1, "one batch of two");
+    let events: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body).unwrap();
+    let event = |id: &str| events.iter().find(|e| e["id"] == id).unwrap().clone();
+    assert_eq!(event("traced")["traceparent"], PARENT);
+    assert_eq!(event("traced")["tracestate"], "v=1");
+    assert!(event("plain").get("traceparent").is_none(), "{events:?}");
+    assert_eq!(requests[0].header("traceparent").as_deref(), Some(PARENT));
+}
+
 /// A 2xx listing items in `batchItemFailures` fails only those: they are retried (in a
 /// smaller batch) and the others are not sent again; an item that keeps failing is
 /// dead-lettered alone.
@@ -1963,17 +1992,7 @@ async fn held_messages_count_in_the_function_backlog_until_complete() {
     let client = GatewayClient::new("test-connector", &config).unwrap();
     let topics = gw.topic_map();
     let dispatcher = Dispatcher::builder(client, topics.clone(), &config, metrics.clone()).build();
-    let lookup = topics.clone();
-    metrics.backlogs().set_view(
-        topics.clone(),
-        Arc::new(move |t| {
-            lookup
-                .current()
-                .lookup(t)
-                .cloned()
-                .unwrap_or_else(|| Arc::new([]))
-        }),
-    );
+    metrics.backlogs().set_exact_view(topics.clone());
     let waiting = connector_sdk::FunctionRef::new("waiting", None);
     let idle = connector_sdk::FunctionRef::new("idle", None);
     let completions = submit_all(&dispatcher, "orders", "x", "m", 3).await;
@@ -2022,6 +2041,18 @@ async fn trace_context_passes_through_when_traces_are_off() {
     invalid.set_trace_context(b"00-not-a-context-01", None);
     submit(invalid).await;
     submit(message("orders", "d", "orders/0/4")).await;
+    // A CloudEvents structured-mode event carries its context in the envelope.
+    let envelope = format!(
+        r#"{{"specversion":"1.0","id":"e","source":"s","type":"t","traceparent":"{PARENT}","tracestate":"v=2","data":{{"x":1}}}}"#
+    );
+    let mut structured = message("orders", &envelope, "orders/0/5");
+    structured.content_type = Some(http::HeaderValue::from_static(
+        "application/cloudevents+json; charset=utf-8",
+    ));
+    submit(structured).await;
+    let mut plain_json = message("orders", &envelope.replace("\"e\"", "\"f\""), "orders/0/6");
+    plain_json.content_type = Some(http::HeaderValue::from_static("application/json"));
+    submit(plain_json).await;
 
     let seen = gw.requests_to("traced");
     let by_body = |b: &[u8]| seen.iter().find(|r| &r.body[..] == b).unwrap();
@@ -2031,4 +2062,76 @@ async fn trace_context_passes_through_when_traces_are_off() {
     assert_eq!(by_body(b"b").header("traceparent").as_deref(), Some(PARENT));
     assert_eq!(by_body(b"c").header("traceparent"), None);
     assert_eq!(by_body(b"d").header("traceparent"), None);
+    let structured = by_body(envelope.as_bytes());
+    assert_eq!(structured.header("traceparent").as_deref(), Some(PARENT));
+    assert_eq!(structured.header("tracestate").as_deref(), Some("v=2"));
+    let plain = seen
+        .iter()
+        .find(|r| r.body.starts_with(b"{") && r.body.windows(3).any(|w| w == b"\"f\""))
+        .unwrap();
+    assert_eq!(
+        plain.header("traceparent"),
+        None,
+        "only a CloudEvent's envelope is read"
+    );
+}
+
+/// Log lines kept in memory, for a test's own JSON subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `connector.log_format = "json"`: a line about a traced delivery (its failed attempt)
+/// carries the trace id in the `trace` span's fields.
+#[tokio::test(flavor = "current_thread")]
+async fn json_log_lines_about_a_delivery_name_its_trace() {
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("flaky", "orders", |_, call| {
+        if call == 0 {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    });
+    let mut config = gw.config();
+    config.backoff.initial = Duration::from_millis(10);
+    let setup = dispatcher(&gw, config, None);
+    let mut traced = message("orders", "a", "orders/0/1");
+    traced.set_trace_context(
+        format!("00-{TRACE_ID}-00f067aa0ba902b7-01").as_bytes(),
+        None,
+    );
+    let outcome = setup.dispatcher.submit(traced).await.unwrap().await;
+    assert_eq!(outcome.deliveries[0].outcome, DeliveryOutcome::Delivered);
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("will retry"))
+        .unwrap_or_else(|| panic!("no retry line in:\n{logs}"));
+    let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    let spans = json["spans"].as_array().unwrap();
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["name"] == "trace" && s["trace_id"] == TRACE_ID),
+        "{line}"
+    );
 }

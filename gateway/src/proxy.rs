@@ -145,12 +145,22 @@ pub async fn invoke_function(
     let began = Instant::now();
     // Traces on: the proxy span and the provider's call, whose context the function gets.
     let spans = crate::trace::proxy(&label, &mut invocation.headers);
-    let (response, failed) = match state.provider.invoke(function, invocation).await {
-        Ok(response) => (response.into_response(), false),
-        Err(e) => {
-            tracing::debug!(function = %label, error = %e, "invocation failed");
-            (e.into_response(), true)
+    // What the provider logs about a traced invocation names the trace (no span at all
+    // for a request without a `traceparent`).
+    let log_span =
+        faas_common::otel::trace_id_in(&invocation.headers).map(faas_common::otel::log_span);
+    let invoked = async {
+        match state.provider.invoke(function, invocation).await {
+            Ok(response) => (response.into_response(), false),
+            Err(e) => {
+                tracing::debug!(function = %label, error = %e, "invocation failed");
+                (e.into_response(), true)
+            }
         }
+    };
+    let (response, failed) = match log_span {
+        Some(span) => tracing::Instrument::instrument(invoked, span).await,
+        None => invoked.await,
     };
     if let Some((proxy, call)) = spans {
         call.finish(Some(response.status()), failed);

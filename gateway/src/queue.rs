@@ -241,8 +241,12 @@ impl Worker {
             "async_request",
             function = %request.function,
             call_id = %request.call_id,
-            attempt
+            attempt,
+            trace_id = tracing::field::Empty,
         );
+        if let Some(id) = faas_common::otel::trace_id_in(&stored_trace(request)) {
+            span.record("trace_id", tracing::field::display(id));
+        }
         self.attempt_in_span(request, attempt)
             .instrument(span)
             .await

@@ -387,18 +387,32 @@ async fn request_reply_returns_the_function_output() {
         headers.get("Content-Type").map(|v| v.as_str()),
         Some("text/plain")
     );
+    assert!(
+        headers.get("traceparent").is_none(),
+        "a request without a trace"
+    );
+    // A traced request's reply is in the requester's trace.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut traced = async_nats::HeaderMap::new();
+    traced.insert("traceparent", traceparent);
+    traced.insert("tracestate", "vendor=1");
     let rejected = nats
-        .request(subject.clone(), "bad input".into())
+        .request_with_headers(subject.clone(), traced, "bad input".into())
         .await
         .unwrap();
     assert_eq!(&rejected.payload[..], b"cannot do that");
+    let headers = rejected.headers.unwrap();
     assert_eq!(
-        rejected
-            .headers
-            .unwrap()
-            .get("X-Function-Status")
-            .map(|v| v.as_str()),
+        headers.get("X-Function-Status").map(|v| v.as_str()),
         Some("422")
+    );
+    assert_eq!(
+        headers.get("traceparent").map(|v| v.as_str()),
+        Some(traceparent)
+    );
+    assert_eq!(
+        headers.get("tracestate").map(|v| v.as_str()),
+        Some("vendor=1")
     );
 }
 

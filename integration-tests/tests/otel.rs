@@ -8,6 +8,10 @@
 //!   children; each attempt's `proxy` span in the gateway is the attempt's child, and the
 //!   `call` to the function the proxy's; the `ack` ends the message. The function gets a
 //!   `traceparent` in the event's trace whose parent is the gateway's `call` span.
+//!   The connector's log line about the failed attempt names the trace.
+//! - async: `/async-function/` with a `traceparent` and a callback URL: the gateway's
+//!   `enqueue`, `queue wait`, `proxy`/`call` per attempt and `callback` spans, their
+//!   links, and the trace id on the gateway's log line about the retry.
 //! - off: no `OTEL_EXPORTER_OTLP_*` endpoint: nothing reaches a receiver on the OTLP
 //!   default port (4318, when it is free), and the function still gets the event's
 //!   context, passed on unchanged.
@@ -19,16 +23,16 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::StatusCode;
+use integration_tests::gateway::Gateway;
 use integration_tests::kafka_broker::KafkaTopics;
 use integration_tests::nats_broker::JetStreamTopics;
 use integration_tests::scenarios::{Fixture, eventually_async};
-use integration_tests::{Process, unique, wait_http};
+use integration_tests::{unique, wait_http};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -241,9 +245,10 @@ impl Source {
 
 /// The gateway with the function subscribed to `topic` and the source's connector.
 struct System {
-    gateway: Process,
+    gateway: Gateway,
+    /// The gateway's API.
+    addr: SocketAddr,
     dir: PathBuf,
-    stopped: bool,
 }
 
 impl System {
@@ -278,6 +283,10 @@ state_dir = "state"
 [supervisor]
 stop_timeout = "10s"
 
+[async.backoff]
+initial = "50ms"
+max = "200ms"
+
 [[functions]]
 name = "traced"
 runtime = "process"
@@ -291,22 +300,11 @@ config = "connector.toml"
 "#,
             source.fixture().binary().display()
         );
-        std::fs::write(dir.join("gateway.toml"), config).unwrap();
-        let binary = integration_tests::binary("gateway", "gateway");
-        let config_file = dir.join("gateway.toml");
-        let gateway = Process::start_with_args(
-            &binary,
-            &["--config".as_ref(), config_file.as_os_str()],
-            env,
-            temp,
-        );
-        let system = Self {
-            gateway,
-            dir,
-            stopped: false,
-        };
+        let mut gateway = Gateway::start(temp, &config, env);
+        let addr = gateway.listening(WITHIN).await;
+        let system = Self { gateway, addr, dir };
         let ready = eventually_async(WITHIN, || async {
-            let Some(addr) = system.connector_metrics() else {
+            let Some(addr) = system.gateway.connector_metrics("source") else {
                 return false;
             };
             wait_http(addr, "/readyz", 200, Duration::from_millis(500)).await
@@ -314,23 +312,6 @@ config = "connector.toml"
         .await;
         assert!(ready, "connector not ready:\n{}", system.gateway.output());
         system
-    }
-
-    /// The connector's metrics address, from its `starting ... metrics=ADDR` line.
-    fn connector_metrics(&self) -> Option<SocketAddr> {
-        self.gateway
-            .output()
-            .lines()
-            .rev()
-            .filter(|l| l.starts_with("[source] ") && l.contains(" starting "))
-            .find_map(|l| {
-                l.split("metrics=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
     }
 
     /// What the function recorded, once it has.
@@ -346,29 +327,12 @@ config = "connector.toml"
     }
 
     async fn stop(&mut self) {
-        let status = self.gateway.terminate(WITHIN).await;
-        self.stopped = true;
+        let status = self.gateway.stop(WITHIN).await;
         assert!(
             status.success(),
             "gateway exit {status:?}:\n{}",
             self.gateway.output()
         );
-    }
-}
-
-impl Drop for System {
-    fn drop(&mut self) {
-        let pid = self.gateway.pid();
-        if self.stopped || pid == 0 || self.gateway.exited().is_some() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        let deadline = Instant::now() + WITHIN;
-        while self.gateway.exited().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 
@@ -410,6 +374,8 @@ async fn one_event_is_traced_from_its_broker_to_the_function() {
             ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
             // Export within a fraction of a second rather than the default 5 s.
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // The connector's line about the failed attempt is at debug.
+            ("RUST_LOG", "info,connector_sdk=debug"),
         ],
     )
     .await;
@@ -504,6 +470,133 @@ async fn one_event_is_traced_from_its_broker_to_the_function() {
     let ack = one(&spans, "ack", None);
     assert_eq!(ack.parent, process.span_id);
     assert_eq!(ack.attributes["messaging.disposition"], "ack");
+
+    // The connector's log lines about the delivery name the trace.
+    let output = system.gateway.output();
+    let retry = output
+        .lines()
+        .find(|l| l.starts_with("[source] ") && l.contains("will retry"))
+        .unwrap_or_else(|| panic!("no retry line:\n{output}"));
+    assert!(retry.contains(&format!("trace_id={TRACE_ID}")), "{retry}");
+    system.stop().await;
+}
+
+/// The asynchronous path continues the caller's trace through the gateway's queue:
+/// `enqueue` under the caller's span, then `queue wait`, one `proxy` (with its `call`) per
+/// attempt and the `callback`, all under `enqueue`; the function and the callback
+/// receiver get `traceparent`s in the trace, and the gateway's log line about the retry
+/// names it.
+#[tokio::test]
+async fn an_async_invocation_is_traced_through_the_queue() {
+    let source = Source::pick().await;
+    let topic = unique("otel-async");
+    source.fixture().create_topic(&topic).await;
+    let (receiver, addr) = Receiver::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let endpoint = format!("http://{addr}");
+    let mut system = System::start(
+        &source,
+        &topic,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    // The callback's receiver: the traceparent of each callback.
+    let callbacks: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = callbacks.clone();
+    let app = axum::Router::new().route(
+        "/done",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                let tp = headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                seen.lock().unwrap().push(tp);
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let callback_url = format!("http://{}/done", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/async-function/traced", system.addr))
+        .header("traceparent", format!("00-{TRACE_ID}-{PARENT_SPAN}-01"))
+        .header("X-Callback-Url", &callback_url)
+        .body("async-event")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let record = system.recorded().await;
+    assert_eq!(record["body"], "async-event");
+    let function_parent = record["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        function_parent.split('-').nth(1),
+        Some(TRACE_ID),
+        "the function is in the caller's trace: {function_parent:?}"
+    );
+    let complete = eventually_async(WITHIN, || async {
+        !callbacks.lock().unwrap().is_empty()
+            && receiver
+                .spans()
+                .iter()
+                .any(|s| s.name == "callback traced.openfaas-fn")
+    })
+    .await;
+    let spans: Vec<SpanRec> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.trace_id == TRACE_ID)
+        .collect();
+    assert!(complete, "spans: {spans:#?}\n{}", system.gateway.output());
+
+    let enqueue = one(&spans, "enqueue traced.openfaas-fn", None);
+    assert_eq!(enqueue.service, "gateway");
+    assert_eq!(enqueue.parent, PARENT_SPAN, "the caller's child");
+    let wait = one(&spans, "queue wait traced.openfaas-fn", None);
+    assert_eq!(wait.parent, enqueue.span_id);
+    assert!(wait.attributes.contains_key("queue.wait_ms"));
+    let proxies: Vec<&SpanRec> = spans
+        .iter()
+        .filter(|s| s.name == "proxy traced.openfaas-fn")
+        .collect();
+    assert_eq!(proxies.len(), 2, "one per attempt: {spans:#?}");
+    for proxy in &proxies {
+        assert_eq!(proxy.parent, enqueue.span_id);
+        assert!(
+            spans
+                .iter()
+                .any(|s| s.name == "call traced.openfaas-fn" && s.parent == proxy.span_id),
+            "no call under {proxy:?}"
+        );
+    }
+    let callback = one(&spans, "callback traced.openfaas-fn", None);
+    assert_eq!(callback.parent, enqueue.span_id);
+    let received = callbacks.lock().unwrap()[0].clone();
+    let parts: Vec<&str> = received.split('-').collect();
+    assert_eq!(parts.get(1), Some(&TRACE_ID), "{received:?}");
+    assert_eq!(parts.get(2), Some(&callback.span_id.as_str()));
+
+    // The gateway's own log line about the retry names the trace.
+    let output = system.gateway.output();
+    assert!(
+        output
+            .lines()
+            .any(|l| !l.starts_with('[') && l.contains("retrying") && l.contains(TRACE_ID)),
+        "{output}"
+    );
     system.stop().await;
 }
 

@@ -419,8 +419,18 @@ async fn a_request_gets_one_reply_with_the_functions_response() {
             .body(&body)
     });
     let connector = Connector::start(&gw, "", &fx.source_config(&topic)).await;
-    fx.publish_with(&topic, b"ping", request(&replies, "corr-42"))
-        .await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut traced = FieldTable::default();
+    traced.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(traceparent.into()),
+    );
+    fx.publish_with(
+        &topic,
+        b"ping",
+        request(&replies, "corr-42").with_headers(traced),
+    )
+    .await;
     assert!(
         eventually_async(WITHIN, || async {
             !gw.requests_to("rpc-fn").is_empty() && fx.unacknowledged(&topic).await == 0
@@ -447,6 +457,11 @@ async fn a_request_gets_one_reply_with_the_functions_response() {
     );
     assert_eq!(amqp_header(props, "X-Function").as_deref(), Some("rpc-fn"));
     assert_eq!(amqp_header(props, "x-connector-hops").as_deref(), Some("1"));
+    assert_eq!(
+        amqp_header(props, "traceparent").as_deref(),
+        Some(traceparent),
+        "the reply is in the request's trace"
+    );
     assert_eq!(props.reply_to(), &None, "a reply asks for no reply");
     assert_eq!(gw.requests_to("rpc-fn").len(), 1);
     let m = connector.metrics().await;

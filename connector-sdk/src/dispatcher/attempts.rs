@@ -133,15 +133,19 @@ impl Inner {
         // At debug level: at the default level an info span formatted its fields for
         // every delivery (about 1.5 µs each, dispatch bench with BENCH_LOG=info). The
         // events logged at info and above name the function, topic and ce_id themselves.
-        let span = tracing::debug_span!(
-            "delivery",
-            function = %function,
-            topic = %message.topic,
-            ce_id = %message.id,
-        );
         // `trace{trace_id}` when the message has a trace; the context passed on to the
         // function when traces are off.
         let (log_span, passthrough) = crate::trace::delivery(&message);
+        // Made inside `trace`, so that it is its child: a log line's spans are the current
+        // span and its parents, not every span entered around it.
+        let span = log_span.in_scope(|| {
+            tracing::debug_span!(
+                "delivery",
+                function = %function,
+                topic = %message.topic,
+                ce_id = %message.id,
+            )
+        });
         let report = async {
             let policy = self.delivery_policy(&function);
             // A function that takes batches: its delivery holds one of the batcher's
@@ -367,7 +371,7 @@ impl Inner {
         if let Some(batcher) = &policy.batcher {
             let joined = UntilAborted {
                 signal: &cancel.signal,
-                inner: batcher.join(message, attempt),
+                inner: batcher.join(message, attempt, trace),
             };
             let tried = Self::batch_item(policy, joined.await?)?;
             if !self.subscribers.is_empty() {

@@ -7,8 +7,10 @@
 //! `max_bytes` of payload, or `window` after its first message joined. The request body
 //! is a JSON array of structured-mode CloudEvents (`application/cloudevents-batch+json`):
 //! `specversion`, `id`, `source`, `type`, `time`, `subject` when set, `topic`,
-//! `datacontenttype` when known, and `data` (a JSON body as JSON, other text as a string)
-//! or `data_base64`.
+//! `datacontenttype` when known, `data` (a JSON body as JSON, other text as a string)
+//! or `data_base64`, and `traceparent`/`tracestate` (CloudEvents' distributed tracing
+//! extension) when the item's delivery is traced or the message arrived with a trace
+//! context. The request's own `traceparent` continues the first such item's trace.
 //!
 //! The response decides per item, as Lambda's `ReportBatchItemFailures` does:
 //! - a 2xx without a failure list: every item is delivered;
@@ -67,6 +69,9 @@ pub(super) enum ItemResult {
 struct Item {
     message: Arc<Message>,
     attempt: u32,
+    /// The attempt's trace context (its span's, or the incoming one when traces are
+    /// off), as `traceparent`/`tracestate`: the item's event carries it.
+    trace: Option<http::HeaderMap>,
     done: oneshot::Sender<ItemResult>,
 }
 
@@ -159,11 +164,21 @@ impl Batcher {
 
     /// Adds `message` to the open batch and waits for its result. A batch that is full
     /// with it is sent at once; the first message of a batch starts its window.
-    pub(super) async fn join(self: &Arc<Self>, message: &Arc<Message>, attempt: u32) -> ItemResult {
+    pub(super) async fn join(
+        self: &Arc<Self>,
+        message: &Arc<Message>,
+        attempt: u32,
+        trace: Option<&opentelemetry::Context>,
+    ) -> ItemResult {
         let (tx, rx) = oneshot::channel();
         let item = Item {
             message: message.clone(),
             attempt,
+            trace: trace.map(|cx| {
+                let mut headers = http::HeaderMap::new();
+                faas_common::otel::inject(cx, &mut headers);
+                headers
+            }),
             done: tx,
         };
         let size = message.payload.len();
@@ -245,10 +260,12 @@ impl Batcher {
         let first_topic = items.first().map(|i| i.message.topic.as_str());
         let topic = first_topic.filter(|t| items.iter().all(|i| i.message.topic == *t));
         let attempt = items.iter().map(|i| i.attempt).max().unwrap_or(1);
+        // The request continues the first traced item's trace; each event carries its own.
+        let trace = items.iter().find_map(|i| i.trace.as_ref());
         let started = Instant::now();
         let result = self
             .gateway
-            .invoke_batch(&self.function, topic, body, attempt, self.timeout)
+            .invoke_batch(&self.function, topic, body, attempt, self.timeout, trace)
             .await;
         let took = started.elapsed();
         match result {
@@ -292,7 +309,15 @@ impl Batcher {
     fn body(&self, items: &[Item]) -> Result<Bytes, serde_json::Error> {
         let events: Vec<Event<'_>> = items
             .iter()
-            .map(|i| Event::of(&i.message, &self.default_type))
+            .map(|i| {
+                let mut event = Event::of(&i.message, &self.default_type);
+                if let Some(trace) = &i.trace {
+                    let text = |name: &http::HeaderName| trace.get(name)?.to_str().ok();
+                    event.traceparent = text(&faas_common::otel::TRACEPARENT);
+                    event.tracestate = text(&faas_common::otel::TRACESTATE);
+                }
+                event
+            })
             .collect();
         serde_json::to_vec(&events).map(Bytes::from)
     }
@@ -356,6 +381,11 @@ struct Event<'a> {
     data: Option<Data<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data_base64: Option<String>,
+    /// The distributed tracing extension: the item's trace context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracestate: Option<&'a str>,
 }
 
 #[derive(serde::Serialize)]
@@ -399,6 +429,8 @@ impl<'a> Event<'a> {
             datacontenttype: content_type.or(json.map(|_| "application/json")),
             data,
             data_base64,
+            traceparent: None,
+            tracestate: None,
         }
     }
 }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
+use connector_sdk::trace::TraceContext;
 use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceContext, SourceError};
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -38,6 +39,8 @@ const PULL_BATCH: usize = 64;
 pub struct CoreAck {
     subject: Subject,
     reply: Option<Subject>,
+    /// The request's trace context, for its reply.
+    trace: Option<TraceContext>,
 }
 
 /// Core subscriptions as a [`Source`].
@@ -89,11 +92,16 @@ impl CoreSource {
                     return None;
                 }
                 let message = message::core(&item, &self.source);
+                let trace = item
+                    .reply
+                    .as_ref()
+                    .and_then(|_| TraceContext::for_reply(&message));
                 Some((
                     message,
                     CoreAck {
                         subject: item.subject,
                         reply: item.reply,
+                        trace,
                     },
                 ))
             }
@@ -206,7 +214,7 @@ impl Source for CoreSource {
         let Some(reply) = ack.reply.filter(|_| self.reply) else {
             return Ok(());
         };
-        let (headers, body) = reply_for(&ack.subject, outcome);
+        let (headers, body) = reply_for(&ack.subject, outcome, ack.trace.as_ref());
         self.connection
             .client
             .publish_with_headers(reply, headers, body)
@@ -225,10 +233,19 @@ impl Source for CoreSource {
 }
 
 /// The reply to a request on `subject` whose deliveries ended as `outcome`, as NATS
-/// headers and a body.
-pub fn reply_for(subject: &str, outcome: &MessageOutcome) -> (HeaderMap, Bytes) {
+/// headers (with the request's trace context, when it had one) and a body.
+pub fn reply_for(
+    subject: &str,
+    outcome: &MessageOutcome,
+    trace: Option<&TraceContext>,
+) -> (HeaderMap, Bytes) {
     let reply = outcome.reply(subject);
     let mut headers = HeaderMap::new();
+    for (name, value) in trace.iter().flat_map(|t| t.pairs()) {
+        if let Ok(value) = value.to_str() {
+            headers.insert(name, value);
+        }
+    }
     headers.insert(STATUS_HEADER, reply.status.as_str());
     if let Some(function) = reply.function {
         headers.insert(FUNCTION_HEADER, function.as_str());
@@ -260,7 +277,7 @@ mod tests {
             deliveries: Vec::new(),
             interrupted: false,
         };
-        let (headers, body) = reply_for("a.b", &outcome);
+        let (headers, body) = reply_for("a.b", &outcome, None);
         assert_eq!(headers.get(STATUS_HEADER).map(|v| v.as_str()), Some("404"));
         assert_eq!(&body[..], b"no function subscribes to a.b");
     }

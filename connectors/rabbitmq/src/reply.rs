@@ -30,6 +30,7 @@
 
 use bytes::Bytes;
 use connector_sdk::MessageOutcome;
+use connector_sdk::trace::TraceContext;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
@@ -57,6 +58,9 @@ pub struct ReplyTo {
     pub hops: u32,
     /// Whether the request was persistent (`delivery_mode` 2).
     pub persistent: bool,
+    /// The request's trace context, carried by the reply (set by the source once the
+    /// request's message exists).
+    pub trace: Option<TraceContext>,
 }
 
 impl ReplyTo {
@@ -84,6 +88,7 @@ impl ReplyTo {
             correlation_id: properties.correlation_id().clone(),
             hops,
             persistent: *properties.delivery_mode() == Some(2),
+            trace: None,
         })
     }
 }
@@ -172,6 +177,9 @@ pub fn reply_for(to: &ReplyTo, outcome: &MessageOutcome) -> (BasicProperties, By
         );
     };
     header(HOPS_HEADER, &to.hops.saturating_add(1).to_string());
+    for (name, value) in to.trace.iter().flat_map(|t| t.pairs()) {
+        header(name, &String::from_utf8_lossy(value.as_bytes()));
+    }
     header(STATUS_HEADER, &reply.status);
     if let Some(function) = reply.function {
         header(FUNCTION_HEADER, function.as_str());

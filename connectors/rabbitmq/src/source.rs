@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use connector_sdk::follow::TopicChanges;
+use connector_sdk::trace::TraceContext;
 use connector_sdk::{Disposition, Message, MessageOutcome, Source, SourceContext, SourceError};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -353,9 +354,12 @@ impl RabbitSource {
         let reply_to = self
             .replies
             .as_ref()
-            .and_then(|_| ReplyTo::from_request(d.routing_key.as_str(), &d.properties))
-            .map(Box::new);
+            .and_then(|_| ReplyTo::from_request(d.routing_key.as_str(), &d.properties));
         let message = delivery::message(&envelope, &d.properties, d.data, &self.source);
+        let reply_to = reply_to.map(|mut to| {
+            to.trace = TraceContext::for_reply(&message);
+            Box::new(to)
+        });
         let handle = AckHandle {
             acker: d.acker,
             tag: d.delivery_tag,
