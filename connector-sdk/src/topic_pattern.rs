@@ -159,12 +159,28 @@ mod tests {
     }
 
     #[test]
-    fn amqp_keys() {
+    fn amqp_keys_match_as_the_broker_does() {
         let m = |p, t| Wildcards::AMQP.matches(p, t);
-        assert!(m("a.#.d", "a.b.c.d"));
-        assert!(m("#.c", "a.b.c"));
-        assert!(m("a.*", "a.b"));
-        assert!(!m("a.#.d", "a.b.c"));
-        assert!(!m("a.*", "a.b.c"));
+        for (p, t) in [
+            ("a.b", "a.b"),
+            ("a.*", "a.b"),
+            ("a.#", "a"),
+            ("a.#", "a.b.c"),
+            ("#", "anything.at.all"),
+            ("#.c", "a.b.c"),
+            ("*.b.#", "a.b"),
+            ("a.#.d", "a.b.c.d"),
+        ] {
+            assert!(m(p, t), "{p} {t}");
+        }
+        for (p, t) in [
+            ("a.b", "a.b.c"),
+            ("a.*", "a"),
+            ("a.*", "a.b.c"),
+            ("*.b", "b"),
+            ("a.#.d", "a.b.c"),
+        ] {
+            assert!(!m(p, t), "{p} {t}");
+        }
     }
 }

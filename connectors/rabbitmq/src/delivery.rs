@@ -169,25 +169,6 @@ pub fn table<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> FieldTa
     table
 }
 
-/// Whether a topic-exchange binding key `pattern` matches `routing_key`, as the broker
-/// decides it: words separated by `.`, `*` is exactly one word, `#` zero or more.
-pub fn matches(pattern: &str, routing_key: &str) -> bool {
-    let pattern: Vec<&str> = pattern.split('.').collect();
-    let key: Vec<&str> = routing_key.split('.').collect();
-    matches_words(&pattern, &key)
-}
-
-fn matches_words(pattern: &[&str], key: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => key.is_empty(),
-        Some((&"#", rest)) => (0..=key.len()).any(|skip| matches_words(rest, &key[skip..])),
-        Some((word, rest)) => match key.split_first() {
-            Some((first, tail)) => (*word == "*" || word == first) && matches_words(rest, tail),
-            None => false,
-        },
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -269,30 +250,5 @@ mod tests {
             m.id, again.id,
             "without message_id each delivery is its own"
         );
-    }
-
-    #[test]
-    fn topic_patterns_match_as_the_broker_does() {
-        for (pattern, key) in [
-            ("a.b", "a.b"),
-            ("a.*", "a.b"),
-            ("a.#", "a"),
-            ("a.#", "a.b.c"),
-            ("#", "anything.at.all"),
-            ("#.c", "a.b.c"),
-            ("*.b.#", "a.b"),
-            ("a.#.d", "a.b.c.d"),
-        ] {
-            assert!(matches(pattern, key), "{pattern} {key}");
-        }
-        for (pattern, key) in [
-            ("a.b", "a.b.c"),
-            ("a.*", "a"),
-            ("a.*", "a.b.c"),
-            ("*.b", "b"),
-            ("a.#.d", "a.b.c"),
-        ] {
-            assert!(!matches(pattern, key), "{pattern} {key}");
-        }
     }
 }

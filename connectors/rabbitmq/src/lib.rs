@@ -117,9 +117,9 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
     let sdk_metrics = runtime.metrics().clone();
     let metrics = metrics::RabbitMetrics::register(runtime.registry_mut(), sdk_metrics);
     let r = config.rabbitmq;
-    let mut runtime = runtime.matcher(connector_sdk::dispatcher::pattern_matcher(
-        delivery::matches,
-    ));
+    let mut runtime = runtime.matcher(connector_sdk::dispatcher::pattern_matcher(|p, t| {
+        connector_sdk::topic_pattern::Wildcards::AMQP.matches(p, t)
+    }));
     if r.dead_letter_exchange.is_empty() {
         tracing::warn!(
             "no dead_letter_exchange: deliveries that fail for good are requeued after hold_delay (or dropped with on_exhausted = \"drop\")"
