@@ -52,14 +52,108 @@ pub struct ReplayArgs {
     /// them.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// Print what would be replayed (function, original coordinates, reason, attempts)
-    /// and remove nothing.
+    /// Print what would be replayed (or purged: function, original coordinates, reason,
+    /// attempts) and remove nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Replay only letters whose provenance names this function (`name` or
-    /// `name.namespace`, as in `x-dead-letter-function`); the others are kept.
+    /// Remove the selected letters without delivering them (after a fix that makes them
+    /// moot, or for letters nobody wants). With `--dry-run`: count them.
+    #[arg(long)]
+    pub purge: bool,
+    /// Which letters: the others are kept, untouched.
+    #[command(flatten)]
+    pub filter: LetterFilter,
+}
+
+/// Which dead letters a replay, a purge or a listing takes: every condition that is set
+/// must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct LetterFilter {
+    /// Only letters whose provenance names this function (`name` or `name.namespace`, as
+    /// in `x-dead-letter-function`).
     #[arg(long, value_name = "NAME")]
     pub function: Option<String>,
+    /// Only letters dead-lettered for this reason: `rejected` (a dead-letter status),
+    /// `exhausted` (out of attempts), `filter_failed`.
+    #[arg(long, value_name = "REASON")]
+    pub reason: Option<String>,
+    /// Only letters whose last response had this status: `422`, or a class, `4xx`/`5xx`.
+    /// `none` selects letters without a response (transport errors, timeouts).
+    #[arg(long, value_name = "STATUS", value_parser = parse_status_filter)]
+    pub status: Option<StatusFilter>,
+    /// Only letters that last failed at or after this time (RFC 3339, `2026-12-07T10:00:00Z`).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<SystemTime>,
+    /// Only letters that last failed before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<SystemTime>,
+    /// Only letters of this topic (stream, queue, subject, routing key, table).
+    #[arg(long, value_name = "TOPIC")]
+    pub topic: Option<String>,
+    /// Only letters whose message had this key (`ce-subject`: a Kafka record key, a
+    /// NATS subject, an MQTT topic, ...).
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+}
+
+/// A status condition of a [`LetterFilter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// Exactly this status.
+    Exact(u16),
+    /// Any status of this class: `4` for `4xx`.
+    Class(u16),
+    /// No response at all.
+    None,
+}
+
+/// Parses `422`, `4xx`, `none`.
+pub fn parse_status_filter(text: &str) -> Result<StatusFilter, String> {
+    let t = text.trim().to_ascii_lowercase();
+    if t == "none" {
+        return Ok(StatusFilter::None);
+    }
+    if let Some(class) = t.strip_suffix("xx")
+        && let Ok(c @ 1..=5) = class.parse::<u16>()
+    {
+        return Ok(StatusFilter::Class(c));
+    }
+    match t.parse::<u16>() {
+        Ok(code @ 100..=599) => Ok(StatusFilter::Exact(code)),
+        _ => Err(format!(
+            "{text:?} is not a status: give a code (422), a class (4xx) or none"
+        )),
+    }
+}
+
+/// Parses an RFC 3339 time.
+pub fn parse_time(text: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339_weak(text.trim())
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time: {e}"))
+}
+
+impl LetterFilter {
+    /// Whether `letter` is selected.
+    pub fn matches(&self, letter: &ReplayLetter) -> bool {
+        let p = &letter.provenance;
+        let same = |want: &Option<String>, got: Option<&str>| {
+            want.as_deref().is_none_or(|w| got == Some(w))
+        };
+        let status = match self.status {
+            None => true,
+            Some(StatusFilter::None) => p.status.is_none(),
+            Some(StatusFilter::Exact(code)) => p.status == Some(code),
+            Some(StatusFilter::Class(class)) => p.status.is_some_and(|s| s / 100 == class),
+        };
+        let failed = p.last_failure.or(p.first_failure);
+        same(&self.function, Some(letter.function.as_str()))
+            && same(&self.reason, p.reason.as_deref())
+            && status
+            && self.since.is_none_or(|t| failed.is_some_and(|f| f >= t))
+            && self.until.is_none_or(|t| failed.is_some_and(|f| f < t))
+            && same(&self.topic, Some(p.topic.as_str()))
+            && same(&self.key, letter.message.subject.as_deref())
+    }
 }
 
 /// A dead letter read back: the original message, the function it failed for, and why.
@@ -285,9 +379,7 @@ pub enum ReplayError {
     #[error("reading the dead letters failed: {0}")]
     Read(#[source] StoreError),
     /// Removing a delivered letter failed: it stays and would be replayed again.
-    #[error(
-        "removing delivered letter {location} failed (it stays and will be replayed again): {source}"
-    )]
+    #[error("removing letter {location} failed (it stays among the dead letters): {source}")]
     Remove {
         /// The letter.
         location: String,
@@ -318,17 +410,21 @@ pub enum ReplayError {
     },
 }
 
-/// What a replay did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What a replay (or a purge) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Summary {
     /// Delivered and removed (on a dry run: would be replayed).
     pub replayed: usize,
     /// Delivered but failed again: kept.
     pub failed: usize,
-    /// Not for `--function`, or undecodable: kept.
+    /// Removed without delivery by a purge (on a dry run: would be purged).
+    pub purged: usize,
+    /// Not selected by the filter, or undecodable: kept.
     pub skipped: usize,
     /// Whether this was a dry run.
     pub dry_run: bool,
+    /// Whether this was a purge.
+    pub purge: bool,
 }
 
 impl Summary {
@@ -347,7 +443,17 @@ impl Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.dry_run {
+        if self.purge {
+            if self.dry_run {
+                write!(
+                    f,
+                    "dry run: {} would be purged, {} skipped; nothing was removed",
+                    self.purged, self.skipped
+                )
+            } else {
+                write!(f, "purge: {} purged, {} skipped", self.purged, self.skipped)
+            }
+        } else if self.dry_run {
             write!(
                 f,
                 "dry run: {} would be replayed, {} skipped; nothing was removed",
@@ -443,9 +549,11 @@ impl Replayer {
         out: &mut (dyn Write + Send),
     ) -> Result<Summary, ReplayError> {
         let dry_run = self.args.dry_run;
+        let purge = self.args.purge;
         let limit = self.args.limit.unwrap_or(usize::MAX);
         let mut summary = Summary {
             dry_run,
+            purge,
             ..Summary::default()
         };
         let mut attempted = 0usize;
@@ -487,9 +595,7 @@ impl Replayer {
                         continue;
                     }
                 };
-                if let Some(wanted) = &self.args.function
-                    && letter.function.as_str() != wanted
-                {
+                if !self.args.filter.matches(&letter) {
                     summary.skipped += 1;
                     if !dry_run {
                         self.keep(store, handle, &location).await?;
@@ -498,6 +604,22 @@ impl Replayer {
                 }
                 attempted += 1;
                 let described = letter.provenance.describe();
+                if purge {
+                    if dry_run {
+                        writeln!(out, "would purge {location} {described}")?;
+                    } else {
+                        store
+                            .remove(handle)
+                            .await
+                            .map_err(|source| ReplayError::Remove {
+                                location: location.clone(),
+                                source,
+                            })?;
+                        writeln!(out, "purged {location} {described}")?;
+                    }
+                    summary.purged += 1;
+                    continue;
+                }
                 if dry_run {
                     writeln!(out, "would replay {location} {described}")?;
                     summary.replayed += 1;
@@ -573,6 +695,135 @@ impl Replayer {
             }
         }
     }
+}
+
+/// How much of a payload a listing shows.
+pub const PREVIEW_BYTES: usize = 512;
+
+/// One dead letter as an operator sees it in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LetterView {
+    /// Where it sits in the dead-letter destination.
+    pub location: String,
+    /// The function it failed for.
+    pub function: String,
+    /// The original topic.
+    pub topic: String,
+    /// The original `ce-id`.
+    pub id: String,
+    /// `rejected`, `exhausted`, `filter_failed`.
+    pub reason: Option<String>,
+    /// The last response's status.
+    pub status: Option<u16>,
+    /// The last transport error.
+    pub error: Option<String>,
+    /// An excerpt of the last response's body.
+    pub response: Option<String>,
+    /// Attempts made.
+    pub attempts: Option<u32>,
+    /// First and last failure, RFC 3339.
+    pub first_failure: Option<String>,
+    pub last_failure: Option<String>,
+    /// The message's key (`ce-subject`), when it had one.
+    pub key: Option<String>,
+    /// The original coordinates (`partition`, `offset`, `stream`, ...).
+    pub coordinates: BTreeMap<String, String>,
+    /// The payload's content type, when known.
+    pub content_type: Option<String>,
+    /// The payload's size.
+    pub payload_bytes: usize,
+    /// Its first [`PREVIEW_BYTES`], as text (invalid UTF-8 replaced). Untrusted: a
+    /// page shows it as text, never as markup.
+    pub preview: String,
+    /// Whether the preview is cut.
+    pub truncated: bool,
+}
+
+impl LetterView {
+    fn of(location: String, letter: &ReplayLetter) -> Self {
+        let p = &letter.provenance;
+        let time =
+            |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_millis(t).to_string());
+        let payload = &letter.message.payload;
+        let cut = payload.len().min(PREVIEW_BYTES);
+        Self {
+            location,
+            function: p.function.clone(),
+            topic: p.topic.clone(),
+            id: p.id.clone(),
+            reason: p.reason.clone(),
+            status: p.status,
+            error: p.error.clone(),
+            response: p.response.clone(),
+            attempts: p.attempts,
+            first_failure: time(p.first_failure),
+            last_failure: time(p.last_failure),
+            key: letter.message.subject.clone(),
+            coordinates: p.coordinates.iter().cloned().collect(),
+            content_type: letter
+                .message
+                .content_type
+                .as_ref()
+                .and_then(|c| c.to_str().ok())
+                .map(str::to_owned),
+            payload_bytes: payload.len(),
+            preview: String::from_utf8_lossy(&payload[..cut]).into_owned(),
+            truncated: cut < payload.len(),
+        }
+    }
+}
+
+/// A page of a listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LetterPage {
+    /// The selected letters from `offset`, at most `limit` of them, oldest first.
+    pub letters: Vec<LetterView>,
+    /// How many letters the filter selects in all.
+    pub matched: usize,
+    /// Letters that cannot be decoded (never selected).
+    pub undecodable: usize,
+    /// The offset of the next page, when there is one.
+    pub next: Option<usize>,
+}
+
+/// Lists `store`'s letters that `filter` selects, skipping the first `offset` of them and
+/// showing at most `limit`; reads every letter (to count them) and removes or rewrites
+/// none, as a dry run does.
+pub async fn list<S: DeadLetterStore>(
+    mut store: S,
+    filter: &LetterFilter,
+    offset: usize,
+    limit: usize,
+) -> Result<LetterPage, ReplayError> {
+    let mut page = LetterPage::default();
+    let read = async {
+        loop {
+            let batch = store.next_batch().await.map_err(ReplayError::Read)?;
+            if batch.is_empty() {
+                return Ok::<_, ReplayError>(());
+            }
+            for stored in batch {
+                let Ok(letter) = &stored.letter else {
+                    page.undecodable += 1;
+                    continue;
+                };
+                if !filter.matches(letter) {
+                    continue;
+                }
+                if page.matched >= offset && page.letters.len() < limit {
+                    page.letters.push(LetterView::of(stored.location, letter));
+                }
+                page.matched += 1;
+            }
+        }
+    };
+    let result = read.await;
+    let finished = store.finish().await.map_err(ReplayError::Finish);
+    result?;
+    finished?;
+    let shown = offset.saturating_add(page.letters.len());
+    page.next = (shown < page.matched && !page.letters.is_empty()).then_some(shown);
+    Ok(page)
 }
 
 /// Why a replayed delivery did not count as delivered, for the output.
@@ -881,7 +1132,11 @@ mod tests {
         let args = ReplayArgs {
             dry_run: true,
             limit: Some(2),
-            function: Some("good".into()),
+            filter: LetterFilter {
+                function: Some("good".into()),
+                ..LetterFilter::default()
+            },
+            ..ReplayArgs::default()
         };
         let (summary, out) = replay(&gw, args, store.clone()).await;
         assert_eq!((summary.replayed, summary.skipped), (2, 1), "{out}");
@@ -896,7 +1151,10 @@ mod tests {
         let store = Memory::with(letters().split_off(1));
         let args = ReplayArgs {
             limit: Some(1),
-            function: Some("good".into()),
+            filter: LetterFilter {
+                function: Some("good".into()),
+                ..LetterFilter::default()
+            },
             ..ReplayArgs::default()
         };
         let (summary, out) = replay(&gw, args, store.clone()).await;
@@ -906,6 +1164,283 @@ mod tests {
         assert_eq!(*store.kept.lock().unwrap(), ["dlq@1"]);
         assert_eq!(store.letters.lock().unwrap().len(), 1);
         assert_eq!(gw.requests_to("good").len(), 1);
+    }
+
+    /// A letter for `function` with `status` (none: a transport error), `reason`, last
+    /// failure at `at` seconds after the epoch, on `topic` with `key`.
+    fn varied(
+        id: &str,
+        function: &str,
+        status: Option<u16>,
+        reason: DeadLetterReason,
+        at: u64,
+        topic: &str,
+        key: Option<&str>,
+    ) -> ReplayLetter {
+        let mut l = letter(id, function);
+        l.status = status;
+        l.reason = reason;
+        l.last_failure = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(at);
+        let mut message = (*l.message).clone();
+        message.topic = topic.to_owned();
+        message.subject = key.map(str::to_owned);
+        l.message = Arc::new(message);
+        let mut decoded = decode(&l).unwrap();
+        decoded.message.subject = key.map(str::to_owned);
+        decoded
+    }
+
+    #[test]
+    fn a_filter_selects_by_every_condition_it_sets() {
+        let a = varied(
+            "a",
+            "f",
+            Some(422),
+            DeadLetterReason::Rejected,
+            100,
+            "orders",
+            Some("k1"),
+        );
+        let b = varied(
+            "b",
+            "g",
+            Some(503),
+            DeadLetterReason::Exhausted,
+            200,
+            "payments",
+            None,
+        );
+        let c = varied(
+            "c",
+            "f",
+            None,
+            DeadLetterReason::Exhausted,
+            300,
+            "orders",
+            Some("k2"),
+        );
+        let pick = |filter: LetterFilter| -> Vec<String> {
+            [&a, &b, &c]
+                .into_iter()
+                .filter(|l| filter.matches(l))
+                .map(|l| l.provenance.id.clone())
+                .collect()
+        };
+        let t = |secs| Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        assert_eq!(pick(LetterFilter::default()), ["a", "b", "c"]);
+        let f = |function: &str| LetterFilter {
+            function: Some(function.into()),
+            ..LetterFilter::default()
+        };
+        assert_eq!(pick(f("f")), ["a", "c"]);
+        let status = |s: &str| LetterFilter {
+            status: Some(parse_status_filter(s).unwrap()),
+            ..LetterFilter::default()
+        };
+        assert_eq!(pick(status("4xx")), ["a"]);
+        assert_eq!(pick(status("503")), ["b"]);
+        assert_eq!(pick(status("none")), ["c"]);
+        assert!(parse_status_filter("6xx").is_err());
+        assert!(parse_status_filter("teapot").is_err());
+        let reason = LetterFilter {
+            reason: Some("exhausted".into()),
+            ..LetterFilter::default()
+        };
+        assert_eq!(pick(reason), ["b", "c"]);
+        let window = LetterFilter {
+            since: t(150),
+            until: t(300),
+            ..LetterFilter::default()
+        };
+        assert_eq!(pick(window), ["b"], "since inclusive, until exclusive");
+        let topic_key = LetterFilter {
+            topic: Some("orders".into()),
+            key: Some("k2".into()),
+            ..LetterFilter::default()
+        };
+        assert_eq!(pick(topic_key), ["c"]);
+        let both = LetterFilter {
+            function: Some("f".into()),
+            status: Some(StatusFilter::Class(4)),
+            ..LetterFilter::default()
+        };
+        assert_eq!(pick(both), ["a"], "every condition must hold");
+        assert!(parse_time("2026-12-07T10:00:00Z").is_ok());
+        assert!(parse_time("yesterday").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_purge_removes_what_the_filter_selects_without_delivering_it() {
+        let gw = FakeGateway::start().await.unwrap();
+        gw.function("f", "t", |_, _| Reply::ok());
+        let letters = || {
+            vec![
+                Ok(varied(
+                    "a",
+                    "f",
+                    Some(422),
+                    DeadLetterReason::Rejected,
+                    1,
+                    "orders",
+                    None,
+                )),
+                Ok(varied(
+                    "b",
+                    "f",
+                    Some(503),
+                    DeadLetterReason::Exhausted,
+                    2,
+                    "orders",
+                    None,
+                )),
+                Err(DecodeError::Missing(names::FUNCTION)),
+                Ok(varied(
+                    "c",
+                    "g",
+                    Some(422),
+                    DeadLetterReason::Rejected,
+                    3,
+                    "orders",
+                    None,
+                )),
+            ]
+        };
+        let filter = LetterFilter {
+            status: Some(StatusFilter::Class(4)),
+            ..LetterFilter::default()
+        };
+        let dry = ReplayArgs {
+            dry_run: true,
+            purge: true,
+            filter: filter.clone(),
+            ..ReplayArgs::default()
+        };
+        let store = Memory::with(letters());
+        let (summary, out) = replay(&gw, dry, store.clone()).await;
+        assert_eq!((summary.purged, summary.skipped), (2, 2), "{out}");
+        assert!(
+            out.ends_with("dry run: 2 would be purged, 2 skipped; nothing was removed\n"),
+            "{out}"
+        );
+        assert!(store.removed.lock().unwrap().is_empty());
+
+        let purge = ReplayArgs {
+            purge: true,
+            filter,
+            ..ReplayArgs::default()
+        };
+        let store = Memory::with(letters());
+        let (summary, out) = replay(&gw, purge, store.clone()).await;
+        assert_eq!(
+            (summary.purged, summary.replayed, summary.skipped),
+            (2, 0, 2),
+            "{out}"
+        );
+        assert_eq!(*store.removed.lock().unwrap(), ["dlq@0", "dlq@3"]);
+        assert_eq!(*store.kept.lock().unwrap(), ["dlq@1", "dlq@2"]);
+        assert!(out.contains("purged dlq@0 function=f"), "{out}");
+        assert!(out.ends_with("purge: 2 purged, 2 skipped\n"), "{out}");
+        assert!(gw.requests().is_empty(), "a purge delivers nothing");
+    }
+
+    #[tokio::test]
+    async fn a_listing_pages_through_the_selected_letters_and_touches_none() {
+        let mut letters = Vec::new();
+        for i in 0..5 {
+            letters.push(Ok(varied(
+                &format!("m{i}"),
+                "f",
+                Some(500),
+                DeadLetterReason::Exhausted,
+                i,
+                "orders",
+                Some("k"),
+            )));
+        }
+        letters.insert(
+            2,
+            Ok(varied(
+                "other",
+                "g",
+                Some(500),
+                DeadLetterReason::Exhausted,
+                9,
+                "orders",
+                None,
+            )),
+        );
+        letters.push(Err(DecodeError::Missing(names::TOPIC)));
+        let mut big = varied(
+            "big",
+            "f",
+            Some(500),
+            DeadLetterReason::Exhausted,
+            10,
+            "orders",
+            None,
+        );
+        big.message.payload =
+            Bytes::from(format!("<script>{}</script>", "x".repeat(PREVIEW_BYTES)));
+        letters.push(Ok(big));
+        let filter = LetterFilter {
+            function: Some("f".into()),
+            ..LetterFilter::default()
+        };
+        let store = Memory::with(letters);
+        let page = list(store.clone(), &filter, 0, 4).await.unwrap();
+        assert_eq!(page.matched, 6);
+        assert_eq!(page.undecodable, 1);
+        assert_eq!(page.next, Some(4));
+        let ids: Vec<&str> = page.letters.iter().map(|l| l.id.as_str()).collect();
+        assert_eq!(ids, ["m0", "m1", "m2", "m3"]);
+        let first = &page.letters[0];
+        assert_eq!(
+            (first.status, first.reason.as_deref()),
+            (Some(500), Some("exhausted"))
+        );
+        assert_eq!(first.key.as_deref(), Some("k"));
+        assert_eq!(first.coordinates["partition"], "1");
+        assert_eq!(first.preview, "body-m0");
+        assert!(!first.truncated);
+        assert!(
+            store.removed.lock().unwrap().is_empty(),
+            "a listing removes nothing"
+        );
+        assert!(
+            store.kept.lock().unwrap().is_empty(),
+            "nor rewrites anything"
+        );
+        assert!(*store.finished.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_listing_previews_a_large_payload_cut() {
+        let mut big = varied(
+            "big",
+            "f",
+            Some(500),
+            DeadLetterReason::Exhausted,
+            10,
+            "orders",
+            None,
+        );
+        big.message.payload = Bytes::from(format!("<b>{}</b>", "x".repeat(PREVIEW_BYTES)));
+        let page = list(Memory::with(vec![Ok(big)]), &LetterFilter::default(), 0, 10)
+            .await
+            .unwrap();
+        let view = &page.letters[0];
+        assert_eq!(view.payload_bytes, PREVIEW_BYTES + 7);
+        assert_eq!(view.preview.len(), PREVIEW_BYTES);
+        assert!(
+            view.preview.starts_with("<b>xx"),
+            "the text as it is: escaping is the page's"
+        );
+        assert!(view.truncated);
+        assert_eq!(page.next, None);
+        let past = list(Memory::with(Vec::new()), &LetterFilter::default(), 5, 10)
+            .await
+            .unwrap();
+        assert_eq!((past.matched, past.next), (0, None));
     }
 
     #[tokio::test]

@@ -9,6 +9,9 @@
 //! 4. The function fails again: `replay` reports the remaining letter as failed, exits
 //!    non-zero and leaves it in place.
 //! 5. The function succeeds: `replay` delivers it and the destination is empty.
+//! 6. Filters: `--status 5xx` selects neither letter, `--status 4xx --reason rejected
+//!    --topic --function --since` both; a bad filter value is refused. `replay --purge
+//!    --status 422` removes a new letter without invoking anything.
 //!
 //! A connector's test implements [`ReplayFixture`] (on top of the scenario suite's
 //! [`Fixture`]) and calls [`dead_letters_replayed`].
@@ -114,7 +117,7 @@ pub async fn dead_letters_replayed(fixture: &dyn ReplayFixture) {
     assert_eq!(fixture.remaining_dead_letters(&topic).await, sent);
     let originals = gw.requests_to("replay-fn");
     assert_eq!(originals.len(), 2, "a 400 is not retried");
-    drop(connector);
+    // The connector keeps running: a replay reads the dead letters beside it.
 
     let binary = fixture.binary();
     let config = replay_config(fixture, &gw, &topic);
@@ -135,6 +138,47 @@ pub async fn dead_letters_replayed(fixture: &dyn ReplayFixture) {
     );
     assert_eq!(gw.requests_to("replay-fn").len(), 2, "a dry run invoked");
     assert_eq!(fixture.remaining_dead_letters(&topic).await, sent);
+    // Filters select: none of them failed with a 5xx; both with a 4xx, rejected.
+    let (exit, out) = run_to_exit(
+        &binary,
+        &config,
+        &["replay", "--dry-run", "--status", "5xx"],
+    )
+    .await;
+    assert!(exit.success(), "{out}");
+    assert!(
+        out.contains("dry run: 0 would be replayed, 2 skipped"),
+        "{out}"
+    );
+    let (exit, out) = run_to_exit(
+        &binary,
+        &config,
+        &[
+            "replay",
+            "--dry-run",
+            "--status",
+            "4xx",
+            "--reason",
+            "rejected",
+            "--topic",
+            &topic,
+            "--function",
+            "replay-fn",
+            "--since",
+            "2020-01-01T00:00:00Z",
+        ],
+    )
+    .await;
+    assert!(exit.success(), "{out}");
+    assert!(
+        out.contains("dry run: 2 would be replayed, 0 skipped"),
+        "{out}"
+    );
+    let (exit, out) = run_to_exit(&binary, &config, &["replay", "--status", "teapot"]).await;
+    assert!(
+        !exit.success() && out.contains("teapot"),
+        "a bad filter is refused:\n{out}"
+    );
 
     // The function is fixed: the oldest letter is delivered once, as it was, and removed.
     status.store(200, Ordering::SeqCst);
@@ -201,4 +245,35 @@ pub async fn dead_letters_replayed(fixture: &dyn ReplayFixture) {
         "ce-id must survive the replay"
     );
     assert!(fixture.remaining_dead_letters(&topic).await.is_empty());
+
+    // A purge removes the letters it selects without delivering them.
+    status.store(422, Ordering::SeqCst);
+    let doomed = b"replay-purged".to_vec();
+    fixture.produce(&topic, std::slice::from_ref(&doomed)).await;
+    assert!(
+        eventually_async(WITHIN, || async {
+            fixture
+                .remaining_dead_letters(&topic)
+                .await
+                .contains(&doomed)
+        })
+        .await,
+        "not dead-lettered:\n{}",
+        connector.process.output()
+    );
+    drop(connector);
+    let invoked = gw.requests_to("replay-fn").len();
+    let (exit, out) =
+        run_to_exit(&binary, &config, &["replay", "--purge", "--status", "422"]).await;
+    assert!(exit.success(), "purge failed ({exit:?}):\n{out}");
+    assert!(out.contains("purge: 1 purged, 0 skipped"), "{out}");
+    assert_eq!(
+        gw.requests_to("replay-fn").len(),
+        invoked,
+        "a purge invokes nothing"
+    );
+    assert!(
+        fixture.remaining_dead_letters(&topic).await.is_empty(),
+        "{out}"
+    );
 }
