@@ -33,6 +33,8 @@
 //! - [`scaler`]: KEDA's external scaler over gRPC, on that backlog (`scaler_addr`).
 //! - [`metrics`] and [`server`]: `connector_` metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`runtime`]: the run harness every binary uses: tracing, signals, drain, exit.
+//! - [`admin`]: the admin API on `metrics_addr` (status, dead letters listed, replayed
+//!   and purged with filters), behind the connector's gateway credentials.
 //! - [`trace`]: W3C trace context in and out of deliveries, their OpenTelemetry spans.
 //! - [`replay`]: the `replay` subcommand: dead letters back through the normal delivery
 //!   path, removed once delivered.
@@ -48,6 +50,7 @@
 //! by default). A connector with its own `#[global_allocator]` depends on the SDK with
 //! `default-features = false`.
 
+pub mod admin;
 pub mod backlog;
 pub mod cli;
 pub mod config;

@@ -206,6 +206,17 @@ pub enum DeliveryOutcome {
 }
 
 impl DeliveryOutcome {
+    /// Every outcome's [`as_str`](Self::as_str) name.
+    pub const NAMES: [&'static str; 7] = [
+        "delivered",
+        "dead_lettered",
+        "dropped",
+        "held",
+        "released",
+        "retry",
+        "filtered",
+    ];
+
     /// Whether this outcome lets its message be acknowledged.
     pub fn allows_ack(self) -> bool {
         matches!(

@@ -380,6 +380,24 @@ impl Metrics {
         });
     }
 
+    /// How many of `function`'s deliveries ended as `outcome` (a [`DeliveryOutcome`]
+    /// name) so far.
+    pub fn deliveries_of(&self, function: &FunctionRef, outcome: &'static str) -> u64 {
+        self.deliveries
+            .get(&DeliveryLabels {
+                function: function.clone(),
+                outcome,
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    /// How many of `function`'s attempts failed and were retried so far.
+    pub fn retries_of(&self, function: &FunctionRef) -> u64 {
+        self.retries
+            .get(&fn_labels(function))
+            .map_or(0, |c| c.get())
+    }
+
     pub(crate) fn retried(&self, function: &FunctionRef) {
         self.retries.get_or_create(&fn_labels(function)).inc();
     }

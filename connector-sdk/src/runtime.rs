@@ -91,6 +91,8 @@ pub struct Runtime {
     printer: Option<mpsc::Receiver<Arc<InvocationResult>>>,
     /// The credential of `/drain`; `None` turns it off.
     drain_token: Option<DrainToken>,
+    /// Opens the dead-letter destination for the admin API.
+    dead_letter_store: Option<crate::admin::StoreFactory>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -133,7 +135,15 @@ impl Runtime {
             install_signals: true,
             printer,
             drain_token,
+            dead_letter_store: None,
         })
+    }
+
+    /// How the admin API opens the connector's dead-letter destination (the `replay`
+    /// subcommand's store), to list, replay and purge letters while the connector runs.
+    pub fn dead_letter_store(mut self, factory: crate::admin::StoreFactory) -> Self {
+        self.dead_letter_store = Some(factory);
+        self
     }
 
     /// The registry, to add the connector's own metrics before `run`.
@@ -231,6 +241,7 @@ impl Runtime {
             install_signals,
             printer,
             drain_token,
+            dead_letter_store,
         } = self;
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -245,7 +256,18 @@ impl Runtime {
             done: drained.clone(),
             token: drain_token,
         };
-        let router = server::router(Arc::new(registry), metrics.clone(), health.clone(), drain);
+        let admin = crate::admin::Admin {
+            name: name.clone(),
+            config: config.clone(),
+            credential: crate::gateway::BasicAuth::from_config(&config)?,
+            health: health.clone(),
+            metrics: metrics.clone(),
+            topics: topics.clone(),
+            store: dead_letter_store,
+            busy: Arc::default(),
+        };
+        let router = server::router(Arc::new(registry), metrics.clone(), health.clone(), drain)
+            .merge(crate::admin::router(admin));
         let (addr, serve) = server::bind(config.metrics_addr, router, background.clone()).await?;
         tasks.spawn(serve);
         if install_signals {

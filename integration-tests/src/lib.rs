@@ -7,6 +7,7 @@
 //!   [`nats_url`], [`kafka_brokers`], [`sqs_endpoint`], [`rabbitmq_url`],
 //!   `postgres_broker::postgres_url`), as `scripts/test.sh` exports them.
 //! - [`unique`] names, so tests never share a topic, stream or queue.
+//! - [`admin`]: the admin API scenario (status, dead letters listed, replayed, purged).
 //! - [`scenarios`]: the shared suite every broker connector runs; [`keda`]: the KEDA
 //!   external scaler scenario, through a generated gRPC client; [`replay`]: the
 //!   dead-letter replay scenario; [`redis_broker`], [`kafka_broker`],
@@ -18,6 +19,7 @@
 //!   supervises.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod admin;
 pub mod config_keys;
 pub mod gateway;
 pub mod kafka_broker;

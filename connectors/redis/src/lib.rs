@@ -112,6 +112,19 @@ pub fn consumer_name(config: &RedisConfig) -> String {
 /// drains: in-flight deliveries finish, completed entries are acknowledged, the rest go
 /// back to the group.
 pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
+    if config.redis.mode == Mode::Streams && !config.redis.dead_letter_stream.is_empty() {
+        // The admin API lists, replays and purges the dead letters as `replay` does.
+        let store_config = Arc::new(config.clone());
+        runtime = runtime.dead_letter_store(Arc::new(move || {
+            let config = store_config.clone();
+            Box::pin(async move {
+                replay::open(&config)
+                    .await
+                    .map(connector_sdk::admin::BoxedStore::new)
+                    .map_err(connector_sdk::replay::StoreError::new)
+            })
+        }));
+    }
     let client = client(&config.redis)?;
     let source = source_uri(&client);
     let metrics = metrics::RedisMetrics::register(runtime.registry_mut());

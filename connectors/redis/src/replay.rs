@@ -34,6 +34,15 @@ pub async fn run(
     args: ReplayArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary, Error> {
+    let replayer = Replayer::new(NAME, &config.connector, args)?;
+    replayer.stop_on_signals()?;
+    let store = open(config).await?;
+    Ok(replayer.run(store, out).await?)
+}
+
+/// The dead-letter streams of `config`, to read from the oldest letter (for `replay` and
+/// the admin API).
+pub async fn open(config: &Config) -> Result<StreamStore, Error> {
     let r = &config.redis;
     if r.mode == Mode::Pubsub || r.dead_letter_stream.is_empty() {
         return Err(Error::ReplaySetup(
@@ -41,8 +50,6 @@ pub async fn run(
                 .to_owned(),
         ));
     }
-    let replayer = Replayer::new(NAME, &config.connector, args)?;
-    replayer.stop_on_signals()?;
     let client = client(r)?;
     let source = source_uri(&client);
     let manager_config = redis::aio::ConnectionManagerConfig::new()
@@ -59,17 +66,16 @@ pub async fn run(
         .collect();
     // A template without `{stream}` names one stream for every topic.
     streams.dedup();
-    let store = StreamStore {
+    Ok(StreamStore {
         conn,
         source,
         streams: streams.into(),
         current: None,
-    };
-    Ok(replayer.run(store, out).await?)
+    })
 }
 
 /// The dead-letter streams, one after another.
-struct StreamStore {
+pub struct StreamStore {
     conn: ConnectionManager,
     /// `ce-source` prefix.
     source: String,
@@ -86,7 +92,7 @@ struct Cursor {
 }
 
 /// A letter's place: the stream and the entry id.
-struct Handle {
+pub struct Handle {
     stream: String,
     id: String,
 }
