@@ -146,6 +146,29 @@ impl Runtime {
         self
     }
 
+    /// [`dead_letter_store`](Self::dead_letter_store) from the connector's configuration
+    /// and the function its `replay` subcommand opens its store with.
+    pub fn dead_letter_store_with<C, S, E, F, Fut>(self, config: C, open: F) -> Self
+    where
+        C: Send + Sync + 'static,
+        F: Fn(Arc<C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<S, E>> + Send + 'static,
+        S: crate::replay::DeadLetterStore + 'static,
+        S::Handle: 'static,
+        E: std::fmt::Display,
+    {
+        let config = Arc::new(config);
+        self.dead_letter_store(Arc::new(move || {
+            let opened = open(config.clone());
+            Box::pin(async move {
+                opened
+                    .await
+                    .map(crate::admin::BoxedStore::new)
+                    .map_err(crate::replay::StoreError::new)
+            })
+        }))
+    }
+
     /// The registry, to add the connector's own metrics before `run`.
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry

@@ -49,11 +49,6 @@ async fn redis_batches_lose_nothing_across_kill() {
 }
 
 #[tokio::test]
-async fn redis_admin_api_lists_replays_and_purges() {
-    integration_tests::admin::admin_api_lists_replays_and_purges(&RedisStreams::new()).await;
-}
-
-#[tokio::test]
 async fn redis_delivered_once() {
     scenarios::delivered_once(&RedisStreams::new()).await;
 }

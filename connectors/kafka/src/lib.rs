@@ -47,6 +47,13 @@ pub const NAME: &str = "kafka-connector";
 /// runs until SIGTERM/SIGINT or `runtime`'s shutdown token, then drains and commits.
 pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
     config.validate()?;
+    if config.kafka.dead_letter_topic.is_some() {
+        // The admin API lists, replays and purges the dead letters as `replay` does, with
+        // the replay's default consumer group.
+        runtime = runtime.dead_letter_store_with(config.clone(), |c| async move {
+            replay::open(&c, &replay::default_group(&c)).await
+        });
+    }
     let metrics = KafkaMetrics::register(runtime.registry_mut());
     let shared = Shared::new(runtime.metrics().clone());
     let context = ConnectorContext::new(

@@ -55,13 +55,20 @@ pub async fn run(
     group: &str,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary, Error> {
+    let store = open(config, group).await?;
+    let replayer = Replayer::new(NAME, &config.connector, args)?;
+    replayer.stop_on_signals()?;
+    Ok(replayer.run(store, out).await?)
+}
+
+/// The dead-letter topic of `config`, read with the consumer group `group` from its
+/// committed offsets (for `replay` and, with [`default_group`], the admin API).
+pub async fn open(config: &Config, group: &str) -> Result<TopicStore, Error> {
     let Some(topic) = config.kafka.dead_letter_topic.clone() else {
         return Err(Error::ReplaySetup(
             "nothing to replay: no dead_letter_topic is configured".to_owned(),
         ));
     };
-    let replayer = Replayer::new(NAME, &config.connector, args)?;
-    replayer.stop_on_signals()?;
     let mut consumer_config = config.consumer_config();
     consumer_config
         .set("group.id", group)
@@ -102,7 +109,7 @@ pub async fn run(
         ordering: config.connector.ordering,
         produce_timeout: config.kafka.produce_timeout,
     };
-    Ok(replayer.run(store, out).await?)
+    Ok(store)
 }
 
 /// Assigns every partition of `topic` that has letters past the group's committed offset,
@@ -153,7 +160,7 @@ fn assign(consumer: &StreamConsumer, topic: &str) -> Result<BTreeMap<i32, i64>, 
 }
 
 /// The dead-letter topic, partition by partition up to the ends seen at start.
-struct TopicStore {
+pub struct TopicStore {
     consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
     topic: String,
@@ -165,7 +172,7 @@ struct TopicStore {
 }
 
 /// A letter as read: where it is, and what rewriting it needs.
-struct Handle {
+pub struct Handle {
     partition: i32,
     offset: i64,
     key: Option<Bytes>,

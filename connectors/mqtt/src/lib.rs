@@ -70,6 +70,11 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 /// Runs the connector until the runtime's shutdown (SIGTERM/SIGINT, or its token), then
 /// drains: in-flight deliveries finish and are acknowledged, the rest stay with the broker.
 pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
+    if !config.mqtt.dead_letter_topic.is_empty() {
+        // The admin API lists, replays and purges the dead letters as `replay` does.
+        runtime = runtime
+            .dead_letter_store_with(config.clone(), |c| async move { replay::open(&c).await });
+    }
     let sdk_metrics = runtime.metrics().clone();
     let m = config.mqtt;
     let metrics = metrics::MqttMetrics::register(runtime.registry_mut(), sdk_metrics, &m.client_id);

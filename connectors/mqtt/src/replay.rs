@@ -35,14 +35,21 @@ pub async fn run(
     args: ReplayArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary, Error> {
+    let store = open(config).await?;
+    let replayer = Replayer::new(NAME, &config.connector, args)?;
+    replayer.stop_on_signals()?;
+    Ok(replayer.run(store, out).await?)
+}
+
+/// The dead-letter topic of `config`, read through the replay's persistent session (for
+/// `replay` and the admin API).
+pub async fn open(config: &Config) -> Result<TopicStore, Error> {
     let m = &config.mqtt;
     if m.dead_letter_topic.is_empty() {
         return Err(Error::Setup(
             "nothing to replay: no mqtt.dead_letter_topic is configured".to_owned(),
         ));
     }
-    let replayer = Replayer::new(NAME, &config.connector, args)?;
-    replayer.stop_on_signals()?;
     let window = 64;
     let (client, mut events) = link::open(&Session {
         config: m,
@@ -70,11 +77,11 @@ pub async fn run(
         idle: m.replay_idle,
         source: crate::source_uri(m),
     };
-    Ok(replayer.run(store, out).await?)
+    Ok(store)
 }
 
 /// The replay session, read until it is idle.
-struct TopicStore {
+pub struct TopicStore {
     client: Client,
     driver: Option<Driver>,
     idle: Duration,

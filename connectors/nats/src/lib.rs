@@ -67,6 +67,11 @@ pub enum NatsError {
 
 /// Runs the connector until SIGTERM or SIGINT (or `runtime`'s shutdown token).
 pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), NatsError> {
+    if config.nats.mode == Mode::Jetstream && config.jetstream.dead_letter_subject.is_some() {
+        // The admin API lists, replays and purges the dead letters as `replay` does.
+        runtime = runtime
+            .dead_letter_store_with(config.clone(), |c| async move { replay::open(&c).await });
+    }
     let sdk_metrics = runtime.metrics().clone();
     let metrics = NatsMetrics::register(runtime.registry_mut(), sdk_metrics);
     let connection = connect::connect(&config.nats).await?;

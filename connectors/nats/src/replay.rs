@@ -43,6 +43,21 @@ pub async fn run(
     args: ReplayArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary, NatsError> {
+    // Checked before the replayer is made, so a misconfiguration says so first.
+    let store = open(config).await?;
+    let replayer = Replayer::new(NAME, &config.connector, args)?;
+    replayer.stop_on_signals()?;
+    let client = store.client.clone();
+    let summary = replayer.run(store, out).await?;
+    if let Err(e) = client.flush().await {
+        tracing::debug!(error = %e, "final flush failed");
+    }
+    Ok(summary)
+}
+
+/// The streams that capture `config`'s dead-letter subjects, to read from the oldest
+/// letter (for `replay` and the admin API).
+pub async fn open(config: &Config) -> Result<SubjectStore, NatsError> {
     let Some(template) = config.jetstream.dead_letter_subject.clone() else {
         return Err(NatsError::ReplaySetup(
             "nothing to replay: no jetstream.dead_letter_subject is configured".to_owned(),
@@ -53,8 +68,6 @@ pub async fn run(
             "nothing to replay: dead letters are written only in jetstream mode".to_owned(),
         ));
     }
-    let replayer = Replayer::new(NAME, &config.connector, args)?;
-    replayer.stop_on_signals()?;
     let subjects: BTreeSet<String> = replay::topics(NAME, &config.connector)
         .await?
         .iter()
@@ -86,25 +99,23 @@ pub async fn run(
             .last_sequence;
         stores.push((name, subject, stream, last));
     }
-    let store = SubjectStore {
+    Ok(SubjectStore {
         pending: stores,
         current: None,
         source: crate::core::source_name(&config.nats.servers()),
-    };
-    let summary = replayer.run(store, out).await?;
-    if let Err(e) = connection.client.flush().await {
-        tracing::debug!(error = %e, "final flush failed");
-    }
-    Ok(summary)
+        client: connection.client.clone(),
+    })
 }
 
 /// The dead-letter subjects, one after another.
-struct SubjectStore {
+pub struct SubjectStore {
     /// (stream name, filter subject, stream, last sequence at start) not read yet.
     pending: Vec<(String, String, Stream, u64)>,
     current: Option<Reading>,
     /// `ce-source`.
     source: String,
+    /// The connection's client, flushed when a replay ends.
+    client: async_nats::Client,
 }
 
 struct Reading {
@@ -115,7 +126,7 @@ struct Reading {
 }
 
 /// A letter's stream and sequence.
-struct Handle {
+pub struct Handle {
     stream: Stream,
     name: String,
     sequence: u64,

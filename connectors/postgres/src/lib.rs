@@ -147,6 +147,11 @@ pub fn classify(e: Error) -> SourceError {
 /// Runs the connector until the runtime's shutdown (SIGTERM/SIGINT, or its token), then
 /// drains: in-flight deliveries finish, and (replication) the slot is confirmed past them.
 pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
+    if !config.postgres.dead_letter_table.is_empty() {
+        // The admin API lists, replays and purges the dead letters as `replay` does.
+        runtime = runtime
+            .dead_letter_store_with(config.clone(), |c| async move { replay::open(&c).await });
+    }
     let sdk_metrics = runtime.metrics().clone();
     let metrics = metrics::PgMetrics::register(runtime.registry_mut(), sdk_metrics);
     let p = config.postgres;

@@ -23,14 +23,21 @@ pub async fn run(
     args: ReplayArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary, Error> {
+    let store = open(config).await?;
+    let replayer = Replayer::new(NAME, &config.connector, args)?;
+    replayer.stop_on_signals()?;
+    Ok(replayer.run(store, out).await?)
+}
+
+/// The dead-letter table of `config`, to read from the oldest letter (for `replay` and the
+/// admin API).
+pub async fn open(config: &Config) -> Result<TableStore, Error> {
     let p = &config.postgres;
     if p.dead_letter_table.is_empty() {
         return Err(Error::Setup(
             "nothing to replay: no postgres.dead_letter_table is configured".to_owned(),
         ));
     }
-    let replayer = Replayer::new(NAME, &config.connector, args)?;
-    replayer.stop_on_signals()?;
     let client = crate::connect(p).await?;
     let table = quote_ident(&p.dead_letter_table);
     let last: Option<i64> = client
@@ -48,11 +55,11 @@ pub async fn run(
         table: p.dead_letter_table.clone(),
         source: crate::source_uri(p),
     };
-    Ok(replayer.run(store, out).await?)
+    Ok(store)
 }
 
 /// The dead-letter table, read once through.
-struct TableStore {
+pub struct TableStore {
     client: Client,
     select: String,
     delete: String,

@@ -114,6 +114,11 @@ pub async fn connect(config: &RabbitConfig, purpose: &str) -> Result<Connection,
 /// Runs the connector until the runtime's shutdown (SIGTERM/SIGINT, or its token), then
 /// drains: in-flight deliveries finish and are acknowledged, the rest are requeued.
 pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
+    if !config.rabbitmq.dead_letter_exchange.is_empty() {
+        // The admin API lists, replays and purges the dead letters as `replay` does.
+        runtime = runtime
+            .dead_letter_store_with(config.clone(), |c| async move { replay::open(&c).await });
+    }
     let sdk_metrics = runtime.metrics().clone();
     let metrics = metrics::RabbitMetrics::register(runtime.registry_mut(), sdk_metrics);
     let r = config.rabbitmq;

@@ -26,14 +26,21 @@ pub async fn run(
     args: ReplayArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary, Error> {
+    let store = open(config).await?;
+    let replayer = Replayer::new(NAME, &config.connector, args)?;
+    replayer.stop_on_signals()?;
+    Ok(replayer.run(store, out).await?)
+}
+
+/// The dead-letter queue of `config`, to read from the oldest letter (for `replay` and the
+/// admin API).
+pub async fn open(config: &Config) -> Result<QueueStore, Error> {
     let r = &config.rabbitmq;
     if r.dead_letter_exchange.is_empty() {
         return Err(Error::Setup(
             "nothing to replay: no rabbitmq.dead_letter_exchange is configured".to_owned(),
         ));
     }
-    let replayer = Replayer::new(NAME, &config.connector, args)?;
-    replayer.stop_on_signals()?;
     let name = r.dead_letter_queue();
     let queue = ShortString::try_new(name.clone())
         .map_err(|e| Error::Setup(format!("dead_letter_queue: {e}")))?;
@@ -56,11 +63,11 @@ pub async fn run(
         kept: Vec::new(),
         source: crate::source_uri(r),
     };
-    Ok(replayer.run(store, out).await?)
+    Ok(store)
 }
 
 /// The dead-letter queue, read once through.
-struct QueueStore {
+pub struct QueueStore {
     connection: Connection,
     channel: Channel,
     queue: ShortString,

@@ -114,16 +114,8 @@ pub fn consumer_name(config: &RedisConfig) -> String {
 pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), Error> {
     if config.redis.mode == Mode::Streams && !config.redis.dead_letter_stream.is_empty() {
         // The admin API lists, replays and purges the dead letters as `replay` does.
-        let store_config = Arc::new(config.clone());
-        runtime = runtime.dead_letter_store(Arc::new(move || {
-            let config = store_config.clone();
-            Box::pin(async move {
-                replay::open(&config)
-                    .await
-                    .map(connector_sdk::admin::BoxedStore::new)
-                    .map_err(connector_sdk::replay::StoreError::new)
-            })
-        }));
+        runtime = runtime
+            .dead_letter_store_with(config.clone(), |c| async move { replay::open(&c).await });
     }
     let client = client(&config.redis)?;
     let source = source_uri(&client);

@@ -34,9 +34,9 @@ pub async fn run(
     args: ReplayArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary, Error> {
+    let store = open(config).await?;
     let replayer = Replayer::new(NAME, &config.connector, args)?;
     replayer.stop_on_signals()?;
-    let store = open(config).await?;
     Ok(replayer.run(store, out).await?)
 }
 

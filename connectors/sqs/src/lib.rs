@@ -93,6 +93,11 @@ pub enum SqsError {
 /// Connects, checks every queue, then runs until SIGTERM or SIGINT (or `runtime`'s
 /// shutdown token). `runtime` should be built from [`Config::sdk_config`].
 pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), SqsError> {
+    if config.sqs.dead_letter_queue.is_some() {
+        // The admin API lists, replays and purges the dead letters as `replay` does.
+        runtime = runtime
+            .dead_letter_store_with(config.clone(), |c| async move { replay::open(&c).await });
+    }
     let metrics = SqsMetrics::register(runtime.registry_mut());
     let client = queue::client(&config.sqs).await?;
     let mut queues = Vec::new();

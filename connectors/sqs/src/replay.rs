@@ -42,14 +42,21 @@ pub async fn run(
     args: ReplayArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary, SqsError> {
+    let store = open(config).await?;
+    let replayer = Replayer::new(NAME, &config.sdk_config(), args)?;
+    replayer.stop_on_signals()?;
+    Ok(replayer.run(store, out).await?)
+}
+
+/// The dead-letter queue of `config`, to read from the oldest letter (for `replay` and the
+/// admin API).
+pub async fn open(config: &Config) -> Result<QueueStore, SqsError> {
     let Some(spec) = &config.sqs.dead_letter_queue else {
         return Err(SqsError::ReplaySetup(
             "nothing to replay: no sqs.dead_letter_queue is configured (letters moved by a redrive policy are redriven with SQS's own StartMessageMoveTask)".to_owned(),
         ));
     };
     let sdk = config.sdk_config();
-    let replayer = Replayer::new(NAME, &sdk, args)?;
-    replayer.stop_on_signals()?;
     let client = queue::client(&config.sqs).await?;
     let dlq = queue::resolve(&client, spec).await?;
     let per_attempt = sdk.upstream_timeout + sdk.backoff.max;
@@ -65,11 +72,11 @@ pub async fn run(
         held: BTreeMap::new(),
         done: false,
     };
-    Ok(replayer.run(store, out).await?)
+    Ok(store)
 }
 
 /// The dead-letter queue.
-struct QueueStore {
+pub struct QueueStore {
     client: Client,
     queue: Queue,
     hold_seconds: i32,
@@ -81,7 +88,7 @@ struct QueueStore {
 }
 
 /// A letter's message id and receipt handle.
-struct Handle {
+pub struct Handle {
     id: String,
     receipt: String,
 }
