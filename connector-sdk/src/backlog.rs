@@ -224,6 +224,19 @@ impl Backlogs {
     }
 }
 
+/// Who reports a backlog: the gateway tells sources apart by `id`, shows `connector`, and
+/// reaches the admin API at `admin` (the gateway's console lists the connectors it
+/// supervises from their reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportSource {
+    /// The same for every report of one connector process.
+    pub id: String,
+    /// The connector's name (its binary).
+    pub connector: String,
+    /// `http://host:port` of its admin API, when it has one (`basic_auth` on).
+    pub admin: Option<String>,
+}
+
 /// How often the backlog is reported to the gateway without a change: scaling out
 /// follows the counts between the zero crossings that trigger a report at once.
 pub const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -236,7 +249,7 @@ pub const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 pub async fn report_loop(
     backlogs: Arc<Backlogs>,
     gateway: crate::gateway::GatewayClient,
-    source: String,
+    source: ReportSource,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let mut changes = backlogs.subscribe();

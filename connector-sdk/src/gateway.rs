@@ -218,7 +218,7 @@ impl GatewayClient {
     /// connector process) sees them now (see [`crate::backlog::report_loop`]).
     pub async fn report_backlog(
         &self,
-        source: &str,
+        source: &crate::backlog::ReportSource,
         functions: &std::collections::BTreeMap<crate::FunctionRef, u64>,
     ) -> Result<(), SdkError> {
         let url = format!("{}/system/backlog", self.base);
@@ -226,7 +226,14 @@ impl GatewayClient {
             .iter()
             .map(|(f, n)| (f.to_string(), (*n).into()))
             .collect();
-        let body = serde_json::json!({ "source": source, "functions": functions });
+        let mut body = serde_json::json!({
+            "source": source.id,
+            "connector": source.connector,
+            "functions": functions,
+        });
+        if let Some(admin) = &source.admin {
+            body["admin"] = admin.clone().into();
+        }
         let mut req = self
             .http
             .post(&url)

@@ -69,8 +69,8 @@ pub struct ReplayArgs {
 /// must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct LetterFilter {
-    /// Only letters whose provenance names this function (`name` or `name.namespace`, as
-    /// in `x-dead-letter-function`).
+    /// Only letters whose provenance names this function (`name.namespace` as in
+    /// `x-dead-letter-function`, or `name` for any namespace).
     #[arg(long, value_name = "NAME")]
     pub function: Option<String>,
     /// Only letters dead-lettered for this reason: `rejected` (a dead-letter status),
@@ -146,7 +146,13 @@ impl LetterFilter {
             Some(StatusFilter::Class(class)) => p.status.is_some_and(|s| s / 100 == class),
         };
         let failed = p.last_failure.or(p.first_failure);
-        same(&self.function, Some(letter.function.as_str()))
+        // `name` also selects `name.namespace`: the gateway qualifies names it is given.
+        let function = self.function.as_deref().is_none_or(|wanted| {
+            let f = letter.function.as_str();
+            f == wanted
+                || (!wanted.contains('.') && f.split_once('.').is_some_and(|(n, _)| n == wanted))
+        });
+        function
             && same(&self.reason, p.reason.as_deref())
             && status
             && self.since.is_none_or(|t| failed.is_some_and(|f| f >= t))
@@ -1233,6 +1239,23 @@ mod tests {
             ..LetterFilter::default()
         };
         assert_eq!(pick(f("f")), ["a", "c"]);
+        let mut qualified = varied(
+            "q",
+            "f",
+            None,
+            DeadLetterReason::Exhausted,
+            1,
+            "orders",
+            None,
+        );
+        qualified.function = FunctionRef::new("f", Some("openfaas-fn"));
+        assert!(
+            f("f").matches(&qualified),
+            "a name selects it in any namespace"
+        );
+        assert!(f("f.openfaas-fn").matches(&qualified));
+        assert!(!f("f.other").matches(&qualified));
+        assert!(!f("ff").matches(&qualified));
         let status = |s: &str| LetterFilter {
             status: Some(parse_status_filter(s).unwrap()),
             ..LetterFilter::default()

@@ -279,10 +279,12 @@ impl Runtime {
             done: drained.clone(),
             token: drain_token,
         };
+        let credential = crate::gateway::BasicAuth::from_config(&config)?;
+        let admin_on = credential.is_some();
         let admin = crate::admin::Admin {
             name: name.clone(),
             config: config.clone(),
-            credential: crate::gateway::BasicAuth::from_config(&config)?,
+            credential,
             health: health.clone(),
             metrics: metrics.clone(),
             topics: topics.clone(),
@@ -337,11 +339,26 @@ impl Runtime {
             None => metrics.backlogs().set_exact_view(topics.clone()),
         }
         if let Some(gateway) = reporter {
-            let source = format!(
-                "{name}-{}-{}",
-                std::process::id(),
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            );
+            let source = crate::backlog::ReportSource {
+                id: format!(
+                    "{name}-{}-{}",
+                    std::process::id(),
+                    &uuid::Uuid::new_v4().simple().to_string()[..8]
+                ),
+                connector: name.clone(),
+                // Reachable from the gateway that supervises it, on the same machine.
+                admin: admin_on.then(|| {
+                    let mut at = addr;
+                    if at.ip().is_unspecified() {
+                        at.set_ip(if at.is_ipv4() {
+                            std::net::Ipv4Addr::LOCALHOST.into()
+                        } else {
+                            std::net::Ipv6Addr::LOCALHOST.into()
+                        });
+                    }
+                    format!("http://{at}")
+                }),
+            };
             tasks.spawn(crate::backlog::report_loop(
                 metrics.backlogs().clone(),
                 gateway,

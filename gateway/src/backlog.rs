@@ -38,12 +38,42 @@ pub struct BacklogReport {
     pub source: String,
     /// Messages waiting per function (`name` or `name.namespace`).
     pub functions: BTreeMap<String, u64>,
+    /// The connector's name, for the console.
+    #[serde(default)]
+    pub connector: Option<String>,
+    /// Its admin API (`http://127.0.0.1:port`), for the console; taken only on a loopback
+    /// address (see [`Reporter`]).
+    #[serde(default)]
+    pub admin: Option<String>,
+}
+
+/// A connector that reports, as the console lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reporter {
+    /// The report's `source`.
+    pub source: String,
+    /// The connector's name.
+    pub connector: String,
+    /// Its admin API: only ever a loopback `http://` address. A report is data from a
+    /// client, and the console sends the gateway's credentials to what it names, so it
+    /// may name only this machine (a connector the gateway supervises); a connector
+    /// elsewhere is listed by URL in the gateway's config instead.
+    pub admin: Option<String>,
+}
+
+/// `admin` when it is `http://<loopback ip>:<port>` and nothing more.
+fn loopback_admin(admin: &str) -> Option<String> {
+    let rest = admin.strip_prefix("http://")?;
+    let addr: std::net::SocketAddr = rest.trim_end_matches('/').parse().ok()?;
+    addr.ip().is_loopback().then(|| format!("http://{addr}"))
 }
 
 #[derive(Debug)]
 struct Report {
     at: Instant,
     functions: BTreeMap<FunctionRef, u64>,
+    connector: Option<String>,
+    admin: Option<String>,
 }
 
 /// The latest report of every source.
@@ -84,11 +114,24 @@ impl BacklogReports {
         source: &str,
         functions: BTreeMap<FunctionRef, u64>,
     ) -> BTreeMap<FunctionRef, u64> {
+        self.record_from(source, functions, None, None)
+    }
+
+    /// [`record`](Self::record), with who reports: its name and admin API.
+    pub fn record_from(
+        &self,
+        source: &str,
+        functions: BTreeMap<FunctionRef, u64>,
+        connector: Option<String>,
+        admin: Option<&str>,
+    ) -> BTreeMap<FunctionRef, u64> {
         let mut sources = self.sources();
         let mut touched: BTreeSet<FunctionRef> = functions.keys().cloned().collect();
         let report = Report {
             at: Instant::now(),
             functions,
+            connector,
+            admin: admin.and_then(loopback_admin),
         };
         if let Some(old) = sources.insert(source.to_owned(), report) {
             touched.extend(old.functions.into_keys());
@@ -111,6 +154,21 @@ impl BacklogReports {
             fresh
         });
         sums(&sources, touched)
+    }
+
+    /// The sources reporting now, by source id.
+    pub fn reporters(&self) -> Vec<Reporter> {
+        let mut out: Vec<Reporter> = self
+            .sources()
+            .iter()
+            .map(|(source, r)| Reporter {
+                source: source.clone(),
+                connector: r.connector.clone().unwrap_or_else(|| source.clone()),
+                admin: r.admin.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.source.cmp(&b.source));
+        out
     }
 }
 
@@ -149,7 +207,12 @@ pub async fn report(State(state): State<Arc<AppState>>, body: Bytes) -> Result<S
         let function = FunctionRef::parse(&name, None, &state.namespace)?;
         functions.insert(function, messages);
     }
-    let sums = state.backlogs.record(&report.source, functions);
+    let sums = state.backlogs.record_from(
+        &report.source,
+        functions,
+        report.connector,
+        report.admin.as_deref(),
+    );
     apply(&state, sums).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -197,5 +260,38 @@ mod tests {
         // redis last reported 11 s ago, kafka 11 s too: both go.
         assert_eq!(r.expire(), BTreeMap::from([(f("a"), 0)]));
         assert!(r.expire().is_empty(), "nothing left to forget");
+    }
+
+    #[test]
+    fn only_a_loopback_admin_address_is_kept() {
+        let r = BacklogReports::new(Duration::from_secs(10));
+        let reported = |admin: &str| {
+            r.record_from(
+                "s",
+                BTreeMap::new(),
+                Some("redis-connector".into()),
+                Some(admin),
+            );
+            r.reporters()[0].admin.clone()
+        };
+        assert_eq!(
+            reported("http://127.0.0.1:8081"),
+            Some("http://127.0.0.1:8081".into())
+        );
+        assert_eq!(
+            reported("http://[::1]:8081/"),
+            Some("http://[::1]:8081".into())
+        );
+        for elsewhere in [
+            "http://10.0.0.5:8081",
+            "http://evil.example:80",
+            "https://127.0.0.1:8081",
+            "http://127.0.0.1:8081/x",
+            "http://user@127.0.0.1:8081",
+            "file:///etc/passwd",
+        ] {
+            assert_eq!(reported(elsewhere), None, "{elsewhere}");
+        }
+        assert_eq!(r.reporters()[0].connector, "redis-connector");
     }
 }

@@ -43,6 +43,29 @@ pub struct Config {
     pub functions: Vec<FunctionConfig>,
     /// Connector binaries run alongside the gateway.
     pub connectors: Vec<ConnectorConfig>,
+    /// The console's view of connectors the gateway does not supervise.
+    pub console: ConsoleSection,
+}
+
+/// `[console]`: the operator console (`/ui/`). The connectors the gateway supervises are
+/// found by themselves (their backlog reports name their admin API); others are listed
+/// here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSection {
+    /// `[[console.connectors]]`: connectors elsewhere, by the URL of their admin API (their
+    /// `metrics_addr`), asked with this gateway's credentials. (default: `[]`)
+    pub connectors: Vec<ConsoleConnector>,
+}
+
+/// One `[[console.connectors]]` entry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConnector {
+    /// Its name in the console. (required)
+    pub name: String,
+    /// `http://host:port` of its admin API. (required)
+    pub url: String,
 }
 
 /// `[gateway]`.
@@ -518,6 +541,22 @@ impl Config {
                 );
             }
         }
+        let mut console_names = std::collections::BTreeSet::new();
+        for c in &self.console.connectors {
+            if c.name.trim().is_empty() || !console_names.insert(c.name.as_str()) {
+                fail(
+                    "console.connectors.name".into(),
+                    format!("{:?}: every entry needs a name of its own", c.name),
+                );
+            }
+            let url = reqwest::Url::parse(&c.url);
+            if !url.is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()) {
+                fail(
+                    "console.connectors.url".into(),
+                    format!("{:?} is not an http(s) URL", c.url),
+                );
+            }
+        }
         if self.queue.concurrency == 0 {
             fail("async.concurrency".into(), "must be at least 1".into());
         }
@@ -626,6 +665,30 @@ mod tests {
             assert_eq!(c.functions[0].workdir.as_deref(), Some(root.as_path()));
             assert_eq!(c.connectors[0].config, Some(root.join("cron.toml")));
             assert!(c.connectors[0].command.ends_with("conf/bin/cron-connector"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_console_connectors_name_their_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "g.toml",
+                "[[console.connectors]]\nname = \"kafka\"\nurl = \"kafka:8081\"\n\n[[console.connectors]]\nname = \"kafka\"\nurl = \"http://kafka:8081\"\n",
+            )?;
+            let errs = Config::load(Some(Path::new("g.toml"))).unwrap_err();
+            let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+            assert_eq!(
+                keys,
+                ["console.connectors.url", "console.connectors.name"],
+                "{errs}"
+            );
+            jail.create_file(
+                "ok.toml",
+                "[[console.connectors]]\nname = \"kafka\"\nurl = \"http://kafka:8081\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("ok.toml"))).unwrap();
+            assert_eq!(c.console.connectors[0].url, "http://kafka:8081");
             Ok(())
         });
     }

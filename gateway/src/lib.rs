@@ -9,6 +9,7 @@
 //! | [`provider`] | the [`provider::Provider`] trait; `local` (processes) and `external` (a faas-provider) |
 //! | [`supervisor`] | `[[connectors]]` run as child processes |
 //! | [`backlog`] | `/system/backlog`: connectors' backlog reports, summed per function for the provider |
+//! | [`console`] | `/ui/api/*`: the connectors the console knows, and their admin APIs |
 //! | [`metrics`] | OpenFaaS's metric names on the metrics port (with `/healthz`, `/readyz`) |
 //! | [`error`] | the one error type, rendered as OpenFaaS's status codes and bodies |
 //!
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod backlog;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod metrics;
 pub mod names;
@@ -75,6 +77,10 @@ pub struct AppState {
     pub draining: CancellationToken,
     /// The connectors' latest backlog reports.
     pub backlogs: Arc<backlog::BacklogReports>,
+    /// `[[console.connectors]]`.
+    pub console: Arc<[config::ConsoleConnector]>,
+    /// The console's client for connectors' admin APIs.
+    pub console_client: reqwest::Client,
 }
 
 impl std::fmt::Debug for AppState {
@@ -167,6 +173,15 @@ fn routes(state: Arc<AppState>) -> Router {
         )
         .route("/system/logs", get(api::logs))
         .route("/system/backlog", post(backlog::report))
+        .route("/ui/api/connectors", get(console::connectors))
+        .route(
+            "/ui/api/connectors/{id}/dead-letters",
+            get(console::dead_letters),
+        )
+        .route(
+            "/ui/api/connectors/{id}/dead-letters/{operation}",
+            post(console::operate),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::require_auth,
@@ -355,6 +370,8 @@ pub async fn build_state(
         children,
         draining: CancellationToken::new(),
         backlogs: Arc::default(),
+        console: config.console.connectors.clone().into(),
+        console_client: reqwest::Client::new(),
     };
     let worker = Arc::new(Worker::new(state.clone(), &config.queue, client));
     let queue: Arc<dyn Queue> = match &config.queue.nats_url {

@@ -939,3 +939,148 @@ annotations = {{ topic = "{topic}", "connector.max_inflight" = "1", "connector.s
     );
     system.stop().await;
 }
+
+/// An `http` function for [`the_console_api_reaches_a_supervised_connectors_dead_letters`]:
+/// answers 422 until the file `fixed` exists, then writes each body to `picky/`.
+const PICKY: &str = r#"
+import os, uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.answer(200, b"OK")
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if not os.path.exists("fixed"):
+            return self.answer(422, b"not yet")
+        name = os.path.join("picky", uuid.uuid4().hex)
+        with open(name + ".tmp", "wb") as f:
+            f.write(body)
+        os.rename(name + ".tmp", name + ".txt")
+        self.answer(200, b"done")
+
+    def answer(self, status, data):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// The console's API on the real gateway finds the redis-connector it supervises (from
+/// its backlog reports), shows its status, lists the dead letters of a function that
+/// rejects, and replays them through the connector once the function is fixed; without
+/// credentials it answers 401, and an unknown connector is a 404.
+#[tokio::test]
+async fn the_console_api_reaches_a_supervised_connectors_dead_letters() {
+    let fixture = RedisStreams::new();
+    let topic = unique("system-console");
+    fixture.create_topic(&topic).await;
+    let connector = ConnectorEntry::new("redis", &fixture, &topic, "");
+    let functions = format!(
+        r#"
+[[functions]]
+name = "picky"
+runtime = "http"
+command = "python3 picky.py"
+annotations = {{ topic = "{topic}" }}
+"#
+    );
+    let mut system =
+        System::launch(&topic, Credentials::Files, vec![connector], &[], &functions).await;
+    std::fs::write(system.dir.join("picky.py"), PICKY).unwrap();
+    std::fs::create_dir(system.dir.join("picky")).unwrap();
+    let addr = system.metrics_addr("redis").await;
+    assert!(
+        wait_http(addr, "/readyz", 200, WITHIN).await,
+        "connector not ready:\n{}",
+        system.gateway.output()
+    );
+    let client = reqwest::Client::new();
+    let anonymous = client
+        .get(system.url("/ui/api/connectors"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let get = |path: String| {
+        let request = client
+            .get(system.url(&path))
+            .basic_auth(USER, Some(&system.password))
+            .send();
+        async move {
+            let response = request.await.unwrap();
+            let code = response.status().as_u16();
+            (code, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+
+    let sent: BTreeSet<String> = payloads(&topic, 2).into_iter().collect();
+    let bytes: Vec<Vec<u8>> = sent.iter().map(|p| p.clone().into_bytes()).collect();
+    fixture.produce(&topic, &bytes).await;
+    // The connector shows up once it has reported, with both messages dead-lettered.
+    let found = std::sync::Mutex::new(serde_json::Value::Null);
+    let listed = eventually_async(WITHIN, || async {
+        let (code, list) = get("/ui/api/connectors".into()).await;
+        let dead = list["connectors"].as_array().and_then(|all| {
+            all.iter().find(|c| {
+                c["connector"]["origin"] == "supervised"
+                    && c["status"]["subscriptions"].as_array().is_some_and(|s| {
+                        s.iter().any(|s| {
+                            s["function"] == "picky.openfaas-fn"
+                                && s["totals"]["dead_lettered"] == 2
+                        })
+                    })
+            })
+        });
+        let done = code == 200 && dead.is_some();
+        *found.lock().unwrap() = dead.cloned().unwrap_or(list);
+        done
+    })
+    .await;
+    let entry = found.into_inner().unwrap();
+    assert!(listed, "{entry}\n{}", system.gateway.output());
+    assert_eq!(entry["up"], true);
+    assert_eq!(entry["connector"]["name"], "redis-connector");
+    let id = entry["connector"]["id"].as_str().unwrap().to_owned();
+
+    let (code, page) = get(format!(
+        "/ui/api/connectors/{id}/dead-letters?function=picky&status=4xx"
+    ))
+    .await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page["matched"], 2, "{page}");
+    let (code, missing) = get("/ui/api/connectors/nope/dead-letters".into()).await;
+    assert_eq!(code, 404, "{missing}");
+
+    std::fs::write(system.dir.join("fixed"), "").unwrap();
+    let replayed = client
+        .post(system.url(&format!("/ui/api/connectors/{id}/dead-letters/replay")))
+        .basic_auth(USER, Some(&system.password))
+        .json(&serde_json::json!({"function": "picky"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), 200);
+    let summary: serde_json::Value = replayed.json().await.unwrap();
+    assert_eq!(summary["summary"]["replayed"], 2, "{summary}");
+    let picky = system.dir.join("picky");
+    let got: BTreeSet<String> = std::fs::read_dir(&picky)
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.unwrap().path();
+            (path.extension()? == "txt").then(|| std::fs::read_to_string(path).unwrap())
+        })
+        .collect();
+    assert_eq!(got, sent, "the fixed function got both, once");
+    let (_, page) = get(format!("/ui/api/connectors/{id}/dead-letters")).await;
+    assert_eq!(page["matched"], 0, "{page}");
+    system.stop().await;
+}
