@@ -14,6 +14,7 @@
 #   RabbitMQ      127.0.0.1:5672   RABBITMQ_URL   rabbitmq-server (apt: rabbitmq-server; tests use rabbitmqctl)
 #   PostgreSQL    127.0.0.1:5432   POSTGRES_URL   the Debian cluster (apt: postgresql), wal_level = logical
 #   Mosquitto     127.0.0.1:1883   MQTT_URL       mosquitto 2 (apt: mosquitto; MQTT 5)
+#   Browser tests: chromium (apt) and playwright-core (npm ci in integration-tests/browser)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -189,6 +190,19 @@ ensure_mosquitto() {
   wait_for mosquitto 127.0.0.1 1883 20
 }
 
+# The console's browser tests: Debian's chromium, driven headless by playwright-core
+# (npm, pinned in integration-tests/browser/package-lock.json; no browser download).
+ensure_browser() {
+  [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || apt_install chromium
+  command -v node >/dev/null || apt_install nodejs
+  command -v npm >/dev/null || apt_install npm
+  if [ ! -d "$root/integration-tests/browser/node_modules/playwright-core" ]; then
+    log "installing playwright-core with npm ci"
+    (cd "$root/integration-tests/browser" && npm ci --no-audit --no-fund >"$state/npm.log" 2>&1) ||
+      { log "npm ci failed; see $state/npm.log"; exit 1; }
+  fi
+}
+
 # librdkafka is built with OpenSSL (rdkafka's `ssl` feature: broker TLS, SASL_SSL, SCRAM).
 ensure_build_deps() {
   command -v dpkg >/dev/null || return 0
@@ -212,6 +226,7 @@ ensure_sqs
 ensure_rabbitmq
 ensure_postgres
 ensure_mosquitto
+ensure_browser
 
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}

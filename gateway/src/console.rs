@@ -12,6 +12,12 @@
 //! - `GET /ui/api/connectors/{id}/dead-letters?...`, `POST .../dead-letters/replay` and
 //!   `POST .../dead-letters/purge`: passed on to that connector's admin API as they came
 //!   (query, JSON body), its answer returned as it came.
+//!
+//! The page itself, `/ui/` (`index.html`, `console.js`, `console.css` from `gateway/ui/`,
+//! compiled into the binary: no network beyond the gateway), is plain HTML and
+//! JavaScript with no build step; it polls these routes and `/system/functions`, and puts
+//! every value it shows on the page as text. A `Content-Security-Policy` of `'self'`
+//! keeps any script but its own from running.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -206,4 +212,45 @@ pub async fn operate(
     .send()
     .await;
     pass_on(asked).await
+}
+
+const INDEX: &str = include_str!("../ui/index.html");
+const SCRIPT: &str = include_str!("../ui/console.js");
+const STYLE: &str = include_str!("../ui/console.css");
+
+/// Served with every page asset: only the gateway's own scripts, styles and requests.
+const POLICY: &str =
+    "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (http::header::CONTENT_TYPE, content_type),
+            (http::header::CONTENT_SECURITY_POLICY, POLICY),
+            (http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /ui/`.
+pub async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX)
+}
+
+/// `GET /ui/console.js`.
+pub async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+/// `GET /ui/console.css`.
+pub async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+/// `GET /ui`: to `/ui/`, so that the page's relative links resolve.
+pub async fn to_index() -> Response {
+    axum::response::Redirect::permanent("/ui/").into_response()
 }

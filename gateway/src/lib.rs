@@ -173,6 +173,10 @@ fn routes(state: Arc<AppState>) -> Router {
         )
         .route("/system/logs", get(api::logs))
         .route("/system/backlog", post(backlog::report))
+        .route("/ui", get(console::to_index))
+        .route("/ui/", get(console::index))
+        .route("/ui/console.js", get(console::script))
+        .route("/ui/console.css", get(console::style))
         .route("/ui/api/connectors", get(console::connectors))
         .route(
             "/ui/api/connectors/{id}/dead-letters",

@@ -1,0 +1,131 @@
+// What an operator does in the console, in Debian's chromium (headless) driven by
+// playwright-core. Run by integration-tests/tests/console.rs, which starts the real gateway
+// with a supervised redis-connector and a function that fails until it is fixed, and
+// which answers this script's requests on stdin:
+//
+//   stdout "produce"  -> the test publishes the messages, then writes "produced"
+//   stdout "fix"      -> the test fixes the function,   then writes "fixed"
+//
+// Environment: GATEWAY_URL, CONSOLE_USER, CONSOLE_PASSWORD, FUNCTION, TOPIC, MESSAGES (how
+// many the test publishes), MARKUP (one payload that holds markup).
+// Exits 0 when every step held; prints what failed otherwise.
+import { chromium } from "playwright-core";
+import readline from "node:readline";
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+};
+const url = env("GATEWAY_URL");
+const user = env("CONSOLE_USER");
+const password = env("CONSOLE_PASSWORD");
+const fn = env("FUNCTION");
+const topic = env("TOPIC");
+const messages = Number(env("MESSAGES"));
+const markup = env("MARKUP");
+const WITHIN = 30_000;
+/// What the page showed last, printed when a step fails.
+let lastSeen = "";
+
+const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function ask(what, answer) {
+  console.log(what);
+  const { value, done } = await lines.next();
+  if (done || value.trim() !== answer) throw new Error(`expected "${answer}", got ${value}`);
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+/// Polls `probe` until it returns a truthy value, at most WITHIN.
+async function eventually(what, probe) {
+  const deadline = Date.now() + WITHIN;
+  let last;
+  while (Date.now() < deadline) {
+    last = await probe();
+    if (last) return last;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`${what}: not within ${WITHIN} ms (last: ${JSON.stringify(last)}; page: ${lastSeen})`);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+try {
+  // A wrong password gets nothing: not the page, not the API.
+  const stranger = await browser.newContext({ httpCredentials: { username: user, password: "wrong" } });
+  const denied = await stranger.newPage();
+  const refused = await denied.goto(`${url}/ui/`);
+  check(refused.status() === 401, `/ui/ with a wrong password: ${refused.status()}`);
+  check(!(await denied.content()).includes("Dead letters"), "the console was shown to a wrong password");
+  const apiRefused = await denied.request.get(`${url}/ui/api/connectors`);
+  check(apiRefused.status() === 401, `/ui/api/connectors with a wrong password: ${apiRefused.status()}`);
+  await stranger.close();
+
+  const context = await browser.newContext({ httpCredentials: { username: user, password } });
+  const page = await context.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e.message));
+  page.on("dialog", (d) => d.accept());
+  const opened = await page.goto(`${url}/ui/`);
+  check(opened.status() === 200, `/ui/: ${opened.status()}`);
+
+  // The function and its topic.
+  const fnRow = page.locator(`#functions tr[data-function="${fn}"]`);
+  await fnRow.waitFor({ timeout: WITHIN });
+  check((await fnRow.textContent()).includes(topic), `the function's row lacks its topic`);
+
+  // The connector's backlog rises while the function fails.
+  await ask("produce", "produced");
+  const subscription = page.locator(`#connectors tr[data-function^="${fn}"]`);
+  const rose = await eventually("the backlog rises", async () => {
+    lastSeen = `${await page.locator("#updated").textContent()} | ${await page.locator("#connectors").textContent()}`;
+    const cell = subscription.locator("td.backlog");
+    if ((await cell.count()) === 0) return false;
+    const backlog = Number(await cell.first().textContent());
+    return backlog > 0 ? backlog : false;
+  });
+  console.log(`backlog seen: ${rose}`);
+
+  // The dead letters, filtered by function and status, once the attempts are spent.
+  await page.locator("#filter input[name=function]").fill(fn);
+  await page.locator("#filter input[name=status]").fill("5xx");
+  await eventually("every message dead-lettered", async () => {
+    await page.locator("#search").click();
+    await page.waitForTimeout(200);
+    return (await page.locator("#letters tr.letter").count()) === messages;
+  });
+  // A payload holding markup is shown as text: the text is there, no element made of it.
+  const cells = await page.locator("#letters td.payload").allTextContents();
+  check(cells.some((t) => t.startsWith(markup)), `no payload shown as its text: ${cells}`);
+  check((await page.locator("#letters img, #letters script").count()) === 0, "a payload became markup");
+  // Another status selects none of them.
+  await page.locator("#filter input[name=status]").fill("4xx");
+  await page.locator("#search").click();
+  await eventually("a 4xx filter selects nothing", async () =>
+    (await page.locator("#letters-summary").textContent()).startsWith("0 selected"));
+  await page.locator("#filter input[name=status]").fill("5xx");
+
+  // Fixed: replayed through the connector, the list empties.
+  await ask("fix", "fixed");
+  await page.locator("#replay").click();
+  await eventually("the replay's result", async () =>
+    (await page.locator("#result").textContent()).includes(`replay: ${messages} replayed, 0 failed`));
+  await eventually("no dead letter left", async () => {
+    await page.locator("#search").click();
+    await page.waitForTimeout(200);
+    return (await page.locator("#letters tr.letter").count()) === 0;
+  });
+  check(errors.length === 0, `errors on the page: ${errors.join("; ")}`);
+  console.log("done");
+} finally {
+  await browser.close();
+}
+process.exit(0);
