@@ -123,6 +123,26 @@ try {
     await page.waitForTimeout(200);
     return (await page.locator("#letters tr.letter").count()) === 0;
   });
+
+  // Deploy a function from the page, invoke it, and remove it, as the OpenFaaS portal does.
+  await page.locator("#deploy summary").click();
+  await page.locator("#deploy-form input[name=service]").fill("echoer");
+  await page.locator("#deploy-form input[name=envProcess]").fill("cat");
+  await page.locator("#deploy-form input[name=topic]").fill("echoes");
+  await page.locator("#deploy-form button[type=submit]").click();
+  const echoer = page.locator('#functions tr[data-function="echoer"]');
+  await echoer.waitFor({ timeout: WITHIN });
+  check((await echoer.textContent()).includes("echoes"), "the deployed function's topic");
+  await echoer.locator("button", { hasText: "invoke" }).click();
+  await page.locator("#invoke-body").fill("hello from the console");
+  await page.locator("#invoke-send").click();
+  await eventually("the invocation's answer", async () => {
+    const answer = await page.locator("#invoke-result").textContent();
+    return answer.startsWith("200") && answer.includes("hello from the console");
+  });
+  await echoer.locator("button", { hasText: "remove" }).click();
+  await echoer.waitFor({ state: "detached", timeout: WITHIN });
+
   check(errors.length === 0, `errors on the page: ${errors.join("; ")}`);
   console.log("done");
 } finally {

@@ -8,7 +8,8 @@
 //! (this test publishes when asked), filters the dead letters by function and status
 //! (a payload holding markup is shown as text), and once this test has fixed the
 //! function, replays them from the page; this test then checks the function got every
-//! message.
+//! message. Last, the script deploys a function from the page, invokes it there, and
+//! removes it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
