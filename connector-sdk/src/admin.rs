@@ -48,6 +48,11 @@ use crate::topic_map::TopicMapHandle;
 /// A store's handle, boxed: what [`BoxedStore`] hands out.
 pub type AnyHandle = Box<dyn Any + Send>;
 
+/// What a connector adds to a subscription in `/admin/status` (cron-connector: its next
+/// fire times), as `details`.
+pub type StatusDetails =
+    Arc<dyn Fn(&crate::topic_map::Subscriber) -> Option<serde_json::Value> + Send + Sync>;
+
 /// Opens the connector's dead-letter destination for one admin operation.
 pub type StoreFactory =
     Arc<dyn Fn() -> BoxFuture<'static, Result<BoxedStore, StoreError>> + Send + Sync>;
@@ -136,6 +141,7 @@ pub struct Admin {
     pub(crate) metrics: Metrics,
     pub(crate) topics: TopicMapHandle,
     pub(crate) store: Option<StoreFactory>,
+    pub(crate) details: Option<StatusDetails>,
     /// Held while a replay or purge runs.
     pub(crate) busy: Arc<tokio::sync::Mutex<()>>,
 }
@@ -234,6 +240,9 @@ struct SubscriptionStatus {
     totals: BTreeMap<&'static str, u64>,
     /// Attempts that failed and were retried.
     retried: u64,
+    /// What the connector adds (cron-connector: `schedule` and `next` fire times).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<serde_json::Value>,
 }
 
 async fn status(State(admin): State<Admin>, headers: HeaderMap) -> Response {
@@ -260,6 +269,7 @@ async fn status(State(admin): State<Admin>, headers: HeaderMap) -> Response {
                 .map(|outcome| (*outcome, admin.metrics.deliveries_of(&s.function, outcome)))
                 .collect(),
             retried: admin.metrics.retries_of(&s.function),
+            details: admin.details.as_ref().and_then(|d| d(s)),
         })
         .collect();
     axum::Json(serde_json::json!({

@@ -93,6 +93,8 @@ pub struct Runtime {
     drain_token: Option<DrainToken>,
     /// Opens the dead-letter destination for the admin API.
     dead_letter_store: Option<crate::admin::StoreFactory>,
+    /// Adds to each subscription in `/admin/status`.
+    status_details: Option<crate::admin::StatusDetails>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -136,7 +138,14 @@ impl Runtime {
             printer,
             drain_token,
             dead_letter_store: None,
+            status_details: None,
         })
+    }
+
+    /// What `/admin/status` adds to each subscription, as its `details`.
+    pub fn status_details(mut self, details: crate::admin::StatusDetails) -> Self {
+        self.status_details = Some(details);
+        self
     }
 
     /// How the admin API opens the connector's dead-letter destination (the `replay`
@@ -265,6 +274,7 @@ impl Runtime {
             printer,
             drain_token,
             dead_letter_store,
+            status_details,
         } = self;
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -289,6 +299,7 @@ impl Runtime {
             metrics: metrics.clone(),
             topics: topics.clone(),
             store: dead_letter_store,
+            details: status_details,
             busy: Arc::default(),
         };
         let router = server::router(Arc::new(registry), metrics.clone(), health.clone(), drain)

@@ -40,6 +40,16 @@ function annotation(f, key) {
   return (f.annotations && f.annotations[key]) || "";
 }
 
+/// Each scheduled function's next fire time, from the cron connector's status (by name
+/// without namespace).
+const nextFire = new Map();
+
+function scheduleText(f) {
+  const schedule = annotation(f, "schedule");
+  const next = nextFire.get(f.name);
+  return schedule && next ? `${schedule} (next ${new Date(next).toLocaleTimeString()})` : schedule;
+}
+
 async function refreshFunctions() {
   const functions = await api("/system/functions");
   const tbody = $("#functions tbody");
@@ -57,7 +67,7 @@ async function refreshFunctions() {
       `${f.availableReplicas ?? 0} / ${f.replicas ?? 0}`,
       f.invocationCount ?? 0,
       annotation(f, "topic"),
-      annotation(f, "schedule"),
+      scheduleText(f),
       actions,
     ]);
     tr.dataset.function = f.name;
@@ -133,10 +143,12 @@ async function refreshConnectors() {
   const select = $("#filter select[name=connector]");
   const chosen = select.value;
   const ids = [];
+  let withLetters = null;
   const now = Date.now();
   for (const c of connectors) {
     const name = `${c.connector.name} (${c.connector.origin})`;
     ids.push([c.connector.id, name]);
+    if (!withLetters && c.status && c.status.dead_letters) withLetters = c.connector.id;
     const status = c.status;
     const state = !c.up ? "down" : status && status.ready ? "ready" : "up, not ready";
     const stateCell = el("td", c.error ? `${state}: ${c.error}` : state, c.up ? "up" : "down");
@@ -146,6 +158,8 @@ async function refreshConnectors() {
       continue;
     }
     for (const s of subscriptions) {
+      const next = s.details && Array.isArray(s.details.next) ? s.details.next : null;
+      if (next && next.length) nextFire.set(s.function.split(".")[0], next[0]);
       const key = `${c.connector.id}/${s.function}`;
       const delivered = s.totals.delivered || 0;
       const before = previous.get(key);
@@ -176,7 +190,9 @@ async function refreshConnectors() {
       o.value = id;
       return o;
     }));
+    // Keep the operator's choice; else the first connector that has dead letters.
     if (ids.some(([id]) => id === chosen)) select.value = chosen;
+    else if (withLetters) select.value = withLetters;
   }
 }
 

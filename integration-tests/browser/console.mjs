@@ -81,20 +81,29 @@ try {
   const fnRow = page.locator(`#functions tr[data-function="${fn}"]`);
   await fnRow.waitFor({ timeout: WITHIN });
   check((await fnRow.textContent()).includes(topic), `the function's row lacks its topic`);
+  // A scheduled function shows its next fire time (from the supervised cron-connector).
+  await eventually("the next fire time of a schedule", async () =>
+    ((await page.locator('#functions tr[data-function="ticker"]').textContent()) || "")
+      .includes("@every 1h (next "));
 
   // The connector's backlog rises while the function fails.
   await ask("produce", "produced");
   const subscription = page.locator(`#connectors tr[data-function^="${fn}"]`);
   const rose = await eventually("the backlog rises", async () => {
     lastSeen = `${await page.locator("#updated").textContent()} | ${await page.locator("#connectors").textContent()}`;
-    const cell = subscription.locator("td.backlog");
-    if ((await cell.count()) === 0) return false;
-    const backlog = Number(await cell.first().textContent());
+    // Every connector lists every subscription; the broker connector's backlog rises.
+    const cells = await subscription.locator("td.backlog").allTextContents();
+    const backlog = Math.max(0, ...cells.map(Number));
     return backlog > 0 ? backlog : false;
   });
   console.log(`backlog seen: ${rose}`);
 
   // The dead letters, filtered by function and status, once the attempts are spent.
+  // The broker connector's dead letters (the cron connector has none).
+  const redis = await page
+    .locator("#filter select[name=connector] option", { hasText: "redis-connector" })
+    .getAttribute("value");
+  await page.locator("#filter select[name=connector]").selectOption(redis);
   await page.locator("#filter input[name=function]").fill(fn);
   await page.locator("#filter input[name=status]").fill("5xx");
   await eventually("every message dead-lettered", async () => {

@@ -9,7 +9,8 @@
 //! (a payload holding markup is shown as text), and once this test has fixed the
 //! function, replays them from the page; this test then checks the function got every
 //! message. Last, the script deploys a function from the page, invokes it there, and
-//! removes it.
+//! removes it. A supervised cron-connector gives the scheduled function `ticker` its next
+//! fire time on the page.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -98,6 +99,11 @@ max = "3s"
         fixture.source_config(&topic)
     );
     std::fs::write(dir.join("redis.toml"), connector).unwrap();
+    std::fs::write(
+        dir.join("cron.toml"),
+        "[connector]\nmetrics_addr = \"127.0.0.1:0\"\nrebuild_interval = \"500ms\"\n",
+    )
+    .unwrap();
     let config = format!(
         r#"[gateway]
 bind = "127.0.0.1:0"
@@ -116,12 +122,24 @@ runtime = "http"
 command = "python3 flaky.py"
 annotations = {{ topic = "{topic}" }}
 
+[[functions]]
+name = "ticker"
+runtime = "process"
+command = "cat"
+annotations = {{ topic = "cron-function", schedule = "@every 1h" }}
+
 [[connectors]]
 name = "redis"
 command = "{binary}"
 config = "redis.toml"
+
+[[connectors]]
+name = "cron"
+command = "{cron}"
+config = "cron.toml"
 "#,
-        binary = fixture.binary().display()
+        binary = fixture.binary().display(),
+        cron = integration_tests::binary("cron-connector", "cron-connector").display(),
     );
     let mut gateway = Gateway::start(temp, &config, &[]);
     let addr = gateway.listening(WITHIN).await;

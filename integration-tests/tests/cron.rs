@@ -712,3 +712,74 @@ async fn a_firing_that_exhausts_its_attempts_is_logged_and_counted() {
             .contains("firing failed after every attempt")
     );
 }
+
+/// `/admin/status` (and so the gateway's console) shows each scheduled function's
+/// schedule and next three fire times; an invalid schedule shows its error.
+#[tokio::test]
+async fn the_admin_status_shows_the_next_fire_times() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function_with_annotations(
+        "ticker",
+        &annotations(&[("schedule", "*/10 * * * * *")]),
+        |_, _| Reply::ok(),
+    );
+    gw.function_with_annotations(
+        "broken",
+        &annotations(&[("schedule", "not a schedule")]),
+        |_, _| Reply::ok(),
+    );
+    let cron = start(
+        &gw,
+        "",
+        &[
+            ("basic_auth", "true"),
+            ("gateway_username", "admin"),
+            ("gateway_password", "s3cret"),
+        ],
+    )
+    .await;
+    let status: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/admin/status", cron.metrics))
+        .basic_auth("admin", Some("s3cret"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let subscription = |name: &str| {
+        status["subscriptions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["function"].as_str().unwrap().starts_with(name))
+            .unwrap_or_else(|| panic!("no {name}: {status}"))
+            .clone()
+    };
+    let ticker = subscription("ticker");
+    assert_eq!(ticker["details"]["schedule"], "*/10 * * * * *", "{ticker}");
+    let next: Vec<SystemTime> = ticker["details"]["next"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| humantime::parse_rfc3339(t.as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(next.len(), 3, "{ticker}");
+    assert!(
+        next[0] > SystemTime::now() - Duration::from_secs(1),
+        "{ticker}"
+    );
+    for pair in next.windows(2) {
+        assert_eq!(
+            pair[1].duration_since(pair[0]).unwrap(),
+            Duration::from_secs(10)
+        );
+    }
+    assert!(
+        unix_ms(next[0]).is_multiple_of(10_000),
+        "on the tens: {ticker}"
+    );
+    let broken = subscription("broken");
+    assert!(broken["details"]["next"]["error"].is_string(), "{broken}");
+    drop(cron);
+}

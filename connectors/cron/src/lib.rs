@@ -40,6 +40,9 @@ pub enum CronError {
     Sdk(#[from] connector_sdk::SdkError),
 }
 
+/// How many fire times `/admin/status` shows per function.
+const NEXT_FIRES: usize = 3;
+
 /// Runs the connector until SIGTERM or SIGINT (or `runtime`'s shutdown token).
 pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), CronError> {
     let metrics = CronMetrics::register(runtime.registry_mut());
@@ -59,6 +62,26 @@ pub async fn run(config: Config, mut runtime: Runtime) -> Result<(), CronError> 
         None => None,
     };
     let zone = config.zone().unwrap_or(chrono_tz::Tz::UTC);
+    // `/admin/status` (and the gateway's console) shows each function's next fire times.
+    runtime = runtime.status_details(Arc::new(move |subscriber| {
+        let expression = subscriber.annotations.get(scheduler::SCHEDULE_ANNOTATION)?;
+        let next = match schedule::Schedule::parse(expression, zone) {
+            Ok(schedule) => {
+                let mut at = chrono::Utc::now();
+                let mut times = Vec::new();
+                while times.len() < NEXT_FIRES {
+                    let Some(t) = schedule.next_after(at) else {
+                        break;
+                    };
+                    times.push(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                    at = t;
+                }
+                serde_json::json!(times)
+            }
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        Some(serde_json::json!({ "schedule": expression, "next": next }))
+    }));
     match &leases {
         Some(leases) => match leases.ping().await {
             Ok(()) => {
