@@ -18,7 +18,8 @@
 //!   as it should, but not what a scenario counts on): so the probe first waits, for up
 //!   to [`SETTLE_WITHIN`], until the connectors the scenario started hold nothing for
 //!   the session (`connector_backlog_messages{partition="held"}`, which counts a message
-//!   until its PUBACK is written).
+//!   until its PUBACK is written), on three readings in a row 100 ms apart (a written
+//!   PUBACK may still be on its way into the broker).
 //! - dead letters are read from a session of the fixture's own (`dl-<topic>`), subscribed
 //!   to `dead/<topic>` by `create_topic`, ended by a marker in the same way; they are
 //!   acknowledged and kept in memory.
@@ -356,7 +357,20 @@ impl Fixture for MqttTopics {
         let client_id = Self::client_id(topic);
         // Not settled within the time (messages held through an outage, say): the
         // probe goes on, and the broker sends those again, as it would after the outage.
-        crate::scenarios::eventually_async(SETTLE_WITHIN, || self.settled(&client_id)).await;
+        // Settled on three readings in a row, 100 ms apart: a PUBACK the connector has
+        // written may still be on its way into the broker when the gauge reads 0, and
+        // a takeover that overtakes it has the broker send the message again (seen in CI:
+        // a 4xx dead-lettered twice).
+        let stable = std::sync::atomic::AtomicU32::new(0);
+        crate::scenarios::eventually_async(SETTLE_WITHIN, || async {
+            if self.settled(&client_id).await {
+                stable.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= 3
+            } else {
+                stable.store(0, std::sync::atomic::Ordering::SeqCst);
+                false
+            }
+        })
+        .await;
         let marker = format!("mark/{topic}");
         let count = match self
             .read_session(&Self::client_id(topic), &marker, false)
