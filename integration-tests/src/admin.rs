@@ -15,15 +15,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::replay::ReplayFixture;
-use crate::scenarios::{eventually_async, start};
+use crate::scenarios::start;
 use crate::{FakeGateway, Reply, unique};
 
-const WITHIN: Duration = Duration::from_secs(30);
 const USER: &str = "admin";
 const PASSWORD: &str = "admin-s3cret";
 
@@ -46,17 +44,7 @@ pub async fn admin_api_lists_replays_and_purges(fixture: &dyn ReplayFixture) {
         b"<script>alert(1)</script>".to_vec(),
         b"admin-three".to_vec(),
     ];
-    for p in &sent {
-        fixture.produce(&topic, std::slice::from_ref(p)).await;
-        assert!(
-            eventually_async(WITHIN, || async {
-                fixture.remaining_dead_letters(&topic).await.contains(p)
-            })
-            .await,
-            "not dead-lettered:\n{}",
-            connector.process.output()
-        );
-    }
+    crate::replay::dead_letter_in_order(fixture, &topic, &sent, &connector.process).await;
     let base = format!("http://{}", connector.metrics_addr);
     let client = reqwest::Client::new();
 

@@ -89,6 +89,28 @@ fn comparable(r: &Received, allowed: &[&str]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Publishes `payloads` to `topic` one at a time, each once the one before is in the
+/// dead-letter destination, so that the letters are in this order.
+pub async fn dead_letter_in_order(
+    fixture: &dyn ReplayFixture,
+    topic: &str,
+    payloads: &[Vec<u8>],
+    connector: &Process,
+) {
+    for p in payloads {
+        fixture.produce(topic, std::slice::from_ref(p)).await;
+        assert!(
+            eventually_async(WITHIN, || async {
+                fixture.remaining_dead_letters(topic).await.contains(p)
+            })
+            .await,
+            "{} was not dead-lettered:\n{}",
+            String::from_utf8_lossy(p),
+            connector.output()
+        );
+    }
+}
+
 /// The scenario described in the module docs.
 pub async fn dead_letters_replayed(fixture: &dyn ReplayFixture) {
     let topic = unique("replay");
@@ -101,19 +123,7 @@ pub async fn dead_letters_replayed(fixture: &dyn ReplayFixture) {
     });
     let connector = start(fixture, &gw, &topic, "").await;
     let sent = vec![b"replay-first".to_vec(), b"replay-second".to_vec()];
-    for p in &sent {
-        // One at a time, so the dead letters are in this order.
-        fixture.produce(&topic, std::slice::from_ref(p)).await;
-        assert!(
-            eventually_async(WITHIN, || async {
-                fixture.remaining_dead_letters(&topic).await.contains(p)
-            })
-            .await,
-            "{} was not dead-lettered:\n{}",
-            String::from_utf8_lossy(p),
-            connector.process.output()
-        );
-    }
+    dead_letter_in_order(fixture, &topic, &sent, &connector.process).await;
     assert_eq!(fixture.remaining_dead_letters(&topic).await, sent);
     let originals = gw.requests_to("replay-fn");
     assert_eq!(originals.len(), 2, "a 400 is not retried");
@@ -249,18 +259,13 @@ pub async fn dead_letters_replayed(fixture: &dyn ReplayFixture) {
     // A purge removes the letters it selects without delivering them.
     status.store(422, Ordering::SeqCst);
     let doomed = b"replay-purged".to_vec();
-    fixture.produce(&topic, std::slice::from_ref(&doomed)).await;
-    assert!(
-        eventually_async(WITHIN, || async {
-            fixture
-                .remaining_dead_letters(&topic)
-                .await
-                .contains(&doomed)
-        })
-        .await,
-        "not dead-lettered:\n{}",
-        connector.process.output()
-    );
+    dead_letter_in_order(
+        fixture,
+        &topic,
+        std::slice::from_ref(&doomed),
+        &connector.process,
+    )
+    .await;
     drop(connector);
     let invoked = gw.requests_to("replay-fn").len();
     let (exit, out) =

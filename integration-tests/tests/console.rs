@@ -28,38 +28,8 @@ const WITHIN: Duration = Duration::from_secs(30);
 const USER: &str = "admin";
 const MARKUP: &str = "<img src=x onerror=alert(1)>";
 
-/// Answers 503 until `fixed` exists, then writes each body to `flaky/`.
-const FLAKY: &str = r#"
-import os, uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self.answer(200, b"OK")
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if not os.path.exists("fixed"):
-            return self.answer(503, b"down")
-        name = os.path.join("flaky", uuid.uuid4().hex)
-        with open(name + ".tmp", "wb") as f:
-            f.write(body)
-        os.rename(name + ".tmp", name + ".txt")
-        self.answer(200, b"done")
-
-    def answer(self, status, data):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
-"#;
+/// The recording `http` function (`functions/recording.py`): 503 until `fixed` exists.
+const RECORDING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/functions/recording.py");
 
 fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
@@ -79,7 +49,6 @@ async fn an_operator_finds_and_replays_dead_letters_in_the_console() {
     let password = unique("pw");
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().to_owned();
-    std::fs::write(dir.join("flaky.py"), FLAKY).unwrap();
     std::fs::create_dir(dir.join("flaky")).unwrap();
     let connector = format!(
         r#"[connector]
@@ -119,7 +88,7 @@ stop_timeout = "10s"
 [[functions]]
 name = "flaky"
 runtime = "http"
-command = "python3 flaky.py"
+command = "python3 {RECORDING} flaky --fail 503"
 annotations = {{ topic = "{topic}" }}
 
 [[functions]]

@@ -42,6 +42,9 @@ use integration_tests::sqs_broker::SqsQueues;
 use integration_tests::{unique, wait_http};
 
 /// The longest any one step (start, delivery, acknowledgement, stop) may take.
+/// The recording `http` function (`functions/recording.py`): see its header.
+const RECORDING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/functions/recording.py");
+
 const WITHIN: Duration = Duration::from_secs(30);
 
 /// The user the gateway's `/system/*` routes accept.
@@ -819,40 +822,6 @@ async fn a_connector_invoking_asynchronously_gets_results_at_its_callback_url() 
     system.stop().await;
 }
 
-/// An `http` function for [`a_scaled_to_zero_function_scales_on_its_backlog`]: each
-/// request takes 200 ms and its body is written to `lazy/` (aside, then renamed).
-const LAZY: &str = r#"
-import os, time, uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self.answer(b"OK")
-
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length)
-        time.sleep(0.2)
-        name = os.path.join("lazy", uuid.uuid4().hex)
-        with open(name + ".tmp", "wb") as f:
-            f.write(body)
-        os.rename(name + ".tmp", name + ".txt")
-        self.answer(b"done")
-
-    def answer(self, data):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
-"#;
-
 /// The bundled gateway scales on backlogs its supervised connector reports: an `http`
 /// function scaled to zero (min 0) that takes one message at a time from the connector
 /// (`connector.max_inflight = 1`) gets replicas once messages wait for it, as many as
@@ -870,14 +839,13 @@ async fn a_scaled_to_zero_function_scales_on_its_backlog() {
 [[functions]]
 name = "lazy"
 runtime = "http"
-command = "python3 lazy.py"
+command = "python3 {RECORDING} lazy --delay 0.2"
 labels = {{ "com.openfaas.scale.min" = "0", "com.openfaas.scale.max" = "3", "com.openfaas.scale.zero-duration" = "2s" }}
 annotations = {{ topic = "{topic}", "connector.max_inflight" = "1", "connector.scale.target" = "2" }}
 "#
     );
     let mut system =
         System::launch(&topic, Credentials::Files, vec![connector], &[], &functions).await;
-    std::fs::write(system.dir.join("lazy.py"), LAZY).unwrap();
     std::fs::create_dir(system.dir.join("lazy")).unwrap();
     let addr = system.metrics_addr("redis").await;
     assert!(
@@ -940,40 +908,6 @@ annotations = {{ topic = "{topic}", "connector.max_inflight" = "1", "connector.s
     system.stop().await;
 }
 
-/// An `http` function for [`the_console_api_reaches_a_supervised_connectors_dead_letters`]:
-/// answers 422 until the file `fixed` exists, then writes each body to `picky/`.
-const PICKY: &str = r#"
-import os, uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self.answer(200, b"OK")
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if not os.path.exists("fixed"):
-            return self.answer(422, b"not yet")
-        name = os.path.join("picky", uuid.uuid4().hex)
-        with open(name + ".tmp", "wb") as f:
-            f.write(body)
-        os.rename(name + ".tmp", name + ".txt")
-        self.answer(200, b"done")
-
-    def answer(self, status, data):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
-"#;
-
 /// The console's API on the real gateway finds the redis-connector it supervises (from
 /// its backlog reports), shows its status, lists the dead letters of a function that
 /// rejects, and replays them through the connector once the function is fixed; without
@@ -989,13 +923,12 @@ async fn the_console_api_reaches_a_supervised_connectors_dead_letters() {
 [[functions]]
 name = "picky"
 runtime = "http"
-command = "python3 picky.py"
+command = "python3 {RECORDING} picky --fail 422"
 annotations = {{ topic = "{topic}" }}
 "#
     );
     let mut system =
         System::launch(&topic, Credentials::Files, vec![connector], &[], &functions).await;
-    std::fs::write(system.dir.join("picky.py"), PICKY).unwrap();
     std::fs::create_dir(system.dir.join("picky")).unwrap();
     let addr = system.metrics_addr("redis").await;
     assert!(
