@@ -217,11 +217,18 @@ impl Admin {
         )
     }
 
-    fn store(&self) -> Result<&StoreFactory, Refusal> {
-        self.store.as_ref().ok_or_else(|| {
-            Refusal(
+    /// The dead-letter destination, opened for one operation.
+    async fn open(&self) -> Result<BoxedStore, Refusal> {
+        let Some(factory) = &self.store else {
+            return Err(Refusal(
                 StatusCode::NOT_FOUND,
                 "this connector has no dead-letter destination configured".to_owned(),
+            ));
+        };
+        factory().await.map_err(|e| {
+            Refusal(
+                StatusCode::BAD_GATEWAY,
+                format!("opening the dead letters: {e}"),
             )
         })
     }
@@ -343,18 +350,9 @@ async fn list(
         Ok(f) => f,
         Err(answer) => return answer.into_response(),
     };
-    let factory = match admin.store() {
-        Ok(f) => f.clone(),
-        Err(answer) => return answer.into_response(),
-    };
-    let store = match factory().await {
+    let store = match admin.open().await {
         Ok(s) => s,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                format!("opening the dead letters: {e}"),
-            );
-        }
+        Err(answer) => return answer.into_response(),
     };
     let limit = fields.limit.unwrap_or(50).clamp(1, PAGE_MAX);
     match crate::replay::list(store, &filter, fields.offset.unwrap_or(0), limit).await {
@@ -398,10 +396,6 @@ async fn operate(
         Ok(f) => f,
         Err(answer) => return answer.into_response(),
     };
-    let factory = match admin.store() {
-        Ok(f) => f.clone(),
-        Err(answer) => return answer.into_response(),
-    };
     let Ok(_busy) = admin.busy.try_lock() else {
         return error(
             StatusCode::CONFLICT,
@@ -418,14 +412,9 @@ async fn operate(
         Ok(r) => r,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let store = match factory().await {
+    let store = match admin.open().await {
         Ok(s) => s,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                format!("opening the dead letters: {e}"),
-            );
-        }
+        Err(answer) => return answer.into_response(),
     };
     let mut out = Vec::new();
     let result = replayer.run(store, &mut out).await;
