@@ -247,6 +247,11 @@ struct SubscriptionStatus {
     totals: BTreeMap<&'static str, u64>,
     /// Attempts that failed and were retried.
     retried: u64,
+    /// Deliveries under way and not waiting out a backoff: waiting for the function's
+    /// concurrency limit, calling it, or in a batch.
+    attempting: i64,
+    /// Deliveries waiting out a backoff before their next attempt.
+    retrying: i64,
     /// What the connector adds (cron-connector: `schedule` and `next` fire times).
     #[serde(skip_serializing_if = "Option::is_none")]
     details: Option<serde_json::Value>,
@@ -261,22 +266,29 @@ async fn status(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     let subscriptions: Vec<SubscriptionStatus> = map
         .subscribers()
         .iter()
-        .map(|s| SubscriptionStatus {
-            function: s.function.to_string(),
-            topics: s.topics.clone(),
-            policy: s
-                .annotations
-                .iter()
-                .filter(|(k, _)| k.starts_with("connector.") || k.starts_with("com.openfaas.retry"))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            backlog: backlogs.get(&s.function).copied().unwrap_or(0),
-            totals: DeliveryOutcome::NAMES
-                .iter()
-                .map(|outcome| (*outcome, admin.metrics.deliveries_of(&s.function, outcome)))
-                .collect(),
-            retried: admin.metrics.retries_of(&s.function),
-            details: admin.details.as_ref().and_then(|d| d(s)),
+        .map(|s| {
+            let (attempting, retrying) = admin.metrics.under_way_of(&s.function);
+            SubscriptionStatus {
+                function: s.function.to_string(),
+                topics: s.topics.clone(),
+                policy: s
+                    .annotations
+                    .iter()
+                    .filter(|(k, _)| {
+                        k.starts_with("connector.") || k.starts_with("com.openfaas.retry")
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                backlog: backlogs.get(&s.function).copied().unwrap_or(0),
+                totals: DeliveryOutcome::NAMES
+                    .iter()
+                    .map(|outcome| (*outcome, admin.metrics.deliveries_of(&s.function, outcome)))
+                    .collect(),
+                retried: admin.metrics.retries_of(&s.function),
+                attempting,
+                retrying,
+                details: admin.details.as_ref().and_then(|d| d(s)),
+            }
         })
         .collect();
     axum::Json(serde_json::json!({
@@ -284,7 +296,7 @@ async fn status(State(admin): State<Admin>, headers: HeaderMap) -> Response {
         "ready": admin.health.is_ready(),
         "not_ready": admin.health.not_ready_reasons(),
         "stalled": admin.health.stalled(),
-        "inflight": admin.metrics.inflight().get(),
+        "inflight": admin.metrics.inflight(),
         "dead_letters": admin.store.is_some(),
         "subscriptions": subscriptions,
     }))

@@ -94,6 +94,8 @@ struct FunctionSeries {
     invocations: [OnceLock<Counter>; STATUS_CLASSES.len()],
     duration: OnceLock<Histogram>,
     deliveries: [OnceLock<Counter>; DELIVERY_OUTCOMES],
+    attempting: OnceLock<Gauge>,
+    retrying: OnceLock<Gauge>,
 }
 
 // FxHash: looked up twice per delivery; the keys are the operator's function names.
@@ -106,6 +108,9 @@ pub struct Metrics {
     invocations: Family<InvocationLabels, Counter>,
     invocation_duration: Family<FunctionLabels, Histogram>,
     inflight: Gauge,
+    /// Per function: deliveries under way, attempting now or waiting out a backoff.
+    attempting: Family<FunctionLabels, Gauge>,
+    retrying: Family<FunctionLabels, Gauge>,
     retries: Family<FunctionLabels, Counter>,
     dead_letters: Family<FunctionLabels, Counter>,
     dead_letter_failures: Family<FunctionLabels, Counter>,
@@ -157,6 +162,8 @@ impl Metrics {
             invocations: Family::default(),
             invocation_duration: Family::new_with_constructor(duration_histogram),
             inflight: Gauge::default(),
+            attempting: Family::default(),
+            retrying: Family::default(),
             retries: Family::default(),
             dead_letters: Family::default(),
             dead_letter_failures: Family::default(),
@@ -211,6 +218,16 @@ impl Metrics {
             "inflight_deliveries",
             "Deliveries not yet finished, retries waiting included",
             m.inflight.clone(),
+        );
+        r.register(
+            "function_attempting_deliveries",
+            "The function's deliveries under way that are not waiting out a backoff: waiting for the function's concurrency limit, calling it, or in a batch",
+            m.attempting.clone(),
+        );
+        r.register(
+            "function_retrying_deliveries",
+            "The function's deliveries waiting out a backoff before their next attempt",
+            m.retrying.clone(),
         );
         r.register(
             "retries",
@@ -463,8 +480,39 @@ impl Metrics {
         held.keys().cloned().collect()
     }
 
-    pub(crate) fn inflight(&self) -> &Gauge {
-        &self.inflight
+    /// Deliveries not yet finished, retries waiting included.
+    pub fn inflight(&self) -> i64 {
+        self.inflight.get()
+    }
+
+    /// Counts a delivery of `function` under way (attempting) until the guard is dropped.
+    pub(crate) fn under_way(&self, function: &FunctionRef) -> UnderWay {
+        let (attempting, retrying) = self.with_series(function, |series| {
+            let gauge = |cell: &OnceLock<Gauge>, family: &Family<FunctionLabels, Gauge>| {
+                cell.get_or_init(|| family.get_or_create(&fn_labels(function)).clone())
+                    .clone()
+            };
+            (
+                gauge(&series.attempting, &self.attempting),
+                gauge(&series.retrying, &self.retrying),
+            )
+        });
+        self.inflight.inc();
+        attempting.inc();
+        UnderWay {
+            all: self.inflight.clone(),
+            attempting,
+            retrying,
+            waiting: false,
+        }
+    }
+
+    /// `function`'s deliveries under way now: (attempting, waiting out a backoff).
+    pub fn under_way_of(&self, function: &FunctionRef) -> (i64, i64) {
+        let labels = fn_labels(function);
+        let get =
+            |family: &Family<FunctionLabels, Gauge>| family.get(&labels).map_or(0, |g| g.get());
+        (get(&self.attempting), get(&self.retrying))
     }
 
     pub(crate) fn response_dropped(&self) {
@@ -588,6 +636,42 @@ impl Metrics {
                 partition: partition.to_owned(),
             })
             .set(i64::from(stalled));
+    }
+}
+
+/// A delivery under way, counted in `connector_inflight_deliveries` and in its function's
+/// attempting or retrying gauge until dropped.
+pub(crate) struct UnderWay {
+    all: Gauge,
+    attempting: Gauge,
+    retrying: Gauge,
+    waiting: bool,
+}
+
+impl UnderWay {
+    /// The delivery waits out a backoff (`true`) or attempts again (`false`).
+    pub(crate) fn set_waiting(&mut self, waiting: bool) {
+        if waiting != self.waiting {
+            let (from, to) = if waiting {
+                (&self.attempting, &self.retrying)
+            } else {
+                (&self.retrying, &self.attempting)
+            };
+            from.dec();
+            to.inc();
+            self.waiting = waiting;
+        }
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        self.all.dec();
+        if self.waiting {
+            self.retrying.dec();
+        } else {
+            self.attempting.dec();
+        }
     }
 }
 

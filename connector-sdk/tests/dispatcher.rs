@@ -32,20 +32,36 @@ impl DeadLetterSink for RecordingSink {
 
 struct Setup {
     dispatcher: Dispatcher,
+    metrics: Metrics,
     registry: Registry,
     topics: connector_sdk::topic_map::TopicMapHandle,
 }
 
 fn dispatcher(gw: &FakeGateway, config: SdkConfig, sink: Option<Arc<RecordingSink>>) -> Setup {
+    setup(gw, config, sink, false)
+}
+
+/// A dispatcher on `gw`'s topic map; with `broker_retries`, strict lanes too (as a
+/// connector whose broker redelivers).
+fn setup(
+    gw: &FakeGateway,
+    config: SdkConfig,
+    sink: Option<Arc<RecordingSink>>,
+    broker_retries: bool,
+) -> Setup {
     let (metrics, registry) = Metrics::standalone("test-connector");
     let client = GatewayClient::new("test-connector", &config).unwrap();
     let topics = gw.topic_map();
-    let mut builder = Dispatcher::builder(client, topics.clone(), &config, metrics);
+    let mut builder = Dispatcher::builder(client, topics.clone(), &config, metrics.clone());
+    if broker_retries {
+        builder = builder.broker_retries(true).strict_lanes(true);
+    }
     if let Some(sink) = sink {
         builder = builder.dead_letters(sink);
     }
     Setup {
         dispatcher: builder.build(),
+        metrics,
         registry,
         topics,
     }
@@ -450,6 +466,53 @@ async fn hand_off_queue_is_bounded_and_drain_releases_it() {
     d.wait_idle().await;
 }
 
+/// Each function's deliveries under way are counted as attempting (calling it) or
+/// retrying (waiting out a backoff), for `/admin/status` and the metrics; a drain releases
+/// the retrying one and both counts return to zero.
+#[tokio::test]
+async fn deliveries_under_way_are_counted_per_function_attempting_or_retrying() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("busy", "work", |_, _| {
+        Reply::ok().delay(Duration::from_millis(1500))
+    });
+    gw.function("failing", "jobs", |_, _| Reply::status(503));
+    let mut config = gw.config();
+    config.backoff.initial = Duration::from_secs(60);
+    config.backoff.max = Duration::from_secs(60);
+    let setup = dispatcher(&gw, config, None);
+    let d = &setup.dispatcher;
+    let busy_fn = connector_sdk::FunctionRef::new("busy", None);
+    let failing_fn = connector_sdk::FunctionRef::new("failing", None);
+    let busy = d.submit(message("work", "x", "w1")).await.unwrap();
+    let failing = d.submit(message("jobs", "x", "j1")).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            setup.metrics.under_way_of(&busy_fn) == (1, 0)
+                && setup.metrics.under_way_of(&failing_fn) == (0, 1)
+        })
+        .await,
+        "busy {:?}, failing {:?}",
+        setup.metrics.under_way_of(&busy_fn),
+        setup.metrics.under_way_of(&failing_fn)
+    );
+    assert_eq!(setup.metrics.inflight(), 2);
+    let text = encode(&setup.registry);
+    for line in [
+        "connector_function_attempting_deliveries{function=\"busy\"} 1",
+        "connector_function_retrying_deliveries{function=\"failing\"} 1",
+        "connector_function_attempting_deliveries{function=\"failing\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+    d.drain();
+    assert_eq!(failing.await.disposition(), Disposition::Release);
+    assert_eq!(busy.await.disposition(), Disposition::Ack);
+    d.wait_idle().await;
+    assert_eq!(setup.metrics.under_way_of(&busy_fn), (0, 0));
+    assert_eq!(setup.metrics.under_way_of(&failing_fn), (0, 0));
+    assert_eq!(setup.metrics.inflight(), 0);
+}
+
 /// A waiting submitter gets room as soon as the queue moves, and every message is
 /// delivered once, in key order, even with a single worker and permit.
 #[tokio::test]
@@ -740,20 +803,7 @@ fn broker_dispatcher(
     config: SdkConfig,
     sink: Option<Arc<RecordingSink>>,
 ) -> Setup {
-    let (metrics, registry) = Metrics::standalone("test-connector");
-    let client = GatewayClient::new("test-connector", &config).unwrap();
-    let topics = gw.topic_map();
-    let mut builder = Dispatcher::builder(client, topics.clone(), &config, metrics)
-        .broker_retries(true)
-        .strict_lanes(true);
-    if let Some(sink) = sink {
-        builder = builder.dead_letters(sink);
-    }
-    Setup {
-        dispatcher: builder.build(),
-        registry,
-        topics,
-    }
+    setup(gw, config, sink, true)
 }
 
 /// With broker retries a retryable failure ends the delivery at once with the delay the

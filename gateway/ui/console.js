@@ -154,7 +154,7 @@ async function refreshConnectors() {
     const stateCell = el("td", c.error ? `${state}: ${c.error}` : state, c.up ? "up" : "down");
     const subscriptions = (status && status.subscriptions) || [];
     if (subscriptions.length === 0) {
-      tbody.appendChild(row([name, stateCell, "", "", "", "", "", ""]));
+      tbody.appendChild(row([name, stateCell, "", "", "", "", "", "", "", ""]));
       continue;
     }
     for (const s of subscriptions) {
@@ -173,13 +173,16 @@ async function refreshConnectors() {
         s.function,
         s.topics.join(", "),
         rate,
+        s.attempting,
+        s.retrying,
         s.backlog,
         s.retried,
         s.totals.dead_lettered || 0,
       ]);
       tr.dataset.function = s.function;
       tr.dataset.connector = c.connector.id;
-      tr.querySelector("td:nth-child(6)").className = "backlog";
+      tr.querySelector("td:nth-child(7)").className = "retrying";
+      tr.querySelector("td:nth-child(8)").className = "backlog";
       tbody.appendChild(tr);
     }
   }

@@ -97,6 +97,13 @@ try {
     return backlog > 0 ? backlog : false;
   });
   console.log(`backlog seen: ${rose}`);
+  // ... and its deliveries wait out their backoffs (3 s each) as retrying.
+  const retrying = await eventually("deliveries retrying", async () => {
+    const cells = await subscription.locator("td.retrying").allTextContents();
+    const n = Math.max(0, ...cells.map(Number));
+    return n > 0 ? n : false;
+  });
+  console.log(`retrying seen: ${retrying}`);
 
   // The dead letters, filtered by function and status, once the attempts are spent.
   // The broker connector's dead letters (the cron connector has none).

@@ -115,6 +115,9 @@ pub async fn admin_api_lists_replays_and_purges(fixture: &dyn ReplayFixture) {
     assert_eq!(subscription["topics"], json!([topic]), "{subscription}");
     assert_eq!(subscription["totals"]["dead_lettered"], 3, "{subscription}");
     assert!(subscription["backlog"].is_u64(), "{subscription}");
+    // Every delivery has ended: none under way, none waiting out a backoff.
+    assert_eq!(subscription["attempting"], 0, "{subscription}");
+    assert_eq!(subscription["retrying"], 0, "{subscription}");
 
     // Listing, with filters and pages.
     let (code, page) =

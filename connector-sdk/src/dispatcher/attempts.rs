@@ -20,7 +20,7 @@ use crate::function::FunctionRef;
 use crate::gateway::InvokeError;
 use crate::limiter::Limiter;
 use crate::message::{DeliveryOutcome, DeliveryReport, InvocationResponse, Message};
-use crate::metrics::status_class;
+use crate::metrics::{UnderWay, status_class};
 use crate::policy::{BatchSettings, PolicyOverrides};
 use crate::response::InvocationResult;
 use crate::trace::AttemptSpan;
@@ -177,15 +177,14 @@ impl Inner {
                     }
                 }
             };
-            self.metrics.inflight().inc();
+            let mut under_way = self.metrics.under_way(&function);
             let delivery = Delivery {
                 cancel,
                 message: &message,
                 function: &function,
             };
-            let report = self.attempts(delivery, &policy, passthrough.as_ref()).await;
-            self.metrics.inflight().dec();
-            report
+            self.attempts(delivery, &policy, passthrough.as_ref(), &mut under_way)
+                .await
         }
         .instrument(span)
         .instrument(log_span)
@@ -239,6 +238,7 @@ impl Inner {
         delivery: Delivery<'_>,
         policy: &DeliveryPolicy<'_>,
         passthrough: Option<&opentelemetry::Context>,
+        under_way: &mut UnderWay,
     ) -> DeliveryReport {
         let Delivery {
             cancel,
@@ -294,12 +294,14 @@ impl Inner {
                 Then::RetryIn(delay) => delay,
             };
             drop(running);
+            under_way.set_waiting(true);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = cancel.drain.cancelled() => {
                     return tried.report(function, DeliveryOutcome::Released, tally.local);
                 }
             }
+            under_way.set_waiting(false);
         }
     }
 
