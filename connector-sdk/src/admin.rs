@@ -8,8 +8,9 @@
 //! (404 on every route): `metrics_addr` is reachable by whoever scrapes it.
 //!
 //! - `GET /admin/status`: the connector, its source's health, and each subscription with
-//!   its topics, policy, backlog and totals (delivered, retried, dead-lettered, ...; a
-//!   rate is the difference of two readings).
+//!   its topics, policy, deliveries per second (over the last [`RATE_WINDOW`]), deliveries
+//!   under way (attempting or waiting out a backoff), backlog and totals (delivered,
+//!   retried, dead-lettered, ...).
 //! - `GET /admin/dead-letters?function=&reason=&status=&since=&until=&topic=&key=&offset=&limit=`:
 //!   the stored dead letters the filter selects ([`LetterFilter`]), oldest first, a page at
 //!   a time ([`LetterPage`]), each with its provenance and a preview of its payload.
@@ -22,8 +23,9 @@
 //! Dead-letter routes answer 404 for a connector without a dead-letter destination.
 
 use std::any::Any;
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -43,7 +45,8 @@ use crate::replay::{
     parse_status_filter, parse_time,
 };
 use crate::server::Health;
-use crate::topic_map::TopicMapHandle;
+use crate::topic_map::{FunctionRef, TopicMapHandle};
+use tokio::time::Instant;
 
 /// A store's handle, boxed: what [`BoxedStore`] hands out.
 pub type AnyHandle = Box<dyn Any + Send>;
@@ -144,6 +147,74 @@ pub struct Admin {
     pub(crate) details: Option<StatusDetails>,
     /// Held while a replay or purge runs.
     pub(crate) busy: Arc<tokio::sync::Mutex<()>>,
+    pub(crate) rates: Rates,
+}
+
+/// The window `/admin/status`'s deliveries per second are averaged over.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Each function's delivered total, sampled every second over the last [`RATE_WINDOW`]:
+/// a subscription's rate is its total now less the oldest sample's, over the time between.
+#[derive(Clone, Default)]
+pub(crate) struct Rates(Arc<Mutex<VecDeque<Sample>>>);
+
+/// Each function's delivered total at one instant.
+type Sample = (Instant, BTreeMap<FunctionRef, u64>);
+
+impl Rates {
+    /// Keeps `totals` as of `at`, and the samples no older than the window before it.
+    fn record(&self, at: Instant, totals: BTreeMap<FunctionRef, u64>) {
+        let mut samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        samples.push_back((at, totals));
+        while samples
+            .front()
+            .is_some_and(|(then, _)| at.duration_since(*then) > RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+    }
+
+    /// `function`'s deliveries per second up to `at`, when its total then was `total`:
+    /// `None` until a sample at least a second old exists.
+    fn per_second(&self, function: &FunctionRef, total: u64, at: Instant) -> Option<f64> {
+        let samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (then, totals) = samples.front()?;
+        let elapsed = at.duration_since(*then);
+        if elapsed < Duration::from_secs(1) {
+            return None;
+        }
+        let before = totals.get(function).copied().unwrap_or(0);
+        Some(total.saturating_sub(before) as f64 / elapsed.as_secs_f64())
+    }
+}
+
+/// Samples every subscriber's delivered total each second for [`Rates`], until `cancel`.
+pub(crate) async fn sample_rates(
+    rates: Rates,
+    metrics: Metrics,
+    topics: TopicMapHandle,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let totals = topics
+            .current()
+            .subscribers()
+            .iter()
+            .map(|s| {
+                (
+                    s.function.clone(),
+                    metrics.deliveries_of(&s.function, "delivered"),
+                )
+            })
+            .collect();
+        rates.record(Instant::now(), totals);
+    }
 }
 
 /// The admin routes, to merge into the connector's server.
@@ -241,6 +312,9 @@ struct SubscriptionStatus {
     topics: Vec<String>,
     /// The function's delivery annotations (`connector.*`, `com.openfaas.retry.*`).
     policy: BTreeMap<String, String>,
+    /// Deliveries ended as delivered per second, over the last [`RATE_WINDOW`]; `null`
+    /// in the connector's first second.
+    delivered_per_second: Option<f64>,
     /// Messages waiting for it (see `crate::backlog`).
     backlog: u64,
     /// Deliveries ended so far, by outcome (`delivered`, `dead_lettered`, ...).
@@ -263,11 +337,13 @@ async fn status(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     }
     let map = admin.topics.current();
     let backlogs = admin.metrics.backlogs().snapshot();
+    let now = Instant::now();
     let subscriptions: Vec<SubscriptionStatus> = map
         .subscribers()
         .iter()
         .map(|s| {
             let (attempting, retrying) = admin.metrics.under_way_of(&s.function);
+            let delivered = admin.metrics.deliveries_of(&s.function, "delivered");
             SubscriptionStatus {
                 function: s.function.to_string(),
                 topics: s.topics.clone(),
@@ -279,6 +355,7 @@ async fn status(State(admin): State<Admin>, headers: HeaderMap) -> Response {
                     })
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
+                delivered_per_second: admin.rates.per_second(&s.function, delivered, now),
                 backlog: backlogs.get(&s.function).copied().unwrap_or(0),
                 totals: DeliveryOutcome::NAMES
                     .iter()
@@ -445,5 +522,37 @@ async fn operate(
             axum::Json(serde_json::json!({"error": e.to_string(), "output": lines})),
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(n: u64) -> BTreeMap<FunctionRef, u64> {
+        BTreeMap::from([(FunctionRef::new("f", None), n)])
+    }
+
+    #[test]
+    fn a_rate_is_taken_over_the_window_once_a_second_has_passed() {
+        let f = FunctionRef::new("f", None);
+        let other = FunctionRef::new("new", None);
+        let rates = Rates::default();
+        let start = Instant::now();
+        assert_eq!(rates.per_second(&f, 0, start), None, "no sample yet");
+        rates.record(start, totals(0));
+        let half = start + Duration::from_millis(500);
+        assert_eq!(rates.per_second(&f, 10, half), None, "under a second");
+        // One sample a second: 50 deliveries a second.
+        for s in 1..=20 {
+            rates.record(start + Duration::from_secs(s), totals(50 * s));
+        }
+        let now = start + Duration::from_secs(20);
+        // The oldest kept sample is the window's start, 10 s before the last.
+        assert_eq!(rates.per_second(&f, 1000, now), Some(50.0));
+        // A function subscribed since then counts from zero.
+        assert_eq!(rates.per_second(&other, 30, now), Some(3.0));
+        // A total that went down (a restarted counter) is no negative rate.
+        assert_eq!(rates.per_second(&f, 0, now), Some(0.0));
     }
 }

@@ -301,7 +301,16 @@ impl Runtime {
             store: dead_letter_store,
             details: status_details,
             busy: Arc::default(),
+            rates: crate::admin::Rates::default(),
         };
+        if admin_on {
+            tasks.spawn(crate::admin::sample_rates(
+                admin.rates.clone(),
+                metrics.clone(),
+                topics.clone(),
+                background.clone(),
+            ));
+        }
         let router = server::router(Arc::new(registry), metrics.clone(), health.clone(), drain)
             .merge(crate::admin::router(admin));
         let (addr, serve) = server::bind(config.metrics_addr, router, background.clone()).await?;

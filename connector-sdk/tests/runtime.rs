@@ -161,6 +161,60 @@ async fn post(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16,
 
 /// Issue 17: without a drain token `/drain` is off. Anyone who could reach
 /// `metrics_addr` used to stop the connector with a bare GET.
+/// `/admin/status` over the running harness: each subscription's deliveries per second
+/// (over the last ten seconds, from the delivered totals sampled every second), and its
+/// deliveries under way once all have ended.
+#[tokio::test]
+async fn admin_status_gives_each_subscription_its_delivery_rate() {
+    let gw = FakeGateway::start().await.unwrap();
+    gw.function("f", "jobs", |_, _| Reply::ok());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("basic-auth-user"), "admin").unwrap();
+    std::fs::write(dir.path().join("basic-auth-password"), "pw").unwrap();
+    let mut config = gw.config();
+    config.basic_auth = true;
+    config.secret_mount_path = dir.path().to_owned();
+    let running = start(config).await;
+    assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
+    for i in 0..20 {
+        running
+            .tx
+            .send(Message::new("jobs", "x", format!("m{i}"), "test://"))
+            .await
+            .unwrap();
+    }
+    assert!(eventually(Duration::from_secs(5), || gw.requests().len() == 20).await);
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/admin/status", running.metrics_addr);
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        let response = client
+            .get(&url)
+            .basic_auth("admin", Some("pw"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        last = response.json().await.unwrap();
+        let f = &last["subscriptions"][0];
+        if f["delivered_per_second"].as_f64().is_some_and(|r| r > 0.0) {
+            assert_eq!(f["function"], "f", "{last}");
+            assert_eq!(f["totals"]["delivered"], 20, "{last}");
+            // 20 deliveries within the ten-second window, over at least one second.
+            assert!(
+                f["delivered_per_second"].as_f64().unwrap() <= 20.0,
+                "{last}"
+            );
+            assert_eq!(f["attempting"], 0, "{last}");
+            assert_eq!(f["retrying"], 0, "{last}");
+            running.shutdown.cancel();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no delivery rate within 5 s: {last}");
+}
+
 #[tokio::test]
 async fn drain_endpoint_is_off_without_a_token() {
     let gw = FakeGateway::start().await.unwrap();

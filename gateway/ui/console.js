@@ -133,9 +133,6 @@ async function deploy(event) {
 
 // ---------------------------------------------------------------- connectors
 
-/// The previous reading of each subscription's delivered total, for a rate.
-const previous = new Map();
-
 async function refreshConnectors() {
   const { connectors } = await api("/ui/api/connectors");
   const tbody = $("#connectors tbody");
@@ -144,7 +141,6 @@ async function refreshConnectors() {
   const chosen = select.value;
   const ids = [];
   let withLetters = null;
-  const now = Date.now();
   for (const c of connectors) {
     const name = `${c.connector.name} (${c.connector.origin})`;
     ids.push([c.connector.id, name]);
@@ -160,12 +156,9 @@ async function refreshConnectors() {
     for (const s of subscriptions) {
       const next = s.details && Array.isArray(s.details.next) ? s.details.next : null;
       if (next && next.length) nextFire.set(s.function.split(".")[0], next[0]);
-      const key = `${c.connector.id}/${s.function}`;
-      const delivered = s.totals.delivered || 0;
-      const before = previous.get(key);
-      previous.set(key, { delivered, at: now });
-      const rate = before && now > before.at
-        ? ((delivered - before.delivered) * 1000 / (now - before.at)).toFixed(1)
+      // Delivered per second over the connector's last ten seconds (null at its start).
+      const rate = typeof s.delivered_per_second === "number"
+        ? s.delivered_per_second.toFixed(1)
         : "–";
       const tr = row([
         name,
@@ -181,6 +174,7 @@ async function refreshConnectors() {
       ]);
       tr.dataset.function = s.function;
       tr.dataset.connector = c.connector.id;
+      tr.querySelector("td:nth-child(5)").className = "rate";
       tr.querySelector("td:nth-child(7)").className = "retrying";
       tr.querySelector("td:nth-child(8)").className = "backlog";
       tbody.appendChild(tr);

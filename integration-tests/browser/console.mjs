@@ -104,6 +104,9 @@ try {
     return n > 0 ? n : false;
   });
   console.log(`retrying seen: ${retrying}`);
+  // The connector's delivery rate arrives as a number (none delivered while it fails).
+  await eventually("a delivery rate", async () =>
+    (await subscription.locator("td.rate").allTextContents()).some((t) => /^\d+\.\d$/.test(t)));
 
   // The dead letters, filtered by function and status, once the attempts are spent.
   // The broker connector's dead letters (the cron connector has none).
