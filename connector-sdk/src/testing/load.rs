@@ -8,12 +8,18 @@
 //! `POST /function/{name}` with 200 and an empty body, lists one function `noop`
 //! subscribed to the given topic on `GET /system/functions`, and counts the calls it
 //! answered on `GET /count`.
+//!
+//! Latency runs ([`paced`]) send bodies made by [`stamped_body`], which carry their send
+//! time; the function keeps each such body's send-to-arrival time, which
+//! [`NoopFunction::take_latencies`] reads (the two processes share the machine's clock).
+//! A plain client of the broker calls the function as [`PlainInvoker`], in the same run,
+//! and [`latency_table`] prints both paths and the difference.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -74,11 +80,19 @@ fn serve(addr: SocketAddr, topic: &str) -> std::io::Result<()> {
     runtime.block_on(async move {
         let calls = Arc::new(AtomicU64::new(0));
         let counted = calls.clone();
+        let latencies: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let kept = latencies.clone();
         let app = Router::new()
             .route(
                 "/function/{name}",
-                post(move || {
+                post(move |body: bytes::Bytes| {
                     calls.fetch_add(1, Ordering::Relaxed);
+                    if let Some(took) = since_stamp(&body) {
+                        latencies
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(took);
+                    }
                     async { "" }
                 }),
             )
@@ -87,6 +101,14 @@ fn serve(addr: SocketAddr, topic: &str) -> std::io::Result<()> {
                 get(move || {
                     let n = counted.load(Ordering::Relaxed);
                     async move { n.to_string() }
+                }),
+            )
+            .route(
+                "/latencies",
+                get(move || {
+                    let taken =
+                        std::mem::take(&mut *kept.lock().unwrap_or_else(PoisonError::into_inner));
+                    async move { axum::Json(taken) }
                 }),
             )
             .route(
@@ -154,6 +176,175 @@ impl NoopFunction {
             .parse()
             .map_err(|_| LoadError::Unexpected(format!("/count answered {text:?}")))
     }
+}
+
+impl NoopFunction {
+    /// The send-to-arrival times, in microseconds, of the stamped bodies the function got
+    /// since the last call, in arrival order.
+    pub async fn take_latencies(&self) -> Result<Vec<u64>, LoadError> {
+        Ok(self
+            .http
+            .get(format!("http://{}/latencies", self.addr))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+}
+
+const STAMP: &str = "{\"sent_ns\":";
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// A body that carries the time it is made: `{"sent_ns":<unix nanoseconds>}`.
+pub fn stamped_body() -> String {
+    format!("{STAMP}{}}}", unix_nanos())
+}
+
+/// Microseconds since a [`stamped_body`]'s stamp; `None` for any other body.
+fn since_stamp(body: &[u8]) -> Option<u64> {
+    let rest = body.strip_prefix(STAMP.as_bytes())?;
+    let digits = rest.strip_suffix(b"}")?;
+    let sent: u128 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(u64::try_from(unix_nanos().saturating_sub(sent) / 1000).unwrap_or(u64::MAX))
+}
+
+/// Calls `publish` with a fresh [`stamped_body`] `rate` times a second for `seconds`, each
+/// call in a task of its own (a publish that takes longer than the interval does not slow
+/// the schedule); returns once every publish has returned, with how many failed.
+pub async fn paced<F, Fut>(rate: u64, seconds: u64, publish: F) -> u64
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1) as u32);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sends = tokio::task::JoinSet::new();
+    for _ in 0..rate * seconds {
+        tick.tick().await;
+        sends.spawn(publish(stamped_body()));
+    }
+    let mut failed = 0;
+    while let Some(sent) = sends.join_next().await {
+        if !matches!(sent, Ok(true)) {
+            failed += 1;
+        }
+    }
+    failed
+}
+
+/// One path's latencies: a warm-up second at `rate` (its samples dropped), then `rate`
+/// bodies a second for `seconds` through `publish`; waits (30 s at most) until the
+/// function got every one, and returns what it saw of the measured ones.
+pub async fn latencies<F, Fut>(
+    function: &NoopFunction,
+    rate: u64,
+    seconds: u64,
+    publish: F,
+) -> Result<Vec<u64>, LoadError>
+where
+    F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let mut got = Vec::new();
+    for (seconds, keep) in [(1, false), (seconds, true)] {
+        let failed = paced(rate, seconds, publish.clone()).await;
+        if failed > 0 {
+            return Err(LoadError::Unexpected(format!("{failed} publishes failed")));
+        }
+        let want = (rate * seconds) as usize;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        got.clear();
+        while got.len() < want {
+            if Instant::now() >= deadline {
+                return Err(LoadError::Unexpected(format!(
+                    "{} of {want} messages reached the function",
+                    got.len()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            got.extend(function.take_latencies().await?);
+        }
+        if keep {
+            return Ok(got);
+        }
+    }
+    Ok(got)
+}
+
+/// A plain broker client's way to call the function: `POST {gateway}/function/noop` with
+/// the message's body, on a keep-alive pool.
+#[derive(Debug, Clone)]
+pub struct PlainInvoker {
+    http: reqwest::Client,
+    url: Arc<str>,
+}
+
+impl PlainInvoker {
+    /// Calls the no-op function at `gateway_url` (`http://host:port`).
+    pub fn new(gateway_url: &str) -> Result<Self, LoadError> {
+        Ok(Self {
+            http: reqwest::Client::builder().tcp_nodelay(true).build()?,
+            url: format!("{gateway_url}/function/noop").into(),
+        })
+    }
+
+    /// One call; an error unless it answers 2xx.
+    pub async fn invoke(&self, body: impl Into<reqwest::Body>) -> Result<(), LoadError> {
+        let response = self.http.post(&*self.url).body(body).send().await?;
+        if !response.status().is_success() {
+            return Err(LoadError::Unexpected(format!(
+                "the no-op function answered {}",
+                response.status()
+            )));
+        }
+        response.bytes().await?;
+        Ok(())
+    }
+}
+
+/// `p` (0 to 1) of `sorted`, nearest rank; 0 when empty.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// The markdown table of a latency run: each path's samples, p50 and p99 in
+/// milliseconds, and what the connector adds (its percentile less the plain client's).
+pub fn latency_table(
+    rate: u64,
+    seconds: u64,
+    plain_name: &str,
+    mut plain: Vec<u64>,
+    mut connector: Vec<u64>,
+) -> String {
+    plain.sort_unstable();
+    connector.sort_unstable();
+    let ms = |us: u64| us as f64 / 1000.0;
+    let (p50, p99) = (percentile(&plain, 0.5), percentile(&plain, 0.99));
+    let (c50, c99) = (percentile(&connector, 0.5), percentile(&connector, 0.99));
+    format!(
+        "| {rate} msg/s for {seconds} s | samples | p50 ms | p99 ms |\n\
+         | --- | --- | --- | --- |\n\
+         | publish → {plain_name} → function | {} | {:.3} | {:.3} |\n\
+         | publish → connector → function | {} | {:.3} | {:.3} |\n\
+         | added by the connector | | {:+.3} | {:+.3} |\n",
+        plain.len(),
+        ms(p50),
+        ms(p99),
+        connector.len(),
+        ms(c50),
+        ms(c99),
+        (c50 as f64 - p50 as f64) / 1000.0,
+        (c99 as f64 - p99 as f64) / 1000.0,
+    )
 }
 
 impl Drop for NoopFunction {
@@ -357,6 +548,25 @@ pub fn cpu_time(pid: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stamp_is_read_back_and_other_bodies_are_not() {
+        let body = stamped_body();
+        let took = since_stamp(body.as_bytes()).expect("a stamped body");
+        assert!(took < 60_000_000, "{took} µs");
+        assert_eq!(since_stamp(br#"{"order":42}"#), None);
+        assert_eq!(since_stamp(br#"{"sent_ns":12x}"#), None);
+    }
+
+    #[test]
+    fn percentiles_take_the_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50);
+        assert_eq!(percentile(&v, 0.99), 99);
+        assert_eq!(percentile(&v, 1.0), 100);
+        assert_eq!(percentile(&[7], 0.99), 7);
+        assert_eq!(percentile(&[], 0.5), 0);
+    }
 
     #[test]
     fn this_process_has_memory_and_cpu() {

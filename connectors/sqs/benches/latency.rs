@@ -1,0 +1,185 @@
+//! Send-to-function latency through `sqs-connector` against a plain SQS client calling the
+//! same function, in one run (issue 23's added latency), on moto's server.
+//!
+//! ```text
+//! cargo bench -p sqs-connector --bench latency
+//! ```
+//!
+//! Needs an SQS endpoint at `SQS_ENDPOINT` (default `http://127.0.0.1:4566`, moto's server
+//! as scripts/test.sh starts it). The no-op function runs in a child process
+//! (`connector_sdk::testing::load`) and keeps each message's SendMessage-to-arrival time.
+//! Messages are sent at `BENCH_RATE` per second (default 1,000) for `BENCH_SECONDS`
+//! (default 10), each path after a one-second warm-up whose samples are dropped:
+//!
+//! - **plain**: two long-polling receivers in this process (as the connector's default
+//!   `pollers`), `ReceiveMessage` of up to 10 with a 20 s wait; each message posted to
+//!   the function (those of one receive concurrently), then one `DeleteMessageBatch`;
+//! - **connector**: the release `sqs-connector` binary with its defaults, on a queue of
+//!   its own.
+//!
+//! Printed: samples, p50 and p99 of each path and their difference.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+use connector_sdk::config::Secret;
+use connector_sdk::testing::load::{self, ConnectorProcess, NoopFunction, PlainInvoker};
+use sqs_connector::config::SqsConfig;
+
+fn main() {
+    load::main(bench);
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn endpoint() -> String {
+    std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
+}
+
+async fn create_queue(sqs: &Client, name: &str) -> String {
+    sqs.create_queue()
+        .queue_name(name)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap()
+}
+
+async fn bench() {
+    let rate = env_or("BENCH_RATE", 1000);
+    let seconds = env_or("BENCH_SECONDS", 10);
+    let sqs = sqs_connector::queue::client(&SqsConfig {
+        endpoint_url: Some(endpoint()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some(Secret::new("test")),
+        ..SqsConfig::default()
+    })
+    .await
+    .unwrap();
+    let run = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let plain_queue = format!("latency-plain-{run}");
+    let connector_queue = format!("latency-connector-{run}");
+    let plain_url = create_queue(&sqs, &plain_queue).await;
+    let connector_url = create_queue(&sqs, &connector_queue).await;
+    let function = NoopFunction::spawn(&connector_queue).unwrap();
+
+    let invoker = PlainInvoker::new(&function.url()).unwrap();
+    let receivers: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(receive(sqs.clone(), plain_url.clone(), invoker.clone())))
+        .collect();
+    let plain = measure(&function, &sqs, &plain_url, rate, seconds).await;
+    for r in receivers {
+        r.abort();
+    }
+
+    let metrics = load::free_addr().unwrap();
+    let config = format!(
+        r#"[connector]
+gateway_url = "{gateway}"
+metrics_addr = "{metrics}"
+
+[sqs]
+queues = ["{connector_queue}"]
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+access_key_id = "test"
+secret_access_key = "test"
+"#,
+        gateway = function.url(),
+        endpoint = endpoint(),
+    );
+    let connector = ConnectorProcess::start(env!("CARGO_BIN_EXE_sqs-connector"), &config, metrics)
+        .await
+        .unwrap();
+    let through = measure(&function, &sqs, &connector_url, rate, seconds).await;
+    connector.stop().unwrap();
+    for url in [&plain_url, &connector_url] {
+        sqs.delete_queue().queue_url(url).send().await.unwrap();
+    }
+    println!(
+        "{}",
+        load::latency_table(rate, seconds, "plain SQS client", plain, through)
+    );
+}
+
+/// `rate` messages a second to `url` (see [`load::latencies`]).
+async fn measure(
+    function: &NoopFunction,
+    sqs: &Client,
+    url: &str,
+    rate: u64,
+    seconds: u64,
+) -> Vec<u64> {
+    let (sqs, url) = (sqs.clone(), url.to_owned());
+    let publish = move |body: String| {
+        let (sqs, url) = (sqs.clone(), url.clone());
+        async move {
+            sqs.send_message()
+                .queue_url(url)
+                .message_body(body)
+                .send()
+                .await
+                .is_ok()
+        }
+    };
+    load::latencies(function, rate, seconds, publish)
+        .await
+        .unwrap()
+}
+
+/// Receives from `url` in a loop, posts each body to the function, deletes what it got.
+async fn receive(sqs: Client, url: String, invoker: PlainInvoker) {
+    loop {
+        let received = sqs
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(20)
+            .send()
+            .await
+            .unwrap();
+        let messages = received.messages.unwrap_or_default();
+        let mut calls = tokio::task::JoinSet::new();
+        for m in &messages {
+            let body = m.body.clone().unwrap_or_default();
+            let invoker = invoker.clone();
+            calls.spawn(async move { invoker.invoke(body).await.unwrap() });
+        }
+        while let Some(call) = calls.join_next().await {
+            call.unwrap();
+        }
+        let entries: Vec<_> = messages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(m.receipt_handle.clone()?)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        if !entries.is_empty() {
+            sqs.delete_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+}
