@@ -46,6 +46,14 @@ pub fn main<F: std::future::Future<Output = ()>>(bench: impl FnOnce() -> F) {
     }
 }
 
+/// The environment variable `name` parsed, else `default` (a load program's settings).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// When this process was started by [`NoopFunction::spawn`] (arguments `SERVE_ARG ADDR
 /// TOPIC`), serves the no-op function until killed and returns `true`; otherwise returns
 /// `false` at once.

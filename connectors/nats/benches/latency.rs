@@ -29,20 +29,13 @@ fn main() {
     load::main(bench);
 }
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
 async fn bench() {
-    let rate = env_or("BENCH_RATE", 1000);
-    let seconds = env_or("BENCH_SECONDS", 10);
+    let rate = load::env_or("BENCH_RATE", 1000);
+    let seconds = load::env_or("BENCH_SECONDS", 10);
     let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "core,jetstream".into());
     let nats = async_nats::connect(nats_url()).await.unwrap();
     let js = jetstream::new(nats.clone());

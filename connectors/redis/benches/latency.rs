@@ -28,20 +28,13 @@ fn main() {
     load::main(bench);
 }
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 async fn bench() {
-    let rate = env_or("BENCH_RATE", 1000);
-    let seconds = env_or("BENCH_SECONDS", 10);
+    let rate = load::env_or("BENCH_RATE", 1000);
+    let seconds = load::env_or("BENCH_SECONDS", 10);
     let redis = redis::Client::open(redis_url()).unwrap();
     let conn = redis.get_multiplexed_async_connection().await.unwrap();
     let run = uuid::Uuid::new_v4().simple().to_string();

@@ -33,13 +33,6 @@ fn main() {
     load::main(bench);
 }
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn endpoint() -> String {
     std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
 }
@@ -55,8 +48,8 @@ async fn create_queue(sqs: &Client, name: &str) -> String {
 }
 
 async fn bench() {
-    let rate = env_or("BENCH_RATE", 20);
-    let seconds = env_or("BENCH_SECONDS", 30);
+    let rate = load::env_or("BENCH_RATE", 20);
+    let seconds = load::env_or("BENCH_SECONDS", 30);
     let sqs = sqs_connector::queue::client(&SqsConfig {
         endpoint_url: Some(endpoint()),
         region: Some("us-east-1".into()),
