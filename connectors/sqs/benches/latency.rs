@@ -23,42 +23,21 @@
 //! Printed: samples, p50 and p99 of each path and their difference.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
-use connector_sdk::config::Secret;
 use connector_sdk::testing::load::{self, ConnectorProcess, NoopFunction, PlainInvoker};
-use sqs_connector::config::SqsConfig;
+use support::{create_queue, endpoint};
 
 fn main() {
     load::main(bench);
 }
 
-fn endpoint() -> String {
-    std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
-}
-
-async fn create_queue(sqs: &Client, name: &str) -> String {
-    sqs.create_queue()
-        .queue_name(name)
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap()
-}
-
 async fn bench() {
     let rate = load::env_or("BENCH_RATE", 20);
     let seconds = load::env_or("BENCH_SECONDS", 30);
-    let sqs = sqs_connector::queue::client(&SqsConfig {
-        endpoint_url: Some(endpoint()),
-        region: Some("us-east-1".into()),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some(Secret::new("test")),
-        ..SqsConfig::default()
-    })
-    .await
-    .unwrap();
+    let sqs = support::client().await;
     let run = format!(
         "{}-{}",
         std::process::id(),

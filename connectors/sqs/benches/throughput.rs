@@ -33,6 +33,8 @@
 //! `BENCH_TIMEOUT_SECS` (300).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,9 +43,8 @@ use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, QueueAttributeName, SendMessageBatchRequestEntry,
 };
 use connector_sdk::Message;
-use connector_sdk::config::Secret;
 use connector_sdk::testing::load::{self, NoopFunction};
-use sqs_connector::config::SqsConfig;
+use support::{create_queue, endpoint};
 
 const PAYLOAD: &str = r#"{"order":42,"amount":"19.99","currency":"EUR"}"#;
 
@@ -52,10 +53,6 @@ fn env(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn endpoint() -> String {
-    std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
 }
 
 fn main() {
@@ -88,15 +85,7 @@ async fn bench() {
         timeout: Duration::from_secs(env("BENCH_TIMEOUT_SECS", 300)),
         repeats: env("BENCH_REPEATS", 3).max(1),
     };
-    let sqs = sqs_connector::queue::client(&SqsConfig {
-        endpoint_url: Some(endpoint()),
-        region: Some("us-east-1".into()),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some(Secret::new("test")),
-        ..SqsConfig::default()
-    })
-    .await
-    .unwrap();
+    let sqs = support::client().await;
     let run = format!("bench-{}-{}", std::process::id(), unix_millis());
 
     // HTTP ceiling, against the same function the connector will call.
@@ -272,16 +261,6 @@ fn sqs_url(queue: &str) -> String {
 
 fn queue_name(url: &str) -> String {
     sqs_connector::queue::name_of(url).to_owned()
-}
-
-async fn create_queue(sqs: &Client, name: &str) -> String {
-    sqs.create_queue()
-        .queue_name(name)
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap()
 }
 
 /// Sends `count` messages, 10 per request, 8 requests in flight.
