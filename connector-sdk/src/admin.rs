@@ -343,7 +343,11 @@ async fn status(State(admin): State<Admin>, headers: HeaderMap) -> Response {
         .iter()
         .map(|s| {
             let (attempting, retrying) = admin.metrics.under_way_of(&s.function);
-            let delivered = admin.metrics.deliveries_of(&s.function, "delivered");
+            let totals: BTreeMap<&'static str, u64> = DeliveryOutcome::NAMES
+                .iter()
+                .map(|outcome| (*outcome, admin.metrics.deliveries_of(&s.function, outcome)))
+                .collect();
+            let delivered = totals.get("delivered").copied().unwrap_or(0);
             SubscriptionStatus {
                 function: s.function.to_string(),
                 topics: s.topics.clone(),
@@ -357,10 +361,7 @@ async fn status(State(admin): State<Admin>, headers: HeaderMap) -> Response {
                     .collect(),
                 delivered_per_second: admin.rates.per_second(&s.function, delivered, now),
                 backlog: backlogs.get(&s.function).copied().unwrap_or(0),
-                totals: DeliveryOutcome::NAMES
-                    .iter()
-                    .map(|outcome| (*outcome, admin.metrics.deliveries_of(&s.function, outcome)))
-                    .collect(),
+                totals,
                 retried: admin.metrics.retries_of(&s.function),
                 attempting,
                 retrying,

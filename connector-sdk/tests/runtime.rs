@@ -93,6 +93,31 @@ async fn start(config: connector_sdk::SdkConfig) -> Running {
     }
 }
 
+impl Running {
+    /// `n` messages on topic `jobs`, ids `m0` to `m{n-1}`.
+    async fn send_jobs(&self, n: usize) {
+        for i in 0..n {
+            self.tx
+                .send(Message::new("jobs", "x", format!("m{i}"), "test://"))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// `config` with `basic_auth` on, user `admin` and password `pw` in a secret mount
+/// directory (kept while the returned guard lives).
+fn with_basic_auth(
+    mut config: connector_sdk::SdkConfig,
+) -> (connector_sdk::SdkConfig, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("basic-auth-user"), "admin").unwrap();
+    std::fs::write(dir.path().join("basic-auth-password"), "pw").unwrap();
+    config.basic_auth = true;
+    config.secret_mount_path = dir.path().to_owned();
+    (config, dir)
+}
+
 async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let resp = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
     let status = resp.status().as_u16();
@@ -121,13 +146,7 @@ async fn drain_on_shutdown_finishes_in_flight_work_and_acks_it() {
     });
     let running = start(gw.config()).await;
     assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
-    for i in 0..5 {
-        running
-            .tx
-            .send(Message::new("jobs", "x", format!("m{i}"), "test://"))
-            .await
-            .unwrap();
-    }
+    running.send_jobs(5).await;
     assert!(eventually(Duration::from_secs(5), || gw.requests().len() == 5).await);
     running.shutdown.cancel();
     // Readiness turns 503 while draining.
@@ -168,21 +187,10 @@ async fn post(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16,
 async fn admin_status_gives_each_subscription_its_delivery_rate() {
     let gw = FakeGateway::start().await.unwrap();
     gw.function("f", "jobs", |_, _| Reply::ok());
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("basic-auth-user"), "admin").unwrap();
-    std::fs::write(dir.path().join("basic-auth-password"), "pw").unwrap();
-    let mut config = gw.config();
-    config.basic_auth = true;
-    config.secret_mount_path = dir.path().to_owned();
+    let (config, _secrets) = with_basic_auth(gw.config());
     let running = start(config).await;
     assert!(wait_status(running.metrics_addr, "/readyz", 200).await);
-    for i in 0..20 {
-        running
-            .tx
-            .send(Message::new("jobs", "x", format!("m{i}"), "test://"))
-            .await
-            .unwrap();
-    }
+    running.send_jobs(20).await;
     assert!(eventually(Duration::from_secs(5), || gw.requests().len() == 20).await);
     let client = reqwest::Client::new();
     let url = format!("http://{}/admin/status", running.metrics_addr);
@@ -573,12 +581,7 @@ async fn namespaces_qualify_functions_and_basic_auth_is_sent() {
     gw.set_functions_json(vec![serde_json::json!({
         "name": "f", "annotations": {"topic": "t"}
     })]);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("basic-auth-user"), "admin").unwrap();
-    std::fs::write(dir.path().join("basic-auth-password"), "pw").unwrap();
-    let mut config = gw.config();
-    config.basic_auth = true;
-    config.secret_mount_path = dir.path().to_owned();
+    let (config, _secrets) = with_basic_auth(gw.config());
     let (handle, _registry, stop) = rebuild_fixture(&gw, config).await;
     handle.wait_ready().await;
     let names: Vec<String> = handle
