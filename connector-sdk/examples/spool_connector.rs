@@ -84,10 +84,28 @@ pub struct SpoolSource {
     topics: Box<dyn Fn() -> Vec<String> + Send>,
 }
 
+impl SpoolSource {
+    /// Reads `topics()` as folders of `dir`, looking again every `poll_interval`.
+    pub fn new(
+        dir: PathBuf,
+        poll_interval: Duration,
+        topics: impl Fn() -> Vec<String> + Send + 'static,
+    ) -> Self {
+        Self {
+            dir,
+            poll_interval,
+            taken: HashSet::new(),
+            topics: Box::new(topics),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Source for SpoolSource {
     type Ack = PathBuf;
 
+    /// Cancel-safe: the pump drops this call whenever a completion is ready first, so a
+    /// file is marked taken only once the whole batch is read and nothing else is awaited.
     async fn pull(&mut self) -> Result<Vec<(Message, PathBuf)>, SourceError> {
         loop {
             let mut batch = Vec::new();
@@ -115,15 +133,15 @@ impl Source for SpoolSource {
                     )
                     .with_subject(name.to_string())
                     .with_coordinate("file", path.display());
-                    self.taken.insert(path.clone());
                     batch.push((message, path));
                 }
             }
             if !batch.is_empty() {
+                self.taken
+                    .extend(batch.iter().map(|(_, path)| path.clone()));
                 return Ok(batch);
             }
-            // Nothing waiting: a pause, then look again. Dropping this future on shutdown
-            // loses nothing.
+            // Nothing waiting: a pause, then look again.
             tokio::time::sleep(self.poll_interval).await;
         }
     }
@@ -198,18 +216,13 @@ pub async fn run(config: Config, runtime: Runtime) -> anyhow::Result<()> {
     runtime
         .run(|ctx| async move {
             let topics_ctx = ctx.clone();
-            let source = SpoolSource {
-                dir,
-                poll_interval: config.spool.poll_interval,
-                taken: HashSet::new(),
-                topics: Box::new(move || {
-                    topics_ctx
-                        .wanted_topics()
-                        .into_iter()
-                        .filter(|t| t != DEAD && !t.contains(std::path::MAIN_SEPARATOR))
-                        .collect()
-                }),
-            };
+            let source = SpoolSource::new(dir, config.spool.poll_interval, move || {
+                topics_ctx
+                    .wanted_topics()
+                    .into_iter()
+                    .filter(|t| t != DEAD && !t.contains(std::path::MAIN_SEPARATOR))
+                    .collect()
+            });
             pump(&ctx, source).await
         })
         .await?;

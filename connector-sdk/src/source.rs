@@ -73,7 +73,11 @@ pub trait Source: Send {
     type Ack: Send + 'static;
 
     /// Waits for the next messages. An empty batch (a long poll that timed out) is fine.
-    /// Must be cancel-safe where the broker allows: on shutdown the call is dropped.
+    ///
+    /// Must be cancel-safe: [`pump`] drops the call whenever a completion is ready first
+    /// (and on shutdown), then calls `pull` again. Whatever the source marks as taken
+    /// (pulled, not to be handed out again) must be marked only after its last `.await`,
+    /// or a dropped call loses those messages until a restart.
     async fn pull(&mut self) -> Result<Vec<(Message, Self::Ack)>, SourceError>;
 
     /// Settles one completed message: `Ack` acknowledges it, `Hold` keeps it with the
