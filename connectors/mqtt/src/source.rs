@@ -144,6 +144,8 @@ impl MqttSource {
         if !session_present {
             self.subscribed.clear();
         }
+        // Due until made: a pull dropped while subscribing subscribes on the next one.
+        self.changes.reapply();
         self.follow().await
     }
 
@@ -175,6 +177,7 @@ impl MqttSource {
             tracing::info!(filter = %filter, "unsubscribed");
         }
         self.subscribed = wanted;
+        self.changes.applied();
         Ok(())
     }
 

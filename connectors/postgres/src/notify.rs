@@ -124,6 +124,7 @@ impl NotifySource {
             sql.push_str(&format!("UNLISTEN {};", quote(channel)));
         }
         if sql.is_empty() {
+            self.changes.applied();
             return Ok(());
         }
         let run = link.client.batch_execute(&sql);
@@ -131,6 +132,7 @@ impl NotifySource {
             Ok(Ok(())) => {
                 tracing::info!(channels = ?wanted, "listening");
                 self.listening = wanted;
+                self.changes.applied();
                 Ok(())
             }
             Ok(Err(e)) => Err(classify(e.into())),

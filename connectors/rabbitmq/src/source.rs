@@ -471,10 +471,15 @@ impl Source for RabbitSource {
             };
             match event {
                 Event::Requeue(acker) => {
-                    if let Err(e) = requeue(&acker).await {
-                        // Its channel is gone, and with it the message went back.
-                        tracing::debug!(error = %e, "requeueing a held message failed");
-                    }
+                    // On a task of its own: awaited here, a pull dropped meanwhile (the
+                    // pump settling a completion first) would drop the acker with it and
+                    // leave the message unacknowledged until the channel closes.
+                    self.settling.spawn(async move {
+                        if let Err(e) = requeue(&acker).await {
+                            // Its channel is gone, and with it the message went back.
+                            tracing::debug!(error = %e, "requeueing a held message failed");
+                        }
+                    });
                 }
                 Event::TopicsChanged => {
                     // The link stays in place: `pull` is dropped whenever a completion is
@@ -505,6 +510,7 @@ impl Source for RabbitSource {
                         self.link = None;
                         return Err(e);
                     }
+                    self.changes.applied();
                 }
                 Event::Delivery(Some(Ok(first))) => {
                     let mut batch = vec![self.message(first)];
