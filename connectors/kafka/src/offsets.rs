@@ -28,9 +28,11 @@
 //! Until the committed offset of a newly assigned partition is known
 //! ([`Reading::Unknown`]), its records are refused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use connector_sdk::watermark::Watermark;
 
 /// A topic and partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,17 +57,6 @@ impl std::fmt::Display for TopicPartition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.topic, self.partition)
     }
-}
-
-/// Why an offset is not complete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pending {
-    /// Waiting for the dispatcher, or parked while its partition is paused.
-    InFlight,
-    /// Failed for good and not dead-lettered: the partition holds here.
-    Held,
-    /// Cut short by shutdown: the next owner delivers it again.
-    Released,
 }
 
 /// How the next record of a partition must relate to the frontier.
@@ -131,25 +122,19 @@ pub enum Start {
     Unknown,
 }
 
-/// One partition's bookkeeping.
+/// One partition's bookkeeping: the SDK's [`Watermark`] over its offsets (the frontier
+/// is one past the last offset received in a verified read: everything below it was
+/// received, was already committed, or is not in the log), and how reads are verified.
 #[derive(Debug, Clone)]
 pub struct PartitionOffsets {
-    pending: BTreeMap<i64, Pending>,
-    /// The frontier: one past the last offset received in a verified read. Everything
-    /// below it was received (and is pending or complete), was already committed, or is
-    /// not in the log.
-    next: Option<i64>,
-    /// The last offset committed (or being committed) by this process.
-    committed: Option<i64>,
+    marks: Watermark<i64>,
     reading: Reading,
 }
 
 impl Default for PartitionOffsets {
     fn default() -> Self {
         Self {
-            pending: BTreeMap::new(),
-            next: None,
-            committed: None,
+            marks: Watermark::new(),
             reading: Reading::Continuous,
         }
     }
@@ -159,30 +144,27 @@ impl PartitionOffsets {
     /// The offset to commit: everything below it is complete. `None` before the first
     /// record.
     pub fn commit_point(&self) -> Option<i64> {
-        self.pending.keys().next().copied().or(self.next)
+        self.marks.commit_point()
     }
 
     /// Whether a record is held here.
     pub fn is_held(&self) -> bool {
-        self.pending.values().any(|p| *p == Pending::Held)
+        self.marks.is_held()
     }
 
     /// Records not yet complete that are still being worked on.
     pub fn in_flight(&self) -> usize {
-        self.pending
-            .values()
-            .filter(|p| **p == Pending::InFlight)
-            .count()
+        usize::try_from(self.marks.in_flight()).unwrap_or(usize::MAX)
     }
 
     /// Whether `offset` is not complete yet.
     pub fn is_pending(&self, offset: i64) -> bool {
-        self.pending.contains_key(&offset)
+        self.marks.is_pending(offset)
     }
 
     /// The frontier: one past the last offset received in a verified read.
     pub fn next(&self) -> Option<i64> {
-        self.next
+        self.marks.frontier()
     }
 
     /// How the next record must relate to the frontier.
@@ -193,7 +175,7 @@ impl PartitionOffsets {
     fn start(&mut self, start: Start, now: Instant) {
         match start {
             Start::Committed(offset) => {
-                self.next = Some(offset);
+                self.marks.advance(offset);
                 self.reading = Reading::Verify {
                     step: 0,
                     from_start: false,
@@ -214,7 +196,7 @@ impl PartitionOffsets {
         let (step, _, waits) = self.verifying();
         let waits = waits.saturating_add(u32::from(timed));
         let step = step.saturating_mul(2).max(1);
-        let frontier = self.next.unwrap_or(0);
+        let frontier = self.next().unwrap_or(0);
         let to = frontier.saturating_sub(step);
         let (to, from_start) = if to <= 0 {
             (SeekTo::Beginning, true)
@@ -297,7 +279,7 @@ impl Watermarks {
     /// first record must be at or below the frontier.
     pub fn restart(&mut self, tp: &TopicPartition, now: Instant) {
         if let Some(p) = self.partitions.get_mut(tp)
-            && p.next.is_some()
+            && p.next().is_some()
             && p.reading != Reading::Unknown
         {
             p.reading = Reading::Verify {
@@ -344,7 +326,7 @@ impl Watermarks {
                     from_start: false,
                     ..
                 } if now.saturating_duration_since(since) >= patience * (1 << waits.min(5)) => {
-                    Some((tp.clone(), p.next))
+                    Some((tp.clone(), p.next()))
                 }
                 _ => None,
             })
@@ -365,7 +347,7 @@ impl Watermarks {
     pub fn idle(&mut self, tp: &TopicPartition, log_end: i64) {
         if let Some(p) = self.partitions.get_mut(tp)
             && matches!(p.reading, Reading::Verify { .. })
-            && p.next.is_some_and(|next| log_end <= next)
+            && p.next().is_some_and(|next| log_end <= next)
         {
             p.reading = Reading::Continuous;
         }
@@ -397,17 +379,17 @@ impl Watermarks {
             Reading::Unknown => return Arrival::StartUnknown,
             Reading::Continuous => {}
             Reading::Verify { from_start, .. } => {
-                if !from_start && p.next.is_some_and(|next| offset > next) {
+                if !from_start && p.next().is_some_and(|next| offset > next) {
                     return Arrival::Unverified(p.seek_back(now, false));
                 }
                 p.reading = Reading::Continuous;
             }
         }
-        if p.next.is_some_and(|next| offset < next) {
+        if p.next().is_some_and(|next| offset < next) {
             return Arrival::Seen;
         }
-        p.next = Some(offset + 1);
-        p.pending.insert(offset, Pending::InFlight);
+        p.marks.advance(offset + 1);
+        p.marks.receive(offset);
         Arrival::New
     }
 
@@ -417,37 +399,19 @@ impl Watermarks {
         let Some(p) = self.partitions.get_mut(tp) else {
             return false;
         };
-        match (p.pending.get_mut(&offset), settled) {
-            (None, _) => false,
-            (Some(_), Settled::Ack) => {
-                p.pending.remove(&offset);
-                true
-            }
-            (Some(state), Settled::Hold) => {
-                *state = Pending::Held;
-                true
-            }
-            (Some(state), Settled::Release) => {
-                *state = Pending::Released;
-                true
-            }
+        match settled {
+            Settled::Ack => p.marks.settle(offset),
+            Settled::Hold => p.marks.hold(offset),
+            Settled::Release => p.marks.release(offset),
         }
     }
 
     /// A held record is delivered again: in flight once more. Returns whether it was
     /// held.
     pub fn retry(&mut self, tp: &TopicPartition, offset: i64) -> bool {
-        match self
-            .partitions
+        self.partitions
             .get_mut(tp)
-            .and_then(|p| p.pending.get_mut(&offset))
-        {
-            Some(state) if *state == Pending::Held => {
-                *state = Pending::InFlight;
-                true
-            }
-            _ => false,
-        }
+            .is_some_and(|p| p.marks.retry(offset))
     }
 
     /// Whether a record of `tp` is held.
@@ -472,10 +436,7 @@ impl Watermarks {
             if !select(tp) {
                 continue;
             }
-            if let Some(point) = p.commit_point()
-                && p.committed.is_none_or(|c| point > c)
-            {
-                p.committed = Some(point);
+            if let Some(point) = p.marks.take_commit() {
                 out.push((tp.clone(), point));
             }
         }
@@ -485,10 +446,8 @@ impl Watermarks {
 
     /// A commit of `offset` for `tp` failed: commit it again next time.
     pub fn commit_failed(&mut self, tp: &TopicPartition, offset: i64) {
-        if let Some(p) = self.partitions.get_mut(tp)
-            && p.committed == Some(offset)
-        {
-            p.committed = None;
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.marks.commit_failed(offset);
         }
     }
 
@@ -511,9 +470,7 @@ impl Watermarks {
     pub fn release_in_flight(&mut self, tp: &TopicPartition, offsets: &[i64]) {
         if let Some(p) = self.partitions.get_mut(tp) {
             for o in offsets {
-                if let Some(state) = p.pending.get_mut(o) {
-                    *state = Pending::Released;
-                }
+                p.marks.release(*o);
             }
         }
     }
@@ -837,7 +794,8 @@ mod tests {
                 }
                 // Settle some pending records at random.
                 if rng.random_bool(0.3) {
-                    let pending: Vec<i64> = w.get(&tp()).unwrap().pending.keys().copied().collect();
+                    let p = w.get(&tp()).unwrap();
+                    let pending: Vec<i64> = (0..len).filter(|o| p.is_pending(*o)).collect();
                     if !pending.is_empty() {
                         let o = pending[rng.random_range(0..pending.len())];
                         w.settle(&tp(), o, Settled::Ack);
