@@ -173,6 +173,43 @@ pub struct ReplayLetter {
     pub provenance: Provenance,
 }
 
+impl ReplayLetter {
+    /// `message`, restored from a letter with `provenance`, for the function it names.
+    pub fn new(message: Message, provenance: Provenance) -> Self {
+        Self {
+            function: provenance.function_ref(),
+            message,
+            provenance,
+        }
+    }
+}
+
+/// A name and a value as a store keeps them: `(name, value)` pairs, owned or borrowed.
+pub trait NameValue {
+    /// The name.
+    fn name(&self) -> &str;
+    /// The value.
+    fn value(&self) -> &str;
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> NameValue for (K, V) {
+    fn name(&self) -> &str {
+        self.0.as_ref()
+    }
+    fn value(&self) -> &str {
+        self.1.as_ref()
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> NameValue for &(K, V) {
+    fn name(&self) -> &str {
+        self.0.as_ref()
+    }
+    fn value(&self) -> &str {
+        self.1.as_ref()
+    }
+}
+
 /// The provenance of a stored dead letter, decoded from its `x-dead-letter-*` pairs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provenance {
@@ -223,12 +260,11 @@ impl Provenance {
 
     /// Decodes the `x-dead-letter-*` pairs among `pairs` (names in any case; other names
     /// are ignored). `function`, `topic` and `id` are required; the rest is informative.
-    pub fn parse<'a>(
-        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Self, DecodeError> {
+    pub fn parse<P: NameValue>(pairs: impl IntoIterator<Item = P>) -> Result<Self, DecodeError> {
         let mut known: BTreeMap<String, String> = BTreeMap::new();
         let mut coordinates = Vec::new();
-        for (name, value) in pairs {
+        for pair in pairs {
+            let (name, value) = (pair.name(), pair.value());
             if !Self::is_provenance(name) {
                 continue;
             }
@@ -911,14 +947,10 @@ mod tests {
     /// Decodes what dead_letter.rs writes: headers on top of the provenance.
     fn decode(letter: &DeadLetter) -> Result<ReplayLetter, DecodeError> {
         let pairs = letter.provenance();
-        let provenance = Provenance::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        let provenance = Provenance::parse(&pairs)?;
         let mut message = provenance.message(letter.message.payload.clone(), "test://orders");
         message.headers = letter.message.headers.clone();
-        Ok(ReplayLetter {
-            function: provenance.function_ref(),
-            message,
-            provenance,
-        })
+        Ok(ReplayLetter::new(message, provenance))
     }
 
     #[test]
@@ -934,7 +966,7 @@ mod tests {
             .map(|(k, v)| (k.to_ascii_uppercase(), v))
             .chain([("X-Kafka-Key".to_owned(), "k".to_owned())])
             .collect();
-        let p = Provenance::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        let p = Provenance::parse(&pairs).unwrap();
         assert_eq!(p.function, "f.ns");
         assert_eq!(p.function_ref(), FunctionRef::new("f", Some("ns")));
         assert_eq!(p.topic, "orders");

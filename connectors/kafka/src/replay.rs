@@ -306,7 +306,7 @@ fn decode(
             (k.clone(), value.into_owned())
         })
         .collect();
-    let provenance = Provenance::parse(text.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    let provenance = Provenance::parse(&text)?;
     let number = |name: &'static str| {
         provenance
             .coordinate(name)
@@ -338,11 +338,7 @@ fn decode(
             provenance.id, message.id
         )));
     }
-    Ok(ReplayLetter {
-        function: provenance.function_ref(),
-        message,
-        provenance,
-    })
+    Ok(ReplayLetter::new(message, provenance))
 }
 
 #[cfg(test)]

@@ -138,8 +138,7 @@ impl DeadLetterStore for TopicStore {
 /// The original message and function of a dead letter (the inverse of what
 /// `dead_letter::TopicDeadLetters` publishes).
 pub fn decode(p: &Publish, source: &str) -> Result<ReplayLetter, DecodeError> {
-    let pairs = p.properties.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-    let provenance = Provenance::parse(pairs)?;
+    let provenance = Provenance::parse(&p.properties)?;
     let topic = provenance.topic.clone();
     let mut message = provenance
         .message(p.payload.clone(), source)
@@ -153,11 +152,7 @@ pub fn decode(p: &Publish, source: &str) -> Result<ReplayLetter, DecodeError> {
             message.add_header(name, value);
         }
     }
-    Ok(ReplayLetter {
-        function: provenance.function_ref(),
-        message,
-        provenance,
-    })
+    Ok(ReplayLetter::new(message, provenance))
 }
 
 #[cfg(test)]

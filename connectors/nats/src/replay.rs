@@ -239,7 +239,7 @@ fn decode(letter: &async_nats::Message, source: &str) -> Result<ReplayLetter, De
             }
         }
     }
-    let provenance = Provenance::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    let provenance = Provenance::parse(&pairs)?;
     let subject = provenance.topic.clone();
     let mut message = provenance
         .message(letter.payload.clone(), source)
@@ -254,11 +254,7 @@ fn decode(letter: &async_nats::Message, source: &str) -> Result<ReplayLetter, De
         }
         message.add_header(name, value);
     }
-    Ok(ReplayLetter {
-        function: provenance.function_ref(),
-        message,
-        provenance,
-    })
+    Ok(ReplayLetter::new(message, provenance))
 }
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ fn decode(row: &Row, source: &str) -> Result<ReplayLetter, DecodeError> {
     let pairs = text(row.try_get("provenance").map_err(malformed)?);
     let body: Vec<u8> = row.try_get("body").map_err(malformed)?;
     let content_type: Option<String> = row.try_get("content_type").map_err(malformed)?;
-    let provenance = Provenance::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    let provenance = Provenance::parse(&pairs)?;
     let topic = provenance.topic.clone();
     let mut message = provenance
         .message(Bytes::from(body), source)
@@ -133,9 +133,5 @@ fn decode(row: &Row, source: &str) -> Result<ReplayLetter, DecodeError> {
     for (name, value) in &headers {
         message.add_header(name, value);
     }
-    Ok(ReplayLetter {
-        function: provenance.function_ref(),
-        message,
-        provenance,
-    })
+    Ok(ReplayLetter::new(message, provenance))
 }

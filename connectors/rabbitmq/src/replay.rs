@@ -151,7 +151,7 @@ pub fn decode(
                 .collect()
         })
         .unwrap_or_default();
-    let provenance = Provenance::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    let provenance = Provenance::parse(&pairs)?;
     let topic = provenance.topic.clone();
     let mut message = provenance
         .message(Bytes::from(body), source)
@@ -171,11 +171,7 @@ pub fn decode(
             message.add_header(name, value);
         }
     }
-    Ok(ReplayLetter {
-        function: provenance.function_ref(),
-        message,
-        provenance,
-    })
+    Ok(ReplayLetter::new(message, provenance))
 }
 
 #[cfg(test)]

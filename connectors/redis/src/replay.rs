@@ -190,7 +190,7 @@ fn decode(source: &str, entry: &Entry) -> Result<ReplayLetter, DecodeError> {
         .ok_or_else(|| DecodeError::Malformed("the entry was deleted".to_owned()))?;
     let text = |v: &Bytes| String::from_utf8_lossy(v).into_owned();
     let pairs: Vec<(String, String)> = fields.iter().map(|(k, v)| (text(k), text(v))).collect();
-    let provenance = Provenance::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    let provenance = Provenance::parse(&pairs)?;
     let payload = fields
         .iter()
         .find(|(k, _)| k.as_ref() == b"payload")
@@ -213,11 +213,7 @@ fn decode(source: &str, entry: &Entry) -> Result<ReplayLetter, DecodeError> {
             message.add_header(header, value);
         }
     }
-    Ok(ReplayLetter {
-        function: provenance.function_ref(),
-        message,
-        provenance,
-    })
+    Ok(ReplayLetter::new(message, provenance))
 }
 
 #[cfg(test)]

@@ -207,7 +207,7 @@ fn decode(m: &aws_sdk_sqs::types::Message) -> Result<ReplayLetter, DecodeError> 
         pairs.retain(|(k, _)| !full.contains_key(k));
         pairs.extend(full);
     }
-    let provenance = Provenance::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    let provenance = Provenance::parse(&pairs)?;
     let body = m.body.clone().unwrap_or_default();
     let queue_url = provenance
         .coordinate("queue")
@@ -228,11 +228,7 @@ fn decode(m: &aws_sdk_sqs::types::Message) -> Result<ReplayLetter, DecodeError> 
         message.add_header(headers::GROUP_ID, group);
         message = message.with_ordering_key(format!("{queue_url}\n{group}").into_bytes());
     }
-    Ok(ReplayLetter {
-        function: provenance.function_ref(),
-        message,
-        provenance,
-    })
+    Ok(ReplayLetter::new(message, provenance))
 }
 
 #[cfg(test)]
