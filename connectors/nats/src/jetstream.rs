@@ -223,8 +223,9 @@ impl JetStreamSource {
     }
 
     /// Turns one event into a message to dispatch, acknowledging copies another of our
-    /// consumers owns. `Err` reports a consumer failure.
-    async fn accept(
+    /// consumers owns (on a task: `pull` awaits nothing once it holds messages, so a pull
+    /// the pump drops loses none of them). `Err` reports a consumer failure.
+    fn accept(
         &self,
         event: Event<Box<jetstream::Message>>,
     ) -> Result<Option<(Message, JsAck)>, SourceError> {
@@ -245,9 +246,11 @@ impl JetStreamSource {
                 {
                     // An overlapping consumer of ours delivers this message.
                     self.held.remove(&reply);
-                    if let Err(e) = item.ack().await {
-                        tracing::warn!(error = %e, "acknowledging a copy owned by another consumer failed");
-                    }
+                    tokio::spawn(async move {
+                        if let Err(e) = item.ack().await {
+                            tracing::warn!(error = %e, "acknowledging a copy owned by another consumer failed");
+                        }
+                    });
                     return Ok(None);
                 }
                 let delivered = position.delivered;
@@ -303,12 +306,12 @@ impl Source for JetStreamSource {
                 return Err(SourceError::fatal("consumers closed"));
             };
             let recovered = matches!(event, Event::Recovered { .. });
-            let mut batch: Vec<(Message, JsAck)> = self.accept(event).await?.into_iter().collect();
+            let mut batch: Vec<(Message, JsAck)> = self.accept(event)?.into_iter().collect();
             while batch.len() < 64 {
                 let Some(event) = self.subscriptions.try_next() else {
                     break;
                 };
-                match self.accept(event).await {
+                match self.accept(event) {
                     Ok(accepted) => batch.extend(accepted),
                     Err(e) => {
                         tracing::warn!(error = %e, "JetStream consumer failed");
