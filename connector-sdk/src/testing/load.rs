@@ -330,24 +330,42 @@ pub fn latency_table(
     rate: u64,
     seconds: u64,
     plain_name: &str,
-    mut plain: Vec<u64>,
-    mut connector: Vec<u64>,
+    plain: Vec<u64>,
+    connector: Vec<u64>,
 ) -> String {
-    plain.sort_unstable();
-    connector.sort_unstable();
+    latency_comparison(
+        rate,
+        seconds,
+        (&format!("publish → {plain_name} → function"), plain),
+        ("publish → connector → function", connector),
+        "added by the connector",
+    )
+}
+
+/// The same for any two runs: `second`'s percentiles less `first`'s, in a row named
+/// `difference` (a run against itself shows the bench's own noise).
+pub fn latency_comparison(
+    rate: u64,
+    seconds: u64,
+    (first_name, mut first): (&str, Vec<u64>),
+    (second_name, mut second): (&str, Vec<u64>),
+    difference: &str,
+) -> String {
+    first.sort_unstable();
+    second.sort_unstable();
     let ms = |us: u64| us as f64 / 1000.0;
-    let (p50, p99) = (percentile(&plain, 0.5), percentile(&plain, 0.99));
-    let (c50, c99) = (percentile(&connector, 0.5), percentile(&connector, 0.99));
+    let (p50, p99) = (percentile(&first, 0.5), percentile(&first, 0.99));
+    let (c50, c99) = (percentile(&second, 0.5), percentile(&second, 0.99));
     format!(
         "| {rate} msg/s for {seconds} s | samples | p50 ms | p99 ms |\n\
          | --- | --- | --- | --- |\n\
-         | publish → {plain_name} → function | {} | {:.3} | {:.3} |\n\
-         | publish → connector → function | {} | {:.3} | {:.3} |\n\
-         | added by the connector | | {:+.3} | {:+.3} |\n",
-        plain.len(),
+         | {first_name} | {} | {:.3} | {:.3} |\n\
+         | {second_name} | {} | {:.3} | {:.3} |\n\
+         | {difference} | | {:+.3} | {:+.3} |\n",
+        first.len(),
         ms(p50),
         ms(p99),
-        connector.len(),
+        second.len(),
         ms(c50),
         ms(c99),
         (c50 as f64 - p50 as f64) / 1000.0,

@@ -18,7 +18,9 @@
 //!   fresh queue of the same type, prefetch 256 (what the connector asks for at
 //!   `max_inflight` 64), acknowledging each on receipt (acks sent concurrently, as the
 //!   connector sends them; the clock stops when the last is written): RabbitMQ's own
-//!   rate here;
+//!   rate here. With `BENCH_PLAIN_ACK_EVERY=k` (k > 1) it acknowledges every k-th
+//!   delivery with `multiple` instead, in order on the channel, and prints the broker's
+//!   CPU per message while it consumed: what batching the acks would be worth;
 //! - **connector**: the release binary consuming the same kind of backlog, `max_inflight`
 //!   64. The clock starts at the function's first call and stops when the connector has
 //!   acknowledged `COUNT` messages (`connector_messages_total{outcome="ack"}`); then
@@ -36,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use connector_sdk::Message;
 use connector_sdk::testing::load::{self, ConnectorProcess, NoopFunction};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -333,17 +335,37 @@ async fn plain_consumer_run(broker: &Broker, queue: &str) -> f64 {
     // next delivery would measure lapin's thread hand-offs rather than the broker.
     let mut started = None;
     let mut acks = Vec::with_capacity(*COUNT);
-    for _ in 0..*COUNT {
+    let every = env_number("BENCH_PLAIN_ACK_EVERY", 1);
+    let cpu_before = broker_pid().map(load::cpu_time);
+    for i in 0..*COUNT {
         let delivery = consumer.next().await.unwrap().unwrap();
         started.get_or_insert_with(Instant::now);
+        if every > 1 && (i + 1) % every != 0 && i + 1 != *COUNT {
+            continue;
+        }
+        let multiple = every > 1;
+        if multiple {
+            // In order, on the channel: a multiple ack whose tag an earlier one covered
+            // closes the channel (unknown delivery tag).
+            let _ = channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple })
+                .now_or_never();
+            continue;
+        }
         acks.push(tokio::spawn(async move {
-            delivery.ack(BasicAckOptions::default()).await
+            delivery.ack(BasicAckOptions { multiple }).await
         }));
     }
     for ack in acks {
         ack.await.unwrap().unwrap();
     }
     let took = started.unwrap().elapsed();
+    if let Some((pid, before)) = broker_pid().zip(cpu_before) {
+        eprintln!(
+            "plain consumer (ack every {every}): broker {:.1} µs CPU/msg consuming",
+            ((load::cpu_time(pid) - before) / *COUNT as u32).as_secs_f64() * 1e6
+        );
+    }
     let _ = channel.close(200, "consumed".into()).await;
     assert_eq!(
         broker.depth(queue).await,

@@ -20,7 +20,10 @@
 //! - **connector**: the release `sqs-connector` binary with its defaults, on a queue of
 //!   its own.
 //!
-//! Printed: samples, p50 and p99 of each path and their difference.
+//! Printed: samples, p50 and p99 of each path and their difference. With `BENCH_AA=1`
+//! the plain path runs a second time after the connector (on a fresh queue), and its
+//! difference from the first run is printed too: how far the bench's figures move with
+//! nothing changed, the noise the connector's difference is to be read against.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -53,13 +56,7 @@ async fn bench() {
     let function = NoopFunction::spawn(&connector_queue).unwrap();
 
     let invoker = PlainInvoker::new(&function.url()).unwrap();
-    let receivers: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(receive(sqs.clone(), plain_url.clone(), invoker.clone())))
-        .collect();
-    let plain = measure(&function, &sqs, &plain_url, rate, seconds).await;
-    for r in receivers {
-        r.abort();
-    }
+    let plain = plain_run(&function, &sqs, &invoker, &plain_url, rate, seconds).await;
 
     let metrics = load::free_addr().unwrap();
     let config = format!(
@@ -85,10 +82,51 @@ secret_access_key = "test"
     for url in [&plain_url, &connector_url] {
         sqs.delete_queue().queue_url(url).send().await.unwrap();
     }
+    // The bench's own noise: the plain path once more, after the connector, on a queue
+    // of its own, against its first run (an A/B/A order).
+    let again = if load::env_or("BENCH_AA", 0) == 1 {
+        let url = create_queue(&sqs, &format!("latency-again-{run}")).await;
+        let again = plain_run(&function, &sqs, &invoker, &url, rate, seconds).await;
+        sqs.delete_queue().queue_url(&url).send().await.unwrap();
+        Some(again)
+    } else {
+        None
+    };
     println!(
         "{}",
-        load::latency_table(rate, seconds, "plain SQS client", plain, through)
+        load::latency_table(rate, seconds, "plain SQS client", plain.clone(), through)
     );
+    if let Some(again) = again {
+        println!(
+            "{}",
+            load::latency_comparison(
+                rate,
+                seconds,
+                ("plain SQS client, first run", plain),
+                ("plain SQS client, again after the connector", again),
+                "the plain client against itself",
+            )
+        );
+    }
+}
+
+/// The plain client's two receive loops on `url` while `rate` messages a second go in.
+async fn plain_run(
+    function: &NoopFunction,
+    sqs: &Client,
+    invoker: &PlainInvoker,
+    url: &str,
+    rate: u64,
+    seconds: u64,
+) -> Vec<u64> {
+    let receivers: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(receive(sqs.clone(), url.to_owned(), invoker.clone())))
+        .collect();
+    let latencies = measure(function, sqs, url, rate, seconds).await;
+    for r in receivers {
+        r.abort();
+    }
+    latencies
 }
 
 /// `rate` messages a second to `url` (see [`load::latencies`]).
