@@ -145,10 +145,14 @@ pub async fn invoke_function(
     let began = Instant::now();
     // Traces on: the proxy span and the provider's call, whose context the function gets.
     let spans = crate::trace::proxy(&label, &mut invocation.headers);
-    // What the provider logs about a traced invocation names the trace (no span at all
-    // for a request without a `traceparent`).
-    let log_span =
-        faas_common::otel::trace_id_in(&invocation.headers).map(faas_common::otel::log_span);
+    // What the provider logs about a traced invocation names the trace: the call's (read
+    // from its span, not parsed again from the header it just wrote), or with traces off
+    // the request's `traceparent` (no span at all for a request without one).
+    let trace_id = match &spans {
+        Some((_, call)) => call.trace_id(),
+        None => faas_common::otel::trace_id_in(&invocation.headers),
+    };
+    let log_span = trace_id.map(faas_common::otel::log_span);
     let invoked = async {
         match state.provider.invoke(function, invocation).await {
             Ok(response) => (response.into_response(), false),

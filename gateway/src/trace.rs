@@ -25,6 +25,11 @@ pub struct Traced {
 }
 
 impl Traced {
+    /// The trace it belongs to.
+    pub fn trace_id(&self) -> Option<opentelemetry::trace::TraceId> {
+        otel::trace_id(&self.cx)
+    }
+
     /// Ends it with the HTTP status it came to (an error status from 500 up, or when
     /// `failed`).
     pub fn finish(self, status: Option<StatusCode>, failed: bool) {
