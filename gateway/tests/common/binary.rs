@@ -42,6 +42,8 @@ stop_timeout = "5s"
 pub struct Running {
     pub child: Child,
     pub addr: String,
+    /// Where `/metrics` is served.
+    pub metrics_addr: String,
     pub lines: Arc<Mutex<Vec<String>>>,
 }
 
@@ -82,25 +84,50 @@ pub async fn start_binary(config: &Path) -> Running {
             sink.lock().unwrap().push(strip_ansi(&line));
         }
     });
-    let addr = wait_for(Duration::from_secs(30), "the gateway to listen", || {
+    let (addr, metrics_addr) = wait_for(Duration::from_secs(30), "the gateway to listen", || {
         let lines = Arc::clone(&lines);
         async move {
             let lines = lines.lock().unwrap();
             lines.iter().find_map(|l| {
                 let at = l.find("gateway listening")?;
                 let rest = &l[at..];
-                let addr = rest.split("addr=").nth(1)?.split_whitespace().next()?;
-                Some(addr.to_owned())
+                let field = |name: &str| {
+                    Some(
+                        rest.split(name)
+                            .nth(1)?
+                            .split_whitespace()
+                            .next()?
+                            .to_owned(),
+                    )
+                };
+                Some((field(" addr=")?, field(" metrics=")?))
             })
         }
     })
     .await;
-    Running { child, addr, lines }
+    Running {
+        child,
+        addr,
+        metrics_addr,
+        lines,
+    }
 }
 
 impl Running {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The value of the unlabelled series `name` on `/metrics`, when it can be read.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.metrics_addr))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     pub fn log(&self) -> Vec<String> {
