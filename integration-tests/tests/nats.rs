@@ -677,6 +677,23 @@ impl OwnServer {
             .spawn()
             .expect("nats-server is installed (scripts/test.sh)");
         self.child = Some(child);
+        // Listening before anything else of the test binds a port: its port was free when
+        // it was picked, and a server not yet bound could lose it to the next bind
+        // (CI: the FakeGateway got it, and the connector dialled the gateway).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            assert!(exited.is_none(), "nats-server exited: {exited:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server not listening on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn stop(&mut self) {
